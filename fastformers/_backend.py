@@ -1,0 +1,147 @@
+"""Which implementation an op runs: ``reference``, ``cpp`` or ``triton``.
+
+Precedence, highest first: an explicit ``backend=`` argument (modules pass
+their ``backend`` attribute), the innermost :func:`use_backend` context, the
+``FASTFORMERS_BACKEND`` environment variable, then the automatic choice
+(``cpp`` for CPU tensors when the extension is built, ``triton`` for CUDA
+tensors, ``reference`` otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+
+logger = logging.getLogger("fastformers")
+
+_override = threading.local()
+_extension_error: Optional[BaseException] = None
+_extension_loaded = False
+_warned_missing_extension = False
+
+
+def _load_extension() -> bool:
+    global _extension_loaded, _extension_error
+    if _extension_loaded or _extension_error is not None:
+        return _extension_loaded
+    try:
+        importlib.import_module("fastformers._C")
+        _extension_loaded = True
+    except ImportError as error:
+        _extension_error = error
+    return _extension_loaded
+
+
+def extension_available() -> bool:
+    """True when the C++ CPU kernels (``fastformers._C``) are importable."""
+    return _load_extension()
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this installation (``reference`` always is)."""
+    names = ["reference"]
+    if extension_available():
+        names.append("cpp")
+    if triton_available():
+        names.append("triton")
+    return names
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` for every fastformers op called inside the block (this thread)."""
+    _validate(name)
+    stack = getattr(_override, "stack", None)
+    if stack is None:
+        stack = _override.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by a :func:`use_backend` block or ``FASTFORMERS_BACKEND``."""
+    stack = getattr(_override, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("FASTFORMERS_BACKEND", "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"FASTFORMERS_BACKEND must be one of {BACKENDS}, got {env!r}")
+        return env
+    return None
+
+
+def _warn_missing_extension() -> None:
+    global _warned_missing_extension
+    if not _warned_missing_extension:
+        _warned_missing_extension = True
+        warnings.warn(
+            "fastformers: the C++ extension fastformers._C is not built "
+            f"({_extension_error}); CPU ops run on the pure-PyTorch reference path. "
+            "Reinstall with `pip install --no-build-isolation .` to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
+    """The backend an op on ``device`` runs with; raises if it cannot run there."""
+    name = requested if requested is not None else forced_backend()
+    if name is None:
+        if device.type == "cuda" and triton_available():
+            name = "triton"
+        elif device.type == "cpu" and extension_available():
+            name = "cpp"
+        else:
+            if device.type == "cpu":
+                _warn_missing_extension()
+            name = "reference"
+        logger.debug("fastformers: auto backend %s for device %s", name, device)
+        return name
+    _validate(name)
+    if name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors only, got tensors on {device}")
+        if not extension_available():
+            raise RuntimeError(
+                f"backend 'cpp' requested but fastformers._C is not built ({_extension_error})"
+            )
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        if device.type == "cpu":
+            from .triton_utils import interpreter_enabled
+
+            if not interpreter_enabled():
+                raise RuntimeError(
+                    "backend 'triton' on CPU tensors needs the Triton interpreter: "
+                    "set TRITON_INTERPRET=1 before importing fastformers"
+                )
+        elif device.type != "cuda":
+            raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU via the interpreter), got {device}")
+    return name

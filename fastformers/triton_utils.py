@@ -1,0 +1,39 @@
+"""Shared Triton plumbing: whether kernels run in the interpreter, and the
+ahead-of-time compile specs every kernel module declares (``AOT_SPECS``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AotSpec:
+    """One concrete compilation of a ``@triton.jit`` kernel for the AOT check.
+
+    ``signature`` maps every argument to a Triton type (``*fp32``, ``i32``,
+    ``constexpr``); ``constexprs`` gives the constexpr values.
+    """
+
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    label: str = ""
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        base = self.kernel.fn.__name__
+        return f"{base}[{self.label}]" if self.label else base
+
+
+def interpreter_enabled() -> bool:
+    """Whether ``@triton.jit`` kernels were built for the Triton interpreter.
+
+    Triton reads ``TRITON_INTERPRET=1`` when it (and our kernels) are imported,
+    so it must be set before ``import fastformers``; the interpreter then runs
+    every kernel on CPU tensors, and no kernel of this process runs on a GPU.
+    """
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)

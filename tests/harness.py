@@ -1,0 +1,85 @@
+"""Parity helpers every fused-op test uses: forward output and every gradient
+of a fused implementation against the plain-PyTorch reference.
+
+float64 and float32 compare directly with per-dtype tolerances. Low-precision
+dtypes follow flash-attention's rule: the fused error against a float64 oracle
+may be at most ``LOW_PRECISION_FACTOR`` times the error of the same-dtype
+reference against that oracle (plus a small floor).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-9),
+    torch.float32: dict(atol=1e-5, rtol=1e-4),
+}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _forward_and_grads(fn: Callable, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outputs = _as_tuple(fn(*leaves))
+    differentiable = [o for o in outputs if o.requires_grad]
+    grads = torch.autograd.grad(
+        differentiable,
+        [leaf for leaf in leaves if leaf.requires_grad],
+        [g.to(o.dtype) for g, o in zip(grad_outputs, outputs) if o.requires_grad],
+        allow_unused=True,
+    )
+    return [o.detach() for o in outputs], list(grads)
+
+
+def _names(n_outputs: int, n_grads: int) -> list[str]:
+    return [f"output[{i}]" for i in range(n_outputs)] + [f"grad(input[{i}])" for i in range(n_grads)]
+
+
+def assert_parity(
+    fused: Callable,
+    reference: Callable,
+    inputs: Sequence[torch.Tensor],
+    *,
+    seed: int = 1234,
+) -> None:
+    """Check ``fused(*inputs)`` against ``reference(*inputs)``: every output and
+    the gradient of every floating input, for the same random output gradients."""
+    dtype = next(t.dtype for t in inputs if t.is_floating_point())
+    generator = torch.Generator().manual_seed(seed)
+    probe = _as_tuple(reference(*[t.detach() for t in inputs]))
+    grad_outputs = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device) for o in probe]
+
+    fused_out, fused_grads = _forward_and_grads(fused, inputs, grad_outputs)
+    ref_out, ref_grads = _forward_and_grads(reference, inputs, grad_outputs)
+    fused_all = fused_out + fused_grads
+    ref_all = ref_out + ref_grads
+    names = _names(len(fused_out), len(fused_grads))
+
+    if dtype in LOW_PRECISION:
+        oracle_inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+        oracle_out, oracle_grads = _forward_and_grads(reference, oracle_inputs, grad_outputs)
+        for name, got, ref, exact in zip(names, fused_all, ref_all, oracle_out + oracle_grads):
+            fused_error = (got.double() - exact).abs().max().item()
+            ref_error = (ref.double() - exact).abs().max().item()
+            scale = max(exact.abs().max().item(), 1.0)
+            bound = LOW_PRECISION_FACTOR * ref_error + LOW_PRECISION_FLOOR[dtype] * scale
+            assert fused_error <= bound, (
+                f"{name} ({dtype}): fused error {fused_error:.3g} vs float64 oracle exceeds "
+                f"{LOW_PRECISION_FACTOR} x reference error {ref_error:.3g} (+ floor)"
+            )
+        return
+
+    tolerance = TOLERANCES[dtype]
+    for name, got, ref in zip(names, fused_all, ref_all):
+        if ref is None:
+            assert got is None, f"{name}: fused gives a gradient the reference does not"
+            continue
+        assert got is not None, f"{name}: fused gives no gradient"
+        torch.testing.assert_close(got, ref, **tolerance, msg=lambda m, name=name: f"{name} ({dtype}): {m}")
