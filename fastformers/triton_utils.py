@@ -22,6 +22,19 @@ class AotSpec:
     num_stages: int = 3
 
     @property
+    def attrs(self) -> dict:
+        """Pointers compiled as 16-byte aligned, integers as not 16-divisible.
+
+        Triton specialises on both at launch; torch allocations are aligned, and
+        that variant with odd sizes is the one that needs the most registers.
+        """
+        return {
+            (self.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in self.signature.items()
+            if kind.startswith("*")
+        }
+
+    @property
     def name(self) -> str:
         base = self.kernel.fn.__name__
         return f"{base}[{self.label}]" if self.label else base

@@ -1,0 +1,1 @@
+"""Test helpers shipped with the package (the ahead-of-time compile check)."""

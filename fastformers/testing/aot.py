@@ -1,0 +1,168 @@
+"""Ahead-of-time compile check of every Triton kernel in ``fastformers.ops``.
+
+Each ``fastformers/ops/<family>/triton_kernel.py`` declares ``AOT_SPECS``; every
+spec is compiled for each requested NVIDIA arch (no GPU needed) and its cubin is
+inspected with ``cuobjdump`` for registers, shared memory and spills.
+
+Must run in a process without ``TRITON_INTERPRET``: the interpreter replaces
+``@triton.jit`` kernels at import time with functions Triton cannot compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+import re
+import subprocess
+import tempfile
+from types import ModuleType
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fastformers.ops
+from fastformers.triton_utils import AotSpec
+
+# Static + dynamic shared memory one block may use (CUDA programming guide,
+# opt-in maximum); Triton only checks it when a kernel is launched.
+MAX_SHARED_BYTES_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+WARP_SIZE = 32
+
+_RESOURCE_USAGE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AotResult:
+    """One spec compiled for one arch; resource fields are None if it did not compile."""
+
+    kernel: str
+    module: str
+    arch: int
+    num_warps: int
+    num_stages: int
+    registers: int | None = None
+    static_shared_bytes: int | None = None
+    dynamic_shared_bytes: int | None = None
+    local_bytes: int | None = None
+    stack_bytes: int | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def shared_bytes(self) -> int | None:
+        if self.static_shared_bytes is None:
+            return None
+        return self.static_shared_bytes + self.dynamic_shared_bytes
+
+    @property
+    def spill_bytes(self) -> int | None:
+        """Per-thread local memory; any of it means ptxas ran out of registers."""
+        if self.local_bytes is None:
+            return None
+        return self.local_bytes + self.stack_bytes
+
+    def as_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "shared_bytes": self.shared_bytes,
+            "spill_bytes": self.spill_bytes,
+            "ok": self.ok,
+        }
+
+
+def _reraise_import_error(package_name: str) -> None:
+    # walk_packages calls this inside its `except ImportError`, which it would
+    # otherwise swallow, silently dropping a kernel family from the check.
+    raise
+
+
+def kernel_modules() -> list[ModuleType]:
+    """Every ``fastformers.ops.<family>.triton_kernel`` module, imported."""
+    return [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(
+            fastformers.ops.__path__, prefix="fastformers.ops.", onerror=_reraise_import_error
+        )
+        if info.name.rsplit(".", 1)[-1] == "triton_kernel"
+    ]
+
+
+def collect_specs() -> list[tuple[str, AotSpec]]:
+    """``(module name, spec)`` for every spec of every kernel module."""
+    collected = []
+    for module in kernel_modules():
+        specs = getattr(module, "AOT_SPECS", None)
+        if not specs:
+            raise RuntimeError(f"{module.__name__} declares no AOT_SPECS; every Triton kernel module must")
+        collected.extend((module.__name__, spec) for spec in specs)
+    return collected
+
+
+def _resource_usage(cubin_path: str, function_name: str) -> tuple[int, int, int, int]:
+    """Registers, then stack, static shared and local bytes, of one function of a cubin."""
+    dump = subprocess.run(
+        [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin_path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name, registers, stack, shared, local in _RESOURCE_USAGE.findall(dump):
+        if name == function_name:
+            return int(registers), int(stack), int(shared), int(local)
+    raise RuntimeError(f"cuobjdump reports no function {function_name!r}:\n{dump}")
+
+
+def _problems(result: AotResult) -> str:
+    problems = []
+    if result.spill_bytes:
+        problems.append(f"spills ({result.local_bytes} B local, {result.stack_bytes} B stack per thread)")
+    limit = MAX_SHARED_BYTES_PER_BLOCK[result.arch]
+    if result.shared_bytes > limit:
+        problems.append(f"needs {result.shared_bytes} B shared memory, sm_{result.arch} allows {limit} B")
+    return "; ".join(problems)
+
+
+def compile_spec(module_name: str, spec: AotSpec, arch: int, workdir: str) -> AotResult:
+    """Compile one spec for ``sm_<arch>``; a compile error becomes the result's ``error``."""
+    identity = dict(kernel=spec.name, module=module_name, arch=arch, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs),
+            target=GPUTarget("cuda", arch, WARP_SIZE),
+            # triton.compile takes launch options only through this dict; without
+            # it every spec would compile with the defaults (4 warps, 3 stages).
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+    except Exception as error:  # any compiler failure is this kernel's result, not the report's
+        return AotResult(**identity, error=f"compile failed: {type(error).__name__}: {error}")
+
+    cubin_path = os.path.join(workdir, f"{compiled.metadata.hash}.cubin")
+    with open(cubin_path, "wb") as cubin:
+        cubin.write(compiled.asm["cubin"])
+    registers, stack, static_shared, local = _resource_usage(cubin_path, compiled.metadata.name)
+    result = AotResult(
+        **identity,
+        registers=registers,
+        static_shared_bytes=static_shared,
+        dynamic_shared_bytes=compiled.metadata.shared,
+        local_bytes=local,
+        stack_bytes=stack,
+    )
+    return dataclasses.replace(result, error=_problems(result))
+
+
+def run_aot_check(archs) -> list[AotResult]:
+    """Compile every spec of the package for every arch in ``archs``."""
+    unknown = sorted(set(archs) - MAX_SHARED_BYTES_PER_BLOCK.keys())
+    if unknown:
+        raise ValueError(f"unknown arch {unknown}; choose from {sorted(MAX_SHARED_BYTES_PER_BLOCK)}")
+    specs = collect_specs()
+    with tempfile.TemporaryDirectory(prefix="fastformers-aot-") as workdir:
+        return [compile_spec(module_name, spec, arch, workdir) for module_name, spec in specs for arch in archs]

@@ -1,0 +1,127 @@
+"""Ahead-of-time compile of every Triton kernel for sm_80 and sm_90.
+
+Runs ``python -m fastformers.gpu_report`` in subprocesses: this process has
+TRITON_INTERPRET set (conftest.py), under which Triton cannot compile kernels.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fastformers
+from fastformers.gpu_report import format_table
+from fastformers.testing.aot import collect_specs
+
+ARCHS = (80, 90)
+FEEDBACK_KERNELS = {
+    f"feedback_memory_{direction}_kernel[{dtype}]" for direction in ("fwd", "bwd") for dtype in ("fp32", "bf16", "fp64")
+}
+
+
+def _run(args, *, interpret=False, cwd=None):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The exit code, output and JSON records of one full report run."""
+    json_path = tmp_path_factory.mktemp("aot") / "report.json"
+    process = _run(["-m", "fastformers.gpu_report", "--json", str(json_path), "--arch", *map(str, ARCHS)])
+    output = f"exit code {process.returncode}\nstdout:\n{process.stdout}\nstderr:\n{process.stderr}"
+    assert json_path.exists(), f"gpu_report wrote no JSON report; {output}"
+    return process, json.loads(json_path.read_text()), output
+
+
+def test_every_kernel_compiles_without_spills(report):
+    process, records, output = report
+    failed = [record for record in records if not record["ok"]]
+    assert not failed, "kernels failing the AOT check:\n" + format_table(failed) + "\n\nfull errors:\n" + "\n\n".join(
+        f"{record['kernel']} sm_{record['arch']}: {record['error']}" for record in failed
+    )
+    assert all(record["spill_bytes"] == 0 for record in records), format_table(records)
+    assert process.returncode == 0, output
+
+
+def test_report_covers_every_spec_on_every_arch(report):
+    _, records, _ = report
+    table = format_table(records)
+    reported = sorted((record["kernel"], record["arch"]) for record in records)
+    expected = sorted((spec.name, arch) for _, spec in collect_specs() for arch in ARCHS)
+    assert len(records) == len(expected), f"expected {len(expected)} compilations, got {len(records)}:\n{table}"
+    assert reported == expected, table
+    for arch in ARCHS:
+        compiled = {record["kernel"] for record in records if record["arch"] == arch}
+        assert FEEDBACK_KERNELS <= compiled, f"missing on sm_{arch}: {FEEDBACK_KERNELS - compiled}\n{table}"
+
+
+def test_every_triton_kernel_file_is_discovered(report):
+    _, records, _ = report
+    package_root = Path(fastformers.__file__).parent
+    on_disk = {
+        ".".join(("fastformers", *path.relative_to(package_root).with_suffix("").parts))
+        for path in package_root.glob("ops/**/triton_kernel.py")
+    }
+    assert on_disk == {record["module"] for record in records}
+
+
+def test_check_catches_spills_and_compile_errors(tmp_path):
+    (tmp_path / "bad_kernels.py").write_text(
+        textwrap.dedent(
+            '''
+            import triton
+            import triton.language as tl
+            from fastformers.triton_utils import AotSpec
+
+
+            @triton.jit
+            def spilling_kernel(x_ptr, BLOCK: tl.constexpr):
+                # One warp holding 16384 floats across a reduction cannot fit them in registers.
+                offs = tl.arange(0, BLOCK)
+                x = tl.load(x_ptr + offs)
+                tl.store(x_ptr + offs, x * tl.sum(x, axis=0))
+
+
+            @triton.jit
+            def broken_kernel(x_ptr):
+                tl.store(x_ptr, undefined_name)
+
+
+            SPECS = [
+                AotSpec(spilling_kernel, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 16384}, num_warps=1),
+                AotSpec(broken_kernel, {"x_ptr": "*fp32"}, {}),
+            ]
+            '''
+        )
+    )
+    script = (
+        "import json, tempfile, bad_kernels\n"
+        "from fastformers.testing.aot import compile_spec\n"
+        "with tempfile.TemporaryDirectory() as workdir:\n"
+        "    print(json.dumps([compile_spec('bad_kernels', spec, 80, workdir).as_dict() for spec in bad_kernels.SPECS]))\n"
+    )
+    process = _run(["-c", script], cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    spilling, broken = json.loads(process.stdout)
+    assert not spilling["ok"] and spilling["spill_bytes"] > 0 and "spills" in spilling["error"], spilling
+    assert not broken["ok"] and "undefined_name" in broken["error"], broken
+
+
+def test_refuses_under_the_interpreter():
+    process = _run(["-m", "fastformers.gpu_report"], interpret=True)
+    assert process.returncode == 2 and "TRITON_INTERPRET" in process.stderr, process.stderr
+
+
+def test_explains_missing_triton():
+    # A None entry in sys.modules makes `import triton` raise ImportError.
+    script = "import sys; sys.modules['triton'] = None; from fastformers.gpu_report import main; sys.exit(main([]))"
+    process = _run(["-c", script])
+    assert process.returncode == 2 and "Triton" in process.stderr and "not installed" in process.stderr, process.stderr
