@@ -34,7 +34,8 @@ def _seed():
 
 @pytest.fixture
 def triton_interpreter():
-    """Skip-free guard: the Triton tests need the interpreter switched on before import."""
+    """For tests that run Triton kernels on CPU tensors: the interpreter must be
+    on (this conftest switches it on before fastformers is imported)."""
     from fastformers.triton_utils import interpreter_enabled
 
     assert interpreter_enabled(), "TRITON_INTERPRET=1 must be set before fastformers is imported"

@@ -30,7 +30,9 @@ def test_cpp_extension_is_built():
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(backend, dtype, shape):
+def test_matches_reference(backend, dtype, shape, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
     layer_outputs, weights = make_inputs(shape, dtype)
     assert_parity(
         lambda x, w: fastformers.ops.feedback_memory(x, w, backend=backend),
