@@ -1,8 +1,18 @@
 """fastformers: fused kernels for Feedback, Transformer-XL, Compressive and
 Switch transformers, drop-in compatible with labml_nn."""
-from . import ops
+from . import nn, ops
 from ._backend import available_backends, extension_available, resolve_backend, use_backend
+from .convert import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "extension_available", "ops", "resolve_backend", "use_backend", "__version__"]
+__all__ = [
+    "available_backends",
+    "convert",
+    "extension_available",
+    "nn",
+    "ops",
+    "resolve_backend",
+    "use_backend",
+    "__version__",
+]

@@ -1,0 +1,64 @@
+"""Transformer-XL: pre-norm layers attending over cached memory of the previous
+segment with relative positions.
+
+Shape letters: ``L`` segment length, ``M`` memory length, ``B`` batch, ``D`` = ``d_model``.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._utils import clone_module_list
+from .attention import FeedForward, RelativeMultiHeadAttention
+
+
+class TransformerXLLayer(nn.Module):
+    """One pre-norm Transformer-XL layer: ``x + attn(norm(x) | norm(mem))`` then
+    ``x + ffn(norm(x))``; memory is normalised with the same norm as ``x``."""
+
+    def __init__(self, *,
+                 d_model: int,
+                 self_attn: RelativeMultiHeadAttention,
+                 feed_forward: FeedForward,
+                 dropout_prob: float):
+        super().__init__()
+        self.size = d_model
+        self.self_attn = self_attn
+        self.feed_forward = feed_forward
+        self.dropout = nn.Dropout(dropout_prob)
+        self.norm_self_attn = nn.LayerNorm([d_model])
+        self.norm_ff = nn.LayerNorm([d_model])
+
+    def forward(self, *,
+                x: torch.Tensor,
+                mem: Optional[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``mask``
+        ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``). Returns ``[L, B, D]``."""
+        z = self.norm_self_attn(x)
+        keys = z if mem is None else torch.cat((self.norm_self_attn(mem), z), dim=0)
+        x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
+        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+
+
+class TransformerXL(nn.Module):
+    """A stack of ``n_layers`` copies of ``layer`` followed by a final LayerNorm."""
+
+    def __init__(self, layer: TransformerXLLayer, n_layers: int):
+        super().__init__()
+        self.layers = clone_module_list(layer, n_layers)
+        self.norm = nn.LayerNorm([layer.size])
+
+    def forward(self, x: torch.Tensor, mem: List[torch.Tensor],
+                mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``x`` ``[L, B, D]``; ``mem`` one ``[M, B, D]`` per layer, or an empty
+        list for no memory; ``mask`` ``[L, M + L, B or 1]``.
+
+        Returns the normalised output ``[L, B, D]`` and the new memory: each
+        layer's (detached) input ``[L, B, D]``.
+        """
+        new_mem = []
+        for i, layer in enumerate(self.layers):
+            new_mem.append(x.detach())
+            x = layer(x=x, mem=mem[i] if mem else None, mask=mask)
+        return self.norm(x), new_mem
