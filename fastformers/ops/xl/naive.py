@@ -1,0 +1,86 @@
+"""Plain-PyTorch reference of relative-position attention (Transformer-XL):
+the oracle of the fused kernels' tests and the baseline of their benchmarks.
+
+Keys are ``[memory; segment]``: ``K = M + L`` keys for ``L`` queries, query
+``i`` sits at key position ``M + i``. With the learned tables
+``R = key_pos_embeddings [2P, H, d]`` and ``S = key_pos_bias [2P, H]``,
+
+    score[i, j] = scale * ((q_i + u) · k_j + q_i · R[P - (M + i - j)] + S[P - (M + i - j)])
+
+which is what labml_nn's ``shift_right(b + d)[:, -K:]`` selects. The rows it
+reads are ``P - K + 1 .. P + L - 1``: the op takes that window,
+
+    pos_emb[r] = R[P - K + 1 + r],  r = L - 1 - i + j,  r in [0, K + L - 1)
+
+so rows ``r >= K`` are only reached by future keys (``j > M + i``), which the
+causal mask removes.
+"""
+from typing import Optional
+
+import torch
+
+
+def position_window(table: torch.Tensor, P: int, n_queries: int, n_keys: int) -> torch.Tensor:
+    """Rows ``P - K + 1 .. P + L - 1`` of a ``[2P, ...]`` relative table: ``[K + L - 1, ...]``."""
+    return table[P - n_keys + 1 : P + n_queries]
+
+
+def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """``[L, K]`` bool: query ``i`` sees keys ``j <= M + i`` (all memory and the segment up to itself)."""
+    memory = n_keys - n_queries
+    i = torch.arange(n_queries, device=device)[:, None]
+    j = torch.arange(n_keys, device=device)[None, :]
+    return j <= memory + i
+
+
+def relative_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    pos_emb: torch.Tensor,
+    pos_bias: torch.Tensor,
+    query_pos_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Unscaled scores ``[L, K, B, H]``.
+
+    query ``[L, B, H, d]``, key ``[K, B, H, d]``, pos_emb ``[K + L - 1, H, d]``,
+    pos_bias ``[K + L - 1, H]``, query_pos_bias ``[H, d]``.
+    """
+    L, K = query.shape[0], key.shape[0]
+    content = torch.einsum("ibhd,jbhd->ijbh", query + query_pos_bias, key)
+    # position[i, r] for every window row, then pick r = L - 1 - i + j per (i, j).
+    position = torch.einsum("ibhd,rhd->irbh", query, pos_emb) + pos_bias[None, :, None, :]
+    rows = (L - 1 - torch.arange(L, device=query.device)[:, None]) + torch.arange(K, device=query.device)[None, :]
+    position = torch.gather(position, 1, rows[:, :, None, None].expand(L, K, *position.shape[2:]))
+    return content + position
+
+
+def rel_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pos_emb: torch.Tensor,
+    pos_bias: torch.Tensor,
+    query_pos_bias: torch.Tensor,
+    scale: float,
+    mask: Optional[torch.Tensor] = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Relative-position attention; returns ``[L, B, H, d]``.
+
+    query ``[L, B, H, d]``; key, value ``[K, B, H, d]`` (``K = M + L``, memory
+    first); pos_emb ``[K + L - 1, H, d]`` and pos_bias ``[K + L - 1, H]`` (the
+    window of :func:`position_window`); query_pos_bias ``[H, d]``. ``causal``
+    applies :func:`causal_mask`; ``mask`` (bool ``[L, K, B]`` or ``[L, K, 1]``,
+    True = visible, labml's layout) is applied as well when given.
+    """
+    scores = relative_scores(query, key, pos_emb, pos_bias, query_pos_bias) * scale
+    visible = None
+    if causal:
+        visible = causal_mask(query.shape[0], key.shape[0], query.device)[:, :, None, None]
+    if mask is not None:
+        explicit = mask.bool().unsqueeze(-1)
+        visible = explicit if visible is None else visible & explicit
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    attn = torch.softmax(scores, dim=1)
+    return torch.einsum("ijbh,jbhd->ibhd", attn, value)
