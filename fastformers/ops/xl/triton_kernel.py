@@ -459,17 +459,28 @@ def _dot_options(dtype: torch.dtype) -> dict:
     )
 
 
-def _block_config(n_queries: int, head_dim: int) -> dict:
-    """Tile sizes and warps for one call; tl.dot needs every dimension >= 16."""
+def _block_config(kernel_name: str, n_queries: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, warps and stages of one kernel launch; tl.dot needs every
+    dimension >= 16.
+
+    Tiles are smaller than plain flash attention's: the band product is
+    ``BLOCK_M x BLOCK_R`` with ``BLOCK_R ~ BLOCK_M + BLOCK_N`` and the skew
+    gather keeps whole band rows live, so 64-row tiles spill on sm_80/sm_90
+    (measured with ``python -m fastformers.gpu_report``). The dq kernel, which
+    also scatters the band gradient, gets the smallest tiles; float32 products
+    run as three TF32 products (see :func:`_dot_precision`) and get 16-row tiles.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(n_queries)))
-    block_n = 64 if block_d <= 64 else 32
+    tile = 16 if kernel_name == "dq" or dtype != torch.bfloat16 else 32
+    block_m = min(tile, max(16, triton.next_power_of_2(n_queries)))
+    block_n = tile
     return dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=triton.next_power_of_2(block_m + block_n - 1),
         BLOCK_D=block_d,
         num_warps=4 if block_d <= 64 else 8,
+        num_stages=2,
     )
 
 
@@ -490,7 +501,7 @@ def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, 
     acc_tl, acc_torch = _acc_dtype(query.dtype)
     out = query.new_empty((L, B, H, d))
     lse = torch.empty((B, H, L), dtype=acc_torch, device=query.device)
-    config = _block_config(L, d)
+    config = _block_config("fwd", L, d, query.dtype)
     grid = (triton.cdiv(L, config["BLOCK_M"]), B * H)
     rel_attention_fwd_kernel[grid](
         query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
@@ -517,9 +528,10 @@ def rel_attention_backward(
     L, B, H, d = query.shape
     K = key.shape[0]
     acc_tl, acc_torch = _acc_dtype(query.dtype)
-    config = _block_config(L, d)
-    n_query_tiles = triton.cdiv(L, config["BLOCK_M"])
-    n_key_tiles = triton.cdiv(K, config["BLOCK_N"])
+    dq_config = _block_config("dq", L, d, query.dtype)
+    dkdv_config = _block_config("dkdv", L, d, query.dtype)
+    n_query_tiles = triton.cdiv(L, dq_config["BLOCK_M"])
+    n_key_tiles = triton.cdiv(K, dkdv_config["BLOCK_N"])
     device = query.device
 
     grad_query = query.new_empty((L, B, H, d))
@@ -540,14 +552,14 @@ def rel_attention_backward(
         grad_query, grad_pos_emb, grad_pos_bias,
         *common_strides, *_strides4(out), *_strides4(grad_out),
         L, K, B, H, d, float(scale),
-        CAUSAL=bool(causal), ACC=acc_tl, **_dot_options(query.dtype), **config,
+        CAUSAL=bool(causal), ACC=acc_tl, **_dot_options(query.dtype), **dq_config,
     )  # fmt: skip
     rel_attention_bwd_dkdv_kernel[(n_key_tiles, B * H)](
         query, key, value, pos_emb, pos_bias, query_pos_bias, grad_out, lse, delta,
         grad_key, grad_value, grad_u_partial,
         *common_strides, *_strides4(grad_out),
         L, K, B, H, d, float(scale),
-        CAUSAL=bool(causal), ACC=acc_tl, **_dot_options(query.dtype), **config,
+        CAUSAL=bool(causal), ACC=acc_tl, **_dot_options(query.dtype), **dkdv_config,
     )  # fmt: skip
     grad_query_pos_bias = grad_u_partial.sum(dim=(0, 2))
     return (
@@ -560,6 +572,7 @@ def rel_attention_backward(
     )
 
 
+_KERNEL_NAMES = {"fwd": "rel_attention_fwd_kernel", "dq": "rel_attention_bwd_dq_kernel", "dkdv": "rel_attention_bwd_dkdv_kernel"}
 _POINTERS = {
     rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", "out", ("lse", "acc")),
     rel_attention_bwd_dq_kernel: (
@@ -590,26 +603,23 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
 
 
 def _aot_specs():
-    """Every kernel at the launchers' tile sizes for d = 32, 64, 128, training
-    (L >= 64) and decode (L = 1) query tiles, fp32 and bf16, causal."""
+    """Every kernel at each tile configuration the launchers pick for fp32 and
+    bf16 with d = 32, 64, 128: training (L >= 32) and, where it differs, decode
+    (L = 1) query tiles; causal (the key-tile loop bounds are its only difference)."""
+    kernels = {name: kernel for name, kernel in zip(_KERNEL_NAMES, _POINTERS)}
     specs = []
-    for dtype in ("fp32", "bf16"):
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for head_dim in (32, 64, 128):
-            for n_queries, phase in ((64, "train"), (1, "decode")):
-                config = _block_config(n_queries, head_dim)
-                num_warps = config.pop("num_warps")
-                precision = _dot_precision(torch.float32 if dtype == "fp32" else torch.bfloat16)
-                constexprs = {"CAUSAL": True, "ACC": tl.float32, "DOT_PRECISION": precision, "UPCAST_DOTS": False, **config}
-                for kernel in _POINTERS:
-                    specs.append(
-                        AotSpec(
-                            kernel,
-                            _signature(kernel, dtype, "fp32"),
-                            constexprs,
-                            label=f"{dtype},d{head_dim},{phase}",
-                            num_warps=num_warps,
-                        )
-                    )
+            for name, kernel in kernels.items():
+                configs = {phase: _block_config(name, n_queries, head_dim, torch_dtype) for phase, n_queries in (("train", 64), ("decode", 1))}
+                if configs["decode"] == configs["train"]:
+                    del configs["decode"]
+                for phase, config in configs.items():
+                    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                    constexprs = {"CAUSAL": True, "ACC": tl.float32, "UPCAST_DOTS": False, **config}
+                    constexprs["DOT_PRECISION"] = _dot_precision(torch_dtype)
+                    label = f"{dtype},d{head_dim},{phase}"
+                    specs.append(AotSpec(kernel, _signature(kernel, dtype, "fp32"), constexprs, label=label, **launch))
     return specs
 
 
