@@ -30,13 +30,15 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "fastformers"
 
 
-def download_tiny_shakespeare(url: str = TINY_SHAKESPEARE_URL, directory: Optional[Path] = None,
+def download_tiny_shakespeare(url: Optional[str] = None, directory: Optional[Path] = None,
                               timeout: float = 30.0) -> Path:
-    """Path of the cached Tiny Shakespeare text, downloading it on first use.
+    """Path of the cached Tiny Shakespeare text, downloading it from ``url``
+    (default ``TINY_SHAKESPEARE_URL``) into ``directory`` (default :func:`cache_dir`) on first use.
 
     The download goes to a temporary file renamed into place, so an
     interrupted download never leaves a partial text behind.
     """
+    url = url or TINY_SHAKESPEARE_URL
     directory = Path(directory) if directory is not None else cache_dir()
     path = directory / TINY_SHAKESPEARE_FILE
     if path.is_file():

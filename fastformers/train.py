@@ -218,10 +218,11 @@ class Trainer:
         only how long it runs and how it reports (steps, time_limit, intervals, out)."""
         payload = load_checkpoint(path)
         allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend"}
-        changed = {k: v for k, v in train_overrides.items() if v is not None}
+        saved = payload["train_config"]
+        changed = {k: v for k, v in train_overrides.items() if v is not None and v != saved.get(k)}
         if set(changed) - allowed:
             raise ValueError(f"--resume continues the saved run; cannot change {sorted(set(changed) - allowed)}")
-        config = TrainConfig(**{**payload["train_config"], **changed})
+        config = TrainConfig(**{**saved, **changed})
         corpus = load_corpus(config.data)
         if corpus.vocab.chars != payload["vocab"]:
             raise DataError(f"the text {config.data or 'Tiny Shakespeare'} does not have the vocabulary "
@@ -328,20 +329,17 @@ class Trainer:
         deadline = time.monotonic() + 60 * config.time_limit if config.time_limit else math.inf
         tokens_per_step = config.seq_len * config.batch_size
         live = progress and sys.stderr.isatty()
-        window_start, window_steps = time.perf_counter(), 0
-        tokens_per_second = 0.0
         if self.step == 0:
             self.log(f"{config.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                      f"vocabulary {self.model_config.n_tokens}, {self.corpus.train.numel():,} training characters, "
                      f"backend {config.backend} on {self.device}")
+        # Throughput over the steps since the last report (evaluation excluded).
+        report_start, report_steps = time.perf_counter(), 0
         while self.step < config.steps and time.monotonic() < deadline:
             loss = self.train_step()
             self.history["train"].append(loss)
-            window_steps += 1
-            elapsed = time.perf_counter() - window_start
-            if elapsed > 1.0:
-                tokens_per_second = window_steps * tokens_per_step / elapsed
-                window_start, window_steps = time.perf_counter(), 0
+            report_steps += 1
+            tokens_per_second = report_steps * tokens_per_step / (time.perf_counter() - report_start)
             if live:
                 done = self.step / config.steps
                 bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
@@ -356,6 +354,7 @@ class Trainer:
                     sys.stderr.write("\n")
                 self.log(f"step {self.step}: train loss {loss:.4f}, valid loss {valid:.4f} nats = "
                          f"{valid / math.log(2):.4f} bits/char, {tokens_per_second:,.0f} tokens/s")
+                report_start, report_steps = time.perf_counter(), 0
             if self.step % config.checkpoint_interval == 0 or last:
                 self.save()
         curve = self.write_loss_curve()

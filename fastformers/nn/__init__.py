@@ -21,6 +21,7 @@ from .feedback import (
 from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer
 from .xl import TransformerXL, TransformerXLLayer
 
+# FeedbackState is fastformers-only (generation state); __all__ lists the labml_nn-compatible names.
 __all__ = [
     "PrepareForMultiHeadAttention",
     "MultiHeadAttention",
@@ -32,7 +33,6 @@ __all__ = [
     "FeedbackTransformerLayer",
     "FeedbackTransformer",
     "FeedbackTransformerKV",
-    "FeedbackState",
     "Conv1dCompression",
     "CompressiveTransformerLayer",
     "CompressiveTransformer",
