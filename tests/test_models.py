@@ -7,7 +7,7 @@ from fastformers.models import (MODEL_DEFAULTS, MODEL_NAMES, CompressedMemory, b
                                 default_model_config)
 from fastformers.train import MODEL_TRAIN_DEFAULTS
 
-from lm_helpers import TINY_MODEL
+from lm_helpers import TINY_MODEL, one_thread  # noqa: F401 (autouse fixture)
 
 V = 11
 

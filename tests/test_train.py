@@ -8,7 +8,7 @@ from fastformers import train as train_module
 from fastformers.cli import main
 from fastformers.train import CheckpointError, Trainer, default_train_config, load_checkpoint
 
-from lm_helpers import TINY_MODEL, sample_text
+from lm_helpers import TINY_MODEL, one_thread, sample_text  # noqa: F401 (autouse fixture)
 
 MODELS = ["xl", "compressive", "feedback", "switch"]
 
@@ -18,14 +18,6 @@ def text_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "shakespeare.txt"
     path.write_text(sample_text(20_000), encoding="utf-8")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_trainer(model, text_path, out, **overrides):
