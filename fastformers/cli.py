@@ -12,12 +12,15 @@ import torch
 def _bench(args: argparse.Namespace) -> int:
     from . import _backend, benchmark
 
+    from . import lm_benchmark
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     ops = args.ops or sorted(benchmark.ALL_CASES)
-    unknown = [op for op in ops if op not in benchmark.ALL_CASES]
+    choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES)
+    unknown = [op for op in ops if op not in choices]
     if unknown:
-        print(f"unknown op(s) {unknown}; choose from {sorted(benchmark.ALL_CASES)}", file=sys.stderr)
+        print(f"unknown op(s) {unknown}; choose from {choices}", file=sys.stderr)
         return 2
     print(
         f"fastformers bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
@@ -26,6 +29,12 @@ def _bench(args: argparse.Namespace) -> int:
     print("times are medians in one run; ratios (x) are reference time / backend time\n")
     results = []
     for op in ops:
+        if op in lm_benchmark.LM_FAMILIES:
+            print(f"{op}: {lm_benchmark.describe()}")
+            lm_results = lm_benchmark.LM_FAMILIES[op](device, min_time=max(args.min_time, 1.0))
+            print(lm_benchmark.format_lm_table(lm_results) + "\n", flush=True)
+            results += lm_results
+            continue
         op_results = benchmark.run(benchmark.ALL_CASES[op](device, dtype), device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
         results += op_results
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastformers")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the fused ops against their references")
-    bench.add_argument("ops", nargs="*", help="ops to time (default: all)")
+    bench.add_argument("ops", nargs="*", help="ops to time (default: every op); 'train' and 'generate' "
+                       "time the language models (training and generation tokens/s)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")

@@ -152,12 +152,6 @@ class FeedbackState:
 
         return FeedbackState(memory=last(self.memory), key=last(self.key), value=last(self.value))
 
-    def detach(self) -> "FeedbackState":
-        def detached(cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if cache is None else cache.detach()
-
-        return FeedbackState(memory=detached(self.memory), key=detached(self.key), value=detached(self.value))
-
 
 class FeedbackTransformer(nn.Module):
     """Feedback Transformer whose layers project the memory ``[t, B, D]`` to keys
