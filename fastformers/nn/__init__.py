@@ -11,10 +11,17 @@ from .compressive import (
     CompressiveTransformerLayer,
     Conv1dCompression,
 )
-from .feedback import FeedbackAttention, FeedbackTransformer, FeedbackTransformerKV, FeedbackTransformerLayer
+from .feedback import (
+    FeedbackAttention,
+    FeedbackState,
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+)
 from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer
 from .xl import TransformerXL, TransformerXLLayer
 
+# FeedbackState is fastformers-only (generation state); __all__ lists the labml_nn-compatible names.
 __all__ = [
     "PrepareForMultiHeadAttention",
     "MultiHeadAttention",
