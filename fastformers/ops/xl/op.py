@@ -12,6 +12,7 @@ Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
 formulas below on the GPU, and say so in the log); every other device, and
 CPU without the extension, from the reference formulas.
 """
+import importlib
 import logging
 from typing import Optional
 
@@ -186,7 +187,7 @@ torch.library.register_autograd(
 def _triton_kernel():
     """:mod:`.triton_kernel`, imported on first use so that this module imports without it."""
     try:
-        from . import triton_kernel
+        return importlib.import_module(f"{__package__}.triton_kernel")
     except ModuleNotFoundError as error:
         if error.name != f"{__package__}.triton_kernel":
             raise
@@ -194,7 +195,6 @@ def _triton_kernel():
             "fastformers.ops.xl.triton_kernel is missing from this installation: the Triton backend of "
             "rel_attention is unavailable (use backend='reference' or 'cpp')"
         ) from error
-    return triton_kernel
 
 
 _MASK_ON_TRITON = "the Triton rel_attention kernels take causal masking only; an explicit mask runs the reference"
