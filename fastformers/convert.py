@@ -67,6 +67,7 @@ _LABML_ONLY: Dict[Type[nn.Module], Tuple[str, ...]] = {
 
 # Attributes our classes add, with their value on a freshly converted module.
 _EXTRA: Dict[Type[nn.Module], Dict[str, Optional[str]]] = {
+    ffnn.RelativeMultiHeadAttention: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformer: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformerKV: {"backend": None, "last_backend": None},
 }

@@ -68,8 +68,13 @@ class CompressiveTransformerLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``c_mem`` ``[N, B, D]``
         or None, ``mask`` ``[L, N + M + L, B or 1]``. Returns ``[L, B, D]``."""
-        z = self.norm_self_attn(x)
-        keys = self.concat_memory(z, mem, c_mem)
+        # As concat_memory, with one cat and one LayerNorm over [c_mem; mem; x]
+        # (row-wise, so identical) and z a view of its tail.
+        if mem is None:
+            keys = self.norm_self_attn(x)
+        else:
+            keys = self.norm_self_attn(torch.cat((mem, x) if c_mem is None else (c_mem, mem, x), dim=0))
+        z = keys[keys.shape[0] - x.shape[0]:]
         x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
