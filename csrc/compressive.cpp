@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/native_layer_norm.h>
@@ -91,26 +92,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_compress_backward_cpu(const 
   TORCH_CHECK(grad_.scalar_type() == mem.scalar_type(), "conv_compress_backward: grad dtype ", grad_.scalar_type(),
               " must equal mem dtype ", mem.scalar_type());
   const at::Tensor grad = grad_.contiguous();
-  const at::Tensor grouped = mem.view({G, c, B, D});
-  // W_k for every tap, [c, d_out, D].
-  const at::Tensor taps = weight.permute({2, 0, 1}).contiguous();
-
-  // grad_mem[g*c + k] = grad[g] @ W_k: each [B, D] slab of the result is contiguous.
-  at::Tensor grad_mem = at::empty({G, c, B, D}, mem.options());
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t k = 0; k < c; ++k) {
-      at::Tensor slab = grad_mem[g][k];
-      at::mm_out(slab, grad[g], taps[k]);
-    }
-
-  // grad W_k = sum_g grad[g]^T @ mem[g*c + k]: one accumulating GEMM per group
-  // reads the memory slabs where they are.
-  at::Tensor grad_taps = at::zeros({c, d_out, D}, mem.options());
-  for (int64_t k = 0; k < c; ++k) {
-    at::Tensor grad_tap = grad_taps[k];
-    for (int64_t g = 0; g < G; ++g) grad_tap.addmm_(grad[g].t(), grouped[g][k]);
-  }
-  at::Tensor grad_weight = grad_taps.permute({1, 2, 0}).contiguous();
+  // Both gradients are single GEMMs over the (group, batch) rows with the taps
+  // and features as one c*D axis in (k, i) order; the layout changes this
+  // needs are one copy of the [M, B, D] memory and one of its gradient.
+  const at::Tensor grad_rows = grad.view({G * B, d_out});
+  const at::Tensor taps = weight.permute({0, 2, 1}).contiguous().view({d_out, c * D});  // [o, (k, i)]
+  // grad_mem[g*c + k, b, i] = sum_o grad[g, b, o] W[o, i, k]
+  at::Tensor grad_mem = at::mm(grad_rows, taps).view({G, B, c, D}).permute({0, 2, 1, 3}).contiguous();
+  // grad W[o, i, k] = sum_{g, b} grad[g, b, o] mem[g*c + k, b, i]
+  const at::Tensor windows = mem.view({G, c, B, D}).permute({0, 2, 1, 3}).reshape({G * B, c * D});
+  at::Tensor grad_weight = at::mm(grad_rows.t(), windows).view({d_out, c, D}).permute({0, 2, 1}).contiguous();
   at::Tensor grad_bias = has_bias ? grad.sum({0, 1}) : at::empty({0}, mem.options());
   return {grad_mem.view({M, B, D}), grad_weight, grad_bias};
 }

@@ -69,6 +69,7 @@ _LABML_ONLY: Dict[Type[nn.Module], Tuple[str, ...]] = {
 _EXTRA: Dict[Type[nn.Module], Dict[str, Optional[str]]] = {
     ffnn.FeedbackTransformer: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformerKV: {"backend": None, "last_backend": None},
+    ffnn.Conv1dCompression: {"backend": None, "last_backend": None},
 }
 
 

@@ -215,6 +215,16 @@ for _name in ("conv_compress_backward", "attention_reconstruction_loss_backward"
 # ------------------------------------------------------------------ public functions
 
 
+def _refuse_triton(backend: str, op: str) -> None:
+    # No Triton kernels for this family yet: running the reference under the
+    # name 'triton' would be a silent fallback.
+    if backend == "triton":
+        raise NotImplementedError(
+            f"fastformers::{op} has no Triton kernel yet; pass backend='reference' "
+            "(any device) or backend='cpp' (CPU)"
+        )
+
+
 def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                   backend: Optional[str] = None) -> torch.Tensor:
     """``Conv1d(kernel = stride = c)`` over the time axis of a sequence-first memory.
@@ -228,8 +238,7 @@ def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     name = _backend.resolve_backend(mem.device, backend)
     if name == "reference":
         return naive.conv_compress(mem, weight, bias)
-    if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedConv.apply(mem, weight, bias)
+    _refuse_triton(name, "conv_compress")
     return torch.ops.fastformers.conv_compress(mem, weight, bias)
 
 
@@ -267,6 +276,5 @@ def attention_reconstruction_loss(
     name = _backend.resolve_backend(mem.device, backend)
     if name == "reference":
         return naive.attention_reconstruction_loss(*args)
-    if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedLoss.apply(*args)
+    _refuse_triton(name, "attention_reconstruction_loss")
     return torch.ops.fastformers.attention_reconstruction_loss(*args)[0]
