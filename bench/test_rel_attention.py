@@ -7,7 +7,7 @@ from fastformers import benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = benchmark.rel_attention_cases(DEVICE)
-BACKENDS = ["reference", "torch.compile(reference)", *benchmark.fused_backends(DEVICE)]
+BACKENDS = ["reference", benchmark.COMPILED_REFERENCE, *benchmark.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

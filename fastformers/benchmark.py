@@ -7,19 +7,23 @@ process, one after the other, so only ratios are meaningful.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 import statistics
-import tempfile
 import time
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from . import _backend
+from .ops.compressive import naive as compressive_naive
+from .ops.compressive.op import attention_reconstruction_loss, conv_compress
 from .ops.feedback.op import feedback_memory
 from .ops.xl import naive as xl_naive
 from .ops.xl.op import rel_attention
+
+# Peer backend: the reference under torch.compile, compiled once (on the first,
+# untimed call) and then timed like the others.
+COMPILED_REFERENCE = "compile(reference)"
 
 
 @dataclasses.dataclass
@@ -31,9 +35,7 @@ class Case:
     make_inputs: Callable[[], tuple]
     run: Callable[[tuple, str], torch.Tensor]
     dtype: torch.dtype = torch.float32
-    # Further implementations ``run`` understands, timed beside the reference (e.g. torch.compile of it).
     peers: tuple = ()
-    # Also measure the peak memory of forward+backward (see peak_memory_mb).
     measure_memory: bool = False
 
 
@@ -48,7 +50,8 @@ class Result:
     forward_backward_ms: float
     forward_speedup: Optional[float] = None
     forward_backward_speedup: Optional[float] = None
-    peak_memory_mb: Optional[float] = None
+    peak_mib: Optional[float] = None
+    peak_memory_ratio: Optional[float] = None
 
 
 def _labml_feedback_memory(inputs, backend):
@@ -78,6 +81,76 @@ def feedback_memory_cases(device: str = "cpu", dtype: torch.dtype = torch.float3
     ]
 
 
+def _compiled(fn: Callable) -> Callable:
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return run
+
+
+def conv_compress_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    # (M, B, D, c): the memory labml's experiment compresses each step (the
+    # segment of 8 that falls out, batch 32, d_model 128, rate 2) and a larger one.
+    shapes = [(8, 32, 128, 2), (128, 16, 512, 4)]
+    cases = []
+    for M, B, D, c in shapes:
+        reference = compressive_naive.conv_compress
+        compiled = _compiled(reference)
+
+        def make(M=M, B=B, D=D, c=c):
+            mem = torch.randn(M, B, D, device=device, dtype=dtype, requires_grad=True)
+            weight = (torch.randn(D, D, c, device=device, dtype=dtype) / math.sqrt(D * c)).requires_grad_()
+            bias = torch.randn(D, device=device, dtype=dtype, requires_grad=True)
+            return mem, weight, bias
+
+        def run(inputs, backend, compiled=compiled):
+            if backend == "reference":
+                return compressive_naive.conv_compress(*inputs)  # labml: permute, nn.Conv1d, permute
+            if backend == COMPILED_REFERENCE:
+                return compiled(*inputs)
+            return conv_compress(*inputs, backend=backend)
+
+        cases.append(Case("conv_compress", f"M={M} B={B} D={D} c={c}", make, run, dtype, (COMPILED_REFERENCE,), True))
+    return cases
+
+
+def attention_reconstruction_loss_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    # (L, M, c, B, D, H): labml's experiment (h [8, 32, 128] against the 8
+    # memories being compressed at rate 2, 4 heads) and a larger layer.
+    shapes = [(8, 8, 2, 32, 128, 4), (32, 128, 4, 16, 256, 4)]
+    cases = []
+    for L, M, c, B, D, H in shapes:
+        gen = torch.Generator().manual_seed(0)
+        rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(device, dtype)  # noqa: E731
+        layer = (1 + rand(D, scale=0.1), rand(D, scale=0.1), 1e-5, rand(D, D, scale=D**-0.5), None,
+                 rand(D, D, scale=D**-0.5), None, rand(D, D, scale=D**-0.5), rand(D, scale=0.1), H, (D // H) ** -0.5)
+        compiled = _compiled(compressive_naive.attention_reconstruction_loss)
+
+        def make(L=L, M=M, c=c, B=B, D=D):
+            h = torch.randn(L, B, D, device=device, dtype=dtype)
+            mem = torch.randn(M, B, D, device=device, dtype=dtype)
+            return h, mem, torch.randn(M // c, B, D, device=device, dtype=dtype, requires_grad=True)
+
+        def run(inputs, backend, layer=layer, compiled=compiled):
+            h, mem, c_mem = inputs
+            norm_w, norm_b, eps, *rest = layer
+            args = (h, mem, c_mem, norm_w, norm_b, eps, *rest)
+            if backend == "reference":
+                return compressive_naive.attention_reconstruction_loss(*args)  # labml's formulation
+            if backend == COMPILED_REFERENCE:
+                return compiled(*args)
+            return attention_reconstruction_loss(*args, backend=backend)
+
+        cases.append(Case("attention_reconstruction_loss", f"L={L} M={M} c={c} B={B} D={D} H={H}", make, run, dtype,
+                          (COMPILED_REFERENCE,), True))
+    return cases
+
+
 def _shift_right(x: torch.Tensor) -> torch.Tensor:
     """labml's shift: row i of ``x [L, N, ...]`` moves i columns right, by padding
     a zero column and re-reading the buffer with one more row."""
@@ -98,18 +171,15 @@ def labml_style_rel_attention(query, key, value, pos_emb_full, pos_bias_full, qu
     return torch.einsum("ijbh,jbhd->ibhd", attn, value)
 
 
-_compiled_labml_rel_attention = None
+_compiled_labml_rel_attention = _compiled(labml_style_rel_attention)
 
 
 def _run_rel_attention(inputs, backend):
-    global _compiled_labml_rel_attention
     q, k, v, pos_emb_full, pos_bias_full, u = inputs
     scale = q.shape[-1] ** -0.5
     if backend == "reference":
         return labml_style_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
-    if backend == "torch.compile(reference)":
-        if _compiled_labml_rel_attention is None:
-            _compiled_labml_rel_attention = torch.compile(labml_style_rel_attention, dynamic=False)
+    if backend == COMPILED_REFERENCE:
         return _compiled_labml_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
     # The op's window is rows P - K + 1 .. P + L - 1: all but the first of labml's.
     return rel_attention(q, k, v, pos_emb_full[1:], pos_bias_full[1:], u, scale, causal=True, backend=backend)
@@ -133,7 +203,7 @@ def rel_attention_cases(device: str = "cpu", dtype: torch.dtype = torch.float32)
 
     return [
         Case("rel_attention", f"L={L} M={M} B={B} H={H} d={d}", maker(L, M, B, H, d), _run_rel_attention, dtype,
-             peers=("torch.compile(reference)",), measure_memory=device == "cpu")
+             peers=(COMPILED_REFERENCE,), measure_memory=device == "cpu")
         for L, M, B, H, d in shapes
     ]
 
@@ -181,28 +251,21 @@ def transformer_xl_step(implementation: str, device: str = "cpu", *, seq_len: in
     return step
 
 
-def peak_memory_mb(case: Case, backend: str) -> float:
-    """Peak CPU memory allocated by one forward+backward of ``case`` beyond what
-    existed before it (inputs, output gradient), in MiB: the maximum of the
-    allocator's running total in a ``torch.profiler`` trace with
-    ``profile_memory=True``. Counts every tensor the step allocates, saved
-    activations and transients alike (not the allocator's cache, not Python objects)."""
-    inputs = case.make_inputs()
-    grad = torch.randn_like(case.run(inputs, backend))
-    for tensor in inputs:
-        tensor.grad = None
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.autograd.backward(case.run(inputs, backend), grad)
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as handle:
-            events = [e for e in json.load(handle)["traceEvents"] if e.get("name") == "[memory]"]
-    if not events:
-        return 0.0
-    events.sort(key=lambda e: e["ts"])
-    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return (max(e["args"]["Total Allocated"] for e in events) - before) / 2**20
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of bytes allocated minus bytes freed while ``fn`` runs, from the
+    allocator events torch.profiler records (CPU tensors, every op incl. C++)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def _median_ms(fn: Callable[[], object], min_time: float, max_repeat: int) -> float:
@@ -218,8 +281,9 @@ def _median_ms(fn: Callable[[], object], min_time: float, max_repeat: int) -> fl
     return 1000 * statistics.median(times)
 
 
-def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int = 200) -> tuple[float, float]:
-    """Median (forward ms, forward+backward ms) of ``case`` on ``backend``."""
+def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int = 200):
+    """Median (forward ms, forward+backward ms) of ``case`` on ``backend``, and the
+    peak bytes of one forward+backward when ``case.measure_memory`` (else None)."""
     inputs = case.make_inputs()
     grad = torch.randn_like(case.run(inputs, backend))
 
@@ -233,7 +297,9 @@ def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int =
         for tensor in inputs:
             tensor.grad = None
 
-    return _median_ms(forward, min_time, max_repeat), _median_ms(forward_backward, min_time, max_repeat)
+    fwd, fb = _median_ms(forward, min_time, max_repeat), _median_ms(forward_backward, min_time, max_repeat)
+    peak = peak_bytes(forward_backward) if case.measure_memory and inputs[0].device.type == "cpu" else None
+    return fwd, fb, peak
 
 
 def fused_backends(device: str) -> list[str]:
@@ -247,35 +313,32 @@ def run(cases: Iterable[Case], device: str, min_time: float = 0.2) -> list[Resul
     results = []
     for case in cases:
         dtype = str(case.dtype).replace("torch.", "")
-        ref_fwd, ref_fb = time_case(case, "reference", min_time)
-        ref_memory = peak_memory_mb(case, "reference") if case.measure_memory else None
-        results.append(Result(case.op, case.shape, dtype, "reference", device, ref_fwd, ref_fb, 1.0, 1.0, ref_memory))
-        for backend in (*case.peers, *fused_backends(device)):
-            fwd, fb = time_case(case, backend, min_time)
-            memory = peak_memory_mb(case, backend) if case.measure_memory else None
+        ref_fwd, ref_fb, ref_peak = time_case(case, "reference", min_time)
+        mib = lambda peak: None if peak is None else peak / 2**20  # noqa: E731
+        results.append(Result(case.op, case.shape, dtype, "reference", device, ref_fwd, ref_fb, 1.0, 1.0,
+                              mib(ref_peak), 1.0 if ref_peak else None))
+        for backend in [*fused_backends(device), *case.peers]:
+            fwd, fb, peak = time_case(case, backend, min_time)
             results.append(
-                Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd, ref_fb / fb, memory)
+                Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd, ref_fb / fb, mib(peak),
+                       peak / ref_peak if peak is not None and ref_peak else None)
             )
     return results
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("op", "shape", "dtype", "device", "backend", "fwd ms", "fwd+bwd ms", "fwd x", "fwd+bwd x", "peak MiB")
-    rows = [
-        (
-            r.op,
-            r.shape,
-            r.dtype,
-            r.device,
-            r.backend,
-            f"{r.forward_ms:.4f}",
-            f"{r.forward_backward_ms:.4f}",
-            f"{r.forward_speedup:.2f}",
-            f"{r.forward_backward_speedup:.2f}",
-            "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.1f}",
-        )
-        for r in results
-    ]
+    header = ("op", "shape", "dtype", "device", "backend", "fwd ms", "fwd+bwd ms", "fwd x", "fwd+bwd x")
+    with_memory = any(r.peak_mib is not None for r in results)
+    if with_memory:
+        header += ("peak MiB", "peak / ref")
+    rows = []
+    for r in results:
+        row = (r.op, r.shape, r.dtype, r.device, r.backend, f"{r.forward_ms:.4f}", f"{r.forward_backward_ms:.4f}",
+               f"{r.forward_speedup:.2f}", f"{r.forward_backward_speedup:.2f}")
+        if with_memory:
+            row += ("-" if r.peak_mib is None else f"{r.peak_mib:.3f}",
+                    "-" if r.peak_memory_ratio is None else f"{r.peak_memory_ratio:.2f}")
+        rows.append(row)
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -283,5 +346,10 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-ALL_CASES = {"feedback_memory": feedback_memory_cases, "rel_attention": rel_attention_cases}
+ALL_CASES = {
+    "feedback_memory": feedback_memory_cases,
+    "conv_compress": conv_compress_cases,
+    "attention_reconstruction_loss": attention_reconstruction_loss_cases,
+    "rel_attention": rel_attention_cases,
+}
 

@@ -70,6 +70,7 @@ _EXTRA: Dict[Type[nn.Module], Dict[str, Optional[str]]] = {
     ffnn.RelativeMultiHeadAttention: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformer: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformerKV: {"backend": None, "last_backend": None},
+    ffnn.Conv1dCompression: {"backend": None, "last_backend": None},
 }
 
 
