@@ -385,9 +385,12 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
       T* gg = p.gated() ? grad_gate.data_ptr<T>() : nullptr;
       const T* b2 = p.b2.empty() ? nullptr : p.b2[e].const_data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) {
+        // simd reductions: a strict left-to-right sum would serialise on the add latency
         T dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < d_ff; ++j) dot += gp[i * d_ff + j] * a[i * d_ff + j];
         if (b2) {
+#pragma omp simd reduction(+ : dot)
           for (int64_t c = 0; c < d; ++c) dot += go[i * d + c] * b2[c];
         }
         grad_scale[tokens[i]] = dot;

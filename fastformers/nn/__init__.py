@@ -12,7 +12,8 @@ from .compressive import (
     Conv1dCompression,
 )
 from .feedback import FeedbackAttention, FeedbackTransformer, FeedbackTransformerKV, FeedbackTransformerLayer
-from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer
+# load_balancing_loss is a helper, not a labml module: kept out of __all__, which lists the mirrored classes
+from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer, load_balancing_loss
 from .xl import TransformerXL, TransformerXLLayer
 
 __all__ = [

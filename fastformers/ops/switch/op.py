@@ -94,7 +94,8 @@ def route(
     capacity = int(capacity_factor * n_tokens / n_experts)
     counts = torch.bincount(routes, minlength=n_experts)
     order = torch.argsort(routes, stable=True)
-    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    offsets = counts.new_zeros(n_experts + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
     if not drop_tokens:
         return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, counts.clone(), 0)
     kept = counts.clamp(max=capacity)
