@@ -225,6 +225,8 @@ def _setup_context(ctx, inputs, output):
     x, order, offsets, kept, *groups, scale, activation = inputs
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
+    # otherwise autograd fills a zero [T, d_ff] gradient for hidden every backward
+    ctx.set_materialize_grads(False)
     ctx.activation = activation
     ctx.group_sizes = [len(group) for group in groups]
     ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *[w for group in groups for w in group])
@@ -232,6 +234,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_hidden):
     x, order, offsets, kept, scale, hidden, *flat = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
     groups, start = [], 0
     for size in ctx.group_sizes:
         groups.append(flat[start : start + size])
