@@ -83,35 +83,47 @@ void activate_rows(const T* hidden, int64_t hidden_width, int64_t n, int64_t d_f
   }
 }
 
-void check_optional(const OptionalTensor& tensor, const char* name, at::IntArrayRef shape, const at::Tensor& x) {
-  if (!tensor.has_value()) return;
-  TORCH_CHECK(tensor->sizes() == shape, "switch_mlp: ", name, " must be ", shape, ", got ", tensor->sizes());
-  TORCH_CHECK(tensor->scalar_type() == x.scalar_type(), "switch_mlp: ", name, " dtype ", tensor->scalar_type(),
-              " must equal x dtype ", x.scalar_type());
-  TORCH_CHECK(tensor->device().is_cpu(), "switch_mlp: CPU kernel got ", name, " on ", tensor->device());
+void check_tensor(const at::Tensor& tensor, const char* name, int64_t expert, at::IntArrayRef shape,
+                  const at::Tensor& x) {
+  TORCH_CHECK(tensor.sizes() == shape, "switch_mlp: ", name, "[", expert, "] must be ", shape, ", got ",
+              tensor.sizes());
+  TORCH_CHECK(tensor.scalar_type() == x.scalar_type(), "switch_mlp: ", name, "[", expert, "] dtype ",
+              tensor.scalar_type(), " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK(tensor.device().is_cpu(), "switch_mlp: CPU kernel got ", name, "[", expert, "] on ", tensor.device());
+}
+
+// A weight group holds one tensor per expert, or none when `optional` (no bias, no gate).
+void check_group(at::TensorList group, const char* name, bool optional, int64_t E, at::IntArrayRef shape,
+                 const at::Tensor& x) {
+  TORCH_CHECK((optional && group.empty()) || static_cast<int64_t>(group.size()) == E, "switch_mlp: ", name,
+              " must hold ", E, " tensors (one per expert)", optional ? " or none" : "", ", got ", group.size());
+  for (size_t e = 0; e < group.size(); ++e) check_tensor(group[e], name, e, shape, x);
 }
 
 // Checks shapes, dtypes and that the routing is a valid grouping: the kernels
 // write each token's row from exactly one expert, which needs order to be a
 // permutation and the segments to tile [0, T).
 void check_inputs(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
-                  const at::Tensor& w1, const OptionalTensor& b1, const at::Tensor& w2, const OptionalTensor& b2,
-                  const OptionalTensor& w_gate, const OptionalTensor& b_gate, const at::Tensor& scale) {
+                  at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2, at::TensorList w_gate,
+                  at::TensorList b_gate, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2, "switch_mlp: x must be [tokens, d_model], got ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "switch_mlp: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "switch_mlp: CPU kernel got x on ", x.device());
   const int64_t T = x.size(0), d = x.size(1);
-  TORCH_CHECK(w1.dim() == 3 && w1.size(2) == d, "switch_mlp: w1 must be [n_experts, d_ff, d_model=", d, "], got ",
-              w1.sizes());
-  const int64_t E = w1.size(0), d_ff = w1.size(1);
-  check_optional(w1, "w1", {E, d_ff, d}, x);
-  check_optional(w2, "w2", {E, d, d_ff}, x);
-  check_optional(scale, "scale", {T}, x);
-  check_optional(b1, "b1", {E, d_ff}, x);
-  check_optional(b2, "b2", {E, d}, x);
-  check_optional(w_gate, "w_gate", {E, d_ff, d}, x);
-  check_optional(b_gate, "b_gate", {E, d_ff}, x);
-  TORCH_CHECK(w_gate.has_value() || !b_gate.has_value(), "switch_mlp: b_gate is given without w_gate");
+  TORCH_CHECK(!w1.empty() && w1[0].dim() == 2 && w1[0].size(1) == d,
+              "switch_mlp: w1 must be n_experts >= 1 tensors [d_ff, d_model=", d, "], got ", w1.size(),
+              w1.empty() ? "" : " starting with shape ", w1.empty() ? at::IntArrayRef() : w1[0].sizes());
+  const int64_t E = w1.size(), d_ff = w1[0].size(0);
+  check_group(w1, "w1", false, E, {d_ff, d}, x);
+  check_group(w2, "w2", false, E, {d, d_ff}, x);
+  check_group(b1, "b1", true, E, {d_ff}, x);
+  check_group(b2, "b2", true, E, {d}, x);
+  check_group(w_gate, "w_gate", true, E, {d_ff, d}, x);
+  check_group(b_gate, "b_gate", true, E, {d_ff}, x);
+  TORCH_CHECK(!w_gate.empty() || b_gate.empty(), "switch_mlp: b_gate is given without w_gate");
+  TORCH_CHECK(scale.sizes() == at::IntArrayRef{T} && scale.scalar_type() == x.scalar_type() && scale.device().is_cpu(),
+              "switch_mlp: scale must be a CPU ", x.scalar_type(), " [", T, "] tensor, got ", scale.scalar_type(), " ",
+              scale.sizes(), " on ", scale.device());
   const std::pair<const at::Tensor*, const char*> index_tensors[] = {{&order, "order"}, {&offsets, "offsets"},
                                                                       {&kept, "kept"}};
   const int64_t index_sizes[] = {T, E + 1, E};
@@ -133,20 +145,23 @@ void check_inputs(const at::Tensor& x, const at::Tensor& order, const at::Tensor
     TORCH_CHECK(n_kept[e] >= 0 && n_kept[e] <= offset[e + 1] - offset[e], "switch_mlp: kept[", e, "]=", n_kept[e],
                 " must lie in [0, ", offset[e + 1] - offset[e], "] (the tokens routed to expert ", e, ")");
   }
-  std::vector<bool> seen(T, false);
+  // O(T) with one byte per token: negligible next to the products
+  std::vector<uint8_t> seen(T, 0);
   const int64_t* token = order_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < T; ++i) {
     TORCH_CHECK(token[i] >= 0 && token[i] < T && !seen[token[i]], "switch_mlp: order must be a permutation of 0..",
                 T - 1, ", got ", token[i], " at position ", i);
-    seen[token[i]] = true;
+    seen[token[i]] = 1;
   }
 }
 
 // Everything the per-expert kernels read, in the compute dtype (float32 for
 // bf16/fp16 inputs, else the input dtype).
+using Group = std::vector<at::Tensor>;
+
 struct Problem {
-  at::Tensor x, w1, w2, scale;
-  OptionalTensor b1, b2, w_gate, b_gate;
+  at::Tensor x, scale;
+  Group w1, b1, w2, b2, w_gate, b_gate;  // one tensor per expert; empty biases / gate when absent
   const int64_t* order;
   const int64_t* offsets;
   const int64_t* kept;
@@ -154,28 +169,37 @@ struct Problem {
   Activation activation;
   at::Tensor order_storage, offsets_storage, kept_storage;  // keep the index pointers alive
 
-  bool gated() const { return w_gate.has_value(); }
+  bool gated() const { return !w_gate.empty(); }
 };
 
-OptionalTensor to_compute(const OptionalTensor& tensor, at::ScalarType dtype) {
-  if (!tensor.has_value()) return std::nullopt;
-  // detached so that the ATen calls made from worker threads (which do not
-  // inherit the dispatcher's below-autograd state) never record a graph
-  return tensor->detach().to(dtype).contiguous();
+// Used in place when already in the compute dtype and contiguous (the usual
+// float32/float64 case): no copy of the weights per call. Worker threads run
+// below autograd (see for_each_expert), so no graph is recorded on them.
+at::Tensor to_compute(const at::Tensor& tensor, at::ScalarType dtype) { return tensor.to(dtype).contiguous(); }
+
+Group to_compute(at::TensorList group, at::ScalarType dtype) {
+  Group out;
+  out.reserve(group.size());
+  for (const at::Tensor& tensor : group) out.push_back(to_compute(tensor, dtype));
+  return out;
+}
+
+OptionalTensor expert_bias(const Group& bias, int64_t e) {
+  return bias.empty() ? std::nullopt : OptionalTensor(bias[e]);
 }
 
 Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
-                     const at::Tensor& w1, const OptionalTensor& b1, const at::Tensor& w2, const OptionalTensor& b2,
-                     const OptionalTensor& w_gate, const OptionalTensor& b_gate, const at::Tensor& scale,
+                     at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2,
+                     at::TensorList w_gate, at::TensorList b_gate, const at::Tensor& scale,
                      c10::string_view activation) {
   check_inputs(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale);
   const at::ScalarType dtype = at::toOpMathType(x.scalar_type());
   Problem p;
   p.activation = parse_activation(activation);
-  p.x = *to_compute(x, dtype);
-  p.w1 = *to_compute(w1, dtype);
-  p.w2 = *to_compute(w2, dtype);
-  p.scale = *to_compute(scale, dtype);
+  p.x = to_compute(x, dtype);
+  p.scale = to_compute(scale, dtype);
+  p.w1 = to_compute(w1, dtype);
+  p.w2 = to_compute(w2, dtype);
   p.b1 = to_compute(b1, dtype);
   p.b2 = to_compute(b2, dtype);
   p.w_gate = to_compute(w_gate, dtype);
@@ -188,8 +212,8 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
   p.kept = p.kept_storage.data_ptr<int64_t>();
   p.n_tokens = x.size(0);
   p.d_model = x.size(1);
-  p.n_experts = w1.size(0);
-  p.d_ff = w1.size(1);
+  p.n_experts = w1.size();
+  p.d_ff = w1[0].size(0);
   p.max_kept = 0;
   for (int64_t e = 0; e < p.n_experts; ++e) p.max_kept = std::max(p.max_kept, p.kept[e]);
   return p;
@@ -274,16 +298,13 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
       at::Tensor expert_out = buffers.rows(2, n);
       gather_rows<T>(p.x, tokens, n, block);
       const at::Tensor pre = hidden.narrow(0, begin, n);
-      linear_into(pre.narrow(1, 0, d_ff), block, p.w1[e], p.b1 ? std::optional((*p.b1)[e]) : std::nullopt);
-      if (p.gated()) {
-        linear_into(pre.narrow(1, d_ff, d_ff), block, (*p.w_gate)[e],
-                    p.b_gate ? std::optional((*p.b_gate)[e]) : std::nullopt);
-      }
+      linear_into(pre.narrow(1, 0, d_ff), block, p.w1[e], expert_bias(p.b1, e));
+      if (p.gated()) linear_into(pre.narrow(1, d_ff, d_ff), block, p.w_gate[e], expert_bias(p.b_gate, e));
       with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
         activate_rows<decltype(act)::value, decltype(gated)::value>(saved + begin * hidden_width, hidden_width, n, d_ff,
                                       activated.data_ptr<T>());
       });
-      linear_into(expert_out, activated, p.w2[e], p.b2 ? std::optional((*p.b2)[e]) : std::nullopt);
+      linear_into(expert_out, activated, p.w2[e], expert_bias(p.b2, e));
       const T* u = expert_out.const_data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) {
         const T s = scale[tokens[i]];
@@ -301,11 +322,10 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
 }
 
 std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at::Tensor& order,
-                                                  const at::Tensor& offsets, const at::Tensor& kept,
-                                                  const at::Tensor& w1, const OptionalTensor& b1, const at::Tensor& w2,
-                                                  const OptionalTensor& b2, const OptionalTensor& w_gate,
-                                                  const OptionalTensor& b_gate, const at::Tensor& scale,
-                                                  c10::string_view activation) {
+                                                  const at::Tensor& offsets, const at::Tensor& kept, at::TensorList w1,
+                                                  at::TensorList b1, at::TensorList w2, at::TensorList b2,
+                                                  at::TensorList w_gate, at::TensorList b_gate,
+                                                  const at::Tensor& scale, c10::string_view activation) {
   const Problem p = make_problem(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation);
   at::Tensor y = at::empty({p.n_tokens, p.d_model}, p.x.options());
   at::Tensor hidden = at::empty({p.n_tokens, (p.gated() ? 2 : 1) * p.d_ff}, p.x.options());
@@ -314,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at:
 }
 
 struct Gradients {
-  at::Tensor x, w1, w2, scale;
-  OptionalTensor b1, b2, w_gate, b_gate;
+  at::Tensor x, scale;
+  Group w1, b1, w2, b2, w_gate, b_gate;  // like the Problem's groups
 };
 
 template <typename T>
@@ -333,9 +353,8 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
     const int64_t* tokens = p.order + begin;
     if (n == 0) {
       // no token reached this expert's weights
-      for (OptionalTensor grad : {OptionalTensor(grads.w1), grads.b1, OptionalTensor(grads.w2), grads.b2,
-                                  grads.w_gate, grads.b_gate}) {
-        if (grad) (*grad)[e].zero_();
+      for (Group* group : {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &grads.w_gate, &grads.b_gate}) {
+        if (!group->empty()) (*group)[e].zero_();
       }
     } else {
       at::Tensor block = buffers.rows(0, n);
@@ -357,19 +376,21 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
         const T s = scale[tokens[i]];
         for (int64_t c = 0; c < d; ++c) gu[i * d + c] = s * go[i * d + c];
       }
-      at::Tensor grad_w2 = grads.w2[e];
-      at::mm_out(grad_w2, scaled_grad_out.t(), activated);
-      if (grads.b2) column_sums(gu, n, d, grads.b2->data_ptr<T>() + e * d);
+      at::mm_out(grads.w2[e], scaled_grad_out.t(), activated);
+      if (!grads.b2.empty()) column_sums(gu, n, d, grads.b2[e].data_ptr<T>());
       // grad_pre first holds grad_out @ w2 (unscaled): its dot with the
       // activations is the scale gradient without a second forward product
       at::mm_out(grad_pre, grad_out, p.w2[e]);
       T* gp = grad_pre.data_ptr<T>();
       T* gg = p.gated() ? grad_gate.data_ptr<T>() : nullptr;
-      const T* b2 = p.b2 ? p.b2->const_data_ptr<T>() + e * d : nullptr;
+      const T* b2 = p.b2.empty() ? nullptr : p.b2[e].const_data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) {
+        // simd reductions: a strict left-to-right sum would serialise on the add latency
         T dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < d_ff; ++j) dot += gp[i * d_ff + j] * a[i * d_ff + j];
         if (b2) {
+#pragma omp simd reduction(+ : dot)
           for (int64_t c = 0; c < d; ++c) dot += go[i * d + c] * b2[c];
         }
         grad_scale[tokens[i]] = dot;
@@ -390,16 +411,14 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
           }
         }
       });
-      at::Tensor grad_w1 = grads.w1[e];
-      at::mm_out(grad_w1, grad_pre.t(), block);
-      if (grads.b1) column_sums(gp, n, d_ff, grads.b1->data_ptr<T>() + e * d_ff);
+      at::mm_out(grads.w1[e], grad_pre.t(), block);
+      if (!grads.b1.empty()) column_sums(gp, n, d_ff, grads.b1[e].data_ptr<T>());
       at::Tensor grad_block = scaled_grad_out;  // no longer needed: reuse its rows
       at::mm_out(grad_block, grad_pre, p.w1[e]);
       if (p.gated()) {
-        at::Tensor grad_w_gate = (*grads.w_gate)[e];
-        at::mm_out(grad_w_gate, grad_gate.t(), block);
-        if (grads.b_gate) column_sums(gg, n, d_ff, grads.b_gate->data_ptr<T>() + e * d_ff);
-        grad_block.addmm_(grad_gate, (*p.w_gate)[e]);
+        at::mm_out(grads.w_gate[e], grad_gate.t(), block);
+        if (!grads.b_gate.empty()) column_sums(gg, n, d_ff, grads.b_gate[e].data_ptr<T>());
+        grad_block.addmm_(grad_gate, p.w_gate[e]);
       }
       const T* gx = grad_block.const_data_ptr<T>();
       for (int64_t i = 0; i < n; ++i) std::memcpy(grad_x + tokens[i] * d, gx + i * d, d * sizeof(T));
@@ -417,18 +436,25 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
   });
 }
 
-OptionalTensor to_dtype(const OptionalTensor& tensor, at::ScalarType dtype) {
-  if (!tensor) return std::nullopt;
-  return tensor->to(dtype);
+Group empty_like(const Group& group) {
+  Group out;
+  out.reserve(group.size());
+  for (const at::Tensor& tensor : group) out.push_back(at::empty_like(tensor));
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, OptionalTensor, at::Tensor, OptionalTensor, OptionalTensor, OptionalTensor,
-           at::Tensor>
-switch_mlp_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& order,
-                        const at::Tensor& offsets, const at::Tensor& kept, const at::Tensor& w1,
-                        const OptionalTensor& b1, const at::Tensor& w2, const OptionalTensor& b2,
-                        const OptionalTensor& w_gate, const OptionalTensor& b_gate, const at::Tensor& scale,
-                        const at::Tensor& hidden, c10::string_view activation) {
+Group to_dtype(const Group& group, at::ScalarType dtype) {
+  Group out;
+  out.reserve(group.size());
+  for (const at::Tensor& tensor : group) out.push_back(tensor.to(dtype));
+  return out;
+}
+
+std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> switch_mlp_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets,
+    const at::Tensor& kept, at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2,
+    at::TensorList w_gate, at::TensorList b_gate, const at::Tensor& scale, const at::Tensor& hidden,
+    c10::string_view activation) {
   const Problem p = make_problem(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "switch_mlp_backward: grad_y must be ", x.sizes(), ", got ",
               grad_y.sizes());
@@ -439,25 +465,22 @@ switch_mlp_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at:
                   hidden.scalar_type() == p.x.scalar_type(),
               "switch_mlp_backward: hidden must be ", p.x.scalar_type(), " [", p.n_tokens, ", ", hidden_width,
               "] as switch_mlp returned it, got ", hidden.scalar_type(), " ", hidden.sizes());
-  const at::Tensor grad = *to_compute(grad_y, p.x.scalar_type());
-  const at::Tensor saved = hidden.detach().contiguous();
+  const at::Tensor grad = to_compute(grad_y, p.x.scalar_type());
+  const at::Tensor saved = hidden.contiguous();
   Gradients grads;
   grads.x = at::empty_like(p.x);
   grads.scale = at::empty_like(p.scale);
-  grads.w1 = at::empty_like(p.w1);
-  grads.w2 = at::empty_like(p.w2);
-  auto empty_if = [](const OptionalTensor& like) -> OptionalTensor {
-    return like ? OptionalTensor(at::empty_like(*like)) : std::nullopt;
-  };
-  grads.b1 = empty_if(p.b1);
-  grads.b2 = empty_if(p.b2);
-  grads.w_gate = empty_if(p.w_gate);
-  grads.b_gate = empty_if(p.b_gate);
+  grads.w1 = empty_like(p.w1);
+  grads.w2 = empty_like(p.w2);
+  grads.b1 = empty_like(p.b1);
+  grads.b2 = empty_like(p.b2);
+  grads.w_gate = empty_like(p.w_gate);
+  grads.b_gate = empty_like(p.b_gate);
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "switch_mlp_backward_cpu",
                              [&] { backward<scalar_t>(p, grad, saved, grads); });
   const at::ScalarType dtype = x.scalar_type();
-  return {grads.x.to(dtype),         grads.w1.to(dtype),         to_dtype(grads.b1, dtype),
-          grads.w2.to(dtype),        to_dtype(grads.b2, dtype),  to_dtype(grads.w_gate, dtype),
+  return {grads.x.to(dtype),           to_dtype(grads.w1, dtype),     to_dtype(grads.b1, dtype),
+          to_dtype(grads.w2, dtype),   to_dtype(grads.b2, dtype),     to_dtype(grads.w_gate, dtype),
           to_dtype(grads.b_gate, dtype), grads.scale.to(dtype)};
 }
 

@@ -28,15 +28,24 @@ COMPILED_REFERENCE = "compile(reference)"
 
 @dataclasses.dataclass
 class Case:
-    """One op at one shape: ``make_inputs()`` builds leaf tensors, ``run(inputs, backend)`` the output."""
+    """One op at one shape: ``make_inputs()`` builds leaf tensors, ``run(inputs, backend)`` the output.
+
+    ``baseline`` is timed first and every ratio is relative to it; ``peers``
+    are other implementations timed in the same run (e.g. labml_nn, torch's
+    grouped GEMM); ``zero_grad(backend)`` clears gradients a run left outside
+    the inputs (module parameters)."""
 
     op: str
     shape: str
     make_inputs: Callable[[], tuple]
     run: Callable[[tuple, str], torch.Tensor]
     dtype: torch.dtype = torch.float32
+    # Implementation the ratios are taken against (labml_nn's module where one exists).
+    baseline: str = "reference"
     peers: tuple = ()
     measure_memory: bool = False
+    # Clears gradients a case keeps outside its inputs (module parameters).
+    zero_grad: Optional[Callable[[str], None]] = None
 
 
 @dataclasses.dataclass
@@ -115,7 +124,8 @@ def conv_compress_cases(device: str = "cpu", dtype: torch.dtype = torch.float32)
                 return compiled(*inputs)
             return conv_compress(*inputs, backend=backend)
 
-        cases.append(Case("conv_compress", f"M={M} B={B} D={D} c={c}", make, run, dtype, (COMPILED_REFERENCE,), True))
+        cases.append(Case("conv_compress", f"M={M} B={B} D={D} c={c}", make, run, dtype,
+                          peers=(COMPILED_REFERENCE,), measure_memory=True))
     return cases
 
 
@@ -147,7 +157,7 @@ def attention_reconstruction_loss_cases(device: str = "cpu", dtype: torch.dtype 
             return attention_reconstruction_loss(*args, backend=backend)
 
         cases.append(Case("attention_reconstruction_loss", f"L={L} M={M} c={c} B={B} D={D} H={H}", make, run, dtype,
-                          (COMPILED_REFERENCE,), True))
+                          peers=(COMPILED_REFERENCE,), measure_memory=True))
     return cases
 
 
@@ -296,6 +306,8 @@ def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int =
         torch.autograd.backward(out, grad)
         for tensor in inputs:
             tensor.grad = None
+        if case.zero_grad is not None:
+            case.zero_grad(backend)
 
     fwd, fb = _median_ms(forward, min_time, max_repeat), _median_ms(forward_backward, min_time, max_repeat)
     peak = peak_bytes(forward_backward) if case.measure_memory and inputs[0].device.type == "cpu" else None
@@ -313,11 +325,11 @@ def run(cases: Iterable[Case], device: str, min_time: float = 0.2) -> list[Resul
     results = []
     for case in cases:
         dtype = str(case.dtype).replace("torch.", "")
-        ref_fwd, ref_fb, ref_peak = time_case(case, "reference", min_time)
+        ref_fwd, ref_fb, ref_peak = time_case(case, case.baseline, min_time)
         mib = lambda peak: None if peak is None else peak / 2**20  # noqa: E731
-        results.append(Result(case.op, case.shape, dtype, "reference", device, ref_fwd, ref_fb, 1.0, 1.0,
+        results.append(Result(case.op, case.shape, dtype, case.baseline, device, ref_fwd, ref_fb, 1.0, 1.0,
                               mib(ref_peak), 1.0 if ref_peak else None))
-        for backend in [*fused_backends(device), *case.peers]:
+        for backend in [*case.peers, *fused_backends(device)]:
             fwd, fb, peak = time_case(case, backend, min_time)
             results.append(
                 Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd, ref_fb / fb, mib(peak),
@@ -346,10 +358,148 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+class _SwitchImplementations:
+    """The Switch FFN (capacity factor 1, drop_tokens, is_scale_prob, ReLU
+    experts without dropout, labml drop policy) of ``T`` tokens ``[64, T/64, d]``
+    as labml's experiment lays them out, built from the same seeded weights by
+    every implementation:
+
+    - ``labml_nn``: labml_nn's ``SwitchFeedForward`` (Python loop over experts);
+    - ``reference``: :class:`fastformers.nn.SwitchFeedForward` on the reference backend;
+    - ``grouped_mm``: routing, then ``torch.nn.functional.grouped_mm`` over the
+      kept tokens sorted by expert, with weights stored stacked ``[E, ...]``;
+    - ``dense``: one FFN d → d_ff → d over all T tokens (the same active parameters);
+    - ``cpp`` / ``triton``: :class:`fastformers.nn.SwitchFeedForward` on that backend.
+
+    One implementation's module is alive at a time (at T=4096, d=512, E=64 the
+    expert weights alone take 0.5 GB).
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, d_ff: int, n_experts: int, device: str, dtype: torch.dtype):
+        self.shape = (64, n_tokens // 64, d_model)
+        self.d_model, self.d_ff, self.n_experts = d_model, d_ff, n_experts
+        self.device, self.dtype = device, dtype
+        self.current: Optional[tuple] = None
+
+    def make_inputs(self) -> tuple:
+        return (torch.randn(self.shape, device=self.device, dtype=self.dtype, requires_grad=True),)
+
+    def module(self, backend: str) -> torch.nn.Module:
+        if self.current is None or self.current[0] != backend:
+            self.current = None
+            self.current = (backend, self._build(backend).to(self.device, self.dtype))
+        return self.current[1]
+
+    def _build(self, backend: str) -> torch.nn.Module:
+        from . import nn as ffnn
+
+        torch.manual_seed(0)
+        if backend == "dense":
+            return ffnn.FeedForward(self.d_model, self.d_ff, dropout=0.0)
+        if backend == "labml_nn":
+            from labml_nn.transformers.feed_forward import FeedForward
+            from labml_nn.transformers.switch import SwitchFeedForward
+        else:
+            FeedForward, SwitchFeedForward = ffnn.FeedForward, ffnn.SwitchFeedForward
+        module = SwitchFeedForward(capacity_factor=1.0, drop_tokens=True, is_scale_prob=True,
+                                   n_experts=self.n_experts, expert=FeedForward(self.d_model, self.d_ff, 0.0),
+                                   d_model=self.d_model)
+        if backend == "grouped_mm":
+            return _GroupedMMSwitch(module)
+        if backend != "labml_nn":
+            module.backend = backend
+        return module
+
+    def run(self, inputs: tuple, backend: str) -> torch.Tensor:
+        out = self.module(backend)(inputs[0])
+        return out if backend == "dense" else out[0]
+
+    def zero_grad(self, backend: str) -> None:
+        self.module(backend).zero_grad(set_to_none=True)
+
+
+class _GroupedMMSwitch(torch.nn.Module):
+    """The Switch FFN written with torch's grouped GEMM: expert weights stacked
+    ``[E, ...]``, kept tokens gathered in expert order, two
+    ``torch.nn.functional.grouped_mm`` calls, biases added per row, scattered back."""
+
+    def __init__(self, labml_layout: torch.nn.Module):
+        super().__init__()
+        experts = labml_layout.experts
+        self.switch = labml_layout.switch
+        self.capacity_factor = labml_layout.capacity_factor
+        stack = lambda get: torch.nn.Parameter(torch.stack([get(e).detach() for e in experts]))  # noqa: E731
+        self.w1 = stack(lambda e: e.layer1.weight)
+        self.b1 = stack(lambda e: e.layer1.bias)
+        self.w2 = stack(lambda e: e.layer2.weight)
+        self.b2 = stack(lambda e: e.layer2.bias)
+
+    def forward(self, x: torch.Tensor):
+        from .ops.switch import route
+
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = route(self.switch(tokens), self.capacity_factor, True, "labml")
+        expert_of_position = routing.route[routing.order]
+        position_in_segment = torch.arange(len(tokens), device=x.device) - routing.offsets[expert_of_position]
+        is_kept = position_in_segment < routing.kept[expert_of_position]
+        rows = routing.order[is_kept]
+        row_expert = expert_of_position[is_kept]
+        group_ends = torch.cumsum(routing.kept, 0).to(torch.int32)
+        hidden = torch.nn.functional.grouped_mm(tokens[rows], self.w1.transpose(1, 2), offs=group_ends)
+        hidden = torch.relu(hidden + self.b1[row_expert])
+        out = torch.nn.functional.grouped_mm(hidden, self.w2.transpose(1, 2), offs=group_ends) + self.b2[row_expert]
+        out = tokens.index_copy(0, rows, out) * routing.route_prob_max.unsqueeze(1)
+        return (out.view_as(x),)
+
+
+def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` exists and runs on ``device`` in ``dtype``
+    (on CPU in torch 2.13: float32, bfloat16 and float16, not float64)."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        return False
+    try:
+        a = torch.zeros(4, 8, device=device, dtype=dtype)
+        b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+        grouped_mm(a, b, offs=torch.tensor([2, 4], device=device, dtype=torch.int32))
+    except RuntimeError:
+        return False
+    return True
+
+
+def labml_nn_available() -> bool:
+    try:
+        import labml_nn.transformers.switch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SWITCH_SHAPES = [(2048, 128, 256, 4), (2048, 128, 256, 16), (2048, 128, 256, 64)]
+SWITCH_LARGE_SHAPES = [(4096, 512, 2048, 8), (4096, 512, 2048, 64)]
+
+
+def switch_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, large: bool = False) -> list[Case]:
+    """``SwitchFeedForward`` forward+backward at labml's experiment size
+    (T = seq 64 × batch 32, d_model 128, d_ff 256) for E = 4, 16, 64, and with
+    ``large`` at the compute-heavy T = 4096, d_model 512, d_ff 2048, E = 8, 64.
+    The baseline is labml_nn when importable (else our reference module); the
+    peers are torch's grouped GEMM (when it runs here) and the dense FFN."""
+    baseline = "labml_nn" if labml_nn_available() else "reference"
+    peers = (["grouped_mm"] if grouped_mm_available(device, dtype) else []) + ["dense"]
+    cases = []
+    for n_tokens, d_model, d_ff, n_experts in SWITCH_SHAPES + (SWITCH_LARGE_SHAPES if large else []):
+        impl = _SwitchImplementations(n_tokens, d_model, d_ff, n_experts, device, dtype)
+        cases.append(Case("switch", f"T={n_tokens} d={d_model} d_ff={d_ff} E={n_experts}", impl.make_inputs,
+                          impl.run, dtype, baseline=baseline, peers=tuple(peers), zero_grad=impl.zero_grad))
+    return cases
+
+
 ALL_CASES = {
     "feedback_memory": feedback_memory_cases,
     "conv_compress": conv_compress_cases,
     "attention_reconstruction_loss": attention_reconstruction_loss_cases,
     "rel_attention": rel_attention_cases,
+    "switch": switch_cases,
 }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 
@@ -26,7 +27,7 @@ def _bench(args: argparse.Namespace) -> int:
         f"fastformers bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
         f"backends available: {', '.join(_backend.available_backends())}"
     )
-    print("times are medians in one run; ratios (x) are reference time / backend time\n")
+    print("times are medians in one run; ratios (x) are the first row's time / this row's time\n")
     results = []
     for op in ops:
         if op in lm_benchmark.LM_FAMILIES:
@@ -35,7 +36,9 @@ def _bench(args: argparse.Namespace) -> int:
             print(lm_benchmark.format_lm_table(lm_results) + "\n", flush=True)
             results += lm_results
             continue
-        op_results = benchmark.run(benchmark.ALL_CASES[op](device, dtype), device, min_time=args.min_time)
+        make_cases = benchmark.ALL_CASES[op]
+        options = {"large": True} if args.large and "large" in inspect.signature(make_cases).parameters else {}
+        op_results = benchmark.run(make_cases(device, dtype, **options), device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
         results += op_results
     if args.json:
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--large", action="store_true",
+                       help="add the compute-heavy shapes of the ops that have them (switch: T=4096, d=512, d_ff=2048)")
     bench.set_defaults(handler=_bench)
 
     from .models import MODEL_NAMES, ModelConfig

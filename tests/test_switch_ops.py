@@ -6,6 +6,7 @@ from torch.library import opcheck
 
 import fastformers
 from fastformers.ops.switch import Routing, naive, route, switch_mlp
+from fastformers.ops.switch.op import expert_lists
 from harness import assert_parity
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -201,39 +202,46 @@ def test_labml_policy_with_generator_is_reproducible():
 def op_arguments(dtype, gated=True, capacity_factor=0.8):
     x = torch.randn(17, 8, dtype=dtype)
     routing = route(torch.randn(17, 3, dtype=dtype), capacity_factor, True, "deterministic")
-    w1, b1, w2, b2, w_gate, b_gate = make_weights(3, 8, 12, dtype, gated=gated)
+    groups = expert_lists(*make_weights(3, 8, 12, dtype, gated=gated))
     scale = routing.route_prob_max
-    return (x, routing.order, routing.offsets, routing.kept, w1, b1, w2, b2, w_gate, b_gate, scale, "gelu")
+    return (x, routing.order, routing.offsets, routing.kept, *groups, scale, "gelu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_opcheck(dtype, gated):
     args = op_arguments(dtype, gated)
-    differentiable = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    opcheck(torch.ops.fastformers.switch_mlp.default, tuple(differentiable))
+    def leaves(arg, grad):
+        if isinstance(arg, list):
+            return [leaves(a, grad) for a in arg]
+        if isinstance(arg, torch.Tensor):
+            return arg.detach().requires_grad_(grad and arg.is_floating_point())
+        return arg
+
+    opcheck(torch.ops.fastformers.switch_mlp.default, tuple(leaves(a, True) for a in args))
     y, hidden = torch.ops.fastformers.switch_mlp(*args)
     grad_y = torch.randn_like(y)
-    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    plain = [leaves(a, False) for a in args]
     opcheck(torch.ops.fastformers.switch_mlp_backward.default, (grad_y, *plain[:-1], hidden.detach(), plain[-1]))
 
 
 def test_torch_compile_fullgraph():
     x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, _ = op_arguments(torch.float32)
-    w1.requires_grad_()
+    w1 = torch.stack(w1).requires_grad_()
     x.requires_grad_()
 
     @torch.compile(fullgraph=True)
     def step(x, w1):
-        y, _ = torch.ops.fastformers.switch_mlp(x * 2, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale,
-                                                "gelu")
+        y, _ = torch.ops.fastformers.switch_mlp(x * 2, order, offsets, kept, list(w1.unbind(0)), b1, w2, b2, w_gate,
+                                                b_gate, scale, "gelu")
         return y.sum()
 
     compiled = step(x, w1)
     compiled.backward()
     compiled_grads = x.grad.clone(), w1.grad.clone()
     x.grad = w1.grad = None
-    expected, _ = naive.switch_mlp(x * 2, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, "gelu")
+    expected, _ = naive.switch_mlp(x * 2, order, offsets, kept, w1.unbind(0), b1, w2, b2, w_gate, b_gate, scale,
+                                   "gelu")
     expected.sum().backward()
     torch.testing.assert_close(compiled, expected.sum())
     torch.testing.assert_close(compiled_grads, (x.grad, w1.grad))

@@ -2,12 +2,13 @@
 FFN registered in ``torch.ops.fastformers``.
 
 ``switch_mlp(x [T, d], order [T], offsets [E + 1], kept [E], w1 [E, d_ff, d],
-b1?, w2 [E, d, d_ff], b2?, w_gate?, b_gate?, scale [T], activation) -> (y [T, d],
-hidden [T, n · d_ff])`` and its ``switch_mlp_backward``: CPU kernels come from
+b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation) -> (y [T, d],
+hidden [T, n · d_ff])`` (weights as lists of per-expert tensors, see
+:func:`naive.switch_mlp`) and its ``switch_mlp_backward``: CPU kernels come from
 ``csrc/switch.cpp``, every other device (and CPU without the extension) from
 :mod:`.naive`. There is no Triton kernel yet.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -17,15 +18,19 @@ from . import naive
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DROP_POLICIES = ("labml", "deterministic")
+Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
+# Expert weights are lists of per-expert tensors (an empty list: no bias / no
+# gate) so that modules holding one nn.Linear per expert pass their parameters
+# as they are: no stacking copy per call, and each gradient lands in its own tensor.
 lib.define(
-    "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor w1, Tensor? b1, Tensor w2, "
-    "Tensor? b2, Tensor? w_gate, Tensor? b_gate, Tensor scale, str activation) -> (Tensor, Tensor)"
+    "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
+    "Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, str activation) -> (Tensor, Tensor)"
 )
 lib.define(
-    "switch_mlp_backward(Tensor grad_y, Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor w1, "
-    "Tensor? b1, Tensor w2, Tensor? b2, Tensor? w_gate, Tensor? b_gate, Tensor scale, Tensor hidden, "
-    "str activation) -> (Tensor, Tensor, Tensor?, Tensor, Tensor?, Tensor?, Tensor?, Tensor)"
+    "switch_mlp_backward(Tensor grad_y, Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, "
+    "Tensor[] b1, Tensor[] w2, Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, Tensor hidden, "
+    "str activation) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)"
 )
 
 lib.impl("switch_mlp", naive.switch_mlp, "CompositeExplicitAutograd")
@@ -89,7 +94,8 @@ def route(
     capacity = int(capacity_factor * n_tokens / n_experts)
     counts = torch.bincount(routes, minlength=n_experts)
     order = torch.argsort(routes, stable=True)
-    offsets = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+    offsets = counts.new_zeros(n_experts + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
     if not drop_tokens:
         return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, counts.clone(), 0)
     kept = counts.clamp(max=capacity)
@@ -113,8 +119,22 @@ def _shuffle_overflowing_experts(order, host_counts, capacity, generator) -> Non
         start += count
 
 
+WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w_gate", "b_gate")
+
+
+def expert_lists(w1, b1, w2, b2, w_gate, b_gate) -> tuple:
+    """The six weight groups as lists of per-expert tensors (unbinding stacked ones, [] for None)."""
+    return tuple(
+        [] if group is None else list(group.unbind(0)) if isinstance(group, torch.Tensor) else list(group)
+        for group in (w1, b1, w2, b2, w_gate, b_gate)
+    )
+
+
 def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) -> None:
-    """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
+    """Raise a clear TypeError/ValueError for inputs the kernels cannot take.
+
+    Each weight is a stacked tensor ``[E, ...]`` or a sequence of E per-expert
+    tensors; the optional ones may be None."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -128,26 +148,35 @@ def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) 
     if w_gate is None and b_gate is not None:
         raise ValueError("b_gate is given without w_gate")
     n_tokens, d_model = x.shape
-    if not isinstance(w1, torch.Tensor) or w1.dim() != 3 or w1.shape[2] != d_model:
-        raise ValueError(f"w1 must be [n_experts, d_ff, d_model={d_model}], got {_describe(w1)}")
-    n_experts, d_ff, _ = w1.shape
+    first_w1 = w1 if isinstance(w1, torch.Tensor) else (w1[0] if len(w1) else None)
+    w1_dims = 3 if isinstance(w1, torch.Tensor) else 2
+    if not isinstance(first_w1, torch.Tensor) or first_w1.dim() != w1_dims or first_w1.shape[-1] != d_model:
+        layout = "[n_experts, d_ff, d_model" if w1_dims == 3 else "E tensors [d_ff, d_model"
+        raise ValueError(f"w1 must be {layout}={d_model}], got {_describe(w1)}")
+    n_experts = w1.shape[0] if isinstance(w1, torch.Tensor) else len(w1)
+    d_ff = first_w1.shape[-2]
     expected = {
-        "b1": (b1, (n_experts, d_ff)),
-        "w2": (w2, (n_experts, d_model, d_ff)),
-        "b2": (b2, (n_experts, d_model)),
-        "w_gate": (w_gate, (n_experts, d_ff, d_model)),
-        "b_gate": (b_gate, (n_experts, d_ff)),
-        "scale": (scale, (n_tokens,)),
+        "w1": (w1, (d_ff, d_model)),
+        "b1": (b1, (d_ff,)),
+        "w2": (w2, (d_model, d_ff)),
+        "b2": (b2, (d_model,)),
+        "w_gate": (w_gate, (d_ff, d_model)),
+        "b_gate": (b_gate, (d_ff,)),
     }
-    for name, (tensor, shape) in expected.items():
-        if tensor is None and name in ("b1", "b2", "w_gate", "b_gate"):
+    for name, (group, shape) in expected.items():
+        if group is None and name != "w1" and name != "w2":
             continue
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)}, got {_describe(tensor)}")
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {x.dtype}")
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; all must share a device")
+        if isinstance(group, torch.Tensor):
+            _check_tensor(name, group, (n_experts, *shape), x)
+        elif isinstance(group, (list, tuple)) and len(group) == n_experts:
+            for expert, tensor in enumerate(group):
+                _check_tensor(f"{name}[{expert}]", tensor, shape, x)
+        else:
+            raise ValueError(
+                f"{name} must be a [{n_experts}, {', '.join(map(str, shape))}] tensor or a list of "
+                f"{n_experts} tensors {list(shape)}, got {_describe(group)}"
+            )
+    _check_tensor("scale", scale, (n_tokens,), x)
     index_shapes = {"order": (n_tokens,), "offsets": (n_experts + 1,), "kept": (n_experts,)}
     for name, shape in index_shapes.items():
         tensor = getattr(routing, name)
@@ -160,16 +189,27 @@ def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) 
             raise ValueError(f"routing.{name} is on {tensor.device} but x is on {x.device}; all must share a device")
 
 
+def _check_tensor(name: str, tensor, shape: tuple, x: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must be {list(shape)}, got {_describe(tensor)}")
+    if tensor.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {x.dtype}")
+    if tensor.device != x.device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; all must share a device")
+
+
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"shape {list(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
     return type(value).__name__
 
 
 @torch.library.register_fake(qualname("switch_mlp"))
 def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation):
-    n_hidden = 2 if w_gate is not None else 1
-    hidden = x.new_empty(x.shape[0], n_hidden * w1.shape[1], dtype=naive.hidden_dtype(x.dtype))
+    n_hidden = 2 if w_gate else 1
+    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype))
     return x.new_empty(x.shape), hidden
 
 
@@ -177,28 +217,33 @@ def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, sc
 def _switch_mlp_backward_fake(
     grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden, activation
 ):
-    return tuple(
-        None if tensor is None else torch.empty_like(tensor) for tensor in (x, w1, b1, w2, b2, w_gate, b_gate, scale)
-    )
+    groups = [[torch.empty_like(w) for w in group] for group in (w1, b1, w2, b2, w_gate, b_gate)]
+    return (torch.empty_like(x), *groups, torch.empty_like(scale))
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation = inputs
+    x, order, offsets, kept, *groups, scale, activation = inputs
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
+    # otherwise autograd fills a zero [T, d_ff] gradient for hidden every backward
+    ctx.set_materialize_grads(False)
     ctx.activation = activation
-    ctx.save_for_backward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden)
+    ctx.group_sizes = [len(group) for group in groups]
+    ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *[w for group in groups for w in group])
 
 
 def _backward(ctx, grad_y, _grad_hidden):
-    x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden = ctx.saved_tensors
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w_gate, grad_b_gate, grad_scale = (
-        torch.ops.fastformers.switch_mlp_backward(
-            grad_y.contiguous(), x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden,
-            ctx.activation,
-        )
+    x, order, offsets, kept, scale, hidden, *flat = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    groups, start = [], 0
+    for size in ctx.group_sizes:
+        groups.append(flat[start : start + size])
+        start += size
+    grad_x, *grad_groups, grad_scale = torch.ops.fastformers.switch_mlp_backward(
+        grad_y.contiguous(), x, order, offsets, kept, *groups, scale, hidden, ctx.activation
     )
-    return grad_x, None, None, None, grad_w1, grad_b1, grad_w2, grad_b2, grad_w_gate, grad_b_gate, grad_scale, None
+    return (grad_x, None, None, None, *grad_groups, grad_scale, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -214,14 +259,14 @@ torch.library.register_autograd(
 def switch_mlp(
     x: torch.Tensor,
     routing: Routing,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
+    w1: Weights,
+    b1: Optional[Weights],
+    w2: Weights,
+    b2: Optional[Weights],
     scale: torch.Tensor,
     activation: str = "relu",
-    w_gate: Optional[torch.Tensor] = None,
-    b_gate: Optional[torch.Tensor] = None,
+    w_gate: Optional[Weights] = None,
+    b_gate: Optional[Weights] = None,
     *,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -233,6 +278,9 @@ def switch_mlp(
     biases may be None); optional gate ``w_gate [E, d_ff, d]``, ``b_gate
     [E, d_ff]`` (``linear_v``, for ``is_gated``); scale: ``[T]`` (``p_max``, or
     ``p_max / p_max.detach()``); activation: ``"relu"`` or ``"gelu"`` (exact).
+    Every weight may instead be a sequence of E per-expert tensors (``w1[e]``
+    ``[d_ff, d]``, ...), e.g. the parameters of one ``nn.Linear`` per expert:
+    they are used in place, without stacking.
 
     Returns ``y [T, d]``: ``scale[t] · layer2(act(layer1(x[t])) [· linear_v(x[t])])``
     for kept tokens, ``scale[t] · x[t]`` for dropped ones. ``backend``
@@ -242,8 +290,11 @@ def switch_mlp(
     name = _backend.resolve_backend(x.device, backend)
     if name == "triton":
         raise NotImplementedError("Triton switch kernels are not implemented yet")
-    args = (x, routing.order, routing.offsets, routing.kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation)
+    groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
+    args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation)
     if name == "reference":
         return naive.switch_mlp(*args)[0]
-    contiguous = [arg.contiguous() if isinstance(arg, torch.Tensor) else arg for arg in args]
-    return torch.ops.fastformers.switch_mlp(*contiguous)[0]
+    groups = [[w.contiguous() for w in group] for group in groups]
+    return torch.ops.fastformers.switch_mlp(
+        x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation
+    )[0]
