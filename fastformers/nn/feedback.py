@@ -8,8 +8,9 @@ computed by the fused :func:`fastformers.ops.feedback_memory`.
 Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
 ``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P = 2**12``.
 """
+import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -124,6 +125,34 @@ def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tens
     return new if steps is None else torch.cat((steps, new), dim=0)
 
 
+@dataclasses.dataclass
+class FeedbackState:
+    """What a Feedback Transformer needs to continue after ``t`` steps.
+
+    :class:`FeedbackTransformer` keeps the memory vectors ``memory``
+    ``[t, B, D]``; :class:`FeedbackTransformerKV` keeps their shared key and
+    value projections ``key``/``value`` ``[t, B, H, d_k]``. Steps are counted
+    by the cache length (``steps``). :meth:`window` keeps only the most recent
+    steps, as generation past ``P`` steps must.
+    """
+
+    memory: Optional[torch.Tensor] = None
+    key: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
+
+    @property
+    def steps(self) -> int:
+        cache = self.memory if self.memory is not None else self.key
+        return 0 if cache is None else cache.shape[0]
+
+    def window(self, max_steps: int) -> "FeedbackState":
+        """The state restricted to its last ``max_steps`` steps."""
+        def last(cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if cache is None else cache[-max_steps:]
+
+        return FeedbackState(memory=last(self.memory), key=last(self.key), value=last(self.value))
+
+
 class FeedbackTransformer(nn.Module):
     """Feedback Transformer whose layers project the memory ``[t, B, D]`` to keys
     and values themselves.
@@ -143,9 +172,20 @@ class FeedbackTransformer(nn.Module):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
+        return self.forward_with_state(x_seq)[0]
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional["FeedbackState"] = None
+                           ) -> Tuple[torch.Tensor, "FeedbackState"]:
+        """Continue the recurrence from ``state`` (None: from the first step).
+
+        ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
+        after its last step, whose ``memory`` is ``[t + T, B, D]``). Running a
+        sequence in pieces, passing the state along, gives the same outputs as
+        one call on the whole sequence: generation costs one step per token.
+        """
         backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
         res = []
-        mem: Optional[torch.Tensor] = None
+        mem = state.memory if state is not None else None
         for x in torch.unbind(x_seq, dim=0):
             layer_outputs = [x]
             for layer in self.layers:
@@ -154,7 +194,7 @@ class FeedbackTransformer(nn.Module):
             step_mem = ops.feedback_memory(torch.stack(layer_outputs), self.weights, backend=backend)
             mem = _append_step(mem, step_mem)
             res.append(x)
-        return self.norm(torch.stack(res))
+        return self.norm(torch.stack(res)), FeedbackState(memory=mem)
 
 
 class FeedbackTransformerKV(nn.Module):
@@ -185,10 +225,22 @@ class FeedbackTransformerKV(nn.Module):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
+        return self.forward_with_state(x_seq)[0]
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional["FeedbackState"] = None
+                           ) -> Tuple[torch.Tensor, "FeedbackState"]:
+        """Continue the recurrence from ``state`` (None: from the first step).
+
+        ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
+        after its last step, whose ``key``/``value`` caches are
+        ``[t + T, B, H, d_k]``). Running a sequence in pieces, passing the
+        state along, gives the same outputs as one call on the whole sequence:
+        generation costs one step per token.
+        """
         backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
         res = []
-        key: Optional[torch.Tensor] = None
-        value: Optional[torch.Tensor] = None
+        key = state.key if state is not None else None
+        value = state.value if state is not None else None
         for x in torch.unbind(x_seq, dim=0):
             layer_outputs = [x]
             for layer in self.layers:
@@ -198,7 +250,7 @@ class FeedbackTransformerKV(nn.Module):
             key = _append_step(key, self.key(mem))
             value = _append_step(value, self.value(mem))
             res.append(x)
-        return self.norm(torch.stack(res))
+        return self.norm(torch.stack(res)), FeedbackState(key=key, value=value)
 
     def free(self) -> None:
         """Kept for labml_nn API compatibility: no state outlives a forward call."""
