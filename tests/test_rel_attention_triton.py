@@ -119,3 +119,44 @@ def test_strided_inputs_need_no_copies():
     dense_grads = kernels.rel_attention_backward(grad_out.contiguous(), *dense, dense_out, dense_lse, scale, True)
     for got, expected in zip(grads, dense_grads):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """The launchers' configuration choice as on a GPU (outside the interpreter)."""
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
+    return kernels
+
+
+@pytest.mark.parametrize("dtype, head_dims", [(torch.float32, range(1, 65)), (torch.bfloat16, range(1, 129))], ids=str)
+def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, head_dims):
+    """What the GPU launches is exactly what the AOT check compiled: same tiles,
+    warps, stages and padded head dim, for every head dim the GPU takes."""
+    kernels = gpu_configs
+    specs = {spec.name: spec for spec in kernels.AOT_SPECS}
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    for head_dim in head_dims:
+        query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
+        for short, kernel_name in kernels._KERNEL_NAMES.items():
+            config = kernels._block_config(short, query)
+            spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}]"]
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+            assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            assert {key: spec.constexprs[key] for key in config} == config
+            assert spec.constexprs["UPCAST_DOTS"] is False
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, error, match",
+    [
+        (torch.float64, 32, TypeError, "float32 and bfloat16"),
+        (torch.float16, 32, TypeError, "float32 and bfloat16"),
+        (torch.float32, 65, ValueError, "d <= 64"),
+        (torch.bfloat16, 129, ValueError, "d <= 128"),
+    ],
+)
+def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, error, match):
+    query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
+    with pytest.raises(error, match=match):
+        gpu_configs._block_config("fwd", query)
