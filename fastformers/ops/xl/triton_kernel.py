@@ -5,9 +5,10 @@ Shapes follow :mod:`fastformers.ops.xl.naive`: ``L`` queries, ``K = M + L`` keys
 ``pos_bias [K + L - 1, H]`` indexed by ``r = L - 1 - i + j``.
 
 The positional term ``q_i · pos_emb[r]`` of a score tile is skewed: along a
-tile row, ``r`` moves with ``j``, and from row to row it shifts by one. The
-forward loads each (i, j)'s window row by pointer arithmetic, a few features at
-a time, and reduces on CUDA cores, so no skewed tensor is held in registers and
+tile row, ``r`` moves with ``j``, and from row to row it shifts by one. Every
+score tile (forward, and recomputed in both backward kernels) loads each
+(i, j)'s window row by pointer arithmetic, a few features at a time, and
+reduces on CUDA cores, so no skewed tensor is held in registers and
 no ``[L, K]`` tensor exists anywhere. The backward needs the skew the other way
 for the positional gradients: the score gradient of a ``[BLOCK_M, BLOCK_N]``
 tile is moved into band coordinates (``t = BLOCK_M - 1 - ii + jj`` over the
@@ -19,8 +20,10 @@ but spilled registers at every tile size tried.)
 Content dots are IEEE: float32 products in float32, bf16 products exact in
 float32 accumulation, float64 for float64 (interpreter only).
 
-Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
-before import (the Triton interpreter; how they are tested without a GPU).
+Launchers take CUDA tensors (float32 with d <= 64, bfloat16 with d <= 128:
+the configurations of ``AOT_SPECS``; others raise), or CPU tensors of any
+float dtype when ``TRITON_INTERPRET=1`` was set before import (the Triton
+interpreter; how they are tested without a GPU).
 """
 import torch
 import triton
