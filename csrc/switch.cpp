@@ -12,15 +12,23 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "blas.h"
+
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
-#include <optional>
+#include <map>
+#include <mutex>
 #include <vector>
 
 namespace fastformers {
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTFORMERS_VECTOR_CLONES
+#endif
 
 enum class Activation { kRelu, kGelu };
 
@@ -64,22 +72,6 @@ void with_activation(Activation activation, bool gated, const Body& body) {
     with_gate(std::integral_constant<Activation, Activation::kRelu>{});
   } else {
     with_gate(std::integral_constant<Activation, Activation::kGelu>{});
-  }
-}
-
-// a[i] = act(h1[i]) (* v[i]) for n rows of hidden = [h1 | v]
-template <Activation A, bool kGated, typename T>
-void activate_rows(const T* hidden, int64_t hidden_width, int64_t n, int64_t d_ff, T* a) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T* h = hidden + i * hidden_width;
-    T* out = a + i * d_ff;
-    for (int64_t j = 0; j < d_ff; ++j) {
-      if constexpr (kGated) {
-        out[j] = activate<A>(h[j]) * h[d_ff + j];
-      } else {
-        out[j] = activate<A>(h[j]);
-      }
-    }
   }
 }
 
@@ -184,10 +176,6 @@ Group to_compute(at::TensorList group, at::ScalarType dtype) {
   return out;
 }
 
-OptionalTensor expert_bias(const Group& bias, int64_t e) {
-  return bias.empty() ? std::nullopt : OptionalTensor(bias[e]);
-}
-
 Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
                      at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2,
                      at::TensorList w_gate, at::TensorList b_gate, const at::Tensor& scale,
@@ -219,18 +207,17 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
   return p;
 }
 
-// Scratch blocks of max_kept rows, one set per thread: expert e uses their
-// first kept[e] rows (a contiguous prefix).
-struct Buffers {
-  std::vector<at::Tensor> blocks;
+// Per-thread scratch, reused across experts and calls: it grows to the largest
+// block the thread has needed, so steady-state calls allocate nothing per expert.
+template <typename T>
+T* scratch(size_t slot, int64_t elements) {
+  thread_local std::vector<std::vector<T>> buffers;
+  if (buffers.size() <= slot) buffers.resize(slot + 1);
+  if (static_cast<int64_t>(buffers[slot].size()) < elements) buffers[slot].resize(elements);
+  return buffers[slot].data();
+}
 
-  Buffers(const Problem& p, std::initializer_list<int64_t> widths) {
-    for (int64_t width : widths) blocks.push_back(at::empty({p.max_kept, width}, p.x.options()));
-  }
-  at::Tensor rows(size_t buffer, int64_t n) const { return blocks[buffer].narrow(0, 0, n); }
-};
-
-// Runs body(e, buffers) for every expert. Experts run side by side (one
+// Runs body(e) for every expert. Experts run side by side (one
 // single-threaded BLAS call each) unless one expert holds more than a thread's
 // share of the kept tokens; then they run one after the other and BLAS uses
 // every thread. Measured forward on 2 cores (T=2048, d=128, d_ff=256), side by
@@ -238,15 +225,15 @@ struct Buffers {
 // d_ff=1024 too: splitting experts beats splitting each product when the
 // load is balanced.
 template <typename Body>
-void for_each_expert(const Problem& p, std::initializer_list<int64_t> buffer_widths, const Body& body) {
+void for_each_expert(const Problem& p, const Body& body) {
   const int64_t threads = at::get_num_threads();
   int64_t total_kept = 0;
   for (int64_t e = 0; e < p.n_experts; ++e) total_kept += p.kept[e];
   auto run = [&](int64_t begin, int64_t end) {
     // worker threads do not inherit the dispatcher state of the calling kernel
+    // (matters only for the at::addmm fallback of blas::gemm)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Buffers buffers(p, buffer_widths);
-    for (int64_t e = begin; e < end; ++e) body(e, buffers);
+    for (int64_t e = begin; e < end; ++e) body(e);
   };
   if (threads > 1 && p.n_experts >= threads && p.max_kept * threads <= total_kept) {
     at::parallel_for(0, p.n_experts, 1, run);
@@ -256,29 +243,52 @@ void for_each_expert(const Problem& p, std::initializer_list<int64_t> buffer_wid
 }
 
 template <typename T>
-void gather_rows(const at::Tensor& source, const int64_t* tokens, int64_t n, at::Tensor& block) {
-  const int64_t width = source.size(1);
-  const T* src = source.const_data_ptr<T>();
-  T* dst = block.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * width, src + tokens[i] * width, width * sizeof(T));
+const T* data_or_null(const Group& group, int64_t e) {
+  return group.empty() ? nullptr : group[e].const_data_ptr<T>();
 }
 
-// out[c] = sum_i block[i, c]; row-wise accumulation (a column reduction through
-// at::sum is several times slower at these shapes)
 template <typename T>
-void column_sums(const T* block, int64_t rows, int64_t width, T* out) {
-  std::fill_n(out, width, T(0));
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t c = 0; c < width; ++c) out[c] += block[i * width + c];
+T* mutable_data_or_null(Group& group, int64_t e) {
+  return group.empty() ? nullptr : group[e].data_ptr<T>();
+}
+
+// In place on n rows of hidden = [h1 | v] (the products without bias): adds
+// the biases, then a[i] = act(h1[i]) (* v[i]); one pass over the rows.
+template <Activation A, bool kGated, typename T>
+FASTFORMERS_VECTOR_CLONES void bias_activate_rows(T* __restrict__ hidden, int64_t hidden_width, int64_t n,
+                                                  int64_t d_ff, const T* __restrict__ b1,
+                                                  const T* __restrict__ b_gate, T* __restrict__ a) {
+  for (int64_t i = 0; i < n; ++i) {
+    T* h = hidden + i * hidden_width;
+    T* out = a + i * d_ff;
+    if (b1) {
+      for (int64_t j = 0; j < d_ff; ++j) h[j] += b1[j];
+    }
+    if constexpr (kGated) {
+      if (b_gate) {
+        for (int64_t j = 0; j < d_ff; ++j) h[d_ff + j] += b_gate[j];
+      }
+      for (int64_t j = 0; j < d_ff; ++j) out[j] = activate<A>(h[j]) * h[d_ff + j];
+    } else {
+      for (int64_t j = 0; j < d_ff; ++j) out[j] = activate<A>(h[j]);
+    }
   }
 }
 
-// out = input @ weightᵀ (+ bias), weight [out_features, in_features]
-void linear_into(at::Tensor out, const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias) {
-  if (bias.has_value()) {
-    at::addmm_out(out, *bias, input, weight.t());
-  } else {
-    at::mm_out(out, input, weight.t());
+// out[tokens[i]] = scale[tokens[i]] * (u[i] + b2): bias, scale and scatter in one pass.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void scale_scatter_rows(const T* __restrict__ u, const T* __restrict__ b2,
+                                                  const int64_t* tokens, int64_t n, int64_t d,
+                                                  const T* __restrict__ scale, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = scale[tokens[i]];
+    T* row = out + tokens[i] * d;
+    const T* src = u + i * d;
+    if (b2) {
+      for (int64_t c = 0; c < d; ++c) row[c] = s * (src[c] + b2[c]);
+    } else {
+      for (int64_t c = 0; c < d; ++c) row[c] = s * src[c];
+    }
   }
 }
 
@@ -289,28 +299,28 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
   const T* scale = p.scale.const_data_ptr<T>();
   T* out = y.data_ptr<T>();
   T* saved = hidden.data_ptr<T>();
-  for_each_expert(p, {d, d_ff, d}, [&](int64_t e, const Buffers& buffers) {
+  for_each_expert(p, [&](int64_t e) {
     const int64_t begin = p.offsets[e], end = p.offsets[e + 1], n = p.kept[e];
     const int64_t* tokens = p.order + begin;
     if (n > 0) {
-      at::Tensor block = buffers.rows(0, n);
-      at::Tensor activated = buffers.rows(1, n);
-      at::Tensor expert_out = buffers.rows(2, n);
-      gather_rows<T>(p.x, tokens, n, block);
-      const at::Tensor pre = hidden.narrow(0, begin, n);
-      linear_into(pre.narrow(1, 0, d_ff), block, p.w1[e], expert_bias(p.b1, e));
-      if (p.gated()) linear_into(pre.narrow(1, d_ff, d_ff), block, p.w_gate[e], expert_bias(p.b_gate, e));
-      with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
-        activate_rows<decltype(act)::value, decltype(gated)::value>(saved + begin * hidden_width, hidden_width, n, d_ff,
-                                      activated.data_ptr<T>());
-      });
-      linear_into(expert_out, activated, p.w2[e], expert_bias(p.b2, e));
-      const T* u = expert_out.const_data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        const T s = scale[tokens[i]];
-        T* row = out + tokens[i] * d;
-        for (int64_t c = 0; c < d; ++c) row[c] = s * u[i * d + c];
+      T* block = scratch<T>(0, n * d);
+      T* activated = scratch<T>(1, n * d_ff);
+      T* expert_out = scratch<T>(2, n * d);
+      T* pre = saved + begin * hidden_width;
+      for (int64_t i = 0; i < n; ++i) std::memcpy(block + i * d, x + tokens[i] * d, d * sizeof(T));
+      blas::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w1[e].const_data_ptr<T>(), d, T(0), pre,
+                    hidden_width);
+      if (p.gated()) {
+        blas::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w_gate[e].const_data_ptr<T>(), d, T(0),
+                      pre + d_ff, hidden_width);
       }
+      with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
+        bias_activate_rows<decltype(act)::value, decltype(gated)::value>(
+            pre, hidden_width, n, d_ff, data_or_null<T>(p.b1, e), data_or_null<T>(p.b_gate, e), activated);
+      });
+      blas::gemm<T>(false, true, n, d, d_ff, T(1), activated, d_ff, p.w2[e].const_data_ptr<T>(), d_ff, T(0),
+                    expert_out, d);
+      scale_scatter_rows<T>(expert_out, data_or_null<T>(p.b2, e), tokens, n, d, scale, out);
     }
     for (int64_t i = n; i < end - begin; ++i) {
       const int64_t t = tokens[i];
@@ -338,6 +348,86 @@ struct Gradients {
   Group w1, b1, w2, b2, w_gate, b_gate;  // like the Problem's groups
 };
 
+// Gathers n rows of x and of grad_y into blocks, writes the scaled grad rows
+// and accumulates the b2 gradient (the column sums of the scaled grad), and
+// starts each token's scale gradient at grad_y[t] . b2: one pass.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void gather_backward_rows(const T* __restrict__ x, const T* __restrict__ grad_y,
+                                                    const int64_t* tokens, int64_t n, int64_t d,
+                                                    const T* __restrict__ scale, const T* __restrict__ b2,
+                                                    T* __restrict__ block, T* __restrict__ grad_out,
+                                                    T* __restrict__ scaled_grad_out, T* __restrict__ grad_b2,
+                                                    T* __restrict__ grad_scale) {
+  if (grad_b2) std::fill_n(grad_b2, d, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = tokens[i];
+    const T s = scale[t];
+    const T* g = grad_y + t * d;
+    std::memcpy(block + i * d, x + t * d, d * sizeof(T));
+    T* go = grad_out + i * d;
+    T* gu = scaled_grad_out + i * d;
+    for (int64_t c = 0; c < d; ++c) {
+      go[c] = g[c];
+      gu[c] = s * g[c];
+    }
+    T dot = 0;
+    if (b2) {
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) dot += g[c] * b2[c];
+      for (int64_t c = 0; c < d; ++c) grad_b2[c] += gu[c];
+    }
+    grad_scale[t] = dot;
+  }
+}
+
+// One pass over n rows of hidden = [h1 | v], with grad_pre holding
+// grad_out @ w2 (the gradient of the activated rows, before the scale) on
+// entry: recomputes a = act(h1) (* v) for the w2 gradient, adds a . grad to
+// the token's scale gradient, and turns grad_pre into the pre-activation
+// gradient (grad_gate the gate's), accumulating the b1 / b_gate gradients.
+template <Activation A, bool kGated, typename T>
+FASTFORMERS_VECTOR_CLONES void activation_backward_rows(const T* __restrict__ hidden, int64_t hidden_width,
+                                                        const int64_t* tokens, int64_t n, int64_t d_ff,
+                                                        const T* __restrict__ scale, T* __restrict__ activated,
+                                                        T* __restrict__ grad_pre, T* __restrict__ grad_gate,
+                                                        T* __restrict__ grad_b1, T* __restrict__ grad_b_gate,
+                                                        T* __restrict__ grad_scale) {
+  if (grad_b1) std::fill_n(grad_b1, d_ff, T(0));
+  if (grad_b_gate) std::fill_n(grad_b_gate, d_ff, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = scale[tokens[i]];
+    const T* h = hidden + i * hidden_width;
+    T* a = activated + i * d_ff;
+    T* gp = grad_pre + i * d_ff;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < d_ff; ++j) {
+      const T act = activate<A>(h[j]);
+      const T grad_activated = gp[j];
+      if constexpr (kGated) {
+        const T v = h[d_ff + j];
+        a[j] = act * v;
+        dot += grad_activated * act * v;
+        grad_gate[i * d_ff + j] = s * grad_activated * act;
+        gp[j] = s * grad_activated * v * activate_derivative<A>(h[j]);
+      } else {
+        a[j] = act;
+        dot += grad_activated * act;
+        gp[j] = s * grad_activated * activate_derivative<A>(h[j]);
+      }
+    }
+    grad_scale[tokens[i]] += dot;
+    if (grad_b1) {
+      for (int64_t j = 0; j < d_ff; ++j) grad_b1[j] += gp[j];
+    }
+    if constexpr (kGated) {
+      if (grad_b_gate) {
+        for (int64_t j = 0; j < d_ff; ++j) grad_b_gate[j] += grad_gate[i * d_ff + j];
+      }
+    }
+  }
+}
+
 template <typename T>
 void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidden, Gradients& grads) {
   const int64_t d = p.d_model, d_ff = p.d_ff, hidden_width = hidden.size(1);
@@ -347,81 +437,44 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
   const T* saved = hidden.const_data_ptr<T>();
   T* grad_x = grads.x.data_ptr<T>();
   T* grad_scale = grads.scale.data_ptr<T>();
-  for_each_expert(p, {d, d, d, d_ff, d_ff, p.gated() ? d_ff : 0},
-                  [&](int64_t e, const Buffers& buffers) {
+  for_each_expert(p, [&](int64_t e) {
     const int64_t begin = p.offsets[e], end = p.offsets[e + 1], n = p.kept[e];
     const int64_t* tokens = p.order + begin;
     if (n == 0) {
       // no token reached this expert's weights
       for (Group* group : {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &grads.w_gate, &grads.b_gate}) {
-        if (!group->empty()) (*group)[e].zero_();
+        if (!group->empty()) std::fill_n((*group)[e].data_ptr<T>(), (*group)[e].numel(), T(0));
       }
     } else {
-      at::Tensor block = buffers.rows(0, n);
-      at::Tensor grad_out = buffers.rows(1, n);
-      at::Tensor scaled_grad_out = buffers.rows(2, n);
-      at::Tensor activated = buffers.rows(3, n);
-      at::Tensor grad_pre = buffers.rows(4, n);
-      at::Tensor grad_gate = buffers.rows(5, n);
-      gather_rows<T>(p.x, tokens, n, block);
-      gather_rows<T>(grad_y, tokens, n, grad_out);
-      const T* a = activated.const_data_ptr<T>();
-      T* gu = scaled_grad_out.data_ptr<T>();
-      const T* go = grad_out.const_data_ptr<T>();
+      T* block = scratch<T>(0, n * d);
+      T* grad_out = scratch<T>(1, n * d);
+      T* scaled_grad_out = scratch<T>(2, n * d);
+      T* activated = scratch<T>(3, n * d_ff);
+      T* grad_pre = scratch<T>(4, n * d_ff);
+      T* grad_gate = p.gated() ? scratch<T>(5, n * d_ff) : nullptr;
+      const T* w1 = p.w1[e].const_data_ptr<T>();
+      const T* w2 = p.w2[e].const_data_ptr<T>();
+      gather_backward_rows<T>(x, g, tokens, n, d, scale, data_or_null<T>(p.b2, e), block, grad_out,
+                              scaled_grad_out, mutable_data_or_null<T>(grads.b2, e), grad_scale);
+      // grad_out @ w2 unscaled: its dot with the activations is the scale gradient
+      blas::gemm<T>(false, false, n, d_ff, d, T(1), grad_out, d, w2, d_ff, T(0), grad_pre, d_ff);
       with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
-        activate_rows<decltype(act)::value, decltype(gated)::value>(saved + begin * hidden_width, hidden_width, n, d_ff,
-                                      activated.data_ptr<T>());
+        activation_backward_rows<decltype(act)::value, decltype(gated)::value>(
+            saved + begin * hidden_width, hidden_width, tokens, n, d_ff, scale, activated, grad_pre, grad_gate,
+            mutable_data_or_null<T>(grads.b1, e), mutable_data_or_null<T>(grads.b_gate, e), grad_scale);
       });
-      for (int64_t i = 0; i < n; ++i) {
-        const T s = scale[tokens[i]];
-        for (int64_t c = 0; c < d; ++c) gu[i * d + c] = s * go[i * d + c];
-      }
-      at::mm_out(grads.w2[e], scaled_grad_out.t(), activated);
-      if (!grads.b2.empty()) column_sums(gu, n, d, grads.b2[e].data_ptr<T>());
-      // grad_pre first holds grad_out @ w2 (unscaled): its dot with the
-      // activations is the scale gradient without a second forward product
-      at::mm_out(grad_pre, grad_out, p.w2[e]);
-      T* gp = grad_pre.data_ptr<T>();
-      T* gg = p.gated() ? grad_gate.data_ptr<T>() : nullptr;
-      const T* b2 = p.b2.empty() ? nullptr : p.b2[e].const_data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) {
-        // simd reductions: a strict left-to-right sum would serialise on the add latency
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < d_ff; ++j) dot += gp[i * d_ff + j] * a[i * d_ff + j];
-        if (b2) {
-#pragma omp simd reduction(+ : dot)
-          for (int64_t c = 0; c < d; ++c) dot += go[i * d + c] * b2[c];
-        }
-        grad_scale[tokens[i]] = dot;
-      }
-      with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
-        for (int64_t i = 0; i < n; ++i) {
-          const T s = scale[tokens[i]];
-          const T* h = saved + (begin + i) * hidden_width;
-          T* grad_row = gp + i * d_ff;
-          for (int64_t j = 0; j < d_ff; ++j) {
-            const T grad_activated = s * grad_row[j];
-            if constexpr (decltype(gated)::value) {
-              gg[i * d_ff + j] = grad_activated * activate<decltype(act)::value>(h[j]);
-              grad_row[j] = grad_activated * h[d_ff + j] * activate_derivative<decltype(act)::value>(h[j]);
-            } else {
-              grad_row[j] = grad_activated * activate_derivative<decltype(act)::value>(h[j]);
-            }
-          }
-        }
-      });
-      at::mm_out(grads.w1[e], grad_pre.t(), block);
-      if (!grads.b1.empty()) column_sums(gp, n, d_ff, grads.b1[e].data_ptr<T>());
-      at::Tensor grad_block = scaled_grad_out;  // no longer needed: reuse its rows
-      at::mm_out(grad_block, grad_pre, p.w1[e]);
+      blas::gemm<T>(true, false, d, d_ff, n, T(1), scaled_grad_out, d, activated, d_ff, T(0),
+                    grads.w2[e].data_ptr<T>(), d_ff);
+      blas::gemm<T>(true, false, d_ff, d, n, T(1), grad_pre, d_ff, block, d, T(0), grads.w1[e].data_ptr<T>(), d);
+      T* grad_block = scaled_grad_out;  // no longer needed: reuse its rows
+      blas::gemm<T>(false, false, n, d, d_ff, T(1), grad_pre, d_ff, w1, d, T(0), grad_block, d);
       if (p.gated()) {
-        at::mm_out(grads.w_gate[e], grad_gate.t(), block);
-        if (!grads.b_gate.empty()) column_sums(gg, n, d_ff, grads.b_gate[e].data_ptr<T>());
-        grad_block.addmm_(grad_gate, p.w_gate[e]);
+        blas::gemm<T>(true, false, d_ff, d, n, T(1), grad_gate, d_ff, block, d, T(0),
+                      grads.w_gate[e].data_ptr<T>(), d);
+        blas::gemm<T>(false, false, n, d, d_ff, T(1), grad_gate, d_ff, p.w_gate[e].const_data_ptr<T>(), d, T(1),
+                      grad_block, d);
       }
-      const T* gx = grad_block.const_data_ptr<T>();
-      for (int64_t i = 0; i < n; ++i) std::memcpy(grad_x + tokens[i] * d, gx + i * d, d * sizeof(T));
+      for (int64_t i = 0; i < n; ++i) std::memcpy(grad_x + tokens[i] * d, grad_block + i * d, d * sizeof(T));
     }
     for (int64_t i = n; i < end - begin; ++i) {
       const int64_t t = tokens[i];
@@ -436,10 +489,69 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
   });
 }
 
+// Weight-gradient blocks recycled across backward calls. Autograd moves the
+// gradients into .grad and zero_grad(set_to_none=True) frees them; glibc then
+// trims its heap, so every backward wrote its weight gradients into fresh
+// pages: at E = 64 (T=2048, d=128, d_ff=256) ~2000 page faults per backward,
+// the bulk of the kernel's extra time over E = 16. A block comes back here when
+// its gradient tensor dies and the next backward reuses it. At most
+// kMaxCachedBytes stay cached; the rest is freed.
+class GradientBlocks {
+ public:
+  static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+    const size_t bytes = round_up(c10::multiply_integers(shape) * c10::elementSize(options.dtype().toScalarType()));
+    void* data = instance().take(bytes);
+    if (data == nullptr) {
+      data = std::aligned_alloc(kAlignment, bytes);
+      TORCH_CHECK(data != nullptr, "switch_mlp_backward: out of memory allocating ", bytes, " bytes of gradients");
+    }
+    return at::from_blob(data, shape, [bytes](void* block) { instance().give_back(block, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kAlignment = 64;
+  static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
+
+  static size_t round_up(size_t bytes) { return std::max<size_t>((bytes + kAlignment - 1) / kAlignment, 1) * kAlignment; }
+
+  // never destroyed: gradients may outlive static destruction at exit
+  static GradientBlocks& instance() {
+    static GradientBlocks* blocks = new GradientBlocks();
+    return *blocks;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* data = it->second;
+    free_.erase(it);
+    cached_bytes_ -= bytes;
+    return data;
+  }
+
+  void give_back(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_bytes_ + bytes <= kMaxCachedBytes) {
+        free_.emplace(bytes, data);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_bytes_ = 0;
+};
+
+// One block per expert tensor: outputs of the op must not alias each other.
 Group empty_like(const Group& group) {
   Group out;
   out.reserve(group.size());
-  for (const at::Tensor& tensor : group) out.push_back(at::empty_like(tensor));
+  for (const at::Tensor& tensor : group) out.push_back(GradientBlocks::empty(tensor.sizes(), tensor.options()));
   return out;
 }
 

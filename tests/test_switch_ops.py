@@ -256,6 +256,30 @@ def test_double_backward_raises():
         grad.sum().backward()
 
 
+def test_recycled_gradient_blocks_never_alias_live_gradients():
+    """The C++ backward reuses the blocks of freed weight gradients: gradients
+    still alive keep their values while later backwards run, and the reused
+    blocks give the same gradients as fresh ones."""
+    torch.manual_seed(0)
+    routing = route(torch.randn(64, 4), 2.0, False)
+    stacked = make_weights(4, 24, 32, torch.float32)[:4]
+    w1, b1, w2, b2 = ([w.clone().requires_grad_() for w in group] for group in stacked)
+    leaves = [*w1, *b1, *w2, *b2]
+
+    def weight_grads(x):
+        y = switch_mlp(x, routing, w1, b1, w2, b2, routing.route_prob_max, backend="cpp")
+        return torch.autograd.grad(y.square().sum(), leaves)
+
+    inputs = [torch.randn(64, 24) for _ in range(3)]
+    expected = [[grad.clone() for grad in weight_grads(x)] for x in inputs]
+    alive = weight_grads(inputs[0])
+    for x, want in zip(inputs[1:], expected[1:]):
+        for grad, value in zip(weight_grads(x), want):
+            torch.testing.assert_close(grad, value, rtol=0, atol=0)
+    for grad, value in zip(alive, expected[0]):
+        torch.testing.assert_close(grad, value, rtol=0, atol=0)
+
+
 def test_triton_backend_is_not_faked():
     x, *_ = op_arguments(torch.float32)
     routing = route(torch.randn(17, 3), 1.0, True)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops.switch import route, switch_mlp
-from ..ops.switch.op import DROP_POLICIES
+from ..ops.switch import route
+from ..ops.switch.op import DROP_POLICIES, switch_mlp_on
 from ._utils import clone_module_list
 from .attention import FeedForward, MultiHeadAttention
 
@@ -94,7 +94,7 @@ class SwitchFeedForward(nn.Module):
             out = self._experts_one_by_one(tokens, routing) * scale.view(-1, 1)
         else:
             activation, weights = self._fused_weights()
-            out = switch_mlp(tokens, routing, *weights[:4], scale, activation, *weights[4:], backend=backend)
+            out = switch_mlp_on(backend, tokens, routing, *weights[:4], scale, activation, *weights[4:])
         counts = routing.counts.to(x.dtype)
         return out.view(seq_len, batch_size, d_model), counts, routing.probs.sum(0), routing.n_dropped, p_max
 
