@@ -195,6 +195,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_compress_backward_cpu(const 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 128;
 
+// Sum and dot product with independent partial sums per lane: a plain
+// `acc += x[i]` loop is not vectorised without -ffast-math (it would reorder
+// the float additions), and these reductions sit in every row's hot path.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+FASTFORMERS_VECTOR_CLONES T lane_sum(const T* __restrict__ x, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
+  T total = 0;
+  for (; i < n; ++i) total += x[i];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <typename T>
+FASTFORMERS_VECTOR_CLONES T lane_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * y[i + l];
+  T total = 0;
+  for (; i < n; ++i) total += x[i] * y[i];
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 // Layer-normalises `rows` rows of D features, row r read at x + r * ld_x:
 // out [rows, D] = x_hat * weight + bias (weight/bias may be null), plus x_hat
 // [rows, D] (before the affine map) and rstd [rows] when those are non-null.
@@ -205,14 +234,9 @@ FASTFORMERS_VECTOR_CLONES void layer_norm_rows(const T* __restrict__ x, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict__ row = x + r * ld_x;
     T* __restrict__ o = out + r * D;
-    T sum = 0;
-    for (int64_t i = 0; i < D; ++i) sum += row[i];
-    const T mean = sum / D;
-    T var = 0;
-    for (int64_t i = 0; i < D; ++i) {
-      o[i] = row[i] - mean;
-      var += o[i] * o[i];
-    }
+    const T mean = lane_sum(row, D) / D;
+    for (int64_t i = 0; i < D; ++i) o[i] = row[i] - mean;
+    const T var = lane_dot(o, o, D);
     const T inv = T(1) / std::sqrt(var / D + eps);
     for (int64_t i = 0; i < D; ++i) o[i] *= inv;
     if (x_hat != nullptr) {
@@ -274,11 +298,8 @@ FASTFORMERS_VECTOR_CLONES void attend(const T* query, int64_t L, const T* key, c
         T tile_max = -std::numeric_limits<T>::infinity();
         for (int64_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, s[j]);
         const T new_max = std::max(row_max[i], tile_max);
-        T tile_sum = 0;
-        for (int64_t j = 0; j < nk; ++j) {
-          s[j] = cpu::exp_of(s[j] - new_max);
-          tile_sum += s[j];
-        }
+        for (int64_t j = 0; j < nk; ++j) s[j] = cpu::exp_of(s[j] - new_max);
+        const T tile_sum = lane_sum(s, nk);
         T* __restrict__ o = out + (i0 + i) * ld_out;
         if (j0 > 0) {
           const T rescale = cpu::exp_of(row_max[i] - new_max);
@@ -410,13 +431,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_reconstruction_loss_cpu
               const T* a_c = attn_c + i * dk;
               const T* a_m = attn_m + i * dk;
               T* out = diff_ptr + (i * B + b) * E + hd * dk;
-              T delta = 0;
-              for (int64_t d = 0; d < dk; ++d) {
-                const T e = a_c[d] - a_m[d];
-                out[d] = e;
-                squared += e * e;
-                delta += e * a_c[d];
-              }
+              for (int64_t d = 0; d < dk; ++d) out[d] = a_c[d] - a_m[d];
+              squared += lane_dot(out, out, dk);
+              const T delta = lane_dot(out, a_c, dk);
               lse_ptr[(i * B + b) * heads + hd] = lse_c[i];
               delta_ptr[(i * B + b) * heads + hd] = delta;
             }
@@ -537,13 +554,7 @@ at::Tensor attention_reconstruction_loss_backward_cpu(
           const T* __restrict__ xh = x_hat + row * D;
           if (p.norm_weight != nullptr)
             for (int64_t i = 0; i < D; ++i) g[i] *= p.norm_weight[i];
-          T mean_g = 0, mean_gx = 0;
-          for (int64_t i = 0; i < D; ++i) {
-            mean_g += g[i];
-            mean_gx += g[i] * xh[i];
-          }
-          mean_g /= D;
-          mean_gx /= D;
+          const T mean_g = lane_sum(g, D) / D, mean_gx = lane_dot(g, xh, D) / D;
           T* __restrict__ out = grad_ptr + ((row / n) * B + b0 + row % n) * D;
           for (int64_t i = 0; i < D; ++i) out[i] = rstd[row] * (g[i] - mean_g - xh[i] * mean_gx);
         }
