@@ -231,9 +231,9 @@ def test_opcheck(dtype):
     h, mem, c_mem, ln_w, ln_b, wq, wk, wv, bv = loss_inputs(5, 6, 2, 2, 8, dtype, heads=2)
     args = (h, mem, c_mem.requires_grad_(), ln_w, ln_b, 1e-5, wq, None, wk, None, wv, bv, 2, 0.5)
     opcheck(torch.ops.fastformers.attention_reconstruction_loss.default, args)
-    _, *residuals = torch.ops.fastformers.attention_reconstruction_loss(*args)
+    _, diff, stats = torch.ops.fastformers.attention_reconstruction_loss(*args)
     opcheck(torch.ops.fastformers.attention_reconstruction_loss_backward.default,
-            (torch.tensor(1.5, dtype=dtype), c_mem.detach(), ln_w, ln_b, 1e-5, wk, wv, 2, 0.5, *residuals))
+            (torch.tensor(1.5, dtype=dtype), h, c_mem.detach(), *args[3:14], diff, stats))
 
 
 def test_torch_compile_fullgraph():

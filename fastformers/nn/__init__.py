@@ -7,6 +7,7 @@ swaps the classes of an existing model in place.
 from .attention import FeedForward, MultiHeadAttention, PrepareForMultiHeadAttention, RelativeMultiHeadAttention
 from .compressive import (
     AttentionReconstructionLoss,
+    CompressiveMemory,
     CompressiveTransformer,
     CompressiveTransformerLayer,
     Conv1dCompression,
@@ -22,7 +23,8 @@ from .feedback import (
 from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer, load_balancing_loss
 from .xl import TransformerXL, TransformerXLLayer
 
-# FeedbackState is fastformers-only (generation state); __all__ lists the labml_nn-compatible names.
+# FeedbackState (generation state) and CompressiveMemory (ring-buffer memory) are
+# fastformers-only; __all__ lists the labml_nn-compatible names.
 __all__ = [
     "PrepareForMultiHeadAttention",
     "MultiHeadAttention",

@@ -182,3 +182,113 @@ class AttentionReconstructionLoss:
     def __call__(self, h: List[torch.Tensor], mem: List[torch.Tensor]) -> torch.Tensor:
         """``h`` and ``mem``: one ``[L, B, D]`` / ``[M, B, D]`` tensor per layer."""
         return sum(self.calc_loss(layer, h[n], mem[n]) for n, layer in enumerate(self.layers))
+
+
+class CompressiveMemory:
+    """Per-layer ring buffers of the recent memory (``mem_len`` steps) and the
+    compressed memory (``c_mem_len`` steps) of a Compressive Transformer.
+
+    :meth:`append` writes each layer's new segment and compresses exactly the
+    groups of ``compression_rate`` steps that fall out of the memory onto the
+    compressed memory, evicting its oldest steps: per step it copies the new
+    segment and the steps being compressed, never the whole history (where
+    ``cat``/``split`` would copy ``mem_len + c_mem_len`` steps per layer).
+    The steps kept and compressed are those of labml_nn's
+    ``merge_compress_memory``: after appending, the oldest steps beyond
+    ``mem_len``, rounded up to a whole number of groups, are compressed.
+
+    Buffers are ``[n_layers, capacity, B, D]``, allocated on the first append;
+    contents are detached (the memory never carries gradient into later steps).
+    """
+
+    def __init__(self, n_layers: int, mem_len: int, c_mem_len: int, compression_rate: int):
+        if n_layers < 1 or mem_len < 0 or c_mem_len < 0 or compression_rate < 1:
+            raise ValueError(
+                f"need n_layers >= 1, mem_len >= 0, c_mem_len >= 0 and compression_rate >= 1, got {n_layers}, "
+                f"{mem_len}, {c_mem_len}, {compression_rate}"
+            )
+        self.n_layers, self.mem_len, self.c_mem_len, self.rate = n_layers, mem_len, c_mem_len, compression_rate
+        self._mem: Optional[torch.Tensor] = None
+        self._c_mem: Optional[torch.Tensor] = None
+        # Ring state (shared by all layers): index of the oldest step and steps held.
+        self._mem_start = self._mem_size = self._c_start = self._c_size = 0
+
+    @staticmethod
+    def _ordered(buffer: Optional[torch.Tensor], start: int, size: int, layer: int) -> Optional[torch.Tensor]:
+        """Steps ``[size, B, D]`` oldest first: a view unless the ring wraps."""
+        if buffer is None or size == 0:
+            return None
+        capacity = buffer.shape[1]
+        if start + size <= capacity:
+            return buffer[layer, start:start + size]
+        return torch.cat((buffer[layer, start:], buffer[layer, :start + size - capacity]))
+
+    def mem(self, layer: int) -> Optional[torch.Tensor]:
+        """Recent memory of ``layer``, ``[M, B, D]`` oldest first, or None when empty."""
+        return self._ordered(self._mem, self._mem_start, self._mem_size, layer)
+
+    def c_mem(self, layer: int) -> Optional[torch.Tensor]:
+        """Compressed memory of ``layer``, ``[N, B, D]`` oldest first, or None when empty."""
+        return self._ordered(self._c_mem, self._c_start, self._c_size, layer)
+
+    @staticmethod
+    def _write(buffer: torch.Tensor, layer: int, start: int, steps: torch.Tensor) -> None:
+        """Copies ``steps`` into the ring from slot ``start`` on, wrapping around."""
+        capacity = buffer.shape[1]
+        first = min(steps.shape[0], capacity - start)
+        buffer[layer, start:start + first] = steps[:first]
+        if first < steps.shape[0]:
+            buffer[layer, :steps.shape[0] - first] = steps[first:]
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        shape = like.shape[1:]
+        if self._mem is None or self._mem.shape[2:] != shape or self._mem.device != like.device:
+            new = lambda length: like.new_empty((self.n_layers, length, *shape))  # noqa: E731
+            self._mem, self._c_mem = new(self.mem_len), new(self.c_mem_len)
+            self._mem_start = self._mem_size = self._c_start = self._c_size = 0
+
+    @torch.no_grad()
+    def append(self, new_mem: List[torch.Tensor], compress: List[nn.Module]) -> List[torch.Tensor]:
+        """Appends each layer's segment ``new_mem[i]`` ``[L, B, D]``; ``compress[i]``
+        (``[G·c, B, D]`` -> ``[G, B, D]``, e.g. :class:`Conv1dCompression`) compresses
+        the steps that fall out. Returns those steps per layer (``[n_old, B, D]``,
+        copies, for the reconstruction loss), or ``[]`` when none fell out."""
+        if len(new_mem) != self.n_layers or len(compress) != self.n_layers:
+            raise ValueError(f"need one segment and one compression per layer ({self.n_layers}), "
+                             f"got {len(new_mem)} and {len(compress)}")
+        self._allocate(new_mem[0])
+        steps = new_mem[0].shape[0]
+        total = self._mem_size + steps
+        if total <= self.mem_len:
+            for layer, segment in enumerate(new_mem):
+                self._write(self._mem, layer, (self._mem_start + self._mem_size) % max(self.mem_len, 1), segment)
+            self._mem_size = total
+            return []
+        n_old = min(total, -(-(total - self.mem_len) // self.rate) * self.rate)
+        from_ring = min(n_old, self._mem_size)
+        old = []
+        for layer, segment in enumerate(new_mem):
+            oldest = self._ordered(self._mem, self._mem_start, from_ring, layer)
+            parts = ([oldest] if from_ring else []) + ([segment[:n_old - from_ring]] if n_old > from_ring else [])
+            # A copy: the ring slots the steps came from are rewritten below.
+            old.append(torch.cat(parts) if len(parts) > 1 else parts[0].clone())
+        kept_new = steps - (n_old - from_ring)
+        self._mem_start = (self._mem_start + from_ring) % max(self.mem_len, 1)
+        self._mem_size -= from_ring
+        if kept_new:
+            tail = (self._mem_start + self._mem_size) % self.mem_len
+            for layer, segment in enumerate(new_mem):
+                self._write(self._mem, layer, tail, segment[steps - kept_new:])
+        self._mem_size += kept_new
+        if self.c_mem_len:
+            fresh = [f(o) for f, o in zip(compress, old)]
+            groups = fresh[0].shape[0]
+            kept = min(groups, self.c_mem_len)
+            evicted = max(0, self._c_size + kept - self.c_mem_len)
+            self._c_start = (self._c_start + evicted) % self.c_mem_len
+            self._c_size -= evicted
+            tail = (self._c_start + self._c_size) % self.c_mem_len
+            for layer, f in enumerate(fresh):
+                self._write(self._c_mem, layer, tail, f[groups - kept:])
+            self._c_size += kept
+        return old

@@ -87,6 +87,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
+                 value_weight, value_bias, acc):
+    """``query [L, B, E]`` of ``h`` and ``key_c``/``value_c [N, B, E]`` of ``c_mem``, in ``acc``."""
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    norm_weight, norm_bias = cast(norm_weight), cast(norm_bias)
+    normed_h = _layer_norm(h.to(acc), norm_weight, norm_bias, eps)
+    normed_c = _layer_norm(c_mem.to(acc), norm_weight, norm_bias, eps)
+    return (F.linear(normed_h, cast(query_weight), cast(query_bias)),
+            F.linear(normed_c, cast(key_weight), cast(key_bias)),
+            F.linear(normed_c, cast(value_weight), cast(value_bias)))
+
+
 def attention_reconstruction_loss_forward(
     h, mem, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias, value_weight,
     value_bias, heads, scale,
@@ -94,18 +106,18 @@ def attention_reconstruction_loss_forward(
     """The loss plus what its backward needs, as the registered op returns them.
 
     Returns ``loss []`` (``h``'s dtype) and, in float32 (float64 for float64
-    inputs): ``query [L, B, E]`` (projected, unscaled), ``key_c`` and
-    ``value_c [N, B, E]``, ``diff = attn(h, c_mem) - attn(h, mem)`` as
-    ``[L, B, E]`` and ``stats [2, L, B, H]``: the log-sum-exp of the scaled
-    ``h``-vs-``c_mem`` scores and ``Σ_d diff · attn(h, c_mem)``.
+    inputs): ``diff = attn(h, c_mem) - attn(h, mem)`` as ``[L, B, E]`` and
+    ``stats [2, L, B, H]``: the log-sum-exp of the scaled ``h``-vs-``c_mem``
+    scores and ``Σ_d diff · attn(h, c_mem)``. The backward recomputes the
+    projections of ``h`` and ``c_mem`` rather than keeping them.
     """
     acc = _acc_dtype(h.dtype)
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    norm_weight, norm_bias = cast(norm_weight), cast(norm_bias)
-    normed = [_layer_norm(x.to(acc), norm_weight, norm_bias, eps) for x in (h, mem, c_mem)]
-    query = F.linear(normed[0], cast(query_weight), cast(query_bias))
-    key_m, key_c = (F.linear(x, cast(key_weight), cast(key_bias)) for x in normed[1:])
-    value_m, value_c = (F.linear(x, cast(value_weight), cast(value_bias)) for x in normed[1:])
+    query, key_c, value_c = _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
+                                         key_bias, value_weight, value_bias, acc)
+    normed_mem = _layer_norm(mem.to(acc), cast(norm_weight), cast(norm_bias), eps)
+    key_m = F.linear(normed_mem, cast(key_weight), cast(key_bias))
+    value_m = F.linear(normed_mem, cast(value_weight), cast(value_bias))
     split = lambda t: t.view(*t.shape[:-1], heads, -1)  # noqa: E731
     attn_mem = _attention(split(query), split(key_m), split(value_m), scale)
     scores_c = torch.einsum("ibhd,jbhd->ijbh", split(query), split(key_c)) * scale
@@ -113,15 +125,18 @@ def attention_reconstruction_loss_forward(
     diff = attn_c_mem - attn_mem
     stats = torch.stack((torch.logsumexp(scores_c, dim=1), (diff * attn_c_mem).sum(-1)))
     loss = diff.square().mean().to(h.dtype)
-    return loss, query, key_c, value_c, diff.flatten(2), stats
+    return loss, diff.flatten(2), stats
 
 
 def attention_reconstruction_loss_backward(
-    grad, c_mem, norm_weight, norm_bias, eps, key_weight, value_weight, heads, scale, query, key_c, value_c, diff,
-    stats,
+    grad, h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias, value_weight,
+    value_bias, heads, scale, diff, stats,
 ):
-    """Gradient of the loss for ``c_mem [N, B, D]`` from the forward's residuals."""
-    acc = query.dtype
+    """Gradient of the loss for ``c_mem [N, B, D]`` from the inputs and the
+    forward's ``diff`` and ``stats``."""
+    acc = diff.dtype
+    query, key_c, value_c = _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
+                                         key_bias, value_weight, value_bias, acc)
     split = lambda t: t.view(*t.shape[:-1], heads, -1)  # noqa: E731
     query, key_c, value_c, diff = map(split, (query, key_c, value_c, diff))
     lse, delta = stats

@@ -25,12 +25,12 @@ lib.define(
     "attention_reconstruction_loss(Tensor h, Tensor mem, Tensor c_mem, Tensor? norm_weight, Tensor? norm_bias, "
     "float eps, Tensor query_weight, Tensor? query_bias, Tensor key_weight, Tensor? key_bias, "
     "Tensor value_weight, Tensor? value_bias, int heads, float scale) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "-> (Tensor, Tensor, Tensor)"
 )
 lib.define(
-    "attention_reconstruction_loss_backward(Tensor grad, Tensor c_mem, Tensor? norm_weight, Tensor? norm_bias, "
-    "float eps, Tensor key_weight, Tensor value_weight, int heads, float scale, Tensor query, Tensor key_c, "
-    "Tensor value_c, Tensor diff, Tensor stats) -> Tensor"
+    "attention_reconstruction_loss_backward(Tensor grad, Tensor h, Tensor c_mem, Tensor? norm_weight, "
+    "Tensor? norm_bias, float eps, Tensor query_weight, Tensor? query_bias, Tensor key_weight, Tensor? key_bias, "
+    "Tensor value_weight, Tensor? value_bias, int heads, float scale, Tensor diff, Tensor stats) -> Tensor"
 )
 
 lib.impl("conv_compress", naive.conv_compress, "CompositeExplicitAutograd")
@@ -141,20 +141,12 @@ def _loss_fake(h, mem, c_mem, norm_weight, norm_bias, eps, query_weight, query_b
     acc = naive._acc_dtype(h.dtype)
     L, B, _ = h.shape
     E = query_weight.shape[0]
-    N = c_mem.shape[0]
-    return (
-        h.new_empty(()),
-        h.new_empty((L, B, E), dtype=acc),
-        h.new_empty((N, B, E), dtype=acc),
-        h.new_empty((N, B, E), dtype=acc),
-        h.new_empty((L, B, E), dtype=acc),
-        h.new_empty((2, L, B, heads), dtype=acc),
-    )
+    return h.new_empty(()), h.new_empty((L, B, E), dtype=acc), h.new_empty((2, L, B, heads), dtype=acc)
 
 
 @torch.library.register_fake(qualname("attention_reconstruction_loss_backward"))
-def _loss_backward_fake(grad, c_mem, norm_weight, norm_bias, eps, key_weight, value_weight, heads, scale, query,
-                        key_c, value_c, diff, stats):
+def _loss_backward_fake(grad, h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
+                        value_weight, value_bias, heads, scale, diff, stats):
     return torch.empty_like(c_mem)
 
 
@@ -176,25 +168,30 @@ def _conv_backward(ctx, grad):
 
 
 def _loss_setup_context(ctx, inputs, output):
-    h, mem, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias, value_weight, \
-        value_bias, heads, scale = inputs
-    _, *residuals = output
-    ctx.mark_non_differentiable(*residuals)
+    h, mem, c_mem, norm_weight, norm_bias, eps, *projections, heads, scale = inputs
+    _, diff, stats = output
+    ctx.mark_non_differentiable(diff, stats)
+    # The residual outputs never get a gradient: without this autograd would
+    # allocate and zero-fill one per backward call.
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.heads, ctx.scale = eps, heads, scale
-    ctx.has_norm_weight, ctx.has_norm_bias = norm_weight is not None, norm_bias is not None
-    saved = [c_mem, key_weight, value_weight, *residuals]
-    saved += [t for t in (norm_weight, norm_bias) if t is not None]
-    ctx.save_for_backward(*saved)
+    # Saved by reference (inputs the caller holds anyway, or residuals); the
+    # optional ones as a presence mask so that None survives save_for_backward.
+    layer = (norm_weight, norm_bias, *projections)
+    ctx.present = [t is not None for t in layer]
+    ctx.save_for_backward(h, c_mem, diff, stats, *(t for t in layer if t is not None))
 
 
 def _loss_backward(ctx, grad, *unused_residual_grads):
-    c_mem, key_weight, value_weight, query, key_c, value_c, diff, stats, *norm = ctx.saved_tensors
-    norm_weight = norm.pop(0) if ctx.has_norm_weight else None
-    norm_bias = norm.pop(0) if ctx.has_norm_bias else None
-    grad_c_mem = torch.ops.fastformers.attention_reconstruction_loss_backward(
-        grad, c_mem, norm_weight, norm_bias, ctx.eps, key_weight, value_weight, ctx.heads, ctx.scale, query, key_c,
-        value_c, diff, stats,
-    )
+    h, c_mem, diff, stats, *present = ctx.saved_tensors
+    present = iter(present)
+    layer = [next(present) if is_present else None for is_present in ctx.present]
+    norm_weight, norm_bias, *projections = layer
+    grad_c_mem = None
+    if grad is not None:
+        grad_c_mem = torch.ops.fastformers.attention_reconstruction_loss_backward(
+            grad, h, c_mem, norm_weight, norm_bias, ctx.eps, *projections, ctx.heads, ctx.scale, diff, stats,
+        )
     # Everything but c_mem is detached by the loss's definition.
     return None, None, grad_c_mem, *([None] * 11)
 
