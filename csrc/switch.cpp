@@ -495,7 +495,8 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
 // pages: at E = 64 (T=2048, d=128, d_ff=256) ~2000 page faults per backward,
 // the bulk of the kernel's extra time over E = 16. A block comes back here when
 // its gradient tensor dies and the next backward reuses it. At most
-// kMaxCachedBytes stay cached; the rest is freed.
+// kMaxCachedBytes stay cached (enough for every gradient at labml's sizes; the
+// rest is freed) so idle memory stays small beside the model's own.
 class GradientBlocks {
  public:
   static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
@@ -510,7 +511,7 @@ class GradientBlocks {
 
  private:
   static constexpr size_t kAlignment = 64;
-  static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
+  static constexpr size_t kMaxCachedBytes = size_t(256) << 20;
 
   static size_t round_up(size_t bytes) { return std::max<size_t>((bytes + kAlignment - 1) / kAlignment, 1) * kAlignment; }
 
