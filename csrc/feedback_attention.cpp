@@ -86,6 +86,14 @@ FASTFORMERS_VECTOR_CLONES void axpy_store(acc_t alpha, const acc_t* __restrict__
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + alpha * x[i]);
 }
 
+// Parallel regions cost tens of microseconds to wake threads (far more on a
+// busy machine); split only when each thread gets this many multiply-adds.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+int64_t grain_for(int64_t per_item_work) {
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(per_item_work, 1));
+}
+
 // Pointers and strides of one call, shared by forward and backward.
 template <typename scalar_t>
 struct StepView {
@@ -166,7 +174,7 @@ at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u);
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, w.B * w.H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, w.B * w.H, grain_for(3 * w.steps * w.d), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(3 * w.d + w.steps);
       acc_t *qh = buf.data(), *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d;
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -243,7 +251,7 @@ at::Tensor step_backward_accumulate(const at::Tensor& grad_out_, const at::Tenso
     scalar_t* gR = grad_key_pos_embeddings.data_ptr<scalar_t>() + first_row * H * d;
     scalar_t* gS = grad_key_pos_bias.data_ptr<scalar_t>() + first_row * H;
     scalar_t* gu_all = grad_query_pos_bias.data_ptr<scalar_t>();
-    at::parallel_for(0, H, 1, [&](int64_t h_begin, int64_t h_end) {
+    at::parallel_for(0, H, grain_for(8 * B * steps * d), [&](int64_t h_begin, int64_t h_end) {
       std::vector<acc_t> buf(5 * d + 2 * steps);
       acc_t *qh = buf.data(), *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
       for (int64_t h = h_begin; h < h_end; ++h) {

@@ -11,7 +11,13 @@ from .compressive import (
     CompressiveTransformerLayer,
     Conv1dCompression,
 )
-from .feedback import FeedbackAttention, FeedbackTransformer, FeedbackTransformerKV, FeedbackTransformerLayer
+from .feedback import (
+    FeedbackAttention,
+    FeedbackState,
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+)
 from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer
 from .xl import TransformerXL, TransformerXLLayer
 
@@ -26,6 +32,7 @@ __all__ = [
     "FeedbackTransformerLayer",
     "FeedbackTransformer",
     "FeedbackTransformerKV",
+    "FeedbackState",
     "Conv1dCompression",
     "CompressiveTransformerLayer",
     "CompressiveTransformer",

@@ -8,6 +8,8 @@ computed by the fused :func:`fastformers.ops.feedback_memory`.
 Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
 ``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P = 2**12``.
 """
+import dataclasses
+import logging
 import math
 from typing import Optional
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from .._backend import resolve_backend
+from ..ops.feedback import recurrence
 from ._utils import clone_module_list
 from .attention import FeedForward, PrepareForMultiHeadAttention
 
@@ -124,6 +127,115 @@ def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tens
     return new if steps is None else torch.cat((steps, new), dim=0)
 
 
+@dataclasses.dataclass
+class FeedbackState:
+    """Memory of the steps a :class:`FeedbackTransformerKV` / :class:`FeedbackTransformer`
+    has processed, for generation and streaming.
+
+    ``cache`` ``[capacity, B, 2C, H, d_k]`` holds, for each of ``C`` caches
+    (1 shared cache for ``FeedbackTransformerKV``, one per layer for
+    ``FeedbackTransformer``), keys then values; rows ``0 .. steps-1`` are valid.
+    :meth:`key` / :meth:`value` give them as ``[steps, B, H, d_k]``.
+    """
+
+    cache: torch.Tensor
+    steps: int
+    # Rows of ``cache`` written by any state sharing it: a state may extend the
+    # buffer in place only if it is the newest one, so older states stay valid.
+    _filled: list = dataclasses.field(default_factory=lambda: [0], repr=False)
+
+    def key(self, cache_index: int = 0) -> torch.Tensor:
+        return self.cache[:self.steps, :, 2 * cache_index]
+
+    def value(self, cache_index: int = 0) -> torch.Tensor:
+        return self.cache[:self.steps, :, 2 * cache_index + 1]
+
+
+logger = logging.getLogger("fastformers")
+
+
+def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
+    """Why the fused recurrence cannot run this model (None if it can)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0 and module.training:
+            return f"dropout {name} is active (p={module.p}, training)"
+    if shared_kv and (model.key.linear.bias is not None or model.value.linear.bias is not None):
+        return "the shared key/value projections have a bias"
+    for index, layer in enumerate(model.layers):
+        ff, attn = layer.feed_forward, layer.attn
+        if getattr(ff, "is_gated", False) or type(getattr(ff, "activation", None)) is not nn.ReLU:
+            return f"layer {index}: the feed-forward must be ungated ReLU"
+        if attn.query.linear.bias is not None:
+            return f"layer {index}: the query projection has a bias"
+        if (attn.key is None) != shared_kv:
+            return f"layer {index}: attention is_kv_precomputed must be {shared_kv}"
+        if not shared_kv and attn.key.linear.bias is not None:
+            return f"layer {index}: the key projection has a bias"
+        for norm in (layer.norm_self_attn, layer.norm_ff):
+            if norm.weight is None or norm.bias is None:
+                return f"layer {index}: layer norms must have a weight and a bias"
+    return None
+
+
+def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights:
+    attn, ff = layer.attn, layer.feed_forward
+    return recurrence.LayerWeights(
+        layer.norm_self_attn.weight, layer.norm_self_attn.bias, attn.query.linear.weight,
+        attn.key_pos_embeddings, attn.key_pos_bias, attn.query_pos_bias, attn.output.weight, attn.output.bias,
+        layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias, ff.layer2.weight, ff.layer2.bias,
+    )
+
+
+def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str, shared_kv: bool,
+               kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor]):
+    """The model's recurrence on the fused path: outputs ``[T, B, D]`` (after the
+    final norm) and the state after the last step."""
+    T, B, D = x_seq.shape
+    first = model.layers[0].attn
+    start = 0 if state is None else state.steps
+    if start + T - 1 > first.P:
+        raise ValueError(
+            f"{type(model).__name__} supports at most P={first.P} memory steps (rows of key_pos_embeddings); "
+            f"{start} cached + {T} new tokens need {start + T - 1}"
+        )
+    cfg = recurrence.make_config(
+        n_layers=len(model.layers), heads=first.heads, d_k=first.d_k, shared_kv=shared_kv,
+        norm_eps=[(layer.norm_self_attn.eps, layer.norm_ff.eps) for layer in model.layers], scale=first.scale,
+        start=start, backend=backend, device=x_seq.device,
+    )
+    layers = [_layer_weights(layer) for layer in model.layers]
+    initial = None if state is None else state.cache
+    in_place = False
+    if state is not None and not torch.is_grad_enabled():
+        if state.steps == state._filled[0] and state.cache.shape[0] >= start + T:
+            in_place = True
+        else:
+            # Grow (doubling) or branch off an older state: copy the valid rows once.
+            capacity = max(start + T, 2 * state.cache.shape[0])
+            initial = state.cache.new_empty((capacity, *state.cache.shape[1:]))
+            initial[:start] = state.cache[:start]
+            state = FeedbackState(initial, start)
+            in_place = True
+    elif state is None and not torch.is_grad_enabled():
+        initial = x_seq.new_empty((T, B, 2 * cfg.n_caches, cfg.heads, cfg.d_k))
+        state = FeedbackState(initial, 0)
+        in_place = True
+    out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers,
+                                        write_in_place=in_place)
+    if in_place:
+        state._filled[0] = start + T
+        new_state = FeedbackState(state.cache, start + T, state._filled)
+    else:
+        new_state = FeedbackState(kv, start + T, [start + T])
+    return model.norm(out), new_state
+
+
+def _check_backend_for_state(model, backend):
+    reason = _fused_blocker(model, isinstance(model, FeedbackTransformerKV))
+    if reason is not None:
+        raise NotImplementedError(f"{type(model).__name__}.forward_with_state needs the fused recurrence: {reason}")
+
+
 class FeedbackTransformer(nn.Module):
     """Feedback Transformer whose layers project the memory ``[t, B, D]`` to keys
     and values themselves.
@@ -140,10 +252,34 @@ class FeedbackTransformer(nn.Module):
         self.weights = nn.Parameter(torch.ones(n_layers + 1), requires_grad=True)
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+        self.last_path: Optional[str] = None
+
+    def _kv_projection(self):
+        """All layers' key/value projections stacked: weight ``[2 · n_layers · D, D]``, bias ``[2 · n_layers · D]``."""
+        weights, biases = [], []
+        for layer in self.layers:
+            key, value = layer.attn.key.linear, layer.attn.value.linear
+            weights += [key.weight, value.weight]
+            biases += [torch.zeros_like(value.bias) if value.bias is not None else None, value.bias]
+        bias = None if biases[1] is None else torch.cat(biases)
+        return torch.cat(weights), bias
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
+        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
+
+        Off the reference backend the whole recurrence runs as one fused
+        autograd function (``last_path == "fused"``) when the model allows it
+        (no active dropout, ungated ReLU feed-forward); otherwise op by op
+        (``last_path == "per-op"``, the reason logged at DEBUG).
+        """
         backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
+        if backend != "reference":
+            reason = _fused_blocker(self, shared_kv=False)
+            if reason is None:
+                self.last_path = "fused"
+                return _run_fused(self, x_seq, None, backend, False, *self._kv_projection())[0]
+            logger.debug("fastformers: FeedbackTransformer runs op by op: %s", reason)
+        self.last_path = "per-op"
         res = []
         mem: Optional[torch.Tensor] = None
         for x in torch.unbind(x_seq, dim=0):
@@ -155,6 +291,18 @@ class FeedbackTransformer(nn.Module):
             mem = _append_step(mem, step_mem)
             res.append(x)
         return self.norm(torch.stack(res))
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None):
+        """``x_seq`` ``[T, B, D]`` continuing after ``state`` (None: from scratch) ->
+        ``(outputs [T, B, D], state after the last token)``; equal to the
+        matching rows of :meth:`forward` over the whole sequence. Gradients do
+        not flow into the initial state. Without autograd the state's cache
+        is extended in place, so generation costs one step per token.
+        """
+        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
+        _check_backend_for_state(self, backend)
+        self.last_path = "fused"
+        return _run_fused(self, x_seq, state, backend, False, *self._kv_projection())
 
 
 class FeedbackTransformerKV(nn.Module):
@@ -182,10 +330,28 @@ class FeedbackTransformerKV(nn.Module):
         self.value = PrepareForMultiHeadAttention(d_model, heads, d_k, bias=False)
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+        self.last_path: Optional[str] = None
+
+    def _kv_projection(self):
+        """The shared key and value projections stacked: ``[2 · D, D]``, no bias."""
+        return torch.cat((self.key.linear.weight, self.value.linear.weight)), None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
+        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
+
+        Off the reference backend the whole recurrence runs as one fused
+        autograd function (``last_path == "fused"``) when the model allows it
+        (no active dropout, ungated ReLU feed-forward); otherwise op by op
+        (``last_path == "per-op"``, the reason logged at DEBUG).
+        """
         backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
+        if backend != "reference":
+            reason = _fused_blocker(self, shared_kv=True)
+            if reason is None:
+                self.last_path = "fused"
+                return _run_fused(self, x_seq, None, backend, True, *self._kv_projection())[0]
+            logger.debug("fastformers: FeedbackTransformerKV runs op by op: %s", reason)
+        self.last_path = "per-op"
         res = []
         key: Optional[torch.Tensor] = None
         value: Optional[torch.Tensor] = None
@@ -199,6 +365,18 @@ class FeedbackTransformerKV(nn.Module):
             value = _append_step(value, self.value(mem))
             res.append(x)
         return self.norm(torch.stack(res))
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None):
+        """``x_seq`` ``[T, B, D]`` continuing after ``state`` (None: from scratch) ->
+        ``(outputs [T, B, D], state after the last token)``; equal to the
+        matching rows of :meth:`forward` over the whole sequence. Gradients do
+        not flow into the initial state. Without autograd the state's cache
+        is extended in place, so generation costs one step per token.
+        """
+        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
+        _check_backend_for_state(self, backend)
+        self.last_path = "fused"
+        return _run_fused(self, x_seq, state, backend, True, *self._kv_projection())
 
     def free(self) -> None:
         """Kept for labml_nn API compatibility: no state outlives a forward call."""
