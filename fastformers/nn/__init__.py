@@ -13,7 +13,6 @@ from .compressive import (
 )
 from .feedback import (
     FeedbackAttention,
-    FeedbackState,
     FeedbackTransformer,
     FeedbackTransformerKV,
     FeedbackTransformerLayer,
@@ -32,7 +31,6 @@ __all__ = [
     "FeedbackTransformerLayer",
     "FeedbackTransformer",
     "FeedbackTransformerKV",
-    "FeedbackState",
     "Conv1dCompression",
     "CompressiveTransformerLayer",
     "CompressiveTransformer",

@@ -21,7 +21,7 @@ cache and table shapes: call the op inside a sequence-level autograd function,
 as the modules do, to avoid that.
 
 CPU kernels come from ``csrc/feedback_attention.cpp``, CUDA kernels from
-:mod:`.step_triton`, every other device from :mod:`.naive`.
+:mod:`.triton_kernel`, every other device from :mod:`.naive`.
 """
 import torch
 
@@ -156,7 +156,7 @@ torch.library.register_autograd(
 )
 
 if _backend.triton_available():
-    from . import step_triton
+    from . import triton_kernel as step_triton
 
     lib.impl("feedback_attention_step", step_triton.attention_step_forward, "CUDA")
     lib.impl("feedback_attention_step_backward", step_triton.attention_step_backward, "CUDA")
