@@ -28,6 +28,8 @@ def _bench(args: argparse.Namespace) -> int:
     for op in ops:
         op_results = benchmark.run(benchmark.ALL_CASES[op](device, dtype), device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
+        if op == "feedback_model":
+            print(benchmark.feedback_model_report(op_results, dtype) + "\n", flush=True)
         results += op_results
     if args.json:
         with open(args.json, "w") as handle:
