@@ -9,17 +9,26 @@ from fastformers import benchmark as cases
 pytest.importorskip("labml_nn")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference", *cases.fused_backends(DEVICE)]
 CASES = cases.feedback_model_cases(DEVICE) + cases.feedback_attention_step_cases(DEVICE)
+# The baseline (labml_nn's module, or the op's reference) then the fused backends.
+RUNS = [(case, backend) for case in CASES for backend in (case.baseline, *cases.fused_backends(DEVICE))]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}:{c.shape}".replace(" ", ","))
+@pytest.mark.parametrize("case,backend", RUNS,
+                         ids=[f"{c.op}:{c.shape}:{b}".replace(" ", ",") for c, b in RUNS])
 def test_forward_backward(benchmark, case, backend):
     inputs = case.make_inputs()
     grad = torch.randn_like(case.run(inputs, backend))
     benchmark.group = f"{case.op} {case.shape} fwd+bwd"
-    benchmark.pedantic(lambda: torch.autograd.backward(case.run(inputs, backend), grad), rounds=3, warmup_rounds=1)
+
+    def forward_backward():
+        torch.autograd.backward(case.run(inputs, backend), grad)
+        for tensor in inputs:
+            tensor.grad = None
+        if case.zero_grad is not None:
+            case.zero_grad(backend)
+
+    benchmark.pedantic(forward_backward, rounds=3, warmup_rounds=1)
 
 
 def test_cached_generation(benchmark):

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -109,13 +109,18 @@ def _warn_missing_extension() -> None:
         )
 
 
-def resolve_backend(device: torch.device, requested: Optional[str] = None) -> str:
-    """The backend an op on ``device`` runs with; raises if it cannot run there."""
+def resolve_backend(device: torch.device, requested: Optional[str] = None, implemented: Sequence[str] = BACKENDS) -> str:
+    """The backend an op on ``device`` runs with; raises if it cannot run there.
+
+    ``implemented`` lists the backends the calling op has kernels for: the
+    automatic choice stays within it (an op without a Triton kernel runs its
+    reference on CUDA), and forcing a backend outside it raises.
+    """
     name = requested if requested is not None else forced_backend()
     if name is None:
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and "triton" in implemented:
             name = "triton"
-        elif device.type == "cpu" and extension_available():
+        elif device.type == "cpu" and extension_available() and "cpp" in implemented:
             name = "cpp"
         else:
             if device.type == "cpu":
@@ -124,6 +129,10 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None) -> st
         logger.debug("fastformers: auto backend %s for device %s", name, device)
         return name
     _validate(name)
+    if name not in implemented:
+        raise NotImplementedError(
+            f"backend {name!r} has no kernel for this op yet (implemented: {', '.join(implemented)})"
+        )
     if name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpp' runs on CPU tensors only, got tensors on {device}")

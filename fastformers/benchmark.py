@@ -7,6 +7,7 @@ process, one after the other, so only ratios are meaningful.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -15,20 +16,39 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import _backend
+from .ops.compressive import naive as compressive_naive
+from .ops.compressive.op import attention_reconstruction_loss, conv_compress
 from .ops.feedback import naive as feedback_naive
 from .ops.feedback.op import feedback_memory
 from .ops.feedback.step_op import feedback_attention_step
+from .ops.xl import naive as xl_naive
+from .ops.xl.op import rel_attention
+
+# Peer backend: the reference under torch.compile, compiled once (on the first,
+# untimed call) and then timed like the others.
+COMPILED_REFERENCE = "compile(reference)"
 
 
 @dataclasses.dataclass
 class Case:
-    """One op at one shape: ``make_inputs()`` builds leaf tensors, ``run(inputs, backend)`` the output."""
+    """One op at one shape: ``make_inputs()`` builds leaf tensors, ``run(inputs, backend)`` the output.
+
+    ``baseline`` is timed first and every ratio is relative to it; ``peers``
+    are other implementations timed in the same run (e.g. labml_nn, torch's
+    grouped GEMM); ``zero_grad(backend)`` clears gradients a run left outside
+    the inputs (module parameters)."""
 
     op: str
     shape: str
     make_inputs: Callable[[], tuple]
     run: Callable[[tuple, str], torch.Tensor]
     dtype: torch.dtype = torch.float32
+    # Implementation the ratios are taken against (labml_nn's module where one exists).
+    baseline: str = "reference"
+    peers: tuple = ()
+    measure_memory: bool = False
+    # Clears gradients a case keeps outside its inputs (module parameters).
+    zero_grad: Optional[Callable[[str], None]] = None
 
 
 @dataclasses.dataclass
@@ -42,6 +62,8 @@ class Result:
     forward_backward_ms: float
     forward_speedup: Optional[float] = None
     forward_backward_speedup: Optional[float] = None
+    peak_mib: Optional[float] = None
+    peak_memory_ratio: Optional[float] = None
 
 
 def _labml_feedback_memory(inputs, backend):
@@ -96,7 +118,8 @@ def feedback_attention_step_cases(device: str = "cpu", dtype: torch.dtype = torc
             return feedback_naive.feedback_attention_step(q, k, v, steps, r, s, u, scale)
         return feedback_attention_step(q, k, v, steps, r, s, u, scale, backend=backend)
 
-    return [Case("feedback_attention_step", f"t={t} B={B} H={H} d={d}", maker(t, B, H, d), run, dtype)
+    return [Case("feedback_attention_step", f"t={t} B={B} H={H} d={d}", maker(t, B, H, d), run, dtype,
+                 baseline="reference")
             for t, B, H, d in shapes]
 
 
@@ -167,7 +190,7 @@ def feedback_model_sizes() -> list[FeedbackModelSize]:
 
 
 def feedback_model_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
-    """Whole models, forward+backward: "reference" is labml_nn's module itself."""
+    """Whole models, forward+backward, against labml_nn's module itself (the baseline)."""
     cases = []
     for size in feedback_model_sizes():
         for shared_kv in (True, False):
@@ -177,18 +200,25 @@ def feedback_model_cases(device: str = "cpu", dtype: torch.dtype = torch.float32
                 return (torch.randn(size.seq, size.batch, size.d_model, device=device, dtype=dtype,
                                     requires_grad=True),)
 
-            def run(inputs, backend, size=size, shared_kv=shared_kv, models=models):
+            def model(backend, size=size, shared_kv=shared_kv, models=models):
                 if backend not in models:
-                    models[backend] = build_feedback_model(size, shared_kv, backend == "reference", device, dtype)
-                    if backend != "reference":
+                    models[backend] = build_feedback_model(size, shared_kv, backend == "labml_nn", device, dtype)
+                    if backend != "labml_nn":
                         models[backend].backend = backend
-                out = models[backend](inputs[0])
-                if backend == "reference" and shared_kv:
-                    models[backend].free()
+                return models[backend]
+
+            def run(inputs, backend, shared_kv=shared_kv, model=model):
+                out = model(backend)(inputs[0])
+                if backend == "labml_nn" and shared_kv:
+                    model(backend).free()
                 return out
 
+            def zero_grad(backend, model=model):
+                model(backend).zero_grad(set_to_none=True)
+
             name = "FeedbackTransformerKV" if shared_kv else "FeedbackTransformer"
-            cases.append(Case(f"{name} vs labml", size.label, make, run, dtype))
+            cases.append(Case(f"{name} vs labml", size.label, make, run, dtype, baseline="labml_nn",
+                              zero_grad=zero_grad))
     return cases
 
 
@@ -343,9 +373,418 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _compiled(fn: Callable) -> Callable:
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return run
+
+
+def conv_compress_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    # (M, B, D, c): the memory labml's experiment compresses each step (the
+    # segment of 8 that falls out, batch 32, d_model 128, rate 2) and a larger one.
+    shapes = [(8, 32, 128, 2), (128, 16, 512, 4)]
+    cases = []
+    for M, B, D, c in shapes:
+        reference = compressive_naive.conv_compress
+        compiled = _compiled(reference)
+
+        def make(M=M, B=B, D=D, c=c):
+            mem = torch.randn(M, B, D, device=device, dtype=dtype, requires_grad=True)
+            weight = (torch.randn(D, D, c, device=device, dtype=dtype) / math.sqrt(D * c)).requires_grad_()
+            bias = torch.randn(D, device=device, dtype=dtype, requires_grad=True)
+            return mem, weight, bias
+
+        def run(inputs, backend, compiled=compiled):
+            if backend == "reference":
+                return compressive_naive.conv_compress(*inputs)  # labml: permute, nn.Conv1d, permute
+            if backend == COMPILED_REFERENCE:
+                return compiled(*inputs)
+            return conv_compress(*inputs, backend=backend)
+
+        cases.append(Case("conv_compress", f"M={M} B={B} D={D} c={c}", make, run, dtype,
+                          peers=(COMPILED_REFERENCE,), measure_memory=True))
+    return cases
+
+
+def attention_reconstruction_loss_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    # (L, M, c, B, D, H): labml's experiment (h [8, 32, 128] against the 8
+    # memories being compressed at rate 2, 4 heads) and a larger layer.
+    shapes = [(8, 8, 2, 32, 128, 4), (32, 128, 4, 16, 256, 4)]
+    cases = []
+    for L, M, c, B, D, H in shapes:
+        gen = torch.Generator().manual_seed(0)
+        rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(device, dtype)  # noqa: E731
+        layer = (1 + rand(D, scale=0.1), rand(D, scale=0.1), 1e-5, rand(D, D, scale=D**-0.5), None,
+                 rand(D, D, scale=D**-0.5), None, rand(D, D, scale=D**-0.5), rand(D, scale=0.1), H, (D // H) ** -0.5)
+        compiled = _compiled(compressive_naive.attention_reconstruction_loss)
+
+        def make(L=L, M=M, c=c, B=B, D=D):
+            h = torch.randn(L, B, D, device=device, dtype=dtype)
+            mem = torch.randn(M, B, D, device=device, dtype=dtype)
+            return h, mem, torch.randn(M // c, B, D, device=device, dtype=dtype, requires_grad=True)
+
+        def run(inputs, backend, layer=layer, compiled=compiled):
+            h, mem, c_mem = inputs
+            norm_w, norm_b, eps, *rest = layer
+            args = (h, mem, c_mem, norm_w, norm_b, eps, *rest)
+            if backend == "reference":
+                return compressive_naive.attention_reconstruction_loss(*args)  # labml's formulation
+            if backend == COMPILED_REFERENCE:
+                return compiled(*args)
+            return attention_reconstruction_loss(*args, backend=backend)
+
+        cases.append(Case("attention_reconstruction_loss", f"L={L} M={M} c={c} B={B} D={D} H={H}", make, run, dtype,
+                          peers=(COMPILED_REFERENCE,), measure_memory=True))
+    return cases
+
+
+def _shift_right(x: torch.Tensor) -> torch.Tensor:
+    """labml's shift: row i of ``x [L, N, ...]`` moves i columns right, by padding
+    a zero column and re-reading the buffer with one more row."""
+    padded = torch.cat((x, x.new_zeros(x.shape[0], 1, *x.shape[2:])), dim=1)
+    return padded.view(x.shape[1] + 1, x.shape[0], *x.shape[2:])[:-1].view_as(x)
+
+
+def labml_style_rel_attention(query, key, value, pos_emb_full, pos_bias_full, query_pos_bias, scale):
+    """Relative attention the way labml_nn computes it: positional scores for all
+    ``K + L`` table rows ``P - K .. P + L - 1`` (``pos_emb_full [K + L, H, d]``),
+    shifted by pad-and-reshape, then masked softmax over ``[L, K, B, H]``."""
+    L, K = query.shape[0], key.shape[0]
+    content = torch.einsum("ibhd,jbhd->ijbh", query + query_pos_bias, key)
+    position = torch.einsum("ibhd,jhd->ijbh", query, pos_emb_full) + pos_bias_full[None, :, None, :]
+    scores = (content + _shift_right(position)[:, -K:]) * scale
+    visible = xl_naive.causal_mask(L, K, query.device)[:, :, None, None]
+    attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=1)
+    return torch.einsum("ijbh,jbhd->ibhd", attn, value)
+
+
+_compiled_labml_rel_attention = _compiled(labml_style_rel_attention)
+
+
+def _run_rel_attention(inputs, backend):
+    q, k, v, pos_emb_full, pos_bias_full, u = inputs
+    scale = q.shape[-1] ** -0.5
+    if backend == "reference":
+        return labml_style_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
+    if backend == COMPILED_REFERENCE:
+        return _compiled_labml_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
+    # The op's window is rows P - K + 1 .. P + L - 1: all but the first of labml's.
+    return rel_attention(q, k, v, pos_emb_full[1:], pos_bias_full[1:], u, scale, causal=True, backend=backend)
+
+
+def rel_attention_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    # (L, M, B, H, d): labml's Transformer-XL experiment size, a long segment
+    # with long memory, and one decode step over 512 memories.
+    shapes = [(128, 128, 32, 4, 32), (512, 512, 8, 8, 64), (1, 512, 32, 8, 64)]
+
+    def maker(L, M, B, H, d):
+        def make():
+            K = M + L
+
+            def leaf(*shape):
+                return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+            return leaf(L, B, H, d), leaf(K, B, H, d), leaf(K, B, H, d), leaf(K + L, H, d), leaf(K + L, H), leaf(H, d)
+
+        return make
+
+    return [
+        Case("rel_attention", f"L={L} M={M} B={B} H={H} d={d}", maker(L, M, B, H, d), _run_rel_attention, dtype,
+             peers=(COMPILED_REFERENCE,), measure_memory=device == "cpu")
+        for L, M, B, H, d in shapes
+    ]
+
+
+def transformer_xl_step(implementation: str, device: str = "cpu", *, seq_len: int = 128, mem_len: int = 128,
+                        batch: int = 32, d_model: int = 128, heads: int = 4, n_layers: int = 6) -> Callable[[], None]:
+    """One training step (forward, backward, SGD update) of a TransformerXL at
+    labml's experiment size, without dropout as labml's experiment runs it.
+    ``implementation``: ``"labml_nn"``, or a fastformers backend for ours with
+    the same weights. Returns the step as a closure."""
+    torch.manual_seed(0)
+    if implementation == "labml_nn":
+        from labml import tracker
+        from labml_nn.transformers import feed_forward as ff_ns
+        from labml_nn.transformers import xl as xl_ns
+
+        if not hasattr(tracker, "debug"):  # labml 0.5.3 lacks what labml_nn 0.5.1 calls
+            tracker.debug = lambda *args, **kwargs: None
+        attention_class = xl_ns.RelativeMultiHeadAttention
+    else:
+        from . import nn as xl_ns
+
+        ff_ns = xl_ns
+        attention_class = xl_ns.RelativeMultiHeadAttention
+    layer = xl_ns.TransformerXLLayer(d_model=d_model, self_attn=attention_class(heads, d_model, 0.0),
+                                     feed_forward=ff_ns.FeedForward(d_model, 2 * d_model, 0.0), dropout_prob=0.0)
+    model = xl_ns.TransformerXL(layer, n_layers).to(device)
+    if implementation != "labml_nn":
+        for module in model.modules():
+            if hasattr(module, "last_backend"):
+                module.backend = implementation
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x = torch.randn(seq_len, batch, d_model, device=device)
+    mem = [torch.randn(mem_len, batch, d_model, device=device) for _ in range(n_layers)]
+    mask = torch.cat((torch.ones(seq_len, mem_len, 1, dtype=torch.bool),
+                      torch.tril(torch.ones(seq_len, seq_len, 1)).bool()), dim=1).to(device)
+    target = torch.randn(seq_len, batch, d_model, device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out, _ = model(x, mem, mask)
+        torch.nn.functional.mse_loss(out, target).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of bytes allocated minus bytes freed while ``fn`` runs, from the
+    allocator events torch.profiler records (CPU tensors, every op incl. C++)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _median_ms(fn: Callable[[], object], min_time: float, max_repeat: int) -> float:
+    fn()  # warm-up: allocator, lazy init
+    times = []
+    deadline = time.perf_counter() + min_time
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < max_repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int = 200):
+    """Median (forward ms, forward+backward ms) of ``case`` on ``backend``, and the
+    peak bytes of one forward+backward when ``case.measure_memory`` (else None)."""
+    inputs = case.make_inputs()
+    grad = torch.randn_like(case.run(inputs, backend))
+
+    def forward():
+        with torch.no_grad():
+            case.run(inputs, backend)
+
+    def forward_backward():
+        out = case.run(inputs, backend)
+        torch.autograd.backward(out, grad)
+        for tensor in inputs:
+            tensor.grad = None
+        if case.zero_grad is not None:
+            case.zero_grad(backend)
+
+    fwd, fb = _median_ms(forward, min_time, max_repeat), _median_ms(forward_backward, min_time, max_repeat)
+    peak = peak_bytes(forward_backward) if case.measure_memory and inputs[0].device.type == "cpu" else None
+    return fwd, fb, peak
+
+
+def fused_backends(device: str) -> list[str]:
+    available = _backend.available_backends()
+    if device == "cuda":
+        return [name for name in ("triton",) if name in available]
+    return [name for name in ("cpp",) if name in available]
+
+
+def run(cases: Iterable[Case], device: str, min_time: float = 0.2) -> list[Result]:
+    results = []
+    for case in cases:
+        dtype = str(case.dtype).replace("torch.", "")
+        ref_fwd, ref_fb, ref_peak = time_case(case, case.baseline, min_time)
+        mib = lambda peak: None if peak is None else peak / 2**20  # noqa: E731
+        results.append(Result(case.op, case.shape, dtype, case.baseline, device, ref_fwd, ref_fb, 1.0, 1.0,
+                              mib(ref_peak), 1.0 if ref_peak else None))
+        for backend in [*case.peers, *fused_backends(device)]:
+            fwd, fb, peak = time_case(case, backend, min_time)
+            results.append(
+                Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd, ref_fb / fb, mib(peak),
+                       peak / ref_peak if peak is not None and ref_peak else None)
+            )
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("op", "shape", "dtype", "device", "backend", "fwd ms", "fwd+bwd ms", "fwd x", "fwd+bwd x")
+    with_memory = any(r.peak_mib is not None for r in results)
+    if with_memory:
+        header += ("peak MiB", "peak / ref")
+    rows = []
+    for r in results:
+        row = (r.op, r.shape, r.dtype, r.device, r.backend, f"{r.forward_ms:.4f}", f"{r.forward_backward_ms:.4f}",
+               f"{r.forward_speedup:.2f}", f"{r.forward_backward_speedup:.2f}")
+        if with_memory:
+            row += ("-" if r.peak_mib is None else f"{r.peak_mib:.3f}",
+                    "-" if r.peak_memory_ratio is None else f"{r.peak_memory_ratio:.2f}")
+        rows.append(row)
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class _SwitchImplementations:
+    """The Switch FFN (capacity factor 1, drop_tokens, is_scale_prob, ReLU
+    experts without dropout, labml drop policy) of ``T`` tokens ``[64, T/64, d]``
+    as labml's experiment lays them out, built from the same seeded weights by
+    every implementation:
+
+    - ``labml_nn``: labml_nn's ``SwitchFeedForward`` (Python loop over experts);
+    - ``reference``: :class:`fastformers.nn.SwitchFeedForward` on the reference backend;
+    - ``grouped_mm``: routing, then ``torch.nn.functional.grouped_mm`` over the
+      kept tokens sorted by expert, with weights stored stacked ``[E, ...]``;
+    - ``dense``: one FFN d → d_ff → d over all T tokens (the same active parameters);
+    - ``cpp`` / ``triton``: :class:`fastformers.nn.SwitchFeedForward` on that backend.
+
+    One implementation's module is alive at a time (at T=4096, d=512, E=64 the
+    expert weights alone take 0.5 GB).
+    """
+
+    def __init__(self, n_tokens: int, d_model: int, d_ff: int, n_experts: int, device: str, dtype: torch.dtype):
+        self.shape = (64, n_tokens // 64, d_model)
+        self.d_model, self.d_ff, self.n_experts = d_model, d_ff, n_experts
+        self.device, self.dtype = device, dtype
+        self.current: Optional[tuple] = None
+
+    def make_inputs(self) -> tuple:
+        return (torch.randn(self.shape, device=self.device, dtype=self.dtype, requires_grad=True),)
+
+    def module(self, backend: str) -> torch.nn.Module:
+        if self.current is None or self.current[0] != backend:
+            self.current = None
+            self.current = (backend, self._build(backend).to(self.device, self.dtype))
+        return self.current[1]
+
+    def _build(self, backend: str) -> torch.nn.Module:
+        from . import nn as ffnn
+
+        torch.manual_seed(0)
+        if backend == "dense":
+            return ffnn.FeedForward(self.d_model, self.d_ff, dropout=0.0)
+        if backend == "labml_nn":
+            from labml_nn.transformers.feed_forward import FeedForward
+            from labml_nn.transformers.switch import SwitchFeedForward
+        else:
+            FeedForward, SwitchFeedForward = ffnn.FeedForward, ffnn.SwitchFeedForward
+        module = SwitchFeedForward(capacity_factor=1.0, drop_tokens=True, is_scale_prob=True,
+                                   n_experts=self.n_experts, expert=FeedForward(self.d_model, self.d_ff, 0.0),
+                                   d_model=self.d_model)
+        if backend == "grouped_mm":
+            return _GroupedMMSwitch(module)
+        if backend != "labml_nn":
+            module.backend = backend
+        return module
+
+    def run(self, inputs: tuple, backend: str) -> torch.Tensor:
+        out = self.module(backend)(inputs[0])
+        return out if backend == "dense" else out[0]
+
+    def zero_grad(self, backend: str) -> None:
+        self.module(backend).zero_grad(set_to_none=True)
+
+
+class _GroupedMMSwitch(torch.nn.Module):
+    """The Switch FFN written with torch's grouped GEMM: expert weights stacked
+    ``[E, ...]``, kept tokens gathered in expert order, two
+    ``torch.nn.functional.grouped_mm`` calls, biases added per row, scattered back."""
+
+    def __init__(self, labml_layout: torch.nn.Module):
+        super().__init__()
+        experts = labml_layout.experts
+        self.switch = labml_layout.switch
+        self.capacity_factor = labml_layout.capacity_factor
+        stack = lambda get: torch.nn.Parameter(torch.stack([get(e).detach() for e in experts]))  # noqa: E731
+        self.w1 = stack(lambda e: e.layer1.weight)
+        self.b1 = stack(lambda e: e.layer1.bias)
+        self.w2 = stack(lambda e: e.layer2.weight)
+        self.b2 = stack(lambda e: e.layer2.bias)
+
+    def forward(self, x: torch.Tensor):
+        from .ops.switch import route
+
+        tokens = x.reshape(-1, x.shape[-1])
+        routing = route(self.switch(tokens), self.capacity_factor, True, "labml")
+        expert_of_position = routing.route[routing.order]
+        position_in_segment = torch.arange(len(tokens), device=x.device) - routing.offsets[expert_of_position]
+        is_kept = position_in_segment < routing.kept[expert_of_position]
+        rows = routing.order[is_kept]
+        row_expert = expert_of_position[is_kept]
+        group_ends = torch.cumsum(routing.kept, 0).to(torch.int32)
+        hidden = torch.nn.functional.grouped_mm(tokens[rows], self.w1.transpose(1, 2), offs=group_ends)
+        hidden = torch.relu(hidden + self.b1[row_expert])
+        out = torch.nn.functional.grouped_mm(hidden, self.w2.transpose(1, 2), offs=group_ends) + self.b2[row_expert]
+        out = tokens.index_copy(0, rows, out) * routing.route_prob_max.unsqueeze(1)
+        return (out.view_as(x),)
+
+
+def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` exists and runs on ``device`` in ``dtype``
+    (on CPU in torch 2.13: float32, bfloat16 and float16, not float64)."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped_mm is None:
+        return False
+    try:
+        a = torch.zeros(4, 8, device=device, dtype=dtype)
+        b = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+        grouped_mm(a, b, offs=torch.tensor([2, 4], device=device, dtype=torch.int32))
+    except RuntimeError:
+        return False
+    return True
+
+
+def labml_nn_available() -> bool:
+    try:
+        import labml_nn.transformers.switch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SWITCH_SHAPES = [(2048, 128, 256, 4), (2048, 128, 256, 16), (2048, 128, 256, 64)]
+SWITCH_LARGE_SHAPES = [(4096, 512, 2048, 8), (4096, 512, 2048, 64)]
+
+
+def switch_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, large: bool = False) -> list[Case]:
+    """``SwitchFeedForward`` forward+backward at labml's experiment size
+    (T = seq 64 × batch 32, d_model 128, d_ff 256) for E = 4, 16, 64, and with
+    ``large`` at the compute-heavy T = 4096, d_model 512, d_ff 2048, E = 8, 64.
+    The baseline is labml_nn when importable (else our reference module); the
+    peers are torch's grouped GEMM (when it runs here) and the dense FFN."""
+    baseline = "labml_nn" if labml_nn_available() else "reference"
+    peers = (["grouped_mm"] if grouped_mm_available(device, dtype) else []) + ["dense"]
+    cases = []
+    for n_tokens, d_model, d_ff, n_experts in SWITCH_SHAPES + (SWITCH_LARGE_SHAPES if large else []):
+        impl = _SwitchImplementations(n_tokens, d_model, d_ff, n_experts, device, dtype)
+        cases.append(Case("switch", f"T={n_tokens} d={d_model} d_ff={d_ff} E={n_experts}", impl.make_inputs,
+                          impl.run, dtype, baseline=baseline, peers=tuple(peers), zero_grad=impl.zero_grad))
+    return cases
+
+
 ALL_CASES = {
     "feedback_memory": feedback_memory_cases,
     "feedback_attention_step": feedback_attention_step_cases,
     "feedback_model": feedback_model_cases,
+    "conv_compress": conv_compress_cases,
+    "attention_reconstruction_loss": attention_reconstruction_loss_cases,
+    "rel_attention": rel_attention_cases,
+    "switch": switch_cases,
 }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 
@@ -12,21 +13,32 @@ import torch
 def _bench(args: argparse.Namespace) -> int:
     from . import _backend, benchmark
 
+    from . import lm_benchmark
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     ops = args.ops or sorted(benchmark.ALL_CASES)
-    unknown = [op for op in ops if op not in benchmark.ALL_CASES]
+    choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES)
+    unknown = [op for op in ops if op not in choices]
     if unknown:
-        print(f"unknown op(s) {unknown}; choose from {sorted(benchmark.ALL_CASES)}", file=sys.stderr)
+        print(f"unknown op(s) {unknown}; choose from {choices}", file=sys.stderr)
         return 2
     print(
         f"fastformers bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
         f"backends available: {', '.join(_backend.available_backends())}"
     )
-    print("times are medians in one run; ratios (x) are reference time / backend time\n")
+    print("times are medians in one run; ratios (x) are the first row's time / this row's time\n")
     results = []
     for op in ops:
-        op_results = benchmark.run(benchmark.ALL_CASES[op](device, dtype), device, min_time=args.min_time)
+        if op in lm_benchmark.LM_FAMILIES:
+            print(f"{op}: {lm_benchmark.describe()}")
+            lm_results = lm_benchmark.LM_FAMILIES[op](device, min_time=max(args.min_time, 1.0))
+            print(lm_benchmark.format_lm_table(lm_results) + "\n", flush=True)
+            results += lm_results
+            continue
+        make_cases = benchmark.ALL_CASES[op]
+        options = {"large": True} if args.large and "large" in inspect.signature(make_cases).parameters else {}
+        op_results = benchmark.run(make_cases(device, dtype, **options), device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
         if op == "feedback_model":
             print(benchmark.feedback_model_report(op_results, dtype) + "\n", flush=True)
@@ -38,16 +50,114 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
+    """One ``--field-name`` flag per field of ``cls`` (default None: the model's default applies)."""
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = str(field.type).replace("Optional[", "").rstrip("]")
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .models import ModelConfig
+    from .train import CHECKPOINT_NAME, CheckpointError, Trainer, TrainConfig, default_train_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"model", "n_tokens"}
+    train_options = {name: getattr(args, name) for name in train_fields}
+    model_options = {name: getattr(args, name) for name in model_fields}
+    try:
+        if args.resume:
+            if any(value is not None for value in model_options.values()):
+                print("fastformers train: --resume continues the saved model; drop the model flags", file=sys.stderr)
+                return 2
+            out = args.out or f"runs/{args.model}"
+            trainer = Trainer.resume(f"{out}/{CHECKPOINT_NAME}", **train_options)
+            if trainer.config.model != args.model:
+                print(f"fastformers train: the checkpoint in {out} is a {trainer.config.model} model, "
+                      f"not {args.model}", file=sys.stderr)
+                return 2
+            print(f"resuming {out}/{CHECKPOINT_NAME} at step {trainer.step}")
+        else:
+            trainer = Trainer.start(default_train_config(args.model, **train_options), **model_options)
+        trainer.run()
+    except (DataError, CheckpointError, ValueError) as error:
+        print(f"fastformers train: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .train import CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        sys.stdout.write(args.prompt)
+        for char in generate(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k,
+                             args.seed, args.backend, args.device):
+            sys.stdout.write(char)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (CheckpointError, ValueError) as error:
+        print(f"\nfastformers generate: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastformers")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the fused ops against their references")
-    bench.add_argument("ops", nargs="*", help="ops to time (default: all)")
+    bench.add_argument("ops", nargs="*", help="ops to time (default: every op); 'train' and 'generate' "
+                       "time the language models (training and generation tokens/s)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--large", action="store_true",
+                       help="add the compute-heavy shapes of the ops that have them (switch: T=4096, d=512, d_ff=2048)")
     bench.set_defaults(handler=_bench)
+
+    from .models import MODEL_NAMES, ModelConfig
+    from .train import BACKEND_CHOICES, TrainConfig
+
+    train = commands.add_parser(
+        "train", help="train a character-level language model",
+        description="Train MODEL on --data (default: Tiny Shakespeare, downloaded once). Unset flags take "
+                    "labml_nn's experiment defaults for MODEL. Writes OUT/checkpoint.pt and OUT/loss.png.")
+    train.add_argument("model", choices=MODEL_NAMES)
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    train.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    _add_dataclass_flags(train, TrainConfig, skip={"model", "optimizer", "backend", "time_limit"})
+    train.add_argument("--optimizer", choices=["noam", "adamw"], default=None)
+    train.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                       help="fused: fastest available kernels (default); reference: plain PyTorch")
+    train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                       help="stop (validate, save) after this many minutes")
+    _add_dataclass_flags(train, ModelConfig, skip={"model", "n_tokens"})
+    train.set_defaults(handler=_train)
+
+    gen = commands.add_parser("generate", help="sample text from a trained checkpoint")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", default="It is")
+    gen.add_argument("--tokens", type=int, default=200, help="characters to generate")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely character")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--backend", choices=BACKEND_CHOICES, default="fused")
+    gen.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    gen.add_argument("--threads", type=int, default=None)
+    gen.set_defaults(handler=_generate)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -67,8 +67,11 @@ _LABML_ONLY: Dict[Type[nn.Module], Tuple[str, ...]] = {
 
 # Attributes our classes add, with their value on a freshly converted module.
 _EXTRA: Dict[Type[nn.Module], Dict[str, Optional[str]]] = {
+    ffnn.RelativeMultiHeadAttention: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformer: {"backend": None, "last_backend": None},
     ffnn.FeedbackTransformerKV: {"backend": None, "last_backend": None},
+    ffnn.Conv1dCompression: {"backend": None, "last_backend": None},
+    ffnn.SwitchFeedForward: {"backend": None, "last_backend": None, "drop_policy": "labml", "generator": None},
 }
 
 
@@ -177,7 +180,7 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     ``backend`` (None for automatic, or one of ``'reference'``, ``'cpp'``,
     ``'triton'``) is set on every converted module that has a ``backend``
-    attribute (the feedback transformers).
+    attribute (the feedback transformers and ``SwitchFeedForward``).
 
     Returns the converted model: ``model`` itself, or its replacement when the
     root is one of the converted classes (the old root object must then no

@@ -178,6 +178,48 @@ def test_state_chunks_and_generation_equal_full_forward(kv, backend, request):
     assert late.steps == 7
 
 
+
+@pytest.mark.parametrize("kv", [True, False], ids=["kv", "plain"])
+def test_fused_and_per_op_paths_share_one_state(kv):
+    fused = build(ours, kv, 2, 8, 2)
+    fused.backend = "cpp"
+    per_op = copy.deepcopy(fused)
+    per_op.backend = "reference"
+    x = torch.randn(8, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = fused(x)
+        first, state = fused.forward_with_state(x[:3])
+        second, state = per_op.forward_with_state(x[3:6], state)
+        third, state = fused.forward_with_state(x[6:], state)
+    assert per_op.last_path == "per-op" and fused.last_path == "fused" and state.steps == 8
+    torch.testing.assert_close(torch.cat((first, second, third)), full, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kv", [True, False], ids=["kv", "plain"])
+def test_window_continues_alike_on_both_paths(kv):
+    fused = build(ours, kv, 2, 8, 2)
+    fused.backend = "cpp"
+    per_op = copy.deepcopy(fused)
+    per_op.backend = "reference"
+    x = torch.randn(9, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = fused.forward_with_state(x[:6])
+        keys_before = state.key(0).clone()
+        window = state.window(4)
+        assert window.steps == 4 and torch.equal(window.key(0), keys_before[2:])
+        rows = {fused: [], per_op: []}
+        for model in (fused, per_op):
+            sliding = window
+            for t in range(6, 9):  # the fused path slides through its buffer in place
+                out, sliding = model.forward_with_state(x[t:t + 1], sliding)
+                rows[model].append(out)
+                sliding = sliding.window(4)
+        branch, _ = fused.forward_with_state(x[6:7], state)  # the unwindowed state is still intact
+        full = fused(x[:7])
+    torch.testing.assert_close(torch.cat(rows[fused]), torch.cat(rows[per_op]), atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(branch, full[6:], atol=1e-10, rtol=1e-9)
+    assert torch.equal(state.key(0), keys_before)
+
 def test_state_with_grad_matches_full_forward():
     model = build(ours, True, 2, 8, 2)
     model.backend = "cpp"
@@ -197,8 +239,8 @@ def test_active_dropout_runs_op_by_op():
     model.backend = "cpp"
     model(torch.randn(3, 2, 16, dtype=torch.float64))
     assert model.last_path == "per-op"
-    with pytest.raises(NotImplementedError, match="dropout"):
-        model.forward_with_state(torch.randn(3, 2, 16, dtype=torch.float64))
+    _, state = model.forward_with_state(torch.randn(3, 2, 16, dtype=torch.float64))
+    assert model.last_path == "per-op" and state.steps == 3
     model.eval()
     model(torch.randn(3, 2, 16, dtype=torch.float64))
     assert model.last_path == "fused"

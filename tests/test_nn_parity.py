@@ -6,6 +6,7 @@ state_dict is loaded into ours with strict=True, and both run in float64
 without dropout. Outputs, every parameter gradient and the input gradients
 must agree to 1e-9.
 """
+import importlib.util
 import inspect
 from types import SimpleNamespace
 
@@ -51,6 +52,19 @@ LABML = SimpleNamespace(
 OURS = ours_ns
 
 BACKENDS = fastformers.available_backends()
+# The Triton kernels of rel_attention live in their own module (fastformers/ops/xl/triton_kernel.py).
+XL_BACKENDS = [
+    name for name in BACKENDS
+    if name != "triton" or importlib.util.find_spec("fastformers.ops.xl.triton_kernel") is not None
+]
+
+
+def use_attention_backend(model, backend):
+    """Set ``backend`` on every relative attention of ``model``; returns them."""
+    attentions = [m for m in model.modules() if isinstance(m, ours_ns.RelativeMultiHeadAttention)]
+    for attention in attentions:
+        attention.backend = backend
+    return attentions
 
 
 # ---------------------------------------------------------------- harness
@@ -199,13 +213,41 @@ def test_feed_forward(gated, shape):
     assert assert_parity(ref, ours, lambda m, i: m(i[0]), [rand(*shape, D)]) == []
 
 
+@pytest.mark.parametrize("backend", XL_BACKENDS)
 @pytest.mark.parametrize("seq_len,mem_len,batch", [(1, 0, 1), (7, 0, 3), (3, 5, 2), (1, 6, 2)])
-def test_relative_multi_head_attention(seq_len, mem_len, batch):
+def test_relative_multi_head_attention(seq_len, mem_len, batch, backend):
     ref, ours = make_pair(lambda ns: ns.RelativeMultiHeadAttention(H, D, dropout_prob=0.0))
+    use_attention_backend(ours, backend)
     q, kv = rand(seq_len, batch, D), rand(mem_len + seq_len, batch, D)
     idle = assert_parity(ref, ours, lambda m, i: m(query=i[0], key=i[1], value=i[1], mask=i[2]),
                          [q, kv, causal_mask(seq_len, mem_len)])
     assert idle == [] or mem_len + seq_len == 1
+    assert ours.last_backend == backend
+
+
+@pytest.mark.parametrize("backend", XL_BACKENDS)
+def test_relative_attention_explicit_mask(backend):
+    """A non-causal mask (labml's layout [L, K, B]) runs as an explicit mask on cpp
+    and on the reference for triton (causal-only kernels)."""
+    ref, ours = make_pair(lambda ns: ns.RelativeMultiHeadAttention(H, D, dropout_prob=0.0))
+    use_attention_backend(ours, backend)
+    mask = causal_mask(3, 4).expand(3, 7, 2).clone()
+    mask[1, 0, 1] = False
+    assert_parity(ref, ours, lambda m, i: m(query=i[0], key=i[1], value=i[1], mask=i[2]),
+                  [rand(3, 2, D), rand(7, 2, D), mask])
+    assert ours.last_backend == ("reference" if backend == "triton" else backend)
+
+
+def test_relative_attention_dropout_uses_reference():
+    ours = ours_ns.RelativeMultiHeadAttention(H, D, dropout_prob=0.5).double()
+    ours.backend = "cpp" if "cpp" in BACKENDS else "reference"
+    x = rand(3, 2, D, grad=False)
+    ours(query=x, key=x, value=x, mask=causal_mask(3))
+    assert ours.last_backend == "reference"
+    assert ours.attn is not None
+    ours.eval()
+    ours(query=x, key=x, value=x, mask=causal_mask(3))
+    assert ours.last_backend == ours.backend
 
 
 def test_relative_attention_position_limit():
@@ -224,22 +266,27 @@ def _xl_layer(ns):
                                  feed_forward=ns.FeedForward(D, 2 * D, 0.0), dropout_prob=0.0)
 
 
+@pytest.mark.parametrize("backend", XL_BACKENDS)
 @pytest.mark.parametrize("seq_len,mem_len,batch", [(1, 0, 1), (7, 0, 3), (4, 5, 3)])
-def test_transformer_xl_layer(seq_len, mem_len, batch):
+def test_transformer_xl_layer(seq_len, mem_len, batch, backend):
     ref, ours = make_pair(_xl_layer)
+    use_attention_backend(ours, backend)
     mem = rand(mem_len, batch, D) if mem_len else None
     idle = assert_parity(ref, ours, lambda m, i: m(x=i[0], mem=i[1], mask=i[2]),
                          [rand(seq_len, batch, D), mem, causal_mask(seq_len, mem_len)])
     assert idle == [] or mem_len + seq_len == 1
 
 
+@pytest.mark.parametrize("backend", XL_BACKENDS)
 @pytest.mark.parametrize("seq_len,mem_len,batch", [(1, 0, 1), (5, 0, 2), (3, 4, 3)])
-def test_transformer_xl(seq_len, mem_len, batch):
+def test_transformer_xl(seq_len, mem_len, batch, backend):
     ref, ours = make_pair(lambda ns: ns.TransformerXL(_xl_layer(ns), 2))
+    attentions = use_attention_backend(ours, backend)
     mem = [rand(mem_len, batch, D) for _ in range(2)] if mem_len else []
     idle = assert_parity(ref, ours, lambda m, i: m(i[0], i[1], i[2]),
                          [rand(seq_len, batch, D), mem, causal_mask(seq_len, mem_len)])
     assert idle == [] or mem_len + seq_len == 1
+    assert [a.last_backend for a in attentions] == [backend, backend]
 
 
 # ---------------------------------------------------------------- feedback
@@ -363,9 +410,11 @@ def _compressive_layer(ns):
         compress=ns.Conv1dCompression(2, D))
 
 
+@pytest.mark.parametrize("backend", XL_BACKENDS)
 @pytest.mark.parametrize("seq_len,mem_len,c_mem_len,batch", [(1, 0, 0, 1), (3, 4, 0, 2), (5, 4, 3, 3)])
-def test_compressive_transformer_layer(seq_len, mem_len, c_mem_len, batch):
+def test_compressive_transformer_layer(seq_len, mem_len, c_mem_len, batch, backend):
     ref, ours = make_pair(_compressive_layer)
+    use_attention_backend(ours, backend)
     mem = rand(mem_len, batch, D) if mem_len else None
     c_mem = rand(c_mem_len, batch, D) if c_mem_len else None
     idle = assert_parity(ref, ours, lambda m, i: m(x=i[0], mem=i[1], c_mem=i[2], mask=i[3]),
@@ -375,9 +424,11 @@ def test_compressive_transformer_layer(seq_len, mem_len, c_mem_len, batch):
     assert len(idle) == 2 or mem_len + seq_len == 1
 
 
+@pytest.mark.parametrize("backend", XL_BACKENDS)
 @pytest.mark.parametrize("seq_len,mem_len,c_mem_len,batch", [(1, 0, 0, 1), (4, 6, 2, 3)])
-def test_compressive_transformer(seq_len, mem_len, c_mem_len, batch):
+def test_compressive_transformer(seq_len, mem_len, c_mem_len, batch, backend):
     ref, ours = make_pair(lambda ns: ns.CompressiveTransformer(_compressive_layer(ns), 2))
+    use_attention_backend(ours, backend)
     mem = [rand(mem_len, batch, D) for _ in range(2)] if mem_len else []
     c_mem = [rand(c_mem_len, batch, D) for _ in range(2)] if c_mem_len else []
     assert_parity(ref, ours, lambda m, i: m(i[0], i[1], i[2], i[3]),

@@ -13,13 +13,16 @@ from .compressive import (
 )
 from .feedback import (
     FeedbackAttention,
+    FeedbackState,
     FeedbackTransformer,
     FeedbackTransformerKV,
     FeedbackTransformerLayer,
 )
-from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer
+# load_balancing_loss is a helper, not a labml module: kept out of __all__, which lists the mirrored classes
+from .switch import SwitchFeedForward, SwitchTransformer, SwitchTransformerLayer, load_balancing_loss
 from .xl import TransformerXL, TransformerXLLayer
 
+# FeedbackState is fastformers-only (generation state); __all__ lists the labml_nn-compatible names.
 __all__ = [
     "PrepareForMultiHeadAttention",
     "MultiHeadAttention",

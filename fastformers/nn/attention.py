@@ -10,6 +10,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import ops
+from .._backend import resolve_backend
+from ..ops.xl import naive as xl_naive
+from ..ops.xl.op import effective_backend
+
 
 class PrepareForMultiHeadAttention(nn.Module):
     """Linear projection ``[..., D] -> [..., H, d_k]`` split into heads.
@@ -104,6 +109,26 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     ``[2P, H, d_k]`` and ``S = key_pos_bias`` ``[2P, H]``; row ``P`` is distance
     zero. Query and key projections have no bias. Supports ``L <= P`` and
     ``K <= P`` (``P = 2**12``).
+
+    ``backend`` (settable; None = automatic) selects the implementation and
+    ``last_backend`` records the one the last forward used. The fused backends
+    run :func:`fastformers.ops.rel_attention`, which never materialises the
+    ``[L, K, B, H]`` scores: there ``self.attn`` is set to None (use
+    ``backend = "reference"`` to inspect the attention weights). A mask equal
+    to the causal-with-memory mask (``[L, M + L, B or 1]``, what labml's
+    experiments build) runs as ``causal=True``, any other mask as an explicit
+    mask. The reference path runs instead when attention dropout is active
+    (``training`` with ``dropout_prob > 0``: the fused op has no dropout) and
+    for an explicit non-causal mask on ``triton`` (its kernels are causal-only).
+
+    Gradient of the positional tables: the op differentiates only the window of
+    ``K + L - 1`` rows it reads, but autograd hands a dense Parameter a gradient
+    of the Parameter's full shape, so the slice's backward still writes one
+    zero-filled ``[2P, H, d_k]`` buffer per call (AccumulateGrad adds it into
+    ``.grad``, or adopts it when ``.grad`` is None). Avoiding that would take a
+    sparse gradient (which ``torch.optim.Adam`` rejects) or writing into
+    ``.grad`` behind autograd's back (breaking ``autograd.grad``, hooks and
+    ``torch.compile``); neither is worth one memset of ``2P·H·d_k`` values.
     """
 
     def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1):
@@ -112,15 +137,20 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         self.key_pos_embeddings = nn.Parameter(torch.zeros((self.P * 2, heads, self.d_k)), requires_grad=True)
         self.key_pos_bias = nn.Parameter(torch.zeros((self.P * 2, heads)), requires_grad=True)
         self.query_pos_bias = nn.Parameter(torch.zeros((heads, self.d_k)), requires_grad=True)
+        self.backend: Optional[str] = None
+        self.last_backend: Optional[str] = None
 
-    def get_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """``query`` ``[L, B, H, d_k]``, ``key`` ``[K, B, H, d_k]`` -> ``[L, K, B, H]``."""
-        q_len, k_len = query.shape[0], key.shape[0]
+    def _check_lengths(self, q_len: int, k_len: int) -> None:
         if q_len > self.P or k_len > self.P:
             raise ValueError(
                 f"RelativeMultiHeadAttention supports at most P={self.P} queries and P keys "
                 f"(positional table of 2P rows), got {q_len} queries and {k_len} keys"
             )
+
+    def get_scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """``query`` ``[L, B, H, d_k]``, ``key`` ``[K, B, H, d_k]`` -> ``[L, K, B, H]``."""
+        q_len, k_len = query.shape[0], key.shape[0]
+        self._check_lengths(q_len, k_len)
         # Distances p - P run from -(K-1) (last query, first key) to L-1 (first
         # query, last key): table rows P-K+1 .. P+L-1, i.e. K+L-1 rows.
         first = self.P - k_len + 1
@@ -134,6 +164,47 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         j = torch.arange(k_len, device=query.device)[None, :]
         bd = bd_all[i, q_len - 1 - i + j]
         return ac + bd
+
+    def _op_mask(self, mask: Optional[torch.Tensor], query_shape, key_shape) -> tuple:
+        """``(causal, explicit bool mask or None)`` for the op from a labml mask ``[L or 1, K, B or 1]``."""
+        if mask is None:
+            return False, None
+        self.prepare_mask(mask, query_shape, key_shape)
+        visible = mask != 0
+        q_len, k_len = query_shape[0], key_shape[0]
+        if visible.shape[0] == q_len and k_len >= q_len:
+            causal = xl_naive.causal_mask(q_len, k_len, mask.device)[:, :, None]
+            if torch.equal(visible, causal.expand_as(visible)):
+                return True, None
+        return False, visible
+
+    def forward(self, *,
+                query: torch.Tensor,
+                key: torch.Tensor,
+                value: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``query`` ``[L, B, D]``, ``key`` and ``value`` ``[K, B, D]``; ``mask``
+        ``[L or 1, K, B or 1]``, nonzero where query ``i`` may attend key ``j``.
+        Returns ``[L, B, D]``."""
+        backend = resolve_backend(query.device, self.backend)
+        if backend != "reference" and not (self.training and self.dropout.p > 0):
+            q_len, batch_size, _ = query.shape
+            k_len = key.shape[0]
+            self._check_lengths(q_len, k_len)
+            causal, explicit = self._op_mask(mask, query.shape, key.shape)
+            backend = effective_backend(backend, explicit)
+            if backend != "reference":
+                rows = slice(self.P - k_len + 1, self.P + q_len)
+                out = ops.rel_attention(
+                    self.query(query), self.key(key), self.value(value),
+                    self.key_pos_embeddings[rows], self.key_pos_bias[rows], self.query_pos_bias, self.scale,
+                    mask=explicit, causal=causal, backend=backend,
+                )
+                self.attn = None
+                self.last_backend = backend
+                return self.output(out.reshape(q_len, batch_size, -1))
+        self.last_backend = "reference"
+        return super().forward(query=query, key=key, value=value, mask=mask)
 
 
 class FeedForward(nn.Module):

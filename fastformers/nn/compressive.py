@@ -12,21 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from .._backend import resolve_backend
 from ._utils import clone_module_list
 from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention
 
 
 class Conv1dCompression(nn.Module):
     """Compression ``f_c``: every ``c`` consecutive memories become one, via a
-    ``Conv1d`` with kernel size and stride ``c``."""
+    ``Conv1d`` with kernel size and stride ``c`` (parameters kept as ``conv``,
+    ``[D, D, c]`` and ``[D]``, so the ``state_dict`` is labml's).
+
+    ``backend`` (settable; None = automatic) selects the implementation of the
+    ``conv_compress`` op; ``last_backend`` records the one the last forward used.
+    """
 
     def __init__(self, compression_rate: int, d_model: int):
         super().__init__()
         self.conv = nn.Conv1d(d_model, d_model, kernel_size=compression_rate, stride=compression_rate)
+        self.backend: Optional[str] = None
+        self.last_backend: Optional[str] = None
 
     def forward(self, mem: torch.Tensor) -> torch.Tensor:
-        """``mem`` ``[M, B, D]`` -> ``[M // c, B, D]``."""
-        return self.conv(mem.permute(1, 2, 0)).permute(2, 0, 1)
+        """``mem`` ``[M, B, D]`` -> ``[M // c, B, D]``; like ``nn.Conv1d``, a last
+        incomplete group of fewer than ``c`` memories is left out."""
+        backend = self.last_backend = resolve_backend(mem.device, self.backend)
+        rate = self.conv.stride[0]
+        whole = mem[: mem.shape[0] // rate * rate] if mem.dim() == 3 else mem
+        return ops.conv_compress(whole, self.conv.weight, self.conv.bias, backend=backend)
 
 
 class CompressiveTransformerLayer(nn.Module):
@@ -68,8 +81,13 @@ class CompressiveTransformerLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``c_mem`` ``[N, B, D]``
         or None, ``mask`` ``[L, N + M + L, B or 1]``. Returns ``[L, B, D]``."""
-        z = self.norm_self_attn(x)
-        keys = self.concat_memory(z, mem, c_mem)
+        # As concat_memory, with one cat and one LayerNorm over [c_mem; mem; x]
+        # (row-wise, so identical) and z a view of its tail.
+        if mem is None:
+            keys = self.norm_self_attn(x)
+        else:
+            keys = self.norm_self_attn(torch.cat((mem, x) if c_mem is None else (c_mem, mem, x), dim=0))
+        z = keys[keys.shape[0] - x.shape[0]:]
         x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
@@ -106,12 +124,21 @@ class AttentionReconstructionLoss:
     (norm, projections) are detached, so the loss can share an optimizer with
     the model. A plain class, not a module, so that holding it adds nothing to
     a model's ``state_dict``.
+
+    ``backend`` (settable; None = automatic) selects the implementation of the
+    ``attention_reconstruction_loss`` op (and of each layer's compression, unless
+    that layer's ``compress.backend`` is set); ``last_backend`` records the one
+    the last call used.
     """
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
         self.loss_func = nn.MSELoss()
+        self.backend: Optional[str] = None
+        self.last_backend: Optional[str] = None
 
+    # labml_nn's building blocks of the loss, kept as public API; calc_loss
+    # runs the fused op instead.
     def prepare_for_attn(self, pmha: PrepareForMultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
         """``pmha``'s projection with detached parameters: ``[..., D]`` -> ``[..., H, d_k]``."""
         bias = pmha.linear.bias.detach() if pmha.linear.bias is not None else None
@@ -136,13 +163,21 @@ class AttentionReconstructionLoss:
     def calc_loss(self, layer: CompressiveTransformerLayer, h: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Loss of one layer: ``h`` ``[L, B, D]`` its input, ``mem`` ``[M, B, D]``
         the memory it compresses (``M`` a multiple of ``c``)."""
-        h = h.detach()
-        mem = mem.detach()
-        c_mem = layer.compress(mem)
-        h = self.norm(layer.norm_self_attn, h)
-        mem = self.norm(layer.norm_self_attn, mem)
-        c_mem = self.norm(layer.norm_self_attn, c_mem)
-        return self.loss_func(self.attn(layer.self_attn, h, c_mem, c_mem), self.attn(layer.self_attn, h, mem, mem))
+        backend = self.last_backend = resolve_backend(mem.device, self.backend)
+        compress = layer.compress
+        if compress.backend is None:
+            c_mem = ops.conv_compress(mem.detach(), compress.conv.weight, compress.conv.bias, backend=backend)
+            compress.last_backend = backend
+        else:
+            c_mem = compress(mem.detach())
+        norm, attn = layer.norm_self_attn, layer.self_attn
+        bias = lambda prepare: prepare.linear.bias  # noqa: E731
+        return ops.attention_reconstruction_loss(
+            h, mem, c_mem, norm.weight, norm.bias, norm.eps,
+            attn.query.linear.weight, bias(attn.query), attn.key.linear.weight, bias(attn.key),
+            attn.value.linear.weight, bias(attn.value), attn.heads, attn.scale,
+            backend=backend,
+        )
 
     def __call__(self, h: List[torch.Tensor], mem: List[torch.Tensor]) -> torch.Tensor:
         """``h`` and ``mem``: one ``[L, B, D]`` / ``[M, B, D]`` tensor per layer."""

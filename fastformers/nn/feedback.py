@@ -11,7 +11,7 @@ Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
 import dataclasses
 import logging
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -78,11 +78,17 @@ class FeedbackAttention(nn.Module):
                 value: torch.Tensor) -> torch.Tensor:
         """``query`` ``[B, D]``; ``key`` and ``value`` ``[t, B, D]``, or
         ``[t, B, H, d_k]`` when ``is_kv_precomputed``. Returns ``[B, D]``."""
-        query = self.query(query)
         if self.key is not None:
             key = self.key(key)
         if self.value is not None:
             value = self.value(value)
+        return self.attend_projected(query, key, value)
+
+    def attend_projected(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with ``key``/``value`` ``[t, B, H, d_k]`` already
+        projected (by this module's own projections, as the models' K/V cache
+        holds them). ``query`` ``[B, D]`` -> ``[B, D]``."""
+        query = self.query(query)
         attn = self.dropout(self.softmax(self.get_scores(query, key) * self.scale))
         x = torch.einsum("jbh,jbhd->bhd", attn, value)
         return self.output(x.reshape(x.shape[0], -1))
@@ -115,6 +121,15 @@ class FeedbackTransformerLayer(nn.Module):
             x = x + self.dropout(self.attn(query=self.norm_self_attn(x), key=key, value=value))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
+    def step_projected(self, x: torch.Tensor, key: Optional[torch.Tensor], value: Optional[torch.Tensor]
+                       ) -> torch.Tensor:
+        """:meth:`forward` with ``key``/``value`` ``[t, B, H, d_k]`` already
+        projected by this layer's attention (the models' K/V cache holds
+        them; see :meth:`FeedbackAttention.attend_projected`)."""
+        if key is not None:
+            x = x + self.dropout(self.attn.attend_projected(self.norm_self_attn(x), key, value))
+        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+
 
 def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
     """``steps`` ``[t, ...]`` (None for ``t = 0``) and ``new`` ``[...]`` -> ``[t + 1, ...]``.
@@ -129,26 +144,45 @@ def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tens
 
 @dataclasses.dataclass
 class FeedbackState:
-    """Memory of the steps a :class:`FeedbackTransformerKV` / :class:`FeedbackTransformer`
-    has processed, for generation and streaming.
+    """What a :class:`FeedbackTransformer` / :class:`FeedbackTransformerKV` needs to
+    continue after ``steps`` steps (generation, streaming); both the fused and the
+    op-by-op recurrence read and write it.
 
     ``cache`` ``[capacity, B, 2C, H, d_k]`` holds, for each of ``C`` caches
-    (1 shared cache for ``FeedbackTransformerKV``, one per layer for
-    ``FeedbackTransformer``), keys then values; rows ``0 .. steps-1`` are valid.
-    :meth:`key` / :meth:`value` give them as ``[steps, B, H, d_k]``.
+    (1 shared cache for ``FeedbackTransformerKV``; one per layer for
+    ``FeedbackTransformer``, projected with that layer's own key/value
+    projections), keys then values; rows ``offset .. offset+steps-1`` are the
+    valid steps, oldest first. :meth:`key` / :meth:`value` give them as
+    ``[steps, B, H, d_k]``; :meth:`window` keeps only the most recent steps.
+    The cache carries no autograd history: gradients never flow into a state.
     """
 
     cache: torch.Tensor
     steps: int
+    offset: int = 0
     # Rows of ``cache`` written by any state sharing it: a state may extend the
-    # buffer in place only if it is the newest one, so older states stay valid.
+    # buffer in place only if it ends there, so older states stay valid.
     _filled: list = dataclasses.field(default_factory=lambda: [0], repr=False)
 
+    def rows(self) -> torch.Tensor:
+        """The valid steps ``[steps, B, 2C, H, d_k]``."""
+        return self.cache[self.offset:self.offset + self.steps]
+
     def key(self, cache_index: int = 0) -> torch.Tensor:
-        return self.cache[:self.steps, :, 2 * cache_index]
+        return self.rows()[:, :, 2 * cache_index]
 
     def value(self, cache_index: int = 0) -> torch.Tensor:
-        return self.cache[:self.steps, :, 2 * cache_index + 1]
+        return self.rows()[:, :, 2 * cache_index + 1]
+
+    def window(self, max_steps: int) -> "FeedbackState":
+        """The state restricted to its last ``max_steps`` steps (a view of the same
+        buffer: sliding the window copies nothing)."""
+        if max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        if max_steps >= self.steps:
+            return self
+        dropped = self.steps - max_steps
+        return FeedbackState(self.cache, max_steps, self.offset + dropped, self._filled)
 
 
 logger = logging.getLogger("fastformers")
@@ -179,11 +213,35 @@ def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
 
 def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights:
     attn, ff = layer.attn, layer.feed_forward
+    # The op reads the last rows of its tables: the first attn.P rows, as get_scores does.
     return recurrence.LayerWeights(
         layer.norm_self_attn.weight, layer.norm_self_attn.bias, attn.query.linear.weight,
-        attn.key_pos_embeddings, attn.key_pos_bias, attn.query_pos_bias, attn.output.weight, attn.output.bias,
-        layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias, ff.layer2.weight, ff.layer2.bias,
+        attn.key_pos_embeddings[:attn.P], attn.key_pos_bias[:attn.P], attn.query_pos_bias, attn.output.weight,
+        attn.output.bias, layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
+        ff.layer2.weight, ff.layer2.bias,
     )
+
+
+def _check_state(model, x_seq: torch.Tensor, state: Optional[FeedbackState], n_caches: int) -> int:
+    """Steps already in ``state``; ValueError if it cannot continue with ``x_seq`` or
+    the sequence would need more than ``P`` positional rows."""
+    T, B, _ = x_seq.shape
+    attn = model.layers[0].attn
+    start = 0 if state is None else state.steps
+    if state is not None:
+        expected = (B, 2 * n_caches, attn.heads, attn.d_k)
+        if tuple(state.cache.shape[1:]) != expected or state.cache.dtype != x_seq.dtype \
+                or state.cache.device != x_seq.device:
+            raise ValueError(
+                f"state cache must be [capacity, {', '.join(map(str, expected))}] {x_seq.dtype} on {x_seq.device} "
+                f"for this model and input, got {tuple(state.cache.shape)} {state.cache.dtype} on {state.cache.device}"
+            )
+    if start + T - 1 > attn.P:
+        raise ValueError(
+            f"{type(model).__name__} supports at most P={attn.P} memory steps (rows of key_pos_embeddings); "
+            f"{start} cached + {T} new tokens need {start + T - 1}"
+        )
+    return start
 
 
 def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str, shared_kv: bool,
@@ -192,48 +250,87 @@ def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backe
     final norm) and the state after the last step."""
     T, B, D = x_seq.shape
     first = model.layers[0].attn
-    start = 0 if state is None else state.steps
-    if start + T - 1 > first.P:
-        raise ValueError(
-            f"{type(model).__name__} supports at most P={first.P} memory steps (rows of key_pos_embeddings); "
-            f"{start} cached + {T} new tokens need {start + T - 1}"
-        )
+    n_caches = 1 if shared_kv else len(model.layers)
+    start = _check_state(model, x_seq, state, n_caches)
     cfg = recurrence.make_config(
         n_layers=len(model.layers), heads=first.heads, d_k=first.d_k, shared_kv=shared_kv,
         norm_eps=[(layer.norm_self_attn.eps, layer.norm_ff.eps) for layer in model.layers], scale=first.scale,
         start=start, backend=backend, device=x_seq.device,
     )
     layers = [_layer_weights(layer) for layer in model.layers]
-    initial = None if state is None else state.cache
-    in_place = False
-    if state is not None and not torch.is_grad_enabled():
-        if state.steps == state._filled[0] and state.cache.shape[0] >= start + T:
-            in_place = True
-        else:
-            # Grow (doubling) or branch off an older state: copy the valid rows once.
-            capacity = max(start + T, 2 * state.cache.shape[0])
-            initial = state.cache.new_empty((capacity, *state.cache.shape[1:]))
-            initial[:start] = state.cache[:start]
-            state = FeedbackState(initial, start)
-            in_place = True
-    elif state is None and not torch.is_grad_enabled():
-        initial = x_seq.new_empty((T, B, 2 * cfg.n_caches, cfg.heads, cfg.d_k))
-        state = FeedbackState(initial, 0)
-        in_place = True
-    out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers,
-                                        write_in_place=in_place)
-    if in_place:
-        state._filled[0] = start + T
-        new_state = FeedbackState(state.cache, start + T, state._filled)
+    if torch.is_grad_enabled():
+        initial = None if state is None else state.rows()
+        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers)
+        return model.norm(out), FeedbackState(kv, start + T, 0, [start + T])
+    # Without autograd the new rows go straight into the state's buffer when it
+    # ends at this state and has room; otherwise the valid rows are copied once
+    # into a buffer of doubled capacity (amortised O(1) per generated token, also
+    # while a window slides through the buffer).
+    if state is not None and state.offset + start == state._filled[0] and \
+            state.cache.shape[0] >= state.offset + start + T:
+        buffer, offset, filled = state.cache, state.offset, state._filled
     else:
-        new_state = FeedbackState(kv, start + T, [start + T])
-    return model.norm(out), new_state
+        capacity = max(start + T, 2 * start)
+        buffer = x_seq.new_empty((capacity, B, 2 * n_caches, first.heads, first.d_k))
+        if start:
+            buffer[:start] = state.rows()
+        offset, filled = 0, [start]
+    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], model.weights, kv_weight, kv_bias, layers,
+                                       write_in_place=True)
+    filled[0] = offset + start + T
+    return model.norm(out), FeedbackState(buffer, start + T, offset, filled)
 
 
-def _check_backend_for_state(model, backend):
-    reason = _fused_blocker(model, isinstance(model, FeedbackTransformerKV))
-    if reason is not None:
-        raise NotImplementedError(f"{type(model).__name__}.forward_with_state needs the fused recurrence: {reason}")
+def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str,
+                kv_projections: list, want_state: bool):
+    """The recurrence one module call at a time (any dropout, feed-forward or bias).
+
+    ``kv_projections`` holds one ``(key, value)`` projection pair per cache
+    (``[B, D] -> [B, H, d_k]``); layer ``l`` attends with cache ``l`` (or the
+    only one). Returns normalised outputs ``[T, B, D]`` and, if ``want_state``,
+    the state after the last step.
+    """
+    n_caches = len(kv_projections)
+    start = _check_state(model, x_seq, state, n_caches)
+    if start:
+        keys = [state.key(c).detach() for c in range(n_caches)]
+        values = [state.value(c).detach() for c in range(n_caches)]
+    else:
+        keys, values = [None] * n_caches, [None] * n_caches
+    res = []
+    for x in torch.unbind(x_seq, dim=0):
+        layer_outputs = [x]
+        for index, layer in enumerate(model.layers):
+            c = index if n_caches > 1 else 0
+            x = layer.step_projected(x, keys[c], values[c])
+            layer_outputs.append(x)
+        mem = ops.feedback_memory(torch.stack(layer_outputs), model.weights, backend=backend)
+        for c, (key_projection, value_projection) in enumerate(kv_projections):
+            keys[c] = _append_step(keys[c], key_projection(mem))
+            values[c] = _append_step(values[c], value_projection(mem))
+        res.append(x)
+    out = model.norm(torch.stack(res))
+    if not want_state:
+        return out, None
+    cache = torch.stack([t for pair in zip(keys, values) for t in pair], dim=2).detach()
+    return out, FeedbackState(cache, start + x_seq.shape[0], 0, [cache.shape[0]])
+
+
+def _forward(model, x_seq: torch.Tensor, state: Optional[FeedbackState], want_state: bool):
+    shared_kv = isinstance(model, FeedbackTransformerKV)
+    backend = model.last_backend = resolve_backend(x_seq.device, model.backend)
+    if backend != "reference":
+        reason = _fused_blocker(model, shared_kv)
+        if reason is None:
+            model.last_path = "fused"
+            return _run_fused(model, x_seq, state, backend, shared_kv, *model._kv_projection())
+        logger.debug("fastformers: %s runs op by op: %s", type(model).__name__, reason)
+    model.last_path = "per-op"
+    if shared_kv:
+        projections = [(model.key, model.value)]
+    else:
+        projections = [(layer.attn.key, layer.attn.value) for layer in model.layers]
+    return _run_per_op(model, x_seq, state, backend, projections, want_state)
 
 
 class FeedbackTransformer(nn.Module):
@@ -269,40 +366,23 @@ class FeedbackTransformer(nn.Module):
 
         Off the reference backend the whole recurrence runs as one fused
         autograd function (``last_path == "fused"``) when the model allows it
-        (no active dropout, ungated ReLU feed-forward); otherwise op by op
-        (``last_path == "per-op"``, the reason logged at DEBUG).
+        (no active dropout, ungated ReLU feed-forward, no query/key biases);
+        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        if backend != "reference":
-            reason = _fused_blocker(self, shared_kv=False)
-            if reason is None:
-                self.last_path = "fused"
-                return _run_fused(self, x_seq, None, backend, False, *self._kv_projection())[0]
-            logger.debug("fastformers: FeedbackTransformer runs op by op: %s", reason)
-        self.last_path = "per-op"
-        res = []
-        mem: Optional[torch.Tensor] = None
-        for x in torch.unbind(x_seq, dim=0):
-            layer_outputs = [x]
-            for layer in self.layers:
-                x = layer(x=x, key=mem, value=mem)
-                layer_outputs.append(x)
-            step_mem = ops.feedback_memory(torch.stack(layer_outputs), self.weights, backend=backend)
-            mem = _append_step(mem, step_mem)
-            res.append(x)
-        return self.norm(torch.stack(res))
+        return _forward(self, x_seq, None, want_state=False)[0]
 
-    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None):
-        """``x_seq`` ``[T, B, D]`` continuing after ``state`` (None: from scratch) ->
-        ``(outputs [T, B, D], state after the last token)``; equal to the
-        matching rows of :meth:`forward` over the whole sequence. Gradients do
-        not flow into the initial state. Without autograd the state's cache
-        is extended in place, so generation costs one step per token.
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
+                           ) -> Tuple[torch.Tensor, FeedbackState]:
+        """Continue the recurrence from ``state`` (None: from the first step).
+
+        ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
+        after its last step, caching each layer's keys and values). Running a
+        sequence in pieces, passing the state along, gives the same outputs as
+        one call on the whole sequence. Without autograd the fused path
+        extends the state's buffer in place, so generation costs one step per
+        token. Gradients do not flow into the initial state.
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        _check_backend_for_state(self, backend)
-        self.last_path = "fused"
-        return _run_fused(self, x_seq, state, backend, False, *self._kv_projection())
+        return _forward(self, x_seq, state, want_state=True)
 
 
 class FeedbackTransformerKV(nn.Module):
@@ -341,42 +421,23 @@ class FeedbackTransformerKV(nn.Module):
 
         Off the reference backend the whole recurrence runs as one fused
         autograd function (``last_path == "fused"``) when the model allows it
-        (no active dropout, ungated ReLU feed-forward); otherwise op by op
-        (``last_path == "per-op"``, the reason logged at DEBUG).
+        (no active dropout, ungated ReLU feed-forward, no query/key biases);
+        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        if backend != "reference":
-            reason = _fused_blocker(self, shared_kv=True)
-            if reason is None:
-                self.last_path = "fused"
-                return _run_fused(self, x_seq, None, backend, True, *self._kv_projection())[0]
-            logger.debug("fastformers: FeedbackTransformerKV runs op by op: %s", reason)
-        self.last_path = "per-op"
-        res = []
-        key: Optional[torch.Tensor] = None
-        value: Optional[torch.Tensor] = None
-        for x in torch.unbind(x_seq, dim=0):
-            layer_outputs = [x]
-            for layer in self.layers:
-                x = layer(x=x, key=key, value=value)
-                layer_outputs.append(x)
-            mem = ops.feedback_memory(torch.stack(layer_outputs), self.weights, backend=backend)
-            key = _append_step(key, self.key(mem))
-            value = _append_step(value, self.value(mem))
-            res.append(x)
-        return self.norm(torch.stack(res))
+        return _forward(self, x_seq, None, want_state=False)[0]
 
-    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None):
-        """``x_seq`` ``[T, B, D]`` continuing after ``state`` (None: from scratch) ->
-        ``(outputs [T, B, D], state after the last token)``; equal to the
-        matching rows of :meth:`forward` over the whole sequence. Gradients do
-        not flow into the initial state. Without autograd the state's cache
-        is extended in place, so generation costs one step per token.
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
+                           ) -> Tuple[torch.Tensor, FeedbackState]:
+        """Continue the recurrence from ``state`` (None: from the first step).
+
+        ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
+        after its last step, caching the shared keys and values). Running a
+        sequence in pieces, passing the state along, gives the same outputs as
+        one call on the whole sequence. Without autograd the fused path
+        extends the state's buffer in place, so generation costs one step per
+        token. Gradients do not flow into the initial state.
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        _check_backend_for_state(self, backend)
-        self.last_path = "fused"
-        return _run_fused(self, x_seq, state, backend, True, *self._kv_projection())
+        return _forward(self, x_seq, state, want_state=True)
 
     def free(self) -> None:
         """Kept for labml_nn API compatibility: no state outlives a forward call."""

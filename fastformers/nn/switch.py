@@ -4,11 +4,14 @@ FFNs and a router that sends every token to exactly one of them.
 Shape letters: ``L`` sequence length, ``B`` batch, ``N = L * B`` tokens,
 ``E`` experts, ``D`` = ``d_model``.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .. import _backend
+from ..ops.switch import route, switch_mlp
+from ..ops.switch.op import DROP_POLICIES
 from ._utils import clone_module_list
 from .attention import FeedForward, MultiHeadAttention
 
@@ -18,14 +21,32 @@ class SwitchFeedForward(nn.Module):
 
     Each token goes to the expert of highest routing probability ``p_max``.
     An expert takes at most ``capacity = int(capacity_factor * N / E)``
-    tokens; with ``drop_tokens`` the surplus of an overloaded expert is chosen
-    by ``torch.randperm(n)`` (n = tokens routed to it) on the global CPU
-    generator, one draw per overloaded expert in expert order, exactly as
-    labml_nn 0.5.1 draws it, so under the same ``torch.manual_seed`` the same
-    tokens are dropped. Dropped tokens pass through unchanged.
+    tokens; with ``drop_tokens`` the surplus of an overloaded expert is
+    dropped and passes through unchanged. Which tokens are dropped follows the
+    ``drop_policy`` attribute (see :func:`fastformers.ops.switch.route`):
+
+    * ``"labml"`` (default): ``torch.randperm(n)`` (n = tokens routed to the
+      expert) on ``generator``, or on the global CPU generator when
+      ``generator`` (attribute, default None) is None, one draw per overloaded expert in expert order,
+      exactly as labml_nn 0.5.1 draws it, so under the same
+      ``torch.manual_seed`` the same tokens are dropped;
+    * ``"deterministic"``: each expert keeps its first ``capacity`` tokens in
+      token order; no random numbers are drawn.
 
     The output is scaled by ``p_max`` when ``is_scale_prob``; otherwise by
     ``p_max / p_max.detach()`` (value 1) so the router still gets gradients.
+
+    The experts stay ``n_experts`` separate :class:`FeedForward` modules (same
+    ``state_dict`` keys as labml, ``experts.{e}.layer1.weight``, ...); the
+    fused backends read their parameters in place, without stacking them.
+    ``backend`` (settable; None = automatic) selects the implementation:
+    ``"cpp"``/``"triton"`` run routing plus one grouped expert-FFN op
+    (:func:`fastformers.ops.switch.switch_mlp`), ``"reference"`` loops over
+    the expert modules as labml does. The fused op covers experts with ReLU or
+    exact GELU, optional gate and biases, and no active dropout (dropout 0 or
+    eval mode); for other experts, and on CUDA (no Triton kernel yet), the
+    automatic choice is the reference, and an explicitly requested fused
+    backend raises. ``last_backend`` records the backend the last forward used.
     """
 
     def __init__(self, *,
@@ -43,6 +64,11 @@ class SwitchFeedForward(nn.Module):
         self.experts = clone_module_list(expert, n_experts)
         self.switch = nn.Linear(d_model, n_experts)
         self.softmax = nn.Softmax(dim=-1)
+        # labml's constructor signature is kept: these are set after construction
+        self.drop_policy = "labml"
+        self.generator: Optional[torch.Generator] = None
+        self.backend: Optional[str] = None
+        self.last_backend: Optional[str] = None
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """``x`` ``[L, B, D]``. Returns
@@ -53,36 +79,114 @@ class SwitchFeedForward(nn.Module):
         * the number of dropped tokens (a Python ``int``),
         * ``p_max`` ``[N]``, each token's highest routing probability.
         """
+        if x.dim() != 3:
+            raise ValueError(f"x must be [seq_len, batch, d_model], got shape {tuple(x.shape)}")
         seq_len, batch_size, d_model = x.shape
-        x = x.reshape(-1, d_model)
-        route_prob = self.softmax(self.switch(x))
-        route_prob_max, routes = torch.max(route_prob, dim=-1)
-        indexes = [torch.eq(routes, i).nonzero(as_tuple=True)[0] for i in range(self.n_experts)]
-        counts = x.new_tensor([len(idx) for idx in indexes])
-        capacity = int(self.capacity_factor * len(x) / self.n_experts)
-
-        dropped: List[torch.Tensor] = []
-        if self.drop_tokens:
-            for i, idx in enumerate(indexes):
-                if len(idx) > capacity:
-                    idx = idx[torch.randperm(len(idx))]
-                    dropped.append(idx[capacity:])
-                    indexes[i] = idx[:capacity]
-
-        out = x.new_zeros(x.shape)
-        for expert, idx in zip(self.experts, indexes):
-            out[idx, :] = expert(x[idx, :])
-        n_dropped = 0
-        if dropped:
-            dropped_idx = torch.cat(dropped)
-            out[dropped_idx, :] = x[dropped_idx, :]
-            n_dropped = len(dropped_idx)
-
-        if self.is_scale_prob:
-            out = out * route_prob_max.view(-1, 1)
+        tokens = x.reshape(-1, d_model)
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        backend = self.last_backend = self._choose_backend(tokens.device)
+        routing = route(self.switch(tokens), self.capacity_factor, self.drop_tokens, self.drop_policy,
+                        self.generator)
+        p_max = routing.route_prob_max
+        scale = p_max if self.is_scale_prob else p_max / p_max.detach()
+        if backend == "reference":
+            out = self._experts_one_by_one(tokens, routing) * scale.view(-1, 1)
         else:
-            out = out * (route_prob_max / route_prob_max.detach()).view(-1, 1)
-        return out.view(seq_len, batch_size, d_model), counts, route_prob.sum(0), n_dropped, route_prob_max
+            activation, weights = self._fused_weights()
+            out = switch_mlp(tokens, routing, *weights[:4], scale, activation, *weights[4:], backend=backend)
+        counts = routing.counts.to(x.dtype)
+        return out.view(seq_len, batch_size, d_model), counts, routing.probs.sum(0), routing.n_dropped, p_max
+
+    def _experts_one_by_one(self, tokens: torch.Tensor, routing) -> torch.Tensor:
+        """Unscaled output ``[N, D]``: each expert module on its kept tokens, dropped tokens copied."""
+        starts = routing.offsets.tolist()
+        kept = routing.kept.tolist()
+        out = tokens.new_zeros(tokens.shape)
+        for e, expert in enumerate(self.experts):
+            rows = routing.order[starts[e]:starts[e] + kept[e]]
+            out[rows, :] = expert(tokens[rows, :])
+        if routing.n_dropped:
+            dropped = torch.cat([routing.order[starts[e] + kept[e]:starts[e + 1]] for e in range(self.n_experts)])
+            out[dropped, :] = tokens[dropped, :]
+        return out
+
+    def _choose_backend(self, device: torch.device) -> str:
+        requested = self.backend if self.backend is not None else _backend.forced_backend()
+        name = _backend.resolve_backend(device, requested)
+        if name == "reference":
+            return name
+        reason = self._unfusable_reason()
+        if requested is None and (reason is not None or name == "triton"):
+            # automatic choice: the fused op cannot express these experts, or
+            # there is no Triton kernel yet; last_backend shows it
+            _backend.logger.debug("fastformers: SwitchFeedForward runs the reference (%s)",
+                                  reason or "no Triton switch kernel")
+            return "reference"
+        if reason is not None:
+            raise ValueError(f"SwitchFeedForward backend {name!r} cannot run these experts: {reason}")
+        return name
+
+    def _unfusable_reason(self) -> Optional[str]:
+        first = self.experts[0]
+        if not all(hasattr(first, name) for name in ("layer1", "layer2", "activation", "dropout", "is_gated")):
+            return "the experts are not FeedForward modules"
+        activation = _activation_name(first.activation)
+        if activation is None:
+            return f"activation {first.activation!r} is neither nn.ReLU nor exact nn.GELU"
+        layout = _expert_layout(first)
+        for expert in self.experts:
+            if _expert_layout(expert) != layout or _activation_name(expert.activation) != activation:
+                return "the experts differ in activation, gating or biases"
+            if expert.training and expert.dropout.p > 0:
+                return f"expert dropout p={expert.dropout.p} is active (training mode)"
+        return None
+
+    def _fused_weights(self) -> Tuple[str, List[Optional[List[torch.Tensor]]]]:
+        """Activation name and the per-expert ``w1, b1, w2, b2, w_gate, b_gate`` lists (None when absent)."""
+        first = self.experts[0]
+        linears = [("layer1", "weight"), ("layer1", "bias"), ("layer2", "weight"), ("layer2", "bias")]
+        if first.is_gated:
+            linears += [("linear_v", "weight"), ("linear_v", "bias")]
+        weights: List[Optional[List[torch.Tensor]]] = []
+        for layer, name in linears:
+            present = getattr(getattr(first, layer), name) is not None
+            weights.append([getattr(getattr(e, layer), name) for e in self.experts] if present else None)
+        weights += [None] * (6 - len(weights))
+        return _activation_name(first.activation), weights
+
+
+def _activation_name(activation: nn.Module) -> Optional[str]:
+    if type(activation) is nn.ReLU:
+        return "relu"
+    if type(activation) is nn.GELU and activation.approximate == "none":
+        return "gelu"
+    return None
+
+
+def _expert_layout(expert: nn.Module) -> tuple:
+    gate = getattr(expert, "linear_v", None) if expert.is_gated else None
+    return (expert.is_gated, expert.layer1.bias is not None, expert.layer2.bias is not None,
+            gate is not None and gate.bias is not None)
+
+
+def load_balancing_loss(counts: torch.Tensor, route_prob_sum: torch.Tensor, n_experts: int) -> torch.Tensor:
+    r"""Switch Transformer load-balancing loss, as labml_nn's switch experiment computes it.
+
+    counts: ``[E]`` or ``[n_layers, E]`` tokens routed per expert (the
+    ``counts`` :class:`SwitchFeedForward` returns, stacked over layers by
+    :class:`SwitchTransformer`); route_prob_sum: same shape, the summed
+    routing probabilities. With ``f_i = counts_i / Σ_j counts_j`` and
+    ``P_i = route_prob_sum_i / Σ_j counts_j`` per layer, returns the scalar
+    ``n_experts · Σ_layers Σ_i f_i · P_i`` (1 per layer when perfectly balanced).
+    """
+    if counts.shape != route_prob_sum.shape or counts.dim() not in (1, 2) or counts.shape[-1] != n_experts:
+        raise ValueError(
+            f"counts and route_prob_sum must both be [{n_experts}] or [n_layers, {n_experts}], "
+            f"got {tuple(counts.shape)} and {tuple(route_prob_sum.shape)}"
+        )
+    total = counts.sum(dim=-1, keepdim=True)
+    return n_experts * ((counts / total) * (route_prob_sum / total)).sum()
 
 
 class SwitchTransformerLayer(nn.Module):

@@ -35,8 +35,12 @@ class TransformerXLLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``mask``
         ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``). Returns ``[L, B, D]``."""
-        z = self.norm_self_attn(x)
-        keys = z if mem is None else torch.cat((self.norm_self_attn(mem), z), dim=0)
+        # One LayerNorm over [mem; x] (row-wise, so identical to normalising each
+        # part) and z a view of its tail: the memory is copied once per call, by
+        # this cat. It cannot be cached across calls while training: the norm and
+        # the key/value projections applied to it change every optimizer step.
+        keys = self.norm_self_attn(x if mem is None else torch.cat((mem, x), dim=0))
+        z = keys[keys.shape[0] - x.shape[0]:]
         x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 

@@ -1,0 +1,499 @@
+// CPU kernels of Transformer-XL relative-position attention and its backward.
+// Schemas live in fastformers/ops/xl/op.py; the math is in fastformers/ops/xl/naive.py:
+//
+//   s[i, j] = scale * ((q_i + u) . k_j + q_i . R[r] + S[r]),   r = L - 1 - i + j
+//   out_i   = sum_j softmax_j(s[i, :]) v_j,                     lse_i = logsumexp_j s[i, j]
+//
+// query [L, B, H, d], key/value [K, B, H, d] (K = M + L, memory first), the
+// position window R = pos_emb [K + L - 1, H, d], S = pos_bias [K + L - 1, H],
+// u = query_pos_bias [H, d]. Work is split per (batch, head) and per tile of
+// kQueryTile queries. A tile's positional term is one GEMM of the query tile
+// against the band of window rows it touches (BM + kv - 1 rows), from which each
+// score picks its skewed diagonal by index arithmetic: the padded / shifted
+// [L, K, B, H] tensors of the reference never exist. Under causal masking a
+// tile only visits the keys its last query can see (kv = M + i0 + BM), so fully
+// masked key blocks cost nothing. The tile's whole visible key row (BM x kv
+// scores) stays in a per-thread scratch buffer, so the softmax is exact in two
+// passes rather than flash-style rescaling: on a CPU this keeps every dense
+// product one large BLAS call. Backward recomputes probabilities from the saved
+// log-sum-exp.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+// Fortran BLAS, exported by the BLAS torch links (MKL on x86-64 wheels). Weak:
+// when the symbol is absent the kernels fall back to at::mm on borrowed blobs.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace fastformers {
+namespace {
+
+constexpr int64_t kQueryTile = 64;
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTFORMERS_VECTOR_CLONES
+#endif
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, op(A) [m, k], op(B) [k, n];
+// lda/ldb/ldc are the row strides of the matrices as stored.
+template <typename T>
+void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto matrix = [&](const T* data, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    // op(X) is [rows, cols]; X is stored row-major as [rows, cols] or [cols, rows].
+    at::Tensor stored = trans ? at::from_blob(const_cast<T*>(data), {cols, rows}, {ld, 1}, options).t()
+                              : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
+    return stored;
+  };
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  out.copy_(at::addmm(out, matrix(a, trans_a, m, k, lda), matrix(b, trans_b, k, n, ldb), beta, alpha));
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t row = 0; row < m; ++row)
+      for (int64_t col = 0; col < n; ++col) c[row * ldc + col] = beta == T(0) ? T(0) : beta * c[row * ldc + col];
+    return;
+  }
+  // Column-major BLAS sees a row-major X as X^T: C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      return;
+    }
+  }
+  gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// exp for float: Cody-Waite range reduction and a degree-6 polynomial, written so
+// the loops around it vectorise (std::exp does not without -ffast-math);
+// relative error ~2e-7. exp(-inf) = 0 and NaN propagates, as the softmax needs.
+inline float exp_approx(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float result = p * std::bit_cast<float>(bits);
+  result = x == -std::numeric_limits<float>::infinity() ? 0.0f : result;
+  return x != x ? x : result;
+}
+
+inline float exp_of(float x) { return exp_approx(x); }
+inline double exp_of(double x) { return std::exp(x); }
+
+// One (batch, head) slice of a [N, B, H, d] tensor with unit stride along d.
+template <typename T>
+struct Slices {
+  T* data;
+  int64_t row, batch, head;  // strides
+  T* at(int64_t b, int64_t h) const { return data + b * batch + h * head; }
+};
+
+template <typename T>
+Slices<T> slices(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+template <typename T>
+struct Problem {
+  int64_t L, K, M, B, H, d, W;
+  T scale;
+  bool causal;
+  Slices<const T> q, k, v;
+  const T* pos_emb;  // [W, H, d]
+  int64_t pe_row, pe_head;
+  const T* pos_bias;  // [W, H]
+  int64_t pb_row, pb_head;
+  const T* u;  // [H, d]
+  int64_t u_head;
+  const bool* mask;  // [L, K, B] (broadcast strides) or nullptr
+  int64_t mask_i, mask_j, mask_b;
+
+  // Keys a tile of queries [i0, i0 + rows) can see: the causal limit of its last query.
+  int64_t visible_keys(int64_t i0, int64_t rows) const { return causal ? std::min(K, M + i0 + rows) : K; }
+};
+
+// bias[r] = pos_bias[r, h]: one contiguous column per head so the score loop reads it with unit stride.
+template <typename T>
+void bias_column(const Problem<T>& p, int64_t h, T* bias) {
+  for (int64_t r = 0; r < p.W; ++r) bias[r] = p.pos_bias[r * p.pb_row + h * p.pb_head];
+}
+
+// scores[ii, j] += band[ii, rows - 1 - ii + j] + bias[band_start + rows - 1 - ii + j], times scale,
+// then -inf where masked; for one query row.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void combine_row(T* __restrict__ scores, const T* __restrict__ band,
+                                           const T* __restrict__ bias, int64_t kv, int64_t last_visible, T scale) {
+  const int64_t visible = std::min(kv, last_visible + 1);
+  for (int64_t j = 0; j < visible; ++j) scores[j] = scale * (scores[j] + band[j] + bias[j]);
+  for (int64_t j = visible; j < kv; ++j) scores[j] = -std::numeric_limits<T>::infinity();
+}
+
+// Unnormalised probabilities in place, exp(s - max); returns (max, sum).
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void softmax_row(T* __restrict__ scores, int64_t kv, T* max_out, T* sum_out) {
+  T max = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < kv; ++j) max = std::max(max, scores[j]);
+  T sum = 0;
+  for (int64_t j = 0; j < kv; ++j) {
+    const T e = exp_of(scores[j] - max);
+    scores[j] = e;
+    sum += e;
+  }
+  *max_out = max;
+  *sum_out = sum;
+}
+
+// scores[j] <- scale * exp(s[j] - lse) * (dprob[j] - delta): the gradient of the pre-scale scores.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void grad_scores_row(T* __restrict__ scores, T* __restrict__ dprob, int64_t kv, T lse,
+                                               T delta, T scale) {
+  for (int64_t j = 0; j < kv; ++j) {
+    const T prob = exp_of(scores[j] - lse);
+    scores[j] = prob;
+    dprob[j] = scale * prob * (dprob[j] - delta);
+  }
+}
+
+// Scores of queries [i0, i0 + rows) of (b, h) against keys [0, kv): scaled, masked, into
+// scores [rows, kv]. qu [rows, d] receives q + u; band [rows, kv + rows - 1] the positional GEMM.
+template <typename T>
+void tile_scores(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t kv, const T* bias,
+                 T* qu, T* band, T* scores) {
+  const int64_t d = p.d;
+  const T* q = p.q.at(b, h) + i0 * p.q.row;
+  const T* u = p.u + h * p.u_head;
+  for (int64_t ii = 0; ii < rows; ++ii)
+    for (int64_t c = 0; c < d; ++c) qu[ii * d + c] = q[ii * p.q.row + c] + u[c];
+  gemm<T>(false, true, rows, kv, d, T(1), qu, d, p.k.at(b, h), p.k.row, T(0), scores, kv);
+  // Row r = L - 1 - i + j: the tile spans rows band_start .. band_start + kv + rows - 2.
+  const int64_t band_start = p.L - i0 - rows;
+  const int64_t width = kv + rows - 1;
+  gemm<T>(false, true, rows, width, d, T(1), q, p.q.row, p.pos_emb + band_start * p.pe_row + h * p.pe_head, p.pe_row,
+          T(0), band, width);
+  for (int64_t ii = 0; ii < rows; ++ii) {
+    const int64_t offset = rows - 1 - ii;
+    const int64_t last_visible = p.causal ? p.M + i0 + ii : p.K - 1;
+    T* row = scores + ii * kv;
+    combine_row(row, band + ii * width + offset, bias + band_start + offset, kv, last_visible, p.scale);
+    if (p.mask != nullptr) {
+      const bool* mask = p.mask + (i0 + ii) * p.mask_i + b * p.mask_b;
+      for (int64_t j = 0; j < kv; ++j)
+        if (!mask[j * p.mask_j]) row[j] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const Problem<T>& p, T* out, int64_t out_row, int64_t out_batch, int64_t out_head, T* lse) {
+  const int64_t tile = std::min(kQueryTile, p.L);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qu(tile * p.d), band(tile * (p.K + tile)), scores(tile * p.K), bias(p.W), inv_sum(tile);
+    int64_t bias_head = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.H, h = task % p.H;
+      if (h != bias_head) {
+        bias_column(p, h, bias.data());
+        bias_head = h;
+      }
+      T* out_bh = out + b * out_batch + h * out_head;
+      T* lse_bh = lse + (b * p.H + h) * p.L;
+      for (int64_t i0 = 0; i0 < p.L; i0 += tile) {
+        const int64_t rows = std::min(tile, p.L - i0);
+        const int64_t kv = p.visible_keys(i0, rows);
+        tile_scores(p, b, h, i0, rows, kv, bias.data(), qu.data(), band.data(), scores.data());
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          T max, sum;
+          softmax_row(scores.data() + ii * kv, kv, &max, &sum);
+          lse_bh[i0 + ii] = max + std::log(sum);
+          inv_sum[ii] = T(1) / sum;
+        }
+        T* out_tile = out_bh + i0 * out_row;
+        gemm<T>(false, false, rows, p.d, kv, T(1), scores.data(), kv, p.v.at(b, h), p.v.row, T(0), out_tile, out_row);
+        for (int64_t ii = 0; ii < rows; ++ii)
+          for (int64_t c = 0; c < p.d; ++c) out_tile[ii * out_row + c] *= inv_sum[ii];
+      }
+    }
+  });
+}
+
+template <typename T>
+struct Grads {
+  Slices<T> q, k, v;  // contiguous [N, B, H, d]
+  T* pos_emb;         // [W, H, d]
+  T* pos_bias;        // [W, H]
+  T* u;               // [H, d]
+};
+
+// Parallel over heads, batches in order inside: the window and query_pos_bias
+// gradients are sums over the batch, so each head's sums have one owner (no
+// atomics, and results independent of the thread count).
+template <typename T>
+void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const T> out, const T* lse,
+                     const Grads<T>& g) {
+  const int64_t tile = std::min(kQueryTile, p.L);
+  const int64_t d = p.d;
+  at::parallel_for(0, p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qu(tile * d), band(tile * (p.K + tile)), scores(tile * p.K), dprob(tile * p.K),
+        dband(tile * (p.K + tile)), bias(p.W), grad_bias(p.W), grad_u(d), delta(tile);
+    for (int64_t h = begin; h < end; ++h) {
+      bias_column(p, h, bias.data());
+      std::fill(grad_bias.begin(), grad_bias.end(), T(0));
+      std::fill(grad_u.begin(), grad_u.end(), T(0));
+      const T* pos_emb_h = p.pos_emb + h * p.pe_head;
+      T* grad_pos_emb_h = g.pos_emb + h * d;
+      const int64_t grad_pe_row = p.H * d;
+      for (int64_t b = 0; b < p.B; ++b) {
+        const T* lse_bh = lse + (b * p.H + h) * p.L;
+        const T* q_bh = p.q.at(b, h);
+        const T* k_bh = p.k.at(b, h);
+        const T* v_bh = p.v.at(b, h);
+        T* gq_bh = g.q.at(b, h);
+        T* gk_bh = g.k.at(b, h);
+        T* gv_bh = g.v.at(b, h);
+        for (int64_t i0 = 0; i0 < p.L; i0 += tile) {
+          const int64_t rows = std::min(tile, p.L - i0);
+          const int64_t kv = p.visible_keys(i0, rows);
+          const int64_t band_start = p.L - i0 - rows;
+          const int64_t width = kv + rows - 1;
+          tile_scores(p, b, h, i0, rows, kv, bias.data(), qu.data(), band.data(), scores.data());
+          const T* go = grad_out.at(b, h) + i0 * grad_out.row;
+          const T* o = out.at(b, h) + i0 * out.row;
+          for (int64_t ii = 0; ii < rows; ++ii) {
+            T dot = 0;
+            for (int64_t c = 0; c < d; ++c) dot += go[ii * grad_out.row + c] * o[ii * out.row + c];
+            delta[ii] = dot;
+          }
+          // dprob = dO V^T, then the probabilities and dS = scale * P * (dprob - delta).
+          gemm<T>(false, true, rows, kv, d, T(1), go, grad_out.row, v_bh, p.v.row, T(0), dprob.data(), kv);
+          for (int64_t ii = 0; ii < rows; ++ii)
+            grad_scores_row(scores.data() + ii * kv, dprob.data() + ii * kv, kv, lse_bh[i0 + ii], delta[ii], p.scale);
+          // dV += P^T dO
+          gemm<T>(true, false, kv, d, rows, T(1), scores.data(), kv, go, grad_out.row, T(1), gv_bh, g.v.row);
+          // dQ = dS K (content part; its column sums are dU), dK += dS^T (Q + u)
+          T* gq = gq_bh + i0 * g.q.row;
+          gemm<T>(false, false, rows, d, kv, T(1), dprob.data(), kv, k_bh, p.k.row, T(0), gq, g.q.row);
+          for (int64_t ii = 0; ii < rows; ++ii)
+            for (int64_t c = 0; c < d; ++c) grad_u[c] += gq[ii * g.q.row + c];
+          gemm<T>(true, false, kv, d, rows, T(1), dprob.data(), kv, qu.data(), d, T(1), gk_bh, g.k.row);
+          // Positional part: scatter dS onto its skewed diagonals of the band.
+          std::fill(dband.begin(), dband.begin() + rows * width, T(0));
+          for (int64_t ii = 0; ii < rows; ++ii) {
+            const int64_t offset = rows - 1 - ii;
+            const T* ds = dprob.data() + ii * kv;
+            T* db = dband.data() + ii * width + offset;
+            T* gb = grad_bias.data() + band_start + offset;
+            for (int64_t j = 0; j < kv; ++j) {
+              db[j] = ds[j];
+              gb[j] += ds[j];
+            }
+          }
+          // dQ += dBand R_band, dR_band += dBand^T Q
+          gemm<T>(false, false, rows, d, width, T(1), dband.data(), width, pos_emb_h + band_start * p.pe_row, p.pe_row,
+                  T(1), gq, g.q.row);
+          gemm<T>(true, false, width, d, rows, T(1), dband.data(), width, q_bh + i0 * p.q.row, p.q.row, T(1),
+                  grad_pos_emb_h + band_start * grad_pe_row, grad_pe_row);
+        }
+      }
+      for (int64_t r = 0; r < p.W; ++r) g.pos_bias[r * p.H + h] = grad_bias[r];
+      for (int64_t c = 0; c < d; ++c) g.u[h * d + c] = grad_u[c];
+    }
+  });
+}
+
+void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                  const at::Tensor& pos_emb, const at::Tensor& pos_bias, const at::Tensor& query_pos_bias, bool causal,
+                  const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(query.dim() == 4, op, ": query must be [L, B, H, d], got shape ", query.sizes());
+  const int64_t L = query.size(0), B = query.size(1), H = query.size(2), d = query.size(3);
+  TORCH_CHECK(key.dim() == 4 && key.size(1) == B && key.size(2) == H && key.size(3) == d, op,
+              ": key must be [K, ", B, ", ", H, ", ", d, "], got shape ", key.sizes());
+  const int64_t K = key.size(0);
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value must be ", key.sizes(), " like key, got ", value.sizes());
+  TORCH_CHECK(L >= 1 && K >= 1, op, ": needs at least one query and one key, got L=", L, ", K=", K);
+  TORCH_CHECK(!causal || K >= L, op, ": causal attention needs K = M + L >= L keys, got K=", K, ", L=", L);
+  const int64_t W = K + L - 1;
+  TORCH_CHECK(pos_emb.dim() == 3 && pos_emb.size(0) == W && pos_emb.size(1) == H && pos_emb.size(2) == d, op,
+              ": pos_emb must be [K + L - 1, H, d] = [", W, ", ", H, ", ", d, "], got ", pos_emb.sizes());
+  TORCH_CHECK(pos_bias.dim() == 2 && pos_bias.size(0) == W && pos_bias.size(1) == H, op,
+              ": pos_bias must be [K + L - 1, H] = [", W, ", ", H, "], got ", pos_bias.sizes());
+  TORCH_CHECK(query_pos_bias.dim() == 2 && query_pos_bias.size(0) == H && query_pos_bias.size(1) == d, op,
+              ": query_pos_bias must be [H, d] = [", H, ", ", d, "], got ", query_pos_bias.sizes());
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": query must be float32, float64, bfloat16 or float16, got ", dtype);
+  for (const at::Tensor* t : {&key, &value, &pos_emb, &pos_bias, &query_pos_bias})
+    TORCH_CHECK(t->scalar_type() == dtype, op, ": every input must have query's dtype ", dtype, ", got ",
+                t->scalar_type());
+  for (const at::Tensor* t : {&query, &key, &value, &pos_emb, &pos_bias, &query_pos_bias})
+    TORCH_CHECK(t->device().is_cpu(), op, ": CPU kernel got a tensor on ", t->device());
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": mask must be bool, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 3 && (m.size(0) == 1 || m.size(0) == L) && m.size(1) == K &&
+                    (m.size(2) == 1 || m.size(2) == B),
+                op, ": mask must be [L or 1, K, B or 1] = [", L, ", ", K, ", ", B, "], got ", m.sizes());
+    TORCH_CHECK(m.device().is_cpu(), op, ": CPU kernel got mask on ", m.device());
+  }
+  const int64_t int_max = std::numeric_limits<int>::max();
+  for (const at::Tensor* t : {&query, &key, &value, &pos_emb})
+    TORCH_CHECK(t->numel() < int_max, op, ": tensors of 2^31 elements or more are not supported");
+}
+
+// The kernels compute in opmath precision (float for bfloat16 / float16) on
+// tensors whose last dimension has unit stride.
+at::Tensor compute_view(const at::Tensor& t, at::ScalarType compute) {
+  if (t.scalar_type() != compute) return t.to(compute).contiguous();
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+at::ScalarType compute_type(const at::Tensor& query) {
+  return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pe,
+                        const at::Tensor& pb, const at::Tensor& u, double scale, bool causal,
+                        const std::optional<at::Tensor>& mask) {
+  Problem<T> p;
+  p.L = q.size(0);
+  p.B = q.size(1);
+  p.H = q.size(2);
+  p.d = q.size(3);
+  p.K = k.size(0);
+  p.M = p.K - p.L;
+  p.W = p.K + p.L - 1;
+  p.scale = static_cast<T>(scale);
+  p.causal = causal;
+  p.q = {q.data_ptr<T>(), q.stride(0), q.stride(1), q.stride(2)};
+  p.k = {k.data_ptr<T>(), k.stride(0), k.stride(1), k.stride(2)};
+  p.v = {v.data_ptr<T>(), v.stride(0), v.stride(1), v.stride(2)};
+  p.pos_emb = pe.data_ptr<T>();
+  p.pe_row = pe.stride(0);
+  p.pe_head = pe.stride(1);
+  p.pos_bias = pb.data_ptr<T>();
+  p.pb_row = pb.stride(0);
+  p.pb_head = pb.stride(1);
+  p.u = u.data_ptr<T>();
+  p.u_head = u.stride(0);
+  p.mask = nullptr;
+  if (mask.has_value()) {
+    const at::Tensor expanded = mask->expand({p.L, p.K, p.B});
+    p.mask = expanded.data_ptr<bool>();
+    p.mask_i = expanded.stride(0);
+    p.mask_j = expanded.stride(1);
+    p.mask_b = expanded.stride(2);
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> rel_attention_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, const at::Tensor& pos_emb,
+                                                     const at::Tensor& pos_bias, const at::Tensor& query_pos_bias,
+                                                     double scale, bool causal,
+                                                     const std::optional<at::Tensor>& mask) {
+  check_inputs("rel_attention", query, key, value, pos_emb, pos_bias, query_pos_bias, causal, mask);
+  const auto compute = compute_type(query);
+  const at::Tensor q = compute_view(query, compute), k = compute_view(key, compute), v = compute_view(value, compute);
+  const at::Tensor pe = compute_view(pos_emb, compute), pb = pos_bias.to(compute);
+  const at::Tensor u = query_pos_bias.to(compute).contiguous();
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(compute));
+  at::Tensor lse = at::empty({query.size(1), query.size(2), query.size(0)}, query.options().dtype(compute));
+  AT_DISPATCH_FLOATING_TYPES(compute, "rel_attention_cpu", [&] {
+    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask);
+    forward_kernel(problem, out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2),
+                   lse.data_ptr<scalar_t>());
+  });
+  return {out.to(query.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& pos_emb, const at::Tensor& pos_bias, const at::Tensor& query_pos_bias, const at::Tensor& out,
+    const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& mask) {
+  check_inputs("rel_attention_backward", query, key, value, pos_emb, pos_bias, query_pos_bias, causal, mask);
+  TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
+              "rel_attention_backward: grad_out and out must be ", query.sizes(), ", got ", grad_out.sizes(), " and ",
+              out.sizes());
+  const auto compute = compute_type(query);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == query.size(1) && lse.size(1) == query.size(2) &&
+                  lse.size(2) == query.size(0) && lse.scalar_type() == compute,
+              "rel_attention_backward: lse must be [B, H, L] = [", query.size(1), ", ", query.size(2), ", ",
+              query.size(0), "] of ", compute, ", got ", lse.sizes(), " of ", lse.scalar_type());
+  const at::Tensor q = compute_view(query, compute), k = compute_view(key, compute), v = compute_view(value, compute);
+  const at::Tensor pe = compute_view(pos_emb, compute), pb = pos_bias.to(compute);
+  const at::Tensor u = query_pos_bias.to(compute).contiguous();
+  const at::Tensor go = compute_view(grad_out, compute), o = compute_view(out, compute);
+  const at::Tensor lse_c = lse.contiguous();
+  const auto options = query.options().dtype(compute);
+  at::Tensor grad_query = at::empty(query.sizes(), options);
+  at::Tensor grad_key = at::zeros(key.sizes(), options);
+  at::Tensor grad_value = at::zeros(key.sizes(), options);
+  at::Tensor grad_pos_emb = at::zeros(pos_emb.sizes(), options);
+  at::Tensor grad_pos_bias = at::empty(pos_bias.sizes(), options);
+  at::Tensor grad_query_pos_bias = at::empty(query_pos_bias.sizes(), options);
+  AT_DISPATCH_FLOATING_TYPES(compute, "rel_attention_backward_cpu", [&] {
+    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask);
+    const Grads<scalar_t> grads{slices<scalar_t>(grad_query), slices<scalar_t>(grad_key), slices<scalar_t>(grad_value),
+                                grad_pos_emb.data_ptr<scalar_t>(), grad_pos_bias.data_ptr<scalar_t>(),
+                                grad_query_pos_bias.data_ptr<scalar_t>()};
+    const Slices<const scalar_t> grad_out_slices{go.data_ptr<scalar_t>(), go.stride(0), go.stride(1), go.stride(2)};
+    const Slices<const scalar_t> out_slices{o.data_ptr<scalar_t>(), o.stride(0), o.stride(1), o.stride(2)};
+    backward_kernel(problem, grad_out_slices, out_slices, lse_c.data_ptr<scalar_t>(), grads);
+  });
+  const auto dtype = query.scalar_type();
+  return {grad_query.to(dtype),   grad_key.to(dtype),      grad_value.to(dtype),
+          grad_pos_emb.to(dtype), grad_pos_bias.to(dtype), grad_query_pos_bias.to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastformers, CPU, m) {
+  m.impl("rel_attention", &rel_attention_cpu);
+  m.impl("rel_attention_backward", &rel_attention_backward_cpu);
+}
+
+}  // namespace fastformers

@@ -1,0 +1,300 @@
+"""Switch Transformer ops: top-1 routing with capacity, and the grouped expert
+FFN registered in ``torch.ops.fastformers``.
+
+``switch_mlp(x [T, d], order [T], offsets [E + 1], kept [E], w1 [E, d_ff, d],
+b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation) -> (y [T, d],
+hidden [T, n · d_ff])`` (weights as lists of per-expert tensors, see
+:func:`naive.switch_mlp`) and its ``switch_mlp_backward``: CPU kernels come from
+``csrc/switch.cpp``, every other device (and CPU without the extension) from
+:mod:`.naive`. There is no Triton kernel yet.
+"""
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from ... import _backend
+from ..._library import lib, qualname
+from . import naive
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+DROP_POLICIES = ("labml", "deterministic")
+Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# Expert weights are lists of per-expert tensors (an empty list: no bias / no
+# gate) so that modules holding one nn.Linear per expert pass their parameters
+# as they are: no stacking copy per call, and each gradient lands in its own tensor.
+lib.define(
+    "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
+    "Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, str activation) -> (Tensor, Tensor)"
+)
+lib.define(
+    "switch_mlp_backward(Tensor grad_y, Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, "
+    "Tensor[] b1, Tensor[] w2, Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, Tensor hidden, "
+    "str activation) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)"
+)
+
+lib.impl("switch_mlp", naive.switch_mlp, "CompositeExplicitAutograd")
+lib.impl("switch_mlp_backward", naive.switch_mlp_backward, "CompositeExplicitAutograd")
+
+
+class Routing(NamedTuple):
+    """Top-1 routing of T tokens over E experts (see :func:`route`)."""
+
+    probs: torch.Tensor  # [T, E] softmax of the router logits
+    route: torch.Tensor  # [T] int64, the chosen expert
+    route_prob_max: torch.Tensor  # [T] probability of the chosen expert
+    counts: torch.Tensor  # [E] int64, tokens routed per expert before dropping
+    capacity: int  # int(capacity_factor * T / E)
+    order: torch.Tensor  # [T] int64, token indices grouped by expert, kept first
+    offsets: torch.Tensor  # [E + 1] int64, start of each expert's segment in order
+    kept: torch.Tensor  # [E] int64, kept tokens per expert
+    n_dropped: int
+
+
+def route(
+    logits: torch.Tensor,
+    capacity_factor: float,
+    drop_tokens: bool,
+    drop_policy: str = "labml",
+    generator: Optional[torch.Generator] = None,
+) -> Routing:
+    """Top-1 routing with an expert capacity, as labml_nn's ``SwitchFeedForward``.
+
+    logits: ``[T, E]`` router outputs. ``probs = softmax(logits)``, each token
+    goes to ``argmax`` and ``capacity = int(capacity_factor · T / E)``. Tokens
+    are grouped by expert in ``order`` (segment ``offsets[e] : offsets[e + 1]``),
+    in token order unless reshuffled by the drop policy. With ``drop_tokens``
+    an expert keeps at most ``capacity`` tokens: the first ``kept[e]`` of its
+    segment; the rest are dropped (the FFN passes them through). Which ones are
+    kept depends on ``drop_policy``:
+
+    - ``"labml"``: labml's rule. For each expert whose count exceeds the
+      capacity, in increasing expert index, ``torch.randperm(count,
+      generator=generator)`` permutes its tokens (in token order) and the first
+      ``capacity`` of the permutation are kept. With ``generator=None`` and the
+      same global seed this drops exactly the tokens labml drops. Reads the
+      counts on the host once.
+    - ``"deterministic"``: the first ``capacity`` tokens of each expert in
+      token order are kept; no random numbers are drawn.
+
+    Without ``drop_tokens`` every token is kept and the policy is unused.
+    ``n_dropped`` is a host int, so any dropping reads the counts once.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be [tokens, n_experts] with n_experts >= 1, got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
+    n_tokens, n_experts = logits.shape
+    probs = torch.softmax(logits, dim=-1)
+    route_prob_max, routes = torch.max(probs, dim=-1)
+    capacity = int(capacity_factor * n_tokens / n_experts)
+    counts = torch.bincount(routes, minlength=n_experts)
+    order = torch.argsort(routes, stable=True)
+    offsets = counts.new_zeros(n_experts + 1)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    if not drop_tokens:
+        return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, counts.clone(), 0)
+    kept = counts.clamp(max=capacity)
+    host_counts = counts.tolist()
+    if drop_policy == "labml":
+        _shuffle_overflowing_experts(order, host_counts, capacity, generator)
+    n_dropped = sum(max(count - capacity, 0) for count in host_counts)
+    return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, kept, n_dropped)
+
+
+def _shuffle_overflowing_experts(order, host_counts, capacity, generator) -> None:
+    """Permute, in place, the segment of each expert over capacity the way labml
+    does, drawing one ``randperm`` per such expert in increasing expert index."""
+    # labml draws on the CPU whatever the device of x, so the same seed gives the same permutation
+    perm_device = generator.device if generator is not None else torch.device("cpu")
+    start = 0
+    for count in host_counts:
+        if count > capacity:
+            permutation = torch.randperm(count, generator=generator, device=perm_device).to(order.device)
+            order[start : start + count] = order[start : start + count][permutation]
+        start += count
+
+
+WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w_gate", "b_gate")
+
+
+def expert_lists(w1, b1, w2, b2, w_gate, b_gate) -> tuple:
+    """The six weight groups as lists of per-expert tensors (unbinding stacked ones, [] for None)."""
+    return tuple(
+        [] if group is None else list(group.unbind(0)) if isinstance(group, torch.Tensor) else list(group)
+        for group in (w1, b1, w2, b2, w_gate, b_gate)
+    )
+
+
+def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) -> None:
+    """Raise a clear TypeError/ValueError for inputs the kernels cannot take.
+
+    Each weight is a stacked tensor ``[E, ...]`` or a sequence of E per-expert
+    tensors; the optional ones may be None."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, d_model], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating tensor {_FLOAT_DTYPES}, got {x.dtype}")
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be the Routing returned by route(), got {type(routing).__name__}")
+    if activation not in naive.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(naive.ACTIVATIONS)}, got {activation!r}")
+    if w_gate is None and b_gate is not None:
+        raise ValueError("b_gate is given without w_gate")
+    n_tokens, d_model = x.shape
+    first_w1 = w1 if isinstance(w1, torch.Tensor) else (w1[0] if len(w1) else None)
+    w1_dims = 3 if isinstance(w1, torch.Tensor) else 2
+    if not isinstance(first_w1, torch.Tensor) or first_w1.dim() != w1_dims or first_w1.shape[-1] != d_model:
+        layout = "[n_experts, d_ff, d_model" if w1_dims == 3 else "E tensors [d_ff, d_model"
+        raise ValueError(f"w1 must be {layout}={d_model}], got {_describe(w1)}")
+    n_experts = w1.shape[0] if isinstance(w1, torch.Tensor) else len(w1)
+    d_ff = first_w1.shape[-2]
+    expected = {
+        "w1": (w1, (d_ff, d_model)),
+        "b1": (b1, (d_ff,)),
+        "w2": (w2, (d_model, d_ff)),
+        "b2": (b2, (d_model,)),
+        "w_gate": (w_gate, (d_ff, d_model)),
+        "b_gate": (b_gate, (d_ff,)),
+    }
+    for name, (group, shape) in expected.items():
+        if group is None and name != "w1" and name != "w2":
+            continue
+        if isinstance(group, torch.Tensor):
+            _check_tensor(name, group, (n_experts, *shape), x)
+        elif isinstance(group, (list, tuple)) and len(group) == n_experts:
+            for expert, tensor in enumerate(group):
+                _check_tensor(f"{name}[{expert}]", tensor, shape, x)
+        else:
+            raise ValueError(
+                f"{name} must be a [{n_experts}, {', '.join(map(str, shape))}] tensor or a list of "
+                f"{n_experts} tensors {list(shape)}, got {_describe(group)}"
+            )
+    _check_tensor("scale", scale, (n_tokens,), x)
+    index_shapes = {"order": (n_tokens,), "offsets": (n_experts + 1,), "kept": (n_experts,)}
+    for name, shape in index_shapes.items():
+        tensor = getattr(routing, name)
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.int64:
+            raise ValueError(
+                f"routing.{name} must be int64 {list(shape)} (routing of {n_tokens} tokens over {n_experts} "
+                f"experts), got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if tensor.device != x.device:
+            raise ValueError(f"routing.{name} is on {tensor.device} but x is on {x.device}; all must share a device")
+
+
+def _check_tensor(name: str, tensor, shape: tuple, x: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must be {list(shape)}, got {_describe(tensor)}")
+    if tensor.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {x.dtype}")
+    if tensor.device != x.device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; all must share a device")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {list(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+@torch.library.register_fake(qualname("switch_mlp"))
+def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation):
+    n_hidden = 2 if w_gate else 1
+    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype))
+    return x.new_empty(x.shape), hidden
+
+
+@torch.library.register_fake(qualname("switch_mlp_backward"))
+def _switch_mlp_backward_fake(
+    grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden, activation
+):
+    groups = [[torch.empty_like(w) for w in group] for group in (w1, b1, w2, b2, w_gate, b_gate)]
+    return (torch.empty_like(x), *groups, torch.empty_like(scale))
+
+
+def _setup_context(ctx, inputs, output):
+    x, order, offsets, kept, *groups, scale, activation = inputs
+    _, hidden = output
+    ctx.mark_non_differentiable(hidden)
+    # otherwise autograd fills a zero [T, d_ff] gradient for hidden every backward
+    ctx.set_materialize_grads(False)
+    ctx.activation = activation
+    ctx.group_sizes = [len(group) for group in groups]
+    ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *[w for group in groups for w in group])
+
+
+def _backward(ctx, grad_y, _grad_hidden):
+    x, order, offsets, kept, scale, hidden, *flat = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    groups, start = [], 0
+    for size in ctx.group_sizes:
+        groups.append(flat[start : start + size])
+        start += size
+    grad_x, *grad_groups, grad_scale = torch.ops.fastformers.switch_mlp_backward(
+        grad_y.contiguous(), x, order, offsets, kept, *groups, scale, hidden, ctx.activation
+    )
+    return (grad_x, None, None, None, *grad_groups, grad_scale, None)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastformers::switch_mlp does not support double backward")
+
+
+torch.library.register_autograd(qualname("switch_mlp"), _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    qualname("switch_mlp_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
+def switch_mlp(
+    x: torch.Tensor,
+    routing: Routing,
+    w1: Weights,
+    b1: Optional[Weights],
+    w2: Weights,
+    b2: Optional[Weights],
+    scale: torch.Tensor,
+    activation: str = "relu",
+    w_gate: Optional[Weights] = None,
+    b_gate: Optional[Weights] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Each token through the FFN of the expert ``routing`` chose, times ``scale``.
+
+    x: ``[T, d]``; routing: from :func:`route` on the same T tokens; w1:
+    ``[E, d_ff, d]``, b1: ``[E, d_ff]``, w2: ``[E, d, d_ff]``, b2: ``[E, d]``
+    (``layer1`` / ``layer2`` of labml's FeedForward stacked over experts;
+    biases may be None); optional gate ``w_gate [E, d_ff, d]``, ``b_gate
+    [E, d_ff]`` (``linear_v``, for ``is_gated``); scale: ``[T]`` (``p_max``, or
+    ``p_max / p_max.detach()``); activation: ``"relu"`` or ``"gelu"`` (exact).
+    Every weight may instead be a sequence of E per-expert tensors (``w1[e]``
+    ``[d_ff, d]``, ...), e.g. the parameters of one ``nn.Linear`` per expert:
+    they are used in place, without stacking.
+
+    Returns ``y [T, d]``: ``scale[t] · layer2(act(layer1(x[t])) [· linear_v(x[t])])``
+    for kept tokens, ``scale[t] · x[t]`` for dropped ones. ``backend``
+    overrides the backend selection for this call.
+    """
+    check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate)
+    name = _backend.resolve_backend(x.device, backend)
+    if name == "triton":
+        raise NotImplementedError("Triton switch kernels are not implemented yet")
+    groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
+    args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation)
+    if name == "reference":
+        return naive.switch_mlp(*args)[0]
+    groups = [[w.contiguous() for w in group] for group in groups]
+    return torch.ops.fastformers.switch_mlp(
+        x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation
+    )[0]

@@ -1,0 +1,363 @@
+"""Training a character-level language model: the loop behind ``fastformers train``.
+
+One :class:`Trainer` owns the model, optimizer, learning-rate schedule, batch
+stream, carried memory, RNG states and history; :meth:`Trainer.save` writes
+all of them so that :meth:`Trainer.resume` continues exactly where the run
+stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import pickle
+import random
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from .data import Corpus, DataError, SequentialBatches, ShuffledBatches, load_corpus
+from .models import CompressedMemory, LanguageModel, ModelConfig, build_model, default_model_config
+from .plot import line_chart_png
+
+CHECKPOINT_FORMAT = "fastformers-lm-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+BACKEND_CHOICES = ("fused", "reference")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train; ``MODEL_TRAIN_DEFAULTS`` gives each model labml's experiment values."""
+
+    model: str
+    data: Optional[str] = None
+    out: Optional[str] = None
+    steps: int = 5000
+    time_limit: Optional[float] = None  # minutes; stops (and saves) early when reached
+    seq_len: int = 64
+    batch_size: int = 32
+    optimizer: str = "noam"
+    lr: float = 1.0
+    warmup: int = 2000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 10
+    checkpoint_interval: int = 500
+    seed: int = 0
+    backend: str = "fused"
+    device: Optional[str] = None
+
+    def __post_init__(self):
+        if self.optimizer not in ("noam", "adamw"):
+            raise ValueError(f"optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be at least 1, got {self.warmup}")
+
+
+# labml_nn 0.5.1 experiment settings (transformers/*/experiment.py main()); the
+# optimizer defaults are labml's OptimizerConfigs (warmup 2000, no weight decay).
+MODEL_TRAIN_DEFAULTS: Dict[str, dict] = {
+    "xl": dict(seq_len=2, batch_size=32, optimizer="noam", lr=1.0),
+    "compressive": dict(seq_len=8, batch_size=32, optimizer="adamw", lr=2.5e-4),
+    "feedback": dict(seq_len=128, batch_size=64, optimizer="noam", lr=1.0),
+    "switch": dict(seq_len=64, batch_size=32, optimizer="noam", lr=1.0),
+}
+
+
+def default_train_config(model: str, **overrides) -> TrainConfig:
+    """labml's experiment settings for ``model`` with ``overrides`` (None values ignored)."""
+    if model not in MODEL_TRAIN_DEFAULTS:
+        raise ValueError(f"model must be one of {tuple(MODEL_TRAIN_DEFAULTS)}, got {model!r}")
+    settings = dict(MODEL_TRAIN_DEFAULTS[model])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(model=model, **settings)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not belong to this kind of run."""
+
+
+def backend_context(backend: str):
+    """``reference``: every fastformers op on its plain-PyTorch path; ``fused``: the automatic choice."""
+    if backend == "reference":
+        return _backend.use_backend("reference")
+    if backend == "fused":
+        return contextlib.nullcontext()
+    raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def lr_factor(config: TrainConfig, d_model: int) -> Callable[[int], float]:
+    """Multiplier of ``config.lr`` after ``done`` optimizer steps (as labml: its step count starts at 1).
+
+    Noam: ``d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)``; AdamW: linear warm-up to 1.
+    """
+    if config.optimizer == "noam":
+        return lambda done: d_model ** -0.5 * min((done + 1) ** -0.5, (done + 1) * config.warmup ** -1.5)
+    return lambda done: min(1.0, (done + 1) / config.warmup)
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, d_model: int):
+    if config.optimizer == "noam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=config.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, d_model))
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood in nats: ``logits`` ``[T, B, V]``, ``targets`` ``[T, B]``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def _memory_to_save(memory):
+    if isinstance(memory, CompressedMemory):
+        return {"mem": list(memory.mem), "c_mem": list(memory.c_mem)}
+    return memory
+
+
+def _memory_from_saved(saved, device):
+    if isinstance(saved, dict):
+        return CompressedMemory([m.to(device) for m in saved["mem"]], [c.to(device) for c in saved["c_mem"]])
+    if saved is None:
+        return None
+    return [m.to(device) for m in saved]
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """Write ``payload`` with ``torch.save`` to a temporary file beside ``path``, then rename it over
+    ``path``: a crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: os.PathLike | str) -> dict:
+    """The payload of a checkpoint written by :meth:`Trainer.save`; :class:`CheckpointError` if it
+    is missing, truncated, corrupt or not a fastformers language-model checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Use an earlier checkpoint or start a new run."
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a fastformers language-model checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')}, "
+                              f"this fastformers reads version {CHECKPOINT_VERSION}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, device: str | torch.device = "cpu") -> LanguageModel:
+    model = build_model(ModelConfig(**payload["model_config"])).to(device)
+    model.load_state_dict(payload["model"])
+    return model
+
+
+class Trainer:
+    """A training run; build with :meth:`start` (new) or :meth:`resume` (from a checkpoint)."""
+
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, corpus: Corpus,
+                 log: Callable[[str], None] = print):
+        self.config = config
+        self.model_config = model_config
+        self.corpus = corpus
+        self.log = log
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.out = Path(config.out or f"runs/{config.model}")
+        self.model = build_model(model_config).to(self.device)
+        self.optimizer, self.scheduler = make_optimizer(config, self.model, model_config.d_model)
+        batches = SequentialBatches if self.model.carries_memory else ShuffledBatches
+        extra = {} if self.model.carries_memory else {"seed": config.seed}
+        self.batches = batches(corpus.train, config.batch_size, config.seq_len, **extra)
+        # Raises now, rather than at the first evaluation, if the validation text is too short.
+        SequentialBatches(corpus.valid, config.batch_size, config.seq_len)
+        self.memory = None
+        self.step = 0
+        self.history: Dict[str, List] = {"train": [], "valid": []}
+
+    @classmethod
+    def start(cls, config: TrainConfig, log: Callable[[str], None] = print, **model_overrides) -> "Trainer":
+        """A new run: seeds every RNG with ``config.seed`` before building the model."""
+        corpus = load_corpus(config.data)
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        model_config = default_model_config(config.model, len(corpus.vocab), **model_overrides)
+        return cls(config, model_config, corpus, log)
+
+    @classmethod
+    def resume(cls, path: os.PathLike | str, log: Callable[[str], None] = print, **train_overrides) -> "Trainer":
+        """The run saved at ``path``, continuing exactly; ``train_overrides`` may change
+        only how long it runs and how it reports (steps, time_limit, intervals, out)."""
+        payload = load_checkpoint(path)
+        allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend"}
+        saved = payload["train_config"]
+        changed = {k: v for k, v in train_overrides.items() if v is not None and v != saved.get(k)}
+        if set(changed) - allowed:
+            raise ValueError(f"--resume continues the saved run; cannot change {sorted(set(changed) - allowed)}")
+        config = TrainConfig(**{**saved, **changed})
+        corpus = load_corpus(config.data)
+        if corpus.vocab.chars != payload["vocab"]:
+            raise DataError(f"the text {config.data or 'Tiny Shakespeare'} does not have the vocabulary "
+                            "the checkpoint was trained with")
+        trainer = cls(config, ModelConfig(**payload["model_config"]), corpus, log)
+        trainer.model.load_state_dict(payload["model"])
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        trainer.scheduler.load_state_dict(payload["scheduler"])
+        trainer.batches.load_state_dict(payload["data"])
+        trainer.memory = _memory_from_saved(payload["memory"], trainer.device)
+        trainer.step = payload["step"]
+        trainer.history = payload["history"]
+        torch.set_rng_state(payload["rng"]["torch"])
+        random.setstate(payload["rng"]["python"])
+        if payload["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        return trainer
+
+    def train_step(self) -> float:
+        """One optimizer step on the next batch; returns its cross-entropy (nats)."""
+        self.model.train()
+        epoch = self.batches.epoch
+        inputs, targets = next(self.batches)
+        if self.batches.epoch != epoch:
+            # The stream restarted from the top: the carried memory belongs to the end of the text.
+            self.memory = None
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with backend_context(self.config.backend):
+            output = self.model(inputs, self.memory)
+            loss = cross_entropy(output.logits, targets)
+            total = loss if output.aux_loss is None else loss + output.aux_loss
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.memory = output.memory
+        self.step += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy (nats) over the first ``eval_batches`` validation batches
+        (the same ones every time, so the curve compares like with like)."""
+        self.model.eval()
+        batches = SequentialBatches(self.corpus.valid, self.config.batch_size, self.config.seq_len)
+        memory, losses = None, []
+        # Some models draw random numbers in evaluation too (Switch token dropping): keep
+        # them off the training stream so evaluating never changes the training run.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with backend_context(self.config.backend):
+                for _ in range(min(self.config.eval_batches, len(batches))):
+                    inputs, targets = next(batches)
+                    output = self.model(inputs.to(self.device), memory)
+                    memory = output.memory
+                    losses.append(cross_entropy(output.logits, targets.to(self.device)).item())
+        return sum(losses) / len(losses)
+
+    def save(self, path: Optional[Path] = None) -> Path:
+        path = path or self.out / CHECKPOINT_NAME
+        atomic_save({
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "train_config": dataclasses.asdict(self.config),
+            "model_config": dataclasses.asdict(self.model_config),
+            "vocab": self.corpus.vocab.chars,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.batches.state_dict(),
+            "memory": _memory_to_save(self.memory),
+            "step": self.step,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }, path)
+        return path
+
+    def write_loss_curve(self, path: Optional[Path] = None) -> Optional[Path]:
+        """PNG of train (mean over each evaluation interval) and validation bits per character by step."""
+        if not self.history["valid"]:
+            return None
+        path = path or self.out / "loss.png"
+        per_bit = 1 / math.log(2)
+        interval = self.config.eval_interval
+        train = self.history["train"]
+        train_points = [
+            (min(start + interval, len(train)), per_bit * sum(train[start:start + interval]) / len(train[start:start + interval]))
+            for start in range(0, len(train), interval)
+        ]
+        valid_points = [(step, per_bit * nats) for step, nats in self.history["valid"]]
+        png = line_chart_png({"train": train_points, "valid": valid_points}, "step", "bits/char")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        return path
+
+    def run(self, progress: bool = True) -> Dict[str, List]:
+        """Train until ``steps`` (or ``time_limit``), validating, checkpointing and
+        drawing the loss curve; returns the history."""
+        config = self.config
+        deadline = time.monotonic() + 60 * config.time_limit if config.time_limit else math.inf
+        tokens_per_step = config.seq_len * config.batch_size
+        live = progress and sys.stderr.isatty()
+        if self.step == 0:
+            self.log(f"{config.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                     f"vocabulary {self.model_config.n_tokens}, {self.corpus.train.numel():,} training characters, "
+                     f"backend {config.backend} on {self.device}")
+        # Throughput over the steps since the last report (evaluation excluded).
+        report_start, report_steps = time.perf_counter(), 0
+        while self.step < config.steps and time.monotonic() < deadline:
+            loss = self.train_step()
+            self.history["train"].append(loss)
+            report_steps += 1
+            tokens_per_second = report_steps * tokens_per_step / (time.perf_counter() - report_start)
+            if live:
+                done = self.step / config.steps
+                bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+                sys.stderr.write(f"\r[{bar}] {self.step}/{config.steps} loss {loss:.3f} "
+                                 f"{tokens_per_second:,.0f} tok/s ")
+                sys.stderr.flush()
+            last = self.step == config.steps or time.monotonic() >= deadline
+            if self.step % config.eval_interval == 0 or last:
+                valid = self.evaluate()
+                self.history["valid"].append((self.step, valid))
+                if live:
+                    sys.stderr.write("\n")
+                self.log(f"step {self.step}: train loss {loss:.4f}, valid loss {valid:.4f} nats = "
+                         f"{valid / math.log(2):.4f} bits/char, {tokens_per_second:,.0f} tokens/s")
+                report_start, report_steps = time.perf_counter(), 0
+            if self.step % config.checkpoint_interval == 0 or last:
+                self.save()
+        curve = self.write_loss_curve()
+        if curve is not None:
+            self.log(f"checkpoint {self.out / CHECKPOINT_NAME}, loss curve {curve}")
+        return self.history
