@@ -227,10 +227,17 @@ at::Tensor step_backward_accumulate(const at::Tensor& grad_out_, const at::Tenso
               grad_key_pos_bias.sizes());
   TORCH_CHECK(grad_query_pos_bias.sizes() == query_pos_bias_.sizes() && grad_query_pos_bias.is_contiguous(), op,
               ": grad_query_pos_bias must be contiguous ", query_pos_bias_.sizes());
+  // bfloat16/half steps may accumulate into float32 buffers: a whole recurrence
+  // adds thousands of terms into them, too many for an 8-bit mantissa.
+  const auto grad_dtype = grad_key_cache.scalar_type();
+  const bool widened = grad_dtype != query_.scalar_type();
+  TORCH_CHECK(!widened || (grad_dtype == at::kFloat && at::isReducedFloatingType(query_.scalar_type())), op,
+              ": gradient buffers must have the query dtype ", query_.scalar_type(),
+              " (or float32 for bfloat16/half queries), got ", grad_dtype);
   for (const at::Tensor* t :
        {&grad_key_cache, &grad_value_cache, &grad_key_pos_embeddings, &grad_key_pos_bias, &grad_query_pos_bias}) {
-    TORCH_CHECK(t->scalar_type() == query_.scalar_type() && t->device().is_cpu(), op,
-                ": gradient buffers must be CPU tensors of dtype ", query_.scalar_type());
+    TORCH_CHECK(t->scalar_type() == grad_dtype && t->device().is_cpu(), op,
+                ": gradient buffers must be CPU tensors of one dtype (", grad_dtype, "), got ", t->scalar_type());
   }
   const at::Tensor query = query_.contiguous(), grad_out = grad_out_.contiguous(), R = key_pos_embeddings_.contiguous(),
                    S = key_pos_bias_.contiguous(), u = query_pos_bias_.contiguous();
@@ -243,50 +250,57 @@ at::Tensor step_backward_accumulate(const at::Tensor& grad_out_, const at::Tenso
     const acc_t sc = static_cast<acc_t>(scale);
     const scalar_t* g_all = grad_out.data_ptr<scalar_t>();
     scalar_t* gq_all = grad_query.data_ptr<scalar_t>();
-    scalar_t* gk_all = grad_key_cache.data_ptr<scalar_t>();
-    scalar_t* gv_all = grad_value_cache.data_ptr<scalar_t>();
-    const int64_t gk_time = grad_key_cache.stride(0), gk_batch = grad_key_cache.stride(1);
-    const int64_t gv_time = grad_value_cache.stride(0), gv_batch = grad_value_cache.stride(1);
-    const int64_t first_row = grad_key_pos_embeddings.size(0) - steps;
-    scalar_t* gR = grad_key_pos_embeddings.data_ptr<scalar_t>() + first_row * H * d;
-    scalar_t* gS = grad_key_pos_bias.data_ptr<scalar_t>() + first_row * H;
-    scalar_t* gu_all = grad_query_pos_bias.data_ptr<scalar_t>();
-    at::parallel_for(0, H, grain_for(8 * B * steps * d), [&](int64_t h_begin, int64_t h_end) {
-      std::vector<acc_t> buf(5 * d + 2 * steps);
-      acc_t *qh = buf.data(), *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
-      for (int64_t h = h_begin; h < h_end; ++h) {
-        std::fill(gu, gu + d, acc_t(0));
-        for (int64_t b = 0; b < B; ++b) {
-          load_query(w, b, h, qh, qu);
-          step_probs(w, b, h, sc, qh, qu, p);
-          const scalar_t* gsrc = g_all + (b * H + h) * d;
-          for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
-          const scalar_t* k = w.k + b * w.k_batch + h * d;
-          const scalar_t* v = w.v + b * w.v_batch + h * d;
-          acc_t delta = 0;
-          for (int64_t j = 0; j < steps; ++j) {
-            ds[j] = dot(v + j * w.v_time, g, d);
-            delta += p[j] * ds[j];
+    auto accumulate = [&]<typename grad_t>() {
+      grad_t* gk_all = grad_key_cache.data_ptr<grad_t>();
+      grad_t* gv_all = grad_value_cache.data_ptr<grad_t>();
+      const int64_t gk_time = grad_key_cache.stride(0), gk_batch = grad_key_cache.stride(1);
+      const int64_t gv_time = grad_value_cache.stride(0), gv_batch = grad_value_cache.stride(1);
+      const int64_t first_row = grad_key_pos_embeddings.size(0) - steps;
+      grad_t* gR = grad_key_pos_embeddings.data_ptr<grad_t>() + first_row * H * d;
+      grad_t* gS = grad_key_pos_bias.data_ptr<grad_t>() + first_row * H;
+      grad_t* gu_all = grad_query_pos_bias.data_ptr<grad_t>();
+      at::parallel_for(0, H, grain_for(8 * B * steps * d), [&](int64_t h_begin, int64_t h_end) {
+        std::vector<acc_t> buf(5 * d + 2 * steps);
+        acc_t *qh = buf.data(), *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          std::fill(gu, gu + d, acc_t(0));
+          for (int64_t b = 0; b < B; ++b) {
+            load_query(w, b, h, qh, qu);
+            step_probs(w, b, h, sc, qh, qu, p);
+            const scalar_t* gsrc = g_all + (b * H + h) * d;
+            for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
+            const scalar_t* k = w.k + b * w.k_batch + h * d;
+            const scalar_t* v = w.v + b * w.v_batch + h * d;
+            acc_t delta = 0;
+            for (int64_t j = 0; j < steps; ++j) {
+              ds[j] = dot(v + j * w.v_time, g, d);
+              delta += p[j] * ds[j];
+            }
+            std::fill(gq, gq + d, acc_t(0));
+            grad_t* gk = gk_all + b * gk_batch + h * d;
+            grad_t* gv = gv_all + b * gv_batch + h * d;
+            for (int64_t j = 0; j < steps; ++j) {
+              const acc_t score_grad = p[j] * (ds[j] - delta) * sc;
+              axpy(score_grad, k + j * w.k_time, gq, d);
+              axpy(score_grad, w.R + (j * H + h) * d, gq, d);
+              axpy(score_grad, k + j * w.k_time, gu, d);
+              axpy_store(score_grad, qu, gk + j * gk_time, d);
+              axpy_store(p[j], g, gv + j * gv_time, d);
+              axpy_store(score_grad, qh, gR + (j * H + h) * d, d);
+              gS[j * H + h] = static_cast<grad_t>(static_cast<acc_t>(gS[j * H + h]) + score_grad);
+            }
+            scalar_t* gq_dst = gq_all + (b * H + h) * d;
+            for (int64_t i = 0; i < d; ++i) gq_dst[i] = static_cast<scalar_t>(gq[i]);
           }
-          std::fill(gq, gq + d, acc_t(0));
-          scalar_t* gk = gk_all + b * gk_batch + h * d;
-          scalar_t* gv = gv_all + b * gv_batch + h * d;
-          for (int64_t j = 0; j < steps; ++j) {
-            const acc_t score_grad = p[j] * (ds[j] - delta) * sc;
-            axpy(score_grad, k + j * w.k_time, gq, d);
-            axpy(score_grad, w.R + (j * H + h) * d, gq, d);
-            axpy(score_grad, k + j * w.k_time, gu, d);
-            axpy_store(score_grad, qu, gk + j * gk_time, d);
-            axpy_store(p[j], g, gv + j * gv_time, d);
-            axpy_store(score_grad, qh, gR + (j * H + h) * d, d);
-            gS[j * H + h] = static_cast<scalar_t>(static_cast<acc_t>(gS[j * H + h]) + score_grad);
-          }
-          scalar_t* gq_dst = gq_all + (b * H + h) * d;
-          for (int64_t i = 0; i < d; ++i) gq_dst[i] = static_cast<scalar_t>(gq[i]);
+          axpy_store(acc_t(1), gu, gu_all + h * d, d);
         }
-        axpy_store(acc_t(1), gu, gu_all + h * d, d);
-      }
-    });
+      });
+    };
+    if (widened) {
+      accumulate.template operator()<float>();
+    } else {
+      accumulate.template operator()<scalar_t>();
+    }
   });
   return grad_query;
 }

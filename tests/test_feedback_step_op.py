@@ -85,6 +85,46 @@ def test_accumulating_backward_adds_used_rows_only(backend, dtype, request):
         assert torch.equal(after[:-steps], old[:-steps])
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_bfloat16_step_accumulates_into_float32_buffers(backend, request):
+    """A recurrence sums thousands of step gradients: bfloat16 steps may add into
+    float32 buffers, which then hold the float32-accurate sum."""
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    steps, B, H, d = 5, 3, 2, 24
+    inputs = make_inputs(steps, B, H, d, torch.bfloat16, spare_rows=3, strided=True)
+    args = [inputs[k] for k in ORDER]
+    grad = torch.randn(B, H, d, dtype=torch.bfloat16)
+    exact = naive.feedback_attention_step_backward(grad.double(), *[a.double() for a in args[:3]], steps,
+                                                   *[a.double() for a in args[3:]], 0.3)
+    grad_kv = torch.zeros(steps + 3, B, 2, H, d)
+    buffers = [grad_kv[:, :, 0], grad_kv[:, :, 1], torch.zeros(steps + 5, H, d), torch.zeros(steps + 5, H),
+               torch.zeros(H, d)]
+    _, accumulate = step_kernels(backend, grad.device)
+    grad_query = accumulate(grad, *args[:3], steps, *args[3:], 0.3, *buffers)
+    assert grad_query.dtype == torch.bfloat16
+    tol = dict(atol=1e-4, rtol=1e-4)  # float32 accuracy, far below bfloat16's 4e-3
+    torch.testing.assert_close(buffers[0][:steps].double(), exact[1], **tol)
+    torch.testing.assert_close(buffers[1][:steps].double(), exact[2], **tol)
+    torch.testing.assert_close(buffers[2][-steps:].double(), exact[3], **tol)
+    torch.testing.assert_close(buffers[3][-steps:].double(), exact[4], **tol)
+    torch.testing.assert_close(buffers[4].double(), exact[5], **tol)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_accumulating_backward_rejects_other_buffer_dtypes(backend, request):
+    if backend == "triton":
+        request.getfixturevalue("triton_interpreter")
+    steps, B, H, d = 2, 1, 1, 8
+    inputs = make_inputs(steps, B, H, d, torch.float32)
+    args = [inputs[k] for k in ORDER]
+    _, accumulate = step_kernels(backend, torch.device("cpu"))
+    buffers = [torch.zeros(steps + 2, B, H, d, dtype=torch.float64), torch.zeros(steps + 2, B, H, d, dtype=torch.float64),
+               torch.zeros(steps + 5, H, d, dtype=torch.float64), torch.zeros(steps + 5, H, dtype=torch.float64),
+               torch.zeros(H, d, dtype=torch.float64)]
+    with pytest.raises((RuntimeError, TypeError), match="gradient buffers must"):
+        accumulate(torch.randn(B, H, d), *args[:3], steps, *args[3:], 0.3, *buffers)
+
 @pytest.mark.parametrize("dtype", [torch.float64], ids=str)
 def test_opcheck(dtype):
     assert fastformers.extension_available()

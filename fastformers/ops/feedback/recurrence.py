@@ -218,18 +218,23 @@ def _backward(cfg: Config, grad_out, layer_outputs, memories, kv, mix_weights, k
     H, d = cfg.heads, cfg.d_k
     grad_out = grad_out.contiguous()
     probs = torch.softmax(mix_weights.double(), 0).tolist()
-    grad_kv = torch.zeros_like(kv)
+    # Every step adds into these buffers: for bfloat16/half they are float32, or
+    # the sums over a sequence would keep only ~3 significant digits.
+    accumulate_dtype = torch.float32 if kv.dtype in (torch.bfloat16, torch.float16) else kv.dtype
+    grad_kv = torch.zeros(kv.shape, dtype=accumulate_dtype, device=kv.device)
+    kv_weight_wide = kv_weight.to(accumulate_dtype)
     grad_x = torch.empty_like(grad_out)
     grad_memories = torch.empty_like(memories)
-    pos = [dict(R=torch.zeros_like(lw.key_pos_embeddings), S=torch.zeros_like(lw.key_pos_bias),
-                u=torch.zeros_like(lw.query_pos_bias)) for lw in layers]
+    pos = [{name: torch.zeros(table.shape, dtype=accumulate_dtype, device=table.device)
+            for name, table in (("R", lw.key_pos_embeddings), ("S", lw.key_pos_bias), ("u", lw.query_pos_bias))}
+           for lw in layers]
     rec = [dict(gf=[], dh1=[], gz2=[], go=[], gq=[], gz=[]) for _ in range(N)]
     views = [(_cache_views(kv, l, cfg.shared_kv), _cache_views(grad_kv, l, cfg.shared_kv)) for l in range(N)]
     accumulate = cfg.backward_kernel
     first_attn = 1 if cfg.start == 0 else 0  # index of the first token that attends
     for i in range(T - 1, -1, -1):
         t = cfg.start + i
-        gm = torch.mm(grad_kv[t].view(B, -1), kv_weight)
+        gm = torch.mm(grad_kv[t].view(B, -1), kv_weight_wide).to(memories.dtype)
         grad_memories[i] = gm
         g = torch.add(grad_out[i], gm, alpha=probs[N])
         for l in range(N - 1, -1, -1):
@@ -275,8 +280,10 @@ def _backward(cfg: Config, grad_out, layer_outputs, memories, kv, mix_weights, k
             grad_query_w = _weight_grad(r["gq"], s["z"])
             grad_output_w = _weight_grad(r["go"], s["a"])
             grad_output_b = torch.stack(r["go"]).sum((0, 1))
-            attention_grads = [grad_norm_attn_w, grad_norm_attn_b, grad_query_w, pos[l]["R"], pos[l]["S"],
-                               pos[l]["u"], grad_output_w, None if lw.output_bias is None else grad_output_b]
+            pos_grads = [pos[l]["R"].to(lw.key_pos_embeddings.dtype), pos[l]["S"].to(lw.key_pos_bias.dtype),
+                         pos[l]["u"].to(lw.query_pos_bias.dtype)]
+            attention_grads = [grad_norm_attn_w, grad_norm_attn_b, grad_query_w, *pos_grads, grad_output_w,
+                               None if lw.output_bias is None else grad_output_b]
         else:
             # No token attended: like autograd, report these parameters as unused.
             attention_grads = [None] * 8
@@ -292,8 +299,8 @@ def _backward(cfg: Config, grad_out, layer_outputs, memories, kv, mix_weights, k
         # The memory of this call's only token is never attended to (unused, as autograd reports it).
         return (grad_x, None, None, None, None, *layer_grads)
     grad_kv_rows = grad_kv[cfg.start:].reshape(T * B, -1)
-    grad_kv_weight = torch.mm(grad_kv_rows.t(), memories.view(T * B, D))
-    grad_kv_bias = None if kv_bias_is_none else grad_kv_rows.sum(0)
+    grad_kv_weight = torch.mm(grad_kv_rows.t(), memories.view(T * B, D).to(grad_kv.dtype)).to(kv_weight.dtype)
+    grad_kv_bias = None if kv_bias_is_none else grad_kv_rows.sum(0).to(kv_weight.dtype)
     # d loss / d softmax(w)_l = Σ grad(m) · x_l, then the softmax backward.
     grad_probs = torch.einsum("tbd,tlbd->l", grad_memories, layer_outputs)
     p = torch.softmax(mix_weights, 0)

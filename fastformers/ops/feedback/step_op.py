@@ -14,6 +14,8 @@ Backward comes in two forms:
   buffers (cache-shaped, table-shaped). The fused recurrence
   (:mod:`fastformers.ops.feedback.recurrence`) gives it one buffer per forward,
   so backward through a whole sequence does no per-step zero-fill or copy.
+  The buffers share the query dtype, or are float32 for bfloat16/half steps
+  (a sequence adds thousands of step gradients into them).
 
 The op's own autograd formula (for direct callers) must return gradients shaped
 like its inputs, so it scatters the used rows into zero tensors of the full

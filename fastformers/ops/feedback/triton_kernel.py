@@ -355,6 +355,12 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
     for name, buffer in (("grad_key_pos_embeddings", grad_key_pos_embeddings), ("grad_key_pos_bias", grad_key_pos_bias)):
         if not buffer.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    # bfloat16/half steps may add into float32 buffers (a recurrence sums thousands of steps).
+    allowed = (query.dtype, torch.float32) if query.dtype in (torch.bfloat16, torch.float16) else (query.dtype,)
+    buffers = (grad_key_cache, grad_value_cache, grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias)
+    if grad_key_cache.dtype not in allowed or any(b.dtype != grad_key_cache.dtype for b in buffers):
+        raise TypeError(f"gradient buffers must share one dtype among {allowed} for {query.dtype} queries, "
+                        f"got {[b.dtype for b in buffers]}")
     grad, query = grad.contiguous(), query.contiguous()
     key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
     R, S, u = key_pos_embeddings.contiguous(), key_pos_bias.contiguous(), query_pos_bias.contiguous()
@@ -412,20 +418,23 @@ def _step_aot_specs():
                 {**inputs, "out_ptr": f"*{dtype}", **{n: "i32" for n in ints}, "scale": "fp32", **flags},
                 constexprs, label=label,
             ))
-            specs.append(AotSpec(
-                attention_step_bwd_kernel,
-                {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{dtype}", "gk_ptr": f"*{dtype}", "gv_ptr": f"*{dtype}",
-                 "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
-                 **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
-                 **flags},
-                constexprs, label=label,
-            ))
-            specs.append(AotSpec(
-                attention_step_pos_grad_kernel,
-                {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{dtype}", "gs_ptr": f"*{dtype}",
-                 **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")}, **flags},
-                constexprs, label=label,
-            ))
+            # bfloat16 steps also run with float32 gradient buffers, as the fused recurrence uses them.
+            for grad_dtype in ((dtype, "fp32") if dtype == "bf16" else (dtype,)):
+                grad_label = label if grad_dtype == dtype else f"{label},grad {grad_dtype}"
+                specs.append(AotSpec(
+                    attention_step_bwd_kernel,
+                    {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{dtype}", "gk_ptr": f"*{grad_dtype}",
+                     "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
+                     **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
+                     **flags},
+                    constexprs, label=grad_label,
+                ))
+                specs.append(AotSpec(
+                    attention_step_pos_grad_kernel,
+                    {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{grad_dtype}", "gs_ptr": f"*{grad_dtype}",
+                     **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")}, **flags},
+                    constexprs, label=grad_label,
+                ))
     return specs
 
 
