@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch", type=int, nargs="+", default=DEFAULT_ARCHS, help="compute capabilities (default: 80 90)"
     )
+    parser.add_argument("--jobs", type=int, default=0, help="compiler processes (default: by the amount of work, at most one per CPU)")
     args = parser.parse_args(argv)
 
     if not _backend.triton_available():
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from .testing import aot
 
     try:
-        results = aot.run_aot_check(args.arch)
+        results = aot.run_aot_check(args.arch, jobs=args.jobs)
     except ValueError as error:
         parser.error(str(error))
     records = [result.as_dict() for result in results]

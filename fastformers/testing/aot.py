@@ -9,8 +9,10 @@ Must run in a process without ``TRITON_INTERPRET``: the interpreter replaces
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -158,11 +160,29 @@ def compile_spec(module_name: str, spec: AotSpec, arch: int, workdir: str) -> Ao
     return dataclasses.replace(result, error=_problems(result))
 
 
-def run_aot_check(archs) -> list[AotResult]:
-    """Compile every spec of the package for every arch in ``archs``."""
+def _compile_task(task: tuple[int, int, str]) -> AotResult:
+    # Runs in a worker process: specs hold JIT functions, which do not pickle, so
+    # the worker finds its spec again by index.
+    index, arch, workdir = task
+    module_name, spec = collect_specs()[index]
+    return compile_spec(module_name, spec, arch, workdir)
+
+
+def run_aot_check(archs, jobs: int = 0) -> list[AotResult]:
+    """Compile every spec of the package for every arch in ``archs``, on
+    ``jobs`` processes (0: by the amount of work, at most one per CPU);
+    results in spec, then arch, order."""
     unknown = sorted(set(archs) - MAX_SHARED_BYTES_PER_BLOCK.keys())
     if unknown:
         raise ValueError(f"unknown arch {unknown}; choose from {sorted(MAX_SHARED_BYTES_PER_BLOCK)}")
     specs = collect_specs()
     with tempfile.TemporaryDirectory(prefix="fastformers-aot-") as workdir:
-        return [compile_spec(module_name, spec, arch, workdir) for module_name, spec in specs for arch in archs]
+        tasks = [(index, arch, workdir) for index in range(len(specs)) for arch in archs]
+        # A worker process costs an import of torch and triton: worth it only
+        # when each has a few dozen compilations to do.
+        jobs = jobs or max(1, min(os.cpu_count() or 1, len(tasks) // 24))
+        if jobs == 1:
+            return [_compile_task(task) for task in tasks]
+        # spawn, not fork: the parent has torch's thread pools running.
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_compile_task, tasks))
