@@ -3,7 +3,7 @@ the reference: output, log-sum-exp and every gradient."""
 import pytest
 import torch
 
-from fastformers.ops.xl import naive
+from fastformers.ops.xl import naive, triton_kernel
 from harness import assert_parity
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -160,3 +160,10 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
     query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
     with pytest.raises(error, match=match):
         gpu_configs._block_config("fwd", query)
+
+
+def test_gpu_unsupported_reason_names_what_runs_the_reference():
+    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64)) is None
+    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)) is None
+    assert "got torch.float64" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64, dtype=torch.float64))
+    assert "got d=128" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128))

@@ -200,15 +200,23 @@ def _triton_kernel():
 _MASK_ON_TRITON = "the Triton rel_attention kernels take causal masking only; an explicit mask runs the reference"
 
 
-def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask):
+def _reference_on_gpu_reason(query, mask) -> Optional[str]:
     if mask is not None:
-        logger.info("fastformers: %s", _MASK_ON_TRITON)
+        return _MASK_ON_TRITON
+    unsupported = _triton_kernel().gpu_unsupported_reason(query)
+    return None if unsupported is None else f"{unsupported}; it runs the reference"
+
+
+def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask):
+    reason = _reference_on_gpu_reason(query, mask)
+    if reason is not None:
+        logger.info("fastformers: %s", reason)
         return reference_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask)
     return _triton_kernel().rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
 
 
 def _cuda_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask):
-    if mask is not None:
+    if _reference_on_gpu_reason(query, mask) is not None:
         return reference_backward(
             grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask
         )

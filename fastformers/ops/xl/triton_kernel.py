@@ -25,6 +25,8 @@ the configurations of ``AOT_SPECS``; others raise), or CPU tensors of any
 float dtype when ``TRITON_INTERPRET=1`` was set before import (the Triton
 interpreter; how they are tested without a GPU).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -546,6 +548,20 @@ def _tile_config(kernel_name: str, dtype_name: str, block_d: int) -> dict:
     if kernel_name == "dq":
         config["BLOCK_R"] = triton.next_power_of_2(block_m + block_n - 1)
     return dict(config, num_warps=num_warps, num_stages=2)
+
+
+def gpu_unsupported_reason(query: torch.Tensor) -> Optional[str]:
+    """Why no checked GPU configuration takes ``query [L, B, H, d]`` (None if one does)."""
+    dtype_name = _GPU_DTYPES.get(query.dtype)
+    if dtype_name is None:
+        return f"the Triton rel_attention kernels run float32 and bfloat16 on GPUs, got {query.dtype}"
+    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(query.shape[-1]))
+    if (dtype_name, block_d) not in {(name, width) for _, name, width in _TILES}:
+        return (
+            f"the Triton rel_attention kernels take head dim d <= {_widest_block_d(dtype_name)} for {query.dtype}"
+            f" on GPUs, got d={query.shape[-1]}"
+        )
+    return None
 
 
 def _block_config(kernel_name: str, query: torch.Tensor) -> dict:
