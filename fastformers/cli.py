@@ -40,6 +40,8 @@ def _bench(args: argparse.Namespace) -> int:
         options = {"large": True} if args.large and "large" in inspect.signature(make_cases).parameters else {}
         op_results = benchmark.run(make_cases(device, dtype, **options), device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
+        if op == "feedback_model":
+            print(benchmark.feedback_model_report(op_results, dtype) + "\n", flush=True)
         results += op_results
     if args.json:
         with open(args.json, "w") as handle:

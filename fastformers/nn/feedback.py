@@ -9,6 +9,7 @@ Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
 ``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P = 2**12``.
 """
 import dataclasses
+import logging
 import math
 from typing import Optional, Tuple
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from .._backend import resolve_backend
+from ..ops.feedback import recurrence
 from ._utils import clone_module_list
 from .attention import FeedForward, PrepareForMultiHeadAttention
 
@@ -76,11 +78,17 @@ class FeedbackAttention(nn.Module):
                 value: torch.Tensor) -> torch.Tensor:
         """``query`` ``[B, D]``; ``key`` and ``value`` ``[t, B, D]``, or
         ``[t, B, H, d_k]`` when ``is_kv_precomputed``. Returns ``[B, D]``."""
-        query = self.query(query)
         if self.key is not None:
             key = self.key(key)
         if self.value is not None:
             value = self.value(value)
+        return self.attend_projected(query, key, value)
+
+    def attend_projected(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with ``key``/``value`` ``[t, B, H, d_k]`` already
+        projected (by this module's own projections, as the models' K/V cache
+        holds them). ``query`` ``[B, D]`` -> ``[B, D]``."""
+        query = self.query(query)
         attn = self.dropout(self.softmax(self.get_scores(query, key) * self.scale))
         x = torch.einsum("jbh,jbhd->bhd", attn, value)
         return self.output(x.reshape(x.shape[0], -1))
@@ -113,6 +121,15 @@ class FeedbackTransformerLayer(nn.Module):
             x = x + self.dropout(self.attn(query=self.norm_self_attn(x), key=key, value=value))
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
+    def step_projected(self, x: torch.Tensor, key: Optional[torch.Tensor], value: Optional[torch.Tensor]
+                       ) -> torch.Tensor:
+        """:meth:`forward` with ``key``/``value`` ``[t, B, H, d_k]`` already
+        projected by this layer's attention (the models' K/V cache holds
+        them; see :meth:`FeedbackAttention.attend_projected`)."""
+        if key is not None:
+            x = x + self.dropout(self.attn.attend_projected(self.norm_self_attn(x), key, value))
+        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+
 
 def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
     """``steps`` ``[t, ...]`` (None for ``t = 0``) and ``new`` ``[...]`` -> ``[t + 1, ...]``.
@@ -127,30 +144,193 @@ def _append_step(steps: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tens
 
 @dataclasses.dataclass
 class FeedbackState:
-    """What a Feedback Transformer needs to continue after ``t`` steps.
+    """What a :class:`FeedbackTransformer` / :class:`FeedbackTransformerKV` needs to
+    continue after ``steps`` steps (generation, streaming); both the fused and the
+    op-by-op recurrence read and write it.
 
-    :class:`FeedbackTransformer` keeps the memory vectors ``memory``
-    ``[t, B, D]``; :class:`FeedbackTransformerKV` keeps their shared key and
-    value projections ``key``/``value`` ``[t, B, H, d_k]``. Steps are counted
-    by the cache length (``steps``). :meth:`window` keeps only the most recent
-    steps, as generation past ``P`` steps must.
+    ``cache`` ``[capacity, B, 2C, H, d_k]`` holds, for each of ``C`` caches
+    (1 shared cache for ``FeedbackTransformerKV``; one per layer for
+    ``FeedbackTransformer``, projected with that layer's own key/value
+    projections), keys then values; rows ``offset .. offset+steps-1`` are the
+    valid steps, oldest first. :meth:`key` / :meth:`value` give them as
+    ``[steps, B, H, d_k]``; :meth:`window` keeps only the most recent steps.
+    The cache carries no autograd history: gradients never flow into a state.
     """
 
-    memory: Optional[torch.Tensor] = None
-    key: Optional[torch.Tensor] = None
-    value: Optional[torch.Tensor] = None
+    cache: torch.Tensor
+    steps: int
+    offset: int = 0
+    # Rows of ``cache`` written by any state sharing it: a state may extend the
+    # buffer in place only if it ends there, so older states stay valid.
+    _filled: list = dataclasses.field(default_factory=lambda: [0], repr=False)
 
-    @property
-    def steps(self) -> int:
-        cache = self.memory if self.memory is not None else self.key
-        return 0 if cache is None else cache.shape[0]
+    def rows(self) -> torch.Tensor:
+        """The valid steps ``[steps, B, 2C, H, d_k]``."""
+        return self.cache[self.offset:self.offset + self.steps]
+
+    def key(self, cache_index: int = 0) -> torch.Tensor:
+        return self.rows()[:, :, 2 * cache_index]
+
+    def value(self, cache_index: int = 0) -> torch.Tensor:
+        return self.rows()[:, :, 2 * cache_index + 1]
 
     def window(self, max_steps: int) -> "FeedbackState":
-        """The state restricted to its last ``max_steps`` steps."""
-        def last(cache: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if cache is None else cache[-max_steps:]
+        """The state restricted to its last ``max_steps`` steps (a view of the same
+        buffer: sliding the window copies nothing)."""
+        if max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        if max_steps >= self.steps:
+            return self
+        dropped = self.steps - max_steps
+        return FeedbackState(self.cache, max_steps, self.offset + dropped, self._filled)
 
-        return FeedbackState(memory=last(self.memory), key=last(self.key), value=last(self.value))
+
+logger = logging.getLogger("fastformers")
+
+
+def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
+    """Why the fused recurrence cannot run this model (None if it can)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0 and module.training:
+            return f"dropout {name} is active (p={module.p}, training)"
+    if shared_kv and (model.key.linear.bias is not None or model.value.linear.bias is not None):
+        return "the shared key/value projections have a bias"
+    for index, layer in enumerate(model.layers):
+        ff, attn = layer.feed_forward, layer.attn
+        if getattr(ff, "is_gated", False) or type(getattr(ff, "activation", None)) is not nn.ReLU:
+            return f"layer {index}: the feed-forward must be ungated ReLU"
+        if attn.query.linear.bias is not None:
+            return f"layer {index}: the query projection has a bias"
+        if (attn.key is None) != shared_kv:
+            return f"layer {index}: attention is_kv_precomputed must be {shared_kv}"
+        if not shared_kv and attn.key.linear.bias is not None:
+            return f"layer {index}: the key projection has a bias"
+        for norm in (layer.norm_self_attn, layer.norm_ff):
+            if norm.weight is None or norm.bias is None:
+                return f"layer {index}: layer norms must have a weight and a bias"
+    return None
+
+
+def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights:
+    attn, ff = layer.attn, layer.feed_forward
+    # The op reads the last rows of its tables: the first attn.P rows, as get_scores does.
+    return recurrence.LayerWeights(
+        layer.norm_self_attn.weight, layer.norm_self_attn.bias, attn.query.linear.weight,
+        attn.key_pos_embeddings[:attn.P], attn.key_pos_bias[:attn.P], attn.query_pos_bias, attn.output.weight,
+        attn.output.bias, layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
+        ff.layer2.weight, ff.layer2.bias,
+    )
+
+
+def _check_state(model, x_seq: torch.Tensor, state: Optional[FeedbackState], n_caches: int) -> int:
+    """Steps already in ``state``; ValueError if it cannot continue with ``x_seq`` or
+    the sequence would need more than ``P`` positional rows."""
+    T, B, _ = x_seq.shape
+    attn = model.layers[0].attn
+    start = 0 if state is None else state.steps
+    if state is not None:
+        expected = (B, 2 * n_caches, attn.heads, attn.d_k)
+        if tuple(state.cache.shape[1:]) != expected or state.cache.dtype != x_seq.dtype \
+                or state.cache.device != x_seq.device:
+            raise ValueError(
+                f"state cache must be [capacity, {', '.join(map(str, expected))}] {x_seq.dtype} on {x_seq.device} "
+                f"for this model and input, got {tuple(state.cache.shape)} {state.cache.dtype} on {state.cache.device}"
+            )
+    if start + T - 1 > attn.P:
+        raise ValueError(
+            f"{type(model).__name__} supports at most P={attn.P} memory steps (rows of key_pos_embeddings); "
+            f"{start} cached + {T} new tokens need {start + T - 1}"
+        )
+    return start
+
+
+def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str, shared_kv: bool,
+               kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor]):
+    """The model's recurrence on the fused path: outputs ``[T, B, D]`` (after the
+    final norm) and the state after the last step."""
+    T, B, D = x_seq.shape
+    first = model.layers[0].attn
+    n_caches = 1 if shared_kv else len(model.layers)
+    start = _check_state(model, x_seq, state, n_caches)
+    cfg = recurrence.make_config(
+        n_layers=len(model.layers), heads=first.heads, d_k=first.d_k, shared_kv=shared_kv,
+        norm_eps=[(layer.norm_self_attn.eps, layer.norm_ff.eps) for layer in model.layers], scale=first.scale,
+        start=start, backend=backend, device=x_seq.device,
+    )
+    layers = [_layer_weights(layer) for layer in model.layers]
+    if torch.is_grad_enabled():
+        initial = None if state is None else state.rows()
+        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers)
+        return model.norm(out), FeedbackState(kv, start + T, 0, [start + T])
+    # Without autograd the new rows go straight into the state's buffer when it
+    # ends at this state and has room; otherwise the valid rows are copied once
+    # into a buffer of doubled capacity (amortised O(1) per generated token, also
+    # while a window slides through the buffer).
+    if state is not None and state.offset + start == state._filled[0] and \
+            state.cache.shape[0] >= state.offset + start + T:
+        buffer, offset, filled = state.cache, state.offset, state._filled
+    else:
+        capacity = max(start + T, 2 * start)
+        buffer = x_seq.new_empty((capacity, B, 2 * n_caches, first.heads, first.d_k))
+        if start:
+            buffer[:start] = state.rows()
+        offset, filled = 0, [start]
+    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], model.weights, kv_weight, kv_bias, layers,
+                                       write_in_place=True)
+    filled[0] = offset + start + T
+    return model.norm(out), FeedbackState(buffer, start + T, offset, filled)
+
+
+def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str,
+                kv_projections: list, want_state: bool):
+    """The recurrence one module call at a time (any dropout, feed-forward or bias).
+
+    ``kv_projections`` holds one ``(key, value)`` projection pair per cache
+    (``[B, D] -> [B, H, d_k]``); layer ``l`` attends with cache ``l`` (or the
+    only one). Returns normalised outputs ``[T, B, D]`` and, if ``want_state``,
+    the state after the last step.
+    """
+    n_caches = len(kv_projections)
+    start = _check_state(model, x_seq, state, n_caches)
+    if start:
+        keys = [state.key(c).detach() for c in range(n_caches)]
+        values = [state.value(c).detach() for c in range(n_caches)]
+    else:
+        keys, values = [None] * n_caches, [None] * n_caches
+    res = []
+    for x in torch.unbind(x_seq, dim=0):
+        layer_outputs = [x]
+        for index, layer in enumerate(model.layers):
+            c = index if n_caches > 1 else 0
+            x = layer.step_projected(x, keys[c], values[c])
+            layer_outputs.append(x)
+        mem = ops.feedback_memory(torch.stack(layer_outputs), model.weights, backend=backend)
+        for c, (key_projection, value_projection) in enumerate(kv_projections):
+            keys[c] = _append_step(keys[c], key_projection(mem))
+            values[c] = _append_step(values[c], value_projection(mem))
+        res.append(x)
+    out = model.norm(torch.stack(res))
+    if not want_state:
+        return out, None
+    cache = torch.stack([t for pair in zip(keys, values) for t in pair], dim=2).detach()
+    return out, FeedbackState(cache, start + x_seq.shape[0], 0, [cache.shape[0]])
+
+
+def _forward(model, x_seq: torch.Tensor, state: Optional[FeedbackState], want_state: bool):
+    shared_kv = isinstance(model, FeedbackTransformerKV)
+    backend = model.last_backend = resolve_backend(x_seq.device, model.backend)
+    if backend != "reference":
+        reason = _fused_blocker(model, shared_kv)
+        if reason is None:
+            model.last_path = "fused"
+            return _run_fused(model, x_seq, state, backend, shared_kv, *model._kv_projection())
+        logger.debug("fastformers: %s runs op by op: %s", type(model).__name__, reason)
+    model.last_path = "per-op"
+    if shared_kv:
+        projections = [(model.key, model.value)]
+    else:
+        projections = [(layer.attn.key, layer.attn.value) for layer in model.layers]
+    return _run_per_op(model, x_seq, state, backend, projections, want_state)
 
 
 class FeedbackTransformer(nn.Module):
@@ -169,32 +349,40 @@ class FeedbackTransformer(nn.Module):
         self.weights = nn.Parameter(torch.ones(n_layers + 1), requires_grad=True)
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+        self.last_path: Optional[str] = None
+
+    def _kv_projection(self):
+        """All layers' key/value projections stacked: weight ``[2 · n_layers · D, D]``, bias ``[2 · n_layers · D]``."""
+        weights, biases = [], []
+        for layer in self.layers:
+            key, value = layer.attn.key.linear, layer.attn.value.linear
+            weights += [key.weight, value.weight]
+            biases += [torch.zeros_like(value.bias) if value.bias is not None else None, value.bias]
+        bias = None if biases[1] is None else torch.cat(biases)
+        return torch.cat(weights), bias
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
-        return self.forward_with_state(x_seq)[0]
+        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
 
-    def forward_with_state(self, x_seq: torch.Tensor, state: Optional["FeedbackState"] = None
-                           ) -> Tuple[torch.Tensor, "FeedbackState"]:
+        Off the reference backend the whole recurrence runs as one fused
+        autograd function (``last_path == "fused"``) when the model allows it
+        (no active dropout, ungated ReLU feed-forward, no query/key biases);
+        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
+        """
+        return _forward(self, x_seq, None, want_state=False)[0]
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
+                           ) -> Tuple[torch.Tensor, FeedbackState]:
         """Continue the recurrence from ``state`` (None: from the first step).
 
         ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
-        after its last step, whose ``memory`` is ``[t + T, B, D]``). Running a
+        after its last step, caching each layer's keys and values). Running a
         sequence in pieces, passing the state along, gives the same outputs as
-        one call on the whole sequence: generation costs one step per token.
+        one call on the whole sequence. Without autograd the fused path
+        extends the state's buffer in place, so generation costs one step per
+        token. Gradients do not flow into the initial state.
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        res = []
-        mem = state.memory if state is not None else None
-        for x in torch.unbind(x_seq, dim=0):
-            layer_outputs = [x]
-            for layer in self.layers:
-                x = layer(x=x, key=mem, value=mem)
-                layer_outputs.append(x)
-            step_mem = ops.feedback_memory(torch.stack(layer_outputs), self.weights, backend=backend)
-            mem = _append_step(mem, step_mem)
-            res.append(x)
-        return self.norm(torch.stack(res)), FeedbackState(memory=mem)
+        return _forward(self, x_seq, state, want_state=True)
 
 
 class FeedbackTransformerKV(nn.Module):
@@ -222,35 +410,34 @@ class FeedbackTransformerKV(nn.Module):
         self.value = PrepareForMultiHeadAttention(d_model, heads, d_k, bias=False)
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+        self.last_path: Optional[str] = None
+
+    def _kv_projection(self):
+        """The shared key and value projections stacked: ``[2 · D, D]``, no bias."""
+        return torch.cat((self.key.linear.weight, self.value.linear.weight)), None
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
-        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``."""
-        return self.forward_with_state(x_seq)[0]
+        """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
 
-    def forward_with_state(self, x_seq: torch.Tensor, state: Optional["FeedbackState"] = None
-                           ) -> Tuple[torch.Tensor, "FeedbackState"]:
+        Off the reference backend the whole recurrence runs as one fused
+        autograd function (``last_path == "fused"``) when the model allows it
+        (no active dropout, ungated ReLU feed-forward, no query/key biases);
+        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
+        """
+        return _forward(self, x_seq, None, want_state=False)[0]
+
+    def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
+                           ) -> Tuple[torch.Tensor, FeedbackState]:
         """Continue the recurrence from ``state`` (None: from the first step).
 
         ``x_seq`` ``[T, B, D]`` -> (normalised outputs ``[T, B, D]``, the state
-        after its last step, whose ``key``/``value`` caches are
-        ``[t + T, B, H, d_k]``). Running a sequence in pieces, passing the
-        state along, gives the same outputs as one call on the whole sequence:
-        generation costs one step per token.
+        after its last step, caching the shared keys and values). Running a
+        sequence in pieces, passing the state along, gives the same outputs as
+        one call on the whole sequence. Without autograd the fused path
+        extends the state's buffer in place, so generation costs one step per
+        token. Gradients do not flow into the initial state.
         """
-        backend = self.last_backend = resolve_backend(x_seq.device, self.backend)
-        res = []
-        key = state.key if state is not None else None
-        value = state.value if state is not None else None
-        for x in torch.unbind(x_seq, dim=0):
-            layer_outputs = [x]
-            for layer in self.layers:
-                x = layer(x=x, key=key, value=value)
-                layer_outputs.append(x)
-            mem = ops.feedback_memory(torch.stack(layer_outputs), self.weights, backend=backend)
-            key = _append_step(key, self.key(mem))
-            value = _append_step(value, self.value(mem))
-            res.append(x)
-        return self.norm(torch.stack(res)), FeedbackState(key=key, value=value)
+        return _forward(self, x_seq, state, want_state=True)
 
     def free(self) -> None:
         """Kept for labml_nn API compatibility: no state outlives a forward call."""

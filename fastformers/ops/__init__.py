@@ -1,6 +1,6 @@
 """Fused ops; each family has a ``naive.py`` reference beside its kernels."""
 from .compressive import attention_reconstruction_loss, conv_compress
-from .feedback import feedback_memory
+from .feedback import feedback_attention_step, feedback_memory
 from .switch import Routing, route, switch_mlp
 from .xl import rel_attention
 
@@ -8,6 +8,7 @@ __all__ = [
     "Routing",
     "attention_reconstruction_loss",
     "conv_compress",
+    "feedback_attention_step",
     "feedback_memory",
     "rel_attention",
     "route",

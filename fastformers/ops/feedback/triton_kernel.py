@@ -1,4 +1,12 @@
-"""Triton kernels of the feedback-memory weighted sum.
+"""Triton kernels of the Feedback Transformer: the feedback-memory weighted sum
+and the attention step over the key/value cache.
+
+Attention step: one program per (batch, head) streams the cache in blocks of
+``BLOCK_T`` memory steps with an online softmax; the backward recomputes the
+scores (two passes: softmax statistics, then gradients) and adds into the
+cache-gradient rows it owns. Positional-table gradients are summed over the
+batch by a second kernel, one program per (head, block of steps), so no two
+programs write the same row.
 
 Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
@@ -143,4 +151,292 @@ def _aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs()
+# ---------------------------------------------------------------- attention step
+
+# Memory steps per block: [BLOCK_T, BLOCK_D] tiles of keys, values, positional
+# rows and their gradients must fit in registers (checked by the AOT report).
+_TILE_ELEMENTS = {4: 1024, 2: 1024, 8: 512}
+
+
+def _block_t(block_d: int, element_size: int) -> int:
+    return max(_TILE_ELEMENTS[element_size] // block_d, 4)
+
+
+@triton.jit
+def _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC: tl.constexpr):
+    """Scaled scores of one block of memory steps (-inf beyond ``steps``) and the keys."""
+    mask = mask_j[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + offs_j[:, None].to(tl.int64) * k_time + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    r = tl.load(r_ptr + offs_j[:, None].to(tl.int64) * (H * d) + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    bias = tl.load(s_ptr + offs_j * H, mask=mask_j, other=0.0).to(ACC)
+    s = (tl.sum(k * qu[None, :], axis=1) + tl.sum(r * q[None, :], axis=1) + bias) * scale
+    return tl.where(mask_j, s, -float("inf")), k, r
+
+
+@triton.jit
+def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Online softmax over all ``steps``: running max, normaliser and weighted sum of values."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    m = tl.full([1], -float("inf"), ACC)
+    norm = tl.zeros([1], ACC)
+    acc = tl.zeros([BLOCK_D], ACC)
+    for start in range(0, steps, BLOCK_T):
+        offs_j = start + tl.arange(0, BLOCK_T)
+        mask_j = offs_j < steps
+        s, k, r = _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC)
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(v_ptr + offs_j[:, None].to(tl.int64) * v_time + offs_d[None, :],
+                    mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        norm = norm * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    return m, norm, acc
+
+
+@triton.jit
+def attention_step_fwd_kernel(
+    q_ptr,  # [B, H, d]
+    k_ptr,  # [T_max, B, H, d], strides (k_time, k_batch, d, 1)
+    v_ptr,  # [T_max, B, H, d], strides (v_time, v_batch, d, 1)
+    r_ptr,  # [P, H, d]
+    s_ptr,  # [P, H]
+    u_ptr,  # [H, d]
+    out_ptr,  # [B, H, d]
+    steps, H, d, first_row, k_time, k_batch, v_time, v_batch, scale,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype: float64 for float64 inputs, else float32
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    q = tl.load(q_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    qu = q + tl.load(u_ptr + h * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    m, norm, acc = _softmax_pass(
+        q, qu, k_ptr + b.to(tl.int64) * k_batch + h * d, v_ptr + b.to(tl.int64) * v_batch + h * d,
+        r_ptr + first_row * H * d + h * d, s_ptr + first_row * H + h,
+        steps, k_time, v_time, H, d, scale, BLOCK_T, BLOCK_D, ACC,
+    )
+    tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def attention_step_bwd_kernel(
+    g_ptr,  # [B, H, d] gradient of the output
+    q_ptr, k_ptr, v_ptr, r_ptr, s_ptr, u_ptr,  # as in the forward
+    gq_ptr,  # [B, H, d] out
+    gk_ptr,  # [>= steps, B, H, d] accumulated, strides (gk_time, gk_batch, d, 1)
+    gv_ptr,  # [>= steps, B, H, d] accumulated, strides (gv_time, gv_batch, d, 1)
+    gu_part_ptr,  # [B, H, d] in ACC: this (b, h)'s share of grad(query_pos_bias)
+    ds_ptr,  # [steps, B * H] in ACC: gradients of the scaled scores
+    steps, H, d, first_row, k_time, k_batch, v_time, v_batch, gk_time, gk_batch, gv_time, gv_batch, scale,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_pairs = tl.num_programs(0)
+    b = pid // H
+    h = pid % H
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    q = tl.load(q_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    qu = q + tl.load(u_ptr + h * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    g = tl.load(g_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    k_ptr += b.to(tl.int64) * k_batch + h * d
+    v_ptr += b.to(tl.int64) * v_batch + h * d
+    r_ptr += first_row * H * d + h * d
+    s_ptr += first_row * H + h
+    gk_ptr += b.to(tl.int64) * gk_batch + h * d
+    gv_ptr += b.to(tl.int64) * gv_batch + h * d
+    m, norm, acc = _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
+                                 BLOCK_T, BLOCK_D, ACC)
+    log_norm = m + tl.log(norm)
+    # sum_j p_j (g . V_j) = g . out
+    delta = tl.sum(g * acc, axis=0) / norm
+    gq = tl.zeros([BLOCK_D], ACC)
+    gu = tl.zeros([BLOCK_D], ACC)
+    for start in range(0, steps, BLOCK_T):
+        offs_j = start + tl.arange(0, BLOCK_T)
+        mask_j = offs_j < steps
+        mask = mask_j[:, None] & mask_d[None, :]
+        s, k, r = _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC)
+        p = tl.exp(s - log_norm)
+        rows_j = offs_j[:, None].to(tl.int64)
+        v = tl.load(v_ptr + rows_j * v_time + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        ds = tl.where(mask_j, p * (tl.sum(v * g[None, :], axis=1) - delta) * scale, 0.0)
+        gq += tl.sum(ds[:, None] * (k + r), axis=0)
+        gu += tl.sum(ds[:, None] * k, axis=0)
+        gk_rows = gk_ptr + rows_j * gk_time + offs_d[None, :]
+        gk = tl.load(gk_rows, mask=mask, other=0.0).to(ACC) + ds[:, None] * qu[None, :]
+        tl.store(gk_rows, gk.to(gk_ptr.dtype.element_ty), mask=mask)
+        gv_rows = gv_ptr + rows_j * gv_time + offs_d[None, :]
+        gv = tl.load(gv_rows, mask=mask, other=0.0).to(ACC) + p[:, None] * g[None, :]
+        tl.store(gv_rows, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + offs_j.to(tl.int64) * n_pairs + pid, ds, mask=mask_j)
+    tl.store(gq_ptr + pid * d + offs_d, gq.to(gq_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(gu_part_ptr + pid * d + offs_d, gu, mask=mask_d)
+
+
+@triton.jit
+def attention_step_pos_grad_kernel(
+    ds_ptr,  # [steps, B * H] in ACC
+    q_ptr,  # [B, H, d]
+    gr_ptr,  # [P_buffer, H, d] accumulated, rows first_row .. first_row + steps - 1
+    gs_ptr,  # [P_buffer, H] accumulated
+    steps, B, H, d, first_row,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    h = tl.program_id(0)
+    offs_j = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_j = offs_j < steps
+    mask_d = offs_d < d
+    mask = mask_j[:, None] & mask_d[None, :]
+    acc_r = tl.zeros([BLOCK_T, BLOCK_D], ACC)
+    acc_s = tl.zeros([BLOCK_T], ACC)
+    for b in range(B):
+        ds = tl.load(ds_ptr + offs_j.to(tl.int64) * (B * H) + b * H + h, mask=mask_j, other=0.0)
+        q = tl.load(q_ptr + (b * H + h) * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+        acc_r += ds[:, None] * q[None, :]
+        acc_s += ds
+    rows = (first_row + offs_j).to(tl.int64)
+    gr_rows = gr_ptr + rows[:, None] * (H * d) + h * d + offs_d[None, :]
+    gr = tl.load(gr_rows, mask=mask, other=0.0).to(ACC) + acc_r
+    tl.store(gr_rows, gr.to(gr_ptr.dtype.element_ty), mask=mask)
+    gs_rows = gs_ptr + rows * H + h
+    gs = tl.load(gs_rows, mask=mask_j, other=0.0).to(ACC) + acc_s
+    tl.store(gs_rows, gs.to(gs_ptr.dtype.element_ty), mask=mask_j)
+
+
+def _block_d(d: int) -> int:
+    return max(triton.next_power_of_2(d), 16)
+
+
+def _inner_contiguous(cache: torch.Tensor) -> torch.Tensor:
+    """Caches may be strided over time and batch (one buffer holding several caches); [H, d] must be dense."""
+    return cache if cache.stride(3) == 1 and cache.stride(2) == cache.shape[3] else cache.contiguous()
+
+
+def attention_step_forward(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias,
+                           scale):
+    """``query [B, H, d]`` over cache entries ``0 .. steps-1`` -> ``[B, H, d]``."""
+    query = query.contiguous()
+    key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
+    R, S, u = key_pos_embeddings.contiguous(), key_pos_bias.contiguous(), query_pos_bias.contiguous()
+    B, H, d = query.shape
+    out = torch.empty_like(query)
+    block_d = _block_d(d)
+    attention_step_fwd_kernel[(B * H,)](
+        query, key_cache, value_cache, R, S, u, out,
+        steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), float(scale),
+        BLOCK_T=_block_t(block_d, query.element_size()), BLOCK_D=block_d, ACC=_acc_dtype(query.dtype)[0],
+    )
+    return out
+
+
+def attention_step_backward_accumulate(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
+                                       query_pos_bias, scale, grad_key_cache, grad_value_cache,
+                                       grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias):
+    """Adds this step's gradients into the buffers (cache rows ``0 .. steps-1``, the
+    last ``steps`` table rows, all of ``grad_query_pos_bias``); returns grad(query)."""
+    for name, buffer in (("grad_key_cache", grad_key_cache), ("grad_value_cache", grad_value_cache)):
+        if buffer.stride(3) != 1 or buffer.stride(2) != buffer.shape[3]:
+            raise ValueError(f"{name} must have its [H, d] slice contiguous, got strides {buffer.stride()}")
+    for name, buffer in (("grad_key_pos_embeddings", grad_key_pos_embeddings), ("grad_key_pos_bias", grad_key_pos_bias)):
+        if not buffer.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    # bfloat16/half steps may add into float32 buffers (a recurrence sums thousands of steps).
+    allowed = (query.dtype, torch.float32) if query.dtype in (torch.bfloat16, torch.float16) else (query.dtype,)
+    buffers = (grad_key_cache, grad_value_cache, grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias)
+    if grad_key_cache.dtype not in allowed or any(b.dtype != grad_key_cache.dtype for b in buffers):
+        raise TypeError(f"gradient buffers must share one dtype among {allowed} for {query.dtype} queries, "
+                        f"got {[b.dtype for b in buffers]}")
+    grad, query = grad.contiguous(), query.contiguous()
+    key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
+    R, S, u = key_pos_embeddings.contiguous(), key_pos_bias.contiguous(), query_pos_bias.contiguous()
+    B, H, d = query.shape
+    acc_tl, acc_torch = _acc_dtype(query.dtype)
+    grad_query = torch.empty_like(query)
+    gu_part = torch.empty((B, H, d), dtype=acc_torch, device=query.device)
+    score_grads = torch.empty((steps, B * H), dtype=acc_torch, device=query.device)
+    block_d = _block_d(d)
+    block_t = _block_t(block_d, query.element_size())
+    attention_step_bwd_kernel[(B * H,)](
+        grad, query, key_cache, value_cache, R, S, u, grad_query, grad_key_cache, grad_value_cache, gu_part,
+        score_grads, steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
+        grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale),
+        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl,
+    )
+    attention_step_pos_grad_kernel[(H, triton.cdiv(steps, block_t))](
+        score_grads, query, grad_key_pos_embeddings, grad_key_pos_bias,
+        steps, B, H, d, grad_key_pos_embeddings.shape[0] - steps,
+        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl,
+    )
+    # [B, H, d] -> [H, d]: too small to deserve a kernel.
+    grad_query_pos_bias += gu_part.sum(0).to(grad_query_pos_bias.dtype)
+    return grad_query
+
+
+def attention_step_backward(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
+                            query_pos_bias, scale):
+    """Gradients of the rows the step used: query, key/value ``[steps, B, H, d]``,
+    key_pos_embeddings ``[steps, H, d]``, key_pos_bias ``[steps, H]``, query_pos_bias."""
+    B, H, d = query.shape
+    zeros = lambda *shape: torch.zeros(shape, dtype=query.dtype, device=query.device)  # noqa: E731
+    grad_key, grad_value = zeros(steps, B, H, d), zeros(steps, B, H, d)
+    grad_pos_emb, grad_pos_bias, grad_query_pos_bias = zeros(steps, H, d), zeros(steps, H), zeros(H, d)
+    grad_query = attention_step_backward_accumulate(
+        grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale,
+        grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias,
+    )
+    return grad_query, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias
+
+
+def _step_aot_specs():
+    specs = []
+    ints = ("steps", "H", "d", "first_row", "k_time", "k_batch", "v_time", "v_batch")
+    for dtype, acc, element_size in (("fp32", "fp32", 4), ("bf16", "fp32", 2), ("fp64", "fp64", 8)):
+        for block_d in (32, 64, 128):
+            constexprs = {"BLOCK_T": _block_t(block_d, element_size), "BLOCK_D": block_d,
+                          "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])}
+            flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr"}
+            label = f"{dtype},d{block_d}"
+            inputs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "r_ptr", "s_ptr", "u_ptr")}
+            specs.append(AotSpec(
+                attention_step_fwd_kernel,
+                {**inputs, "out_ptr": f"*{dtype}", **{n: "i32" for n in ints}, "scale": "fp32", **flags},
+                constexprs, label=label,
+            ))
+            # bfloat16 steps also run with float32 gradient buffers, as the fused recurrence uses them.
+            for grad_dtype in ((dtype, "fp32") if dtype == "bf16" else (dtype,)):
+                grad_label = label if grad_dtype == dtype else f"{label},grad {grad_dtype}"
+                specs.append(AotSpec(
+                    attention_step_bwd_kernel,
+                    {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{dtype}", "gk_ptr": f"*{grad_dtype}",
+                     "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
+                     **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
+                     **flags},
+                    constexprs, label=grad_label,
+                ))
+                specs.append(AotSpec(
+                    attention_step_pos_grad_kernel,
+                    {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{grad_dtype}", "gs_ptr": f"*{grad_dtype}",
+                     **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")}, **flags},
+                    constexprs, label=grad_label,
+                ))
+    return specs
+
+
+
+AOT_SPECS = _aot_specs() + _step_aot_specs()
