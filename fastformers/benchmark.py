@@ -49,6 +49,8 @@ class Case:
     measure_memory: bool = False
     # Clears gradients a case keeps outside its inputs (module parameters).
     zero_grad: Optional[Callable[[str], None]] = None
+    # Seconds per repetition or more: timed only in a full run (``quick_cases`` skips it).
+    heavy: bool = False
 
 
 @dataclasses.dataclass
@@ -496,7 +498,7 @@ def rel_attention_cases(device: str = "cpu", dtype: torch.dtype = torch.float32)
 
     return [
         Case("rel_attention", f"L={L} M={M} B={B} H={H} d={d}", maker(L, M, B, H, d), _run_rel_attention, dtype,
-             peers=(COMPILED_REFERENCE,), measure_memory=device == "cpu")
+             peers=(COMPILED_REFERENCE,), measure_memory=device == "cpu", heavy=L > 128)
         for L, M, B, H, d in shapes
     ]
 
@@ -776,6 +778,16 @@ def switch_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, large:
         cases.append(Case("switch", f"T={n_tokens} d={d_model} d_ff={d_ff} E={n_experts}", impl.make_inputs,
                           impl.run, dtype, baseline=baseline, peers=tuple(peers), zero_grad=impl.zero_grad))
     return cases
+
+
+def quick_cases(cases: list[Case]) -> list[Case]:
+    """``cases`` without the heavy shapes and the torch.compile peer (whose
+    compilation alone takes tens of seconds): the default ``fastformers bench``."""
+    return [
+        dataclasses.replace(case, peers=tuple(p for p in case.peers if p != COMPILED_REFERENCE))
+        for case in cases
+        if not case.heavy
+    ]
 
 
 ALL_CASES = {

@@ -38,7 +38,10 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         make_cases = benchmark.ALL_CASES[op]
         options = {"large": True} if args.large and "large" in inspect.signature(make_cases).parameters else {}
-        op_results = benchmark.run(make_cases(device, dtype, **options), device, min_time=args.min_time)
+        cases = make_cases(device, dtype, **options)
+        if not args.large:
+            cases = benchmark.quick_cases(cases)
+        op_results = benchmark.run(cases, device, min_time=args.min_time)
         print(benchmark.format_table(op_results) + "\n", flush=True)
         if op == "feedback_model":
             print(benchmark.feedback_model_report(op_results, dtype) + "\n", flush=True)
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--large", action="store_true",
-                       help="add the compute-heavy shapes of the ops that have them (switch: T=4096, d=512, d_ff=2048)")
+                       help="the full comparison: add the heavy shapes (e.g. rel_attention L=M=512, switch T=4096 "
+                       "d=512 d_ff=2048) and the torch.compile(reference) peer")
     bench.set_defaults(handler=_bench)
 
     from .models import MODEL_NAMES, ModelConfig
