@@ -318,7 +318,7 @@ def test_loss_bad_input(backend):
 
 def test_triton_backend_is_refused_not_faked():
     mem, weight, bias = conv_inputs(2, 4, 2, 8, torch.float32)
-    with pytest.raises(NotImplementedError, match="no Triton kernel yet"):
+    with pytest.raises(NotImplementedError, match="backend .triton. has no kernel for this op yet"):
         fastformers.ops.conv_compress(mem, weight, bias, backend="triton")
 
 

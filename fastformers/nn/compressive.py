@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from .._backend import resolve_backend
+from ..ops.compressive.op import KERNELS as COMPRESSIVE_KERNELS
 from ._utils import clone_module_list
 from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention
 
@@ -36,7 +37,7 @@ class Conv1dCompression(nn.Module):
     def forward(self, mem: torch.Tensor) -> torch.Tensor:
         """``mem`` ``[M, B, D]`` -> ``[M // c, B, D]``; like ``nn.Conv1d``, a last
         incomplete group of fewer than ``c`` memories is left out."""
-        backend = self.last_backend = resolve_backend(mem.device, self.backend)
+        backend = self.last_backend = resolve_backend(mem.device, self.backend, implemented=COMPRESSIVE_KERNELS)
         rate = self.conv.stride[0]
         whole = mem[: mem.shape[0] // rate * rate] if mem.dim() == 3 else mem
         return ops.conv_compress(whole, self.conv.weight, self.conv.bias, backend=backend)
@@ -163,7 +164,7 @@ class AttentionReconstructionLoss:
     def calc_loss(self, layer: CompressiveTransformerLayer, h: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Loss of one layer: ``h`` ``[L, B, D]`` its input, ``mem`` ``[M, B, D]``
         the memory it compresses (``M`` a multiple of ``c``)."""
-        backend = self.last_backend = resolve_backend(mem.device, self.backend)
+        backend = self.last_backend = resolve_backend(mem.device, self.backend, implemented=COMPRESSIVE_KERNELS)
         compress = layer.compress
         if compress.backend is None:
             c_mem = ops.conv_compress(mem.detach(), compress.conv.weight, compress.conv.bias, backend=backend)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import _backend
 from ..ops.switch import route
-from ..ops.switch.op import DROP_POLICIES, switch_mlp_on
+from ..ops.switch.op import DROP_POLICIES, KERNELS as SWITCH_KERNELS, switch_mlp_on
 from ._utils import clone_module_list
 from .attention import FeedForward, MultiHeadAttention
 
@@ -113,7 +113,7 @@ class SwitchFeedForward(nn.Module):
 
     def _choose_backend(self, device: torch.device) -> str:
         requested = self.backend if self.backend is not None else _backend.forced_backend()
-        name = _backend.resolve_backend(device, requested)
+        name = _backend.resolve_backend(device, requested, implemented=SWITCH_KERNELS)
         if name == "reference":
             return name
         reason = self._unfusable_reason()

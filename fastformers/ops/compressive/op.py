@@ -212,14 +212,9 @@ for _name in ("conv_compress_backward", "attention_reconstruction_loss_backward"
 # ------------------------------------------------------------------ public functions
 
 
-def _refuse_triton(backend: str, op: str) -> None:
-    # No Triton kernels for this family yet: running the reference under the
-    # name 'triton' would be a silent fallback.
-    if backend == "triton":
-        raise NotImplementedError(
-            f"fastformers::{op} has no Triton kernel yet; pass backend='reference' "
-            "(any device) or backend='cpp' (CPU)"
-        )
+# The compressive family has CPU kernels only so far: on CUDA the automatic
+# choice runs the reference, and asking for 'triton' raises.
+KERNELS = ("reference", "cpp")
 
 
 def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -232,10 +227,9 @@ def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     ``backend`` overrides the backend selection for this call.
     """
     check_conv_inputs(mem, weight, bias)
-    name = _backend.resolve_backend(mem.device, backend)
+    name = _backend.resolve_backend(mem.device, backend, implemented=KERNELS)
     if name == "reference":
         return naive.conv_compress(mem, weight, bias)
-    _refuse_triton(name, "conv_compress")
     return torch.ops.fastformers.conv_compress(mem, weight, bias)
 
 
@@ -270,8 +264,7 @@ def attention_reconstruction_loss(
                       value_weight, value_bias, heads)
     args = (h, mem, c_mem, norm_weight, norm_bias, float(eps), query_weight, query_bias, key_weight, key_bias,
             value_weight, value_bias, heads, float(scale))
-    name = _backend.resolve_backend(mem.device, backend)
+    name = _backend.resolve_backend(mem.device, backend, implemented=KERNELS)
     if name == "reference":
         return naive.attention_reconstruction_loss(*args)
-    _refuse_triton(name, "attention_reconstruction_loss")
     return torch.ops.fastformers.attention_reconstruction_loss(*args)[0]

@@ -23,6 +23,10 @@ Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 # Expert weights are lists of per-expert tensors (an empty list: no bias / no
 # gate) so that modules holding one nn.Linear per expert pass their parameters
 # as they are: no stacking copy per call, and each gradient lands in its own tensor.
+# CPU kernels only so far: on CUDA the automatic choice runs the reference,
+# and asking for 'triton' raises.
+KERNELS = ("reference", "cpp")
+
 lib.define(
     "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
     "Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, str activation) -> (Tensor, Tensor)"
@@ -325,7 +329,7 @@ def switch_mlp(
     overrides the backend selection for this call.
     """
     check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate)
-    name = _backend.resolve_backend(x.device, backend)
+    name = _backend.resolve_backend(x.device, backend, implemented=KERNELS)
     return switch_mlp_on(name, x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate)
 
 
@@ -335,8 +339,6 @@ def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w
     (``SwitchFeedForward``, whose router made ``routing``): with E = 64 the
     checks visit 256 weight tensors per call. The C++ kernel still checks
     every tensor's shape, dtype and device."""
-    if backend == "triton":
-        raise NotImplementedError("Triton switch kernels are not implemented yet")
     groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
     args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation)
     if backend == "reference":
