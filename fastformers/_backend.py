@@ -123,7 +123,7 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None, imple
         elif device.type == "cpu" and extension_available() and "cpp" in implemented:
             name = "cpp"
         else:
-            if device.type == "cpu":
+            if device.type == "cpu" and not extension_available():
                 _warn_missing_extension()
             name = "reference"
         logger.debug("fastformers: auto backend %s for device %s", name, device)

@@ -17,3 +17,8 @@ def test_forcing_a_backend_the_op_lacks_raises():
     with _backend.use_backend("triton"):
         with pytest.raises(NotImplementedError, match="implemented: reference, cpp"):
             _backend.resolve_backend(torch.device("cpu"), implemented=("reference", "cpp"))
+
+
+def test_no_missing_extension_warning_when_it_is_built(recwarn):
+    _backend.resolve_backend(torch.device("cpu"), implemented=("reference", "triton"))
+    assert not [w for w in recwarn if "not built" in str(w.message)]
