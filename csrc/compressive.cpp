@@ -31,16 +31,10 @@
 #include <optional>
 #include <vector>
 
-#include "cpu_blas.h"
+#include "cpu_utils.h"
 
 namespace fastformers {
 namespace {
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTFORMERS_VECTOR_CLONES
-#endif
 
 // ------------------------------------------------------------------ conv_compress
 

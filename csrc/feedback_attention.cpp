@@ -17,14 +17,10 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_utils.h"
+
 namespace fastformers {
 namespace {
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTFORMERS_VECTOR_CLONES
-#endif
 
 // The [H, d] slice of a cache row must be contiguous; the time and batch axes
 // may be strided so one [T_max, B, C, H, d] buffer can serve several caches.

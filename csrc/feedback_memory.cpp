@@ -12,6 +12,8 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_utils.h"
+
 namespace fastformers {
 namespace {
 
@@ -48,14 +50,6 @@ std::vector<acc_t> softmax(const scalar_t* w, int64_t n) {
   for (int64_t l = 0; l < n; ++l) p[l] /= sum;
   return p;
 }
-
-// Builds each hot loop for AVX-512, AVX2 and baseline x86-64 and picks one at
-// load time: the extension stays portable yet vectorises as wide as the CPU allows.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTFORMERS_VECTOR_CLONES
-#endif
 
 // m[begin:end] = sum_l probs[l] * x[l, begin:end], through an L1-resident
 // accumulator per tile of kTile columns streamed over the L rows.

@@ -36,93 +36,15 @@
 #include <optional>
 #include <vector>
 
-// Fortran BLAS, exported by the BLAS torch links (MKL on x86-64 wheels). Weak:
-// when the symbol is absent the kernels fall back to at::mm on borrowed blobs.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
+#include "cpu_utils.h"
 
 namespace fastformers {
 namespace {
 
 constexpr int64_t kQueryTile = 64;
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTFORMERS_VECTOR_CLONES
-#endif
-
-// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, op(A) [m, k], op(B) [k, n];
-// lda/ldb/ldc are the row strides of the matrices as stored.
-template <typename T>
-void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto matrix = [&](const T* data, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-    // op(X) is [rows, cols]; X is stored row-major as [rows, cols] or [cols, rows].
-    at::Tensor stored = trans ? at::from_blob(const_cast<T*>(data), {cols, rows}, {ld, 1}, options).t()
-                              : at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, options);
-    return stored;
-  };
-  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  out.copy_(at::addmm(out, matrix(a, trans_a, m, k, lda), matrix(b, trans_b, k, n, ldb), beta, alpha));
-}
-
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t row = 0; row < m; ++row)
-      for (int64_t col = 0; col < n; ++col) c[row * ldc + col] = beta == T(0) ? T(0) : beta * c[row * ldc + col];
-    return;
-  }
-  // Column-major BLAS sees a row-major X as X^T: C^T = op(B)^T op(A)^T.
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_ != nullptr) {
-      sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
-      return;
-    }
-  } else {
-    if (dgemm_ != nullptr) {
-      dgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
-      return;
-    }
-  }
-  gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-// exp for float: Cody-Waite range reduction and a degree-6 polynomial, written so
-// the loops around it vectorise (std::exp does not without -ffast-math);
-// relative error ~2e-7. exp(-inf) = 0 and NaN propagates, as the softmax needs.
-inline float exp_approx(float x) {
-  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float result = p * std::bit_cast<float>(bits);
-  result = x == -std::numeric_limits<float>::infinity() ? 0.0f : result;
-  return x != x ? x : result;
-}
-
-inline float exp_of(float x) { return exp_approx(x); }
-inline double exp_of(double x) { return std::exp(x); }
+using cpu::exp_of;
+using cpu::gemm;
 
 // One (batch, head) slice of a [N, B, H, d] tensor with unit stride along d.
 template <typename T>

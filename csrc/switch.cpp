@@ -12,7 +12,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include "blas.h"
+#include "cpu_utils.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -23,12 +23,6 @@
 
 namespace fastformers {
 namespace {
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTFORMERS_VECTOR_CLONES
-#endif
 
 enum class Activation { kRelu, kGelu };
 
@@ -231,7 +225,7 @@ void for_each_expert(const Problem& p, const Body& body) {
   for (int64_t e = 0; e < p.n_experts; ++e) total_kept += p.kept[e];
   auto run = [&](int64_t begin, int64_t end) {
     // worker threads do not inherit the dispatcher state of the calling kernel
-    // (matters only for the at::addmm fallback of blas::gemm)
+    // (matters only for the at::addmm fallback of cpu::gemm)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t e = begin; e < end; ++e) body(e);
   };
@@ -308,17 +302,17 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
       T* expert_out = scratch<T>(2, n * d);
       T* pre = saved + begin * hidden_width;
       for (int64_t i = 0; i < n; ++i) std::memcpy(block + i * d, x + tokens[i] * d, d * sizeof(T));
-      blas::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w1[e].const_data_ptr<T>(), d, T(0), pre,
+      cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w1[e].const_data_ptr<T>(), d, T(0), pre,
                     hidden_width);
       if (p.gated()) {
-        blas::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w_gate[e].const_data_ptr<T>(), d, T(0),
+        cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, p.w_gate[e].const_data_ptr<T>(), d, T(0),
                       pre + d_ff, hidden_width);
       }
       with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
         bias_activate_rows<decltype(act)::value, decltype(gated)::value>(
             pre, hidden_width, n, d_ff, data_or_null<T>(p.b1, e), data_or_null<T>(p.b_gate, e), activated);
       });
-      blas::gemm<T>(false, true, n, d, d_ff, T(1), activated, d_ff, p.w2[e].const_data_ptr<T>(), d_ff, T(0),
+      cpu::gemm<T>(false, true, n, d, d_ff, T(1), activated, d_ff, p.w2[e].const_data_ptr<T>(), d_ff, T(0),
                     expert_out, d);
       scale_scatter_rows<T>(expert_out, data_or_null<T>(p.b2, e), tokens, n, d, scale, out);
     }
@@ -457,21 +451,21 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
       gather_backward_rows<T>(x, g, tokens, n, d, scale, data_or_null<T>(p.b2, e), block, grad_out,
                               scaled_grad_out, mutable_data_or_null<T>(grads.b2, e), grad_scale);
       // grad_out @ w2 unscaled: its dot with the activations is the scale gradient
-      blas::gemm<T>(false, false, n, d_ff, d, T(1), grad_out, d, w2, d_ff, T(0), grad_pre, d_ff);
+      cpu::gemm<T>(false, false, n, d_ff, d, T(1), grad_out, d, w2, d_ff, T(0), grad_pre, d_ff);
       with_activation(p.activation, p.gated(), [&](auto act, auto gated) {
         activation_backward_rows<decltype(act)::value, decltype(gated)::value>(
             saved + begin * hidden_width, hidden_width, tokens, n, d_ff, scale, activated, grad_pre, grad_gate,
             mutable_data_or_null<T>(grads.b1, e), mutable_data_or_null<T>(grads.b_gate, e), grad_scale);
       });
-      blas::gemm<T>(true, false, d, d_ff, n, T(1), scaled_grad_out, d, activated, d_ff, T(0),
+      cpu::gemm<T>(true, false, d, d_ff, n, T(1), scaled_grad_out, d, activated, d_ff, T(0),
                     grads.w2[e].data_ptr<T>(), d_ff);
-      blas::gemm<T>(true, false, d_ff, d, n, T(1), grad_pre, d_ff, block, d, T(0), grads.w1[e].data_ptr<T>(), d);
+      cpu::gemm<T>(true, false, d_ff, d, n, T(1), grad_pre, d_ff, block, d, T(0), grads.w1[e].data_ptr<T>(), d);
       T* grad_block = scaled_grad_out;  // no longer needed: reuse its rows
-      blas::gemm<T>(false, false, n, d, d_ff, T(1), grad_pre, d_ff, w1, d, T(0), grad_block, d);
+      cpu::gemm<T>(false, false, n, d, d_ff, T(1), grad_pre, d_ff, w1, d, T(0), grad_block, d);
       if (p.gated()) {
-        blas::gemm<T>(true, false, d_ff, d, n, T(1), grad_gate, d_ff, block, d, T(0),
+        cpu::gemm<T>(true, false, d_ff, d, n, T(1), grad_gate, d_ff, block, d, T(0),
                       grads.w_gate[e].data_ptr<T>(), d);
-        blas::gemm<T>(false, false, n, d, d_ff, T(1), grad_gate, d_ff, p.w_gate[e].const_data_ptr<T>(), d, T(1),
+        cpu::gemm<T>(false, false, n, d, d_ff, T(1), grad_gate, d_ff, p.w_gate[e].const_data_ptr<T>(), d, T(1),
                       grad_block, d);
       }
       for (int64_t i = 0; i < n; ++i) std::memcpy(grad_x + tokens[i] * d, grad_block + i * d, d * sizeof(T));

@@ -1,6 +1,6 @@
-// BLAS GEMM on raw row-major pointers with leading dimensions, and a
-// vectorisable exp, shared by the CPU kernels that work on strided slices
-// without materialising them.
+// Helpers shared by the CPU kernels: BLAS GEMM on raw row-major pointers with
+// leading dimensions (strided slices without materialising them), a
+// vectorisable exp, and per-CPU builds of hot loops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,6 +24,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
 }
+
+// Builds each hot loop for AVX-512, AVX2 and baseline x86-64 and picks one at
+// load time: the extension stays portable yet vectorises as wide as the CPU allows.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FASTFORMERS_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTFORMERS_VECTOR_CLONES
+#endif
 
 namespace fastformers::cpu {
 
