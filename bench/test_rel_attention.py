@@ -3,11 +3,11 @@ backends; plus one TransformerXL training step, ours vs labml_nn."""
 import pytest
 import torch
 
-from fastformers import benchmark
+from fastformers import benchmark as bench_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = benchmark.rel_attention_cases(DEVICE)
-BACKENDS = ["reference", benchmark.COMPILED_REFERENCE, *benchmark.fused_backends(DEVICE)]
+CASES = bench_cases.rel_attention_cases(DEVICE)
+BACKENDS = ["reference", bench_cases.COMPILED_REFERENCE, *bench_cases.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -23,9 +23,9 @@ def test_forward_backward(benchmark, case, backend):
     benchmark.pedantic(forward_backward, rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("implementation", ["labml_nn", *benchmark.fused_backends(DEVICE)])
+@pytest.mark.parametrize("implementation", ["labml_nn", *bench_cases.fused_backends(DEVICE)])
 def test_transformer_xl_training_step(benchmark, implementation):
     pytest.importorskip("labml_nn")
-    step = benchmark.transformer_xl_step(implementation, DEVICE)
+    step = bench_cases.transformer_xl_step(implementation, DEVICE)
     benchmark.group = "TransformerXL training step L=128 M=128 B=32 d_model=128 H=4 layers=6"
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
