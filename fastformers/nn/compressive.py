@@ -15,8 +15,9 @@ from torch import nn
 from .. import ops
 from .._backend import resolve_backend
 from ..ops.compressive.op import KERNELS as COMPRESSIVE_KERNELS
-from ._utils import clone_module_list
+from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention
+from .xl import attend_over_history
 
 
 class Conv1dCompression(nn.Module):
@@ -56,10 +57,7 @@ class CompressiveTransformerLayer(nn.Module):
         self.compress = compress
         self.size = d_model
         self.self_attn = self_attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        init_pre_norm_layer(self, d_model, feed_forward, dropout_prob)
 
     def concat_memory(self, z: torch.Tensor, mem: Optional[torch.Tensor],
                       c_mem: Optional[torch.Tensor]) -> torch.Tensor:
@@ -82,15 +80,12 @@ class CompressiveTransformerLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``c_mem`` ``[N, B, D]``
         or None, ``mask`` ``[L, N + M + L, B or 1]``. Returns ``[L, B, D]``."""
-        # As concat_memory, with one cat and one LayerNorm over [c_mem; mem; x]
-        # (row-wise, so identical) and z a view of its tail.
+        # The keys of concat_memory, built by one cat and one LayerNorm.
         if mem is None:
-            keys = self.norm_self_attn(x)
+            history = ()
         else:
-            keys = self.norm_self_attn(torch.cat((mem, x) if c_mem is None else (c_mem, mem, x), dim=0))
-        z = keys[keys.shape[0] - x.shape[0]:]
-        x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
-        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+            history = (mem,) if c_mem is None else (c_mem, mem)
+        return attend_over_history(self, x, history, mask)
 
 
 class CompressiveTransformer(nn.Module):

@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from .._backend import resolve_backend
 from ..ops.feedback import recurrence
-from ._utils import clone_module_list
+from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention
 
 
@@ -106,10 +106,7 @@ class FeedbackTransformerLayer(nn.Module):
         super().__init__()
         self.size = d_model
         self.attn = attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        init_pre_norm_layer(self, d_model, feed_forward, dropout_prob)
 
     def forward(self, *,
                 x: torch.Tensor,

@@ -12,7 +12,7 @@ from torch import nn
 from .. import _backend
 from ..ops.switch import route
 from ..ops.switch.op import DROP_POLICIES, KERNELS as SWITCH_KERNELS, switch_mlp_on
-from ._utils import clone_module_list
+from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, MultiHeadAttention
 
 
@@ -201,10 +201,7 @@ class SwitchTransformerLayer(nn.Module):
         super().__init__()
         self.size = d_model
         self.attn = attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        init_pre_norm_layer(self, d_model, feed_forward, dropout_prob)
 
     def forward(self, *,
                 x: torch.Tensor,

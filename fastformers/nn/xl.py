@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._utils import clone_module_list
+from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, RelativeMultiHeadAttention
 
 
@@ -24,10 +24,7 @@ class TransformerXLLayer(nn.Module):
         super().__init__()
         self.size = d_model
         self.self_attn = self_attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        init_pre_norm_layer(self, d_model, feed_forward, dropout_prob)
 
     def forward(self, *,
                 x: torch.Tensor,
@@ -35,14 +32,22 @@ class TransformerXLLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``mask``
         ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``). Returns ``[L, B, D]``."""
-        # One LayerNorm over [mem; x] (row-wise, so identical to normalising each
-        # part) and z a view of its tail: the memory is copied once per call, by
-        # this cat. It cannot be cached across calls while training: the norm and
-        # the key/value projections applied to it change every optimizer step.
-        keys = self.norm_self_attn(x if mem is None else torch.cat((mem, x), dim=0))
-        z = keys[keys.shape[0] - x.shape[0]:]
-        x = x + self.dropout(self.self_attn(query=z, key=keys, value=keys, mask=mask))
-        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+        return attend_over_history(self, x, () if mem is None else (mem,), mask)
+
+
+def attend_over_history(layer: nn.Module, x: torch.Tensor, history: Tuple[torch.Tensor, ...],
+                        mask: torch.Tensor) -> torch.Tensor:
+    """The pre-norm step of a Transformer-XL or Compressive layer: attention of
+    ``x`` ``[L, B, D]`` over ``[*history; x]`` (each ``[*, B, D]``, oldest first),
+    then the feed-forward. Returns ``[L, B, D]``."""
+    # One LayerNorm over [*history; x] (row-wise, so identical to normalising
+    # each part) and z a view of its tail: the memory is copied once per call,
+    # by this cat. It cannot be cached across calls while training: the norm
+    # and the key/value projections applied to it change every optimizer step.
+    keys = layer.norm_self_attn(torch.cat((*history, x), dim=0) if history else x)
+    z = keys[keys.shape[0] - x.shape[0]:]
+    x = x + layer.dropout(layer.self_attn(query=z, key=keys, value=keys, mask=mask))
+    return x + layer.dropout(layer.feed_forward(layer.norm_ff(x)))
 
 
 class TransformerXL(nn.Module):
