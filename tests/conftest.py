@@ -33,6 +33,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """For modules of tiny tensors and many ops (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    intra-op threads only add synchronisation, which stalls badly on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def triton_interpreter():
     """For tests that run Triton kernels on CPU tensors: the interpreter must be
     on (this conftest switches it on before fastformers is imported)."""

@@ -1,9 +1,6 @@
 """Tiny configurations and text shared by the language-model tests."""
 from pathlib import Path
 
-import pytest
-import torch
-
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TINY_MODEL = dict(d_model=16, heads=2, d_ff=32, n_layers=2, mem_len=8, c_mem_len=8, compression_rate=2,
                   n_experts=3)
@@ -18,12 +15,3 @@ def sample_text(n_chars: int = 40_000) -> str:
              for verb in ("give me", "take", "see", "hear")
              for thing in ("crown", "sword", "night", "king", "rose")]
     return ("".join(lines) * (n_chars // len("".join(lines)) + 1))[:n_chars]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many small ops: intra-op threads only add contention on shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ FUSED_BACKENDS = [name for name in ("cpp",) if name in fastformers.available_bac
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ conv_compress

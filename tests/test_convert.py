@@ -9,13 +9,7 @@ from fastformers.convert import convert
 D, H = 16, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors, many ops: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ from fastformers import data
 from fastformers.cli import main
 from fastformers.data import Corpus, DataError, SequentialBatches, ShuffledBatches
 
-from lm_helpers import sample_text, one_thread  # noqa: F401 (autouse fixture)
+from lm_helpers import sample_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -14,13 +14,7 @@ FUSED_BACKENDS = [name for name in ("cpp", "triton") if name in fastformers.avai
 TOLERANCES = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(atol=2e-4, rtol=2e-3)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors, many ops: intra-op threads only add synchronisation on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(ns, kv, heads, d_k, n_layers, dtype=torch.float64, dropout=0.0, seed=1):
@@ -191,7 +185,6 @@ def test_state_chunks_and_generation_equal_full_forward(kv, backend, request):
         branch, _ = model.forward_with_state(x[3:5], early)
     torch.testing.assert_close(branch, full[3:5], atol=1e-10, rtol=1e-9)
     assert late.steps == 7
-
 
 
 @pytest.mark.parametrize("kv", [True, False], ids=["kv", "plain"])

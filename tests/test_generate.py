@@ -8,7 +8,9 @@ from fastformers.generate import generate, generate_ids, sample_next
 from fastformers.models import build_model, default_model_config
 from fastformers.train import Trainer, default_train_config
 
-from lm_helpers import TINY_MODEL, sample_text, one_thread  # noqa: F401 (autouse fixture)
+from lm_helpers import TINY_MODEL, sample_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 13
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64: the cached and full computations differ only in summation order

@@ -7,7 +7,9 @@ from fastformers.models import (MODEL_DEFAULTS, MODEL_NAMES, CompressedMemory, b
                                 default_model_config)
 from fastformers.train import MODEL_TRAIN_DEFAULTS
 
-from lm_helpers import TINY_MODEL, one_thread  # noqa: F401 (autouse fixture)
+from lm_helpers import TINY_MODEL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 11
 

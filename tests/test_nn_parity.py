@@ -69,14 +69,7 @@ def use_attention_backend(model, backend):
 
 # ---------------------------------------------------------------- harness
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny and the ops many: intra-op threads only add
-    synchronisation, which stalls badly on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: nn.Module, seed: int = 1) -> None:

@@ -9,7 +9,10 @@ import fastformers
 from fastformers.ops.xl import naive, op
 from harness import assert_parity
 
-pytestmark = pytest.mark.skipif("cpp" not in fastformers.available_backends(), reason="needs the C++ extension")
+pytestmark = [
+    pytest.mark.skipif("cpp" not in fastformers.available_backends(), reason="needs the C++ extension"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # (L, M, B, H, d): every value of L in {1, 7, 64}, M in {0, 5, 128}, B in {1, 3},
 # H in {1, 4}, d in {24, 64} appears, including L = 1 decode steps with memory
@@ -44,14 +47,6 @@ def cpp(scale, causal=True, mask=None):
 
 def reference(scale, causal=True, mask=None):
     return lambda *x: naive.rel_attention(*x, scale, causal=causal, mask=mask)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

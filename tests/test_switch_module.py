@@ -13,13 +13,7 @@ D = 24
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_switch(n_experts=4, capacity_factor=0.5, *, drop_tokens=True, is_scale_prob=True, d_ff=2 * D,

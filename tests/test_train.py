@@ -8,7 +8,9 @@ from fastformers import train as train_module
 from fastformers.cli import main
 from fastformers.train import CheckpointError, Trainer, default_train_config, load_checkpoint
 
-from lm_helpers import TINY_MODEL, one_thread, sample_text  # noqa: F401 (autouse fixture)
+from lm_helpers import TINY_MODEL, sample_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODELS = ["xl", "compressive", "feedback", "switch"]
 
