@@ -55,7 +55,7 @@ def _group_size_rank(group) -> Tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _collective(what: str, group, call):
+def run_collective(what: str, group, call):
     """Run ``call()``; turn a failed collective into a :class:`CollectiveError` saying what to look for."""
     try:
         return call()
@@ -75,7 +75,7 @@ def check_same_across_ranks(values: Dict[str, object], group=None, what: str = "
     ``group``, naming the field and each rank's value. Collective: every rank must call it."""
     world_size, _ = _group_size_rank(group)
     gathered: List[Optional[Dict[str, object]]] = [None] * world_size
-    _collective(f"comparing the {what}", group, lambda: dist.all_gather_object(gathered, values, group=group))
+    run_collective(f"comparing the {what}", group, lambda: dist.all_gather_object(gathered, values, group=group))
     fields = sorted(set().union(*(g.keys() for g in gathered)))
     for field in fields:
         per_rank = [g.get(field) for g in gathered]
@@ -109,7 +109,7 @@ class _AllToAll(torch.autograd.Function):
 def _exchange_rows(rows: torch.Tensor, receive_splits: List[int], send_splits: List[int], group, what: str):
     """Send ``rows[sum(send_splits[:r]) : ...]`` to rank r; returns the rows received, source rank by rank."""
     received = rows.new_empty((sum(receive_splits), *rows.shape[1:]))
-    _collective(what, group, lambda: dist.all_to_all_single(received, rows.contiguous(), receive_splits, send_splits,
+    run_collective(what, group, lambda: dist.all_to_all_single(received, rows.contiguous(), receive_splits, send_splits,
                                                            group=group))
     return received
 
@@ -219,7 +219,7 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
         # counts[s, i]: tokens rank s sends to local expert i; every rank must know them
         # before the variable-size exchange can be posted
         received_kept = torch.empty_like(kept)
-        _collective("the expert-parallel count exchange", group,
+        run_collective("the expert-parallel count exchange", group,
                     lambda: dist.all_to_all_single(received_kept, kept.contiguous(), group=group))
         received_kept = received_kept.view(world_size, n_local)
         send_splits = kept.view(world_size, n_local).sum(1).tolist()
@@ -284,7 +284,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, expert_names: Sequence[st
         return sum((t.detach().double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
 
     sharded_square = squared_norm(sharded)
-    _collective("the gradient-norm all-reduce", group, lambda: dist.all_reduce(sharded_square, group=group))
+    run_collective("the gradient-norm all-reduce", group, lambda: dist.all_reduce(sharded_square, group=group))
     total = (squared_norm(replicated) + sharded_square).sqrt()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads.values():
@@ -357,14 +357,14 @@ def gather_objects(value: object, group=None, dst: int = 0) -> Optional[List[obj
     """Collective: every rank's ``value`` as a list on rank ``dst`` (None elsewhere)."""
     world_size, rank = _group_size_rank(group)
     gathered: Optional[List] = [None] * world_size if rank == dst else None
-    _collective("gathering per-rank state", group, lambda: dist.gather_object(value, gathered, dst=dst, group=group))
+    run_collective("gathering per-rank state", group, lambda: dist.gather_object(value, gathered, dst=dst, group=group))
     return gathered
 
 
 def scatter_objects(values: Optional[Sequence[object]], group=None, src: int = 0) -> object:
     """Collective: element ``rank`` of ``values`` given on rank ``src``."""
     received: List[Optional[object]] = [None]
-    _collective("scattering per-rank state", group,
+    run_collective("scattering per-rank state", group,
                 lambda: dist.scatter_object_list(received, list(values) if values is not None else None, src=src,
                                                  group=group))
     return received[0]

@@ -48,7 +48,7 @@ def _run(module, x, grad_out):
 
 def equivalence(n_experts_options, backends):
     """Compare, on this rank, the expert-parallel module with the single-process one holding all
-    experts; returns the checks made (each raises on mismatch)."""
+    experts, then round-trip its checkpoint; returns the checks made (each raises on mismatch)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     checks = []
     for n_experts in n_experts_options:
@@ -92,6 +92,8 @@ def equivalence(n_experts_options, backends):
                 dist.all_reduce(sent)
                 assert received.item() == sent.item()
                 checks.append(label)
+        checkpoint_round_trip(n_experts)
+        checks.append(f"rank {rank} E={n_experts} checkpoint round trip")
     return checks
 
 
@@ -119,7 +121,11 @@ def checkpoint_round_trip(n_experts):
     fresh.load_state_dict(scatter_expert_state_dict(full))
     for key, value in shard.items():
         assert torch.equal(fresh.state_dict()[key], value), key
-    return sorted(shard)
+
+
+def configuration_errors():
+    """The errors of a capacity factor that differs between ranks and of E not divisible by W."""
+    return [mismatched_configuration(), indivisible_experts()]
 
 
 def mismatched_configuration():
@@ -143,14 +149,14 @@ def indivisible_experts():
 
 
 def one_rank_fails(stall):
-    """Rank 1 raises before the exchange (or, with ``stall``, sleeps past the group timeout);
+    """Rank 1 raises before the exchange (after sleeping ``stall`` seconds, past the group timeout);
     rank 0 must end with a clear error instead of waiting forever."""
     rank = dist.get_rank()
     module = ExpertParallelSwitchFeedForward(capacity_factor=1.0, drop_tokens=False, is_scale_prob=True,
                                              n_experts=4, expert=FeedForward(D_MODEL, D_FF, 0.0), d_model=D_MODEL)
     if rank == 1:
         if stall:
-            time.sleep(600)
+            time.sleep(stall)
         raise RuntimeError("rank 1 fails on purpose")
     module(torch.randn(4, 2, D_MODEL))
     return "rank 0 finished"

@@ -26,6 +26,7 @@ class WorkerResult:
     returncode: Optional[int]  # None: killed at the deadline
     stdout: str
     stderr: str
+    seconds: float  # from the start of the workers to this one's exit (or kill)
 
     @property
     def value(self):
@@ -53,16 +54,19 @@ def run_workers(target: str, world_size: int, *, timeout: float = 60.0, group_ti
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in range(world_size)
     ]
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     results = []
     for rank, worker in enumerate(workers):
         try:
             stdout, stderr = worker.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-            results.append(WorkerResult(rank, worker.returncode, stdout, stderr))
+            returncode = worker.returncode
         except subprocess.TimeoutExpired:
             worker.kill()
             stdout, stderr = worker.communicate()
-            results.append(WorkerResult(rank, None, stdout, stderr))
+            returncode = None
+        # communicate() of a later rank returns at once if it exited first: a bound, not the exact time
+        results.append(WorkerResult(rank, returncode, stdout, stderr, time.monotonic() - start))
     return results
 
 
