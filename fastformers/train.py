@@ -341,7 +341,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy (nats) over the first ``eval_batches`` validation batches
-        (the same ones every time, so the curve compares like with like)."""
+        (the same ones every time, so the curve compares like with like); distributed:
+        collective, the mean over the ranks."""
         self.model.eval()
         batches = SequentialBatches(self.corpus.valid, self.config.batch_size, self.config.seq_len)
         memory, losses = None, []
@@ -354,7 +355,9 @@ class Trainer:
                     output = self.model(inputs.to(self.device), memory)
                     memory = output.memory
                     losses.append(cross_entropy(output.logits, targets.to(self.device)).item())
-        return sum(losses) / len(losses)
+        mean = sum(losses) / len(losses)
+        # every rank evaluates the same batches, but Switch's token dropping draws differ
+        return self._sum_over_ranks(mean) / self.world_size if self.distributed else mean
 
     def _rng_state(self) -> dict:
         return {

@@ -160,3 +160,49 @@ def one_rank_fails(stall):
         raise RuntimeError("rank 1 fails on purpose")
     module(torch.randn(4, 2, D_MODEL))
     return "rank 0 finished"
+
+
+def training(text_path, out):
+    """Two-rank training of tiny models (Switch with sharded experts, Transformer-XL with
+    replicated weights and carried memory): the loss falls, the replicas stay identical,
+    the checkpoint holds the single-process model, and resuming continues exactly."""
+    from fastformers.train import Trainer, default_train_config, load_checkpoint, model_from_checkpoint
+
+    rank = dist.get_rank()
+    report = {}
+    for model, expert_parallel in (("switch", True), ("xl", False)):
+        def trainer(directory, **overrides):
+            settings = dict(data=text_path, out=f"{out}/{directory}", seq_len=8, batch_size=4, optimizer="adamw",
+                            lr=3e-3, warmup=1, eval_interval=1000, eval_batches=2, checkpoint_interval=1000,
+                            expert_parallel=expert_parallel, dist_timeout=30.0)
+            settings.update(overrides)
+            return Trainer.start(default_train_config(model, **settings), log=lambda line: None,
+                                 d_model=16, heads=2, d_ff=32, n_layers=2, mem_len=8, n_experts=4, dropout=0.1)
+
+        learner = trainer(f"{model}-learn", steps=40)
+        before = learner.evaluate()
+        after = learner.run(progress=False)["valid"][-1][1]
+        assert after < before - 0.3, (model, before, after)
+        replicated = {name: p for name, p in learner.model.named_parameters() if name not in learner.expert_names}
+        for name, parameter in replicated.items():
+            copies = [torch.empty_like(parameter) for _ in range(dist.get_world_size())]
+            dist.all_gather(copies, parameter.detach())
+            assert all(torch.equal(copies[0], c) for c in copies), f"{model}: {name} differs between ranks"
+        if rank == 0:
+            payload = load_checkpoint(f"{out}/{model}-learn/checkpoint.pt")
+            single = model_from_checkpoint(payload)  # the labml-layout model, all experts
+            assert sum(p.numel() for p in single.parameters()) > sum(p.numel() for p in learner.model.parameters()) \
+                or not expert_parallel
+
+        uninterrupted = trainer(f"{model}-a", steps=3, checkpoint_interval=3, eval_interval=2)
+        uninterrupted.run(progress=False)
+        expected = [uninterrupted.train_step() for _ in range(3)]
+        dist.barrier()  # rank 0 has written the checkpoint
+        resumed = Trainer.resume(f"{out}/{model}-a/checkpoint.pt", log=lambda line: None)
+        assert resumed.step == 3
+        got = [resumed.train_step() for _ in range(3)]
+        assert got == expected, (model, got, expected)
+        for ours, theirs in zip(resumed.model.parameters(), uninterrupted.model.parameters()):
+            assert torch.equal(ours, theirs), model
+        report[model] = [before, after]
+    return report

@@ -4,11 +4,19 @@ Every case runs W fresh processes through ``run_workers``, which kills them at
 its deadline, so a hang fails the test instead of stalling the suite. The
 workers' code is in ``distributed_workers.py``.
 """
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import torch
+
 from fastformers.testing.distributed import run_workers
+from fastformers.train import CheckpointError, Trainer, default_train_config, load_checkpoint
+
+from lm_helpers import TINY_MODEL, sample_text
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -57,3 +65,41 @@ def test_a_failing_rank_makes_the_others_fail_within_the_timeout(stall):
     if stall:
         # it gave up on its own, before rank 1 woke up
         assert survivor.seconds < failing.seconds
+
+
+def test_two_rank_training_learns_and_resumes_exactly(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(20_000), encoding="utf-8")
+    results = run("training", 2, timeout=240, text_path=str(text), out=str(tmp_path))
+    assert_all_succeeded(results)
+    assert results[0].value == results[1].value  # the same averaged losses on both ranks
+
+
+def test_torchrun_cli_expert_parallel(tmp_path):
+    """The README's command at tiny sizes: only rank 0 reports, and resuming needs the same N."""
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(20_000), encoding="utf-8")
+    common = ["--data", str(text), "--out", str(tmp_path / "run"), "--seq-len", "8", "--batch-size", "4",
+              "--eval-interval", "2", "--eval-batches", "1", "--threads", "1"]
+    model = ["--d-model", "16", "--heads", "2", "--d-ff", "32", "--n-layers", "1", "--n-experts", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "fastformers.cli", "train", "switch"]
+    trained = subprocess.run([*torchrun, "--expert-parallel", "--steps", "2", *common, *model], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert trained.stdout.count("step 2: train loss") == 1 and "2 processes (experts sharded)" in trained.stdout
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["world_size"] == 2
+
+
+def test_resume_needs_the_same_number_of_processes(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(20_000), encoding="utf-8")
+    trainer = Trainer.start(default_train_config("xl", data=str(text), out=str(tmp_path), seq_len=8, batch_size=4,
+                                                 steps=1, eval_batches=1), log=lambda line: None, **TINY_MODEL)
+    path = trainer.save()
+    payload = load_checkpoint(path)
+    payload["world_size"] = 2
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"written by a run of 2 process\(es\); resume it with as many"):
+        Trainer.resume(path)
