@@ -163,9 +163,9 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
         self.n_local_experts = n_experts // world_size
         self.first_expert = rank * self.n_local_experts
         self.experts = nn.ModuleList(self.experts[self.first_expert:self.first_expert + self.n_local_experts])
-        # rows sent / received by the last forward, for the benchmark's bytes-exchanged figure
-        self.last_sent_rows = 0
-        self.last_received_rows = 0
+        # rows the last forward sent to / received from each rank (the benchmark's traffic figure)
+        self.last_send_splits: List[int] = []
+        self.last_receive_splits: List[int] = []
 
     @classmethod
     def from_switch(cls, module: SwitchFeedForward, process_group=None) -> "ExpertParallelSwitchFeedForward":
@@ -226,7 +226,7 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
         receive_splits = received_kept.sum(1).tolist()
         received = _AllToAll.apply(tokens[kept_rows], receive_splits, send_splits, group,
                                    "the expert-parallel all-to-all of the tokens")
-        self.last_sent_rows, self.last_received_rows = sum(send_splits), sum(receive_splits)
+        self.last_send_splits, self.last_receive_splits = send_splits, receive_splits
         # received rows come source rank by source rank, each grouped by local expert
         local_expert = torch.arange(n_local, device=tokens.device).repeat(world_size)
         row_expert = torch.repeat_interleave(local_expert, received_kept.flatten())

@@ -85,12 +85,11 @@ def equivalence(n_experts_options, backends):
                     for (param_name, have), want in zip(expert.named_parameters(), reference.parameters()):
                         torch.testing.assert_close(have.grad, want.grad, rtol=1e-12, atol=1e-12,
                                                    msg=f"{label}: expert {parallel.first_expert + local} {param_name}")
-                # every rank of the group ran the other ranks' tokens through its experts
-                received = torch.tensor([parallel.last_received_rows])
-                dist.all_reduce(received)
-                sent = torch.tensor([parallel.last_sent_rows])
-                dist.all_reduce(sent)
-                assert received.item() == sent.item()
+                # what rank s sent to rank r is what r received from s
+                sent = torch.tensor(parallel.last_send_splits)
+                received = torch.empty_like(sent)
+                dist.all_to_all_single(received, sent)
+                assert received.tolist() == parallel.last_receive_splits, label
                 checks.append(label)
         checkpoint_round_trip(n_experts)
         checks.append(f"rank {rank} E={n_experts} checkpoint round trip")
