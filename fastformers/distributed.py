@@ -280,8 +280,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, expert_names: Sequence[st
     replicated = [g for name, g in grads.items() if name not in expert_names]
     sharded = [g for name, g in grads.items() if name in expert_names]
 
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
+
     def squared_norm(tensors):
-        return sum((t.detach().double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
+        return sum((t.detach().double().pow(2).sum() for t in tensors),
+                   torch.zeros((), dtype=torch.float64, device=device))
 
     sharded_square = squared_norm(sharded)
     run_collective("the gradient-norm all-reduce", group, lambda: dist.all_reduce(sharded_square, group=group))

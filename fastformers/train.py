@@ -247,7 +247,7 @@ class Trainer:
             self.expert_names = distributed.expert_parameter_names(self.model)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self.expert_names)
         return DistributedDataParallel(
-            self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            self.model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
             # the compression only gets gradients in the steps that compress
             find_unused_parameters=config.model == "compressive")
 

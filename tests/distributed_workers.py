@@ -2,6 +2,7 @@
 fastformers.testing.distributed.run_workers, which has joined the gloo group)."""
 import copy
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,18 @@ ROUTING_CASES = [
     ("no_tokens", 1.5, True, {-1: -50.0}),
     ("dropping", 1.0, True, {0: 3.0}),
 ]
+
+
+def run_all(calls):
+    """Each ``[function name, kwargs]`` in turn, in one set of processes (each start costs
+    seconds); a failure is returned as its traceback and the next calls still run."""
+    results = []
+    for name, kwargs in calls:
+        try:
+            results.append({"value": globals()[name](**kwargs)})
+        except Exception:  # noqa: BLE001 - reported to the test, which fails on it
+            results.append({"error": traceback.format_exc()})
+    return results
 
 
 def _single_process_switch(n_experts, capacity_factor, drop_tokens, bias, is_scale_prob):
