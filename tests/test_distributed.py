@@ -130,3 +130,36 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"written by a run of 2 process\(es\); resume it with as many"):
         Trainer.resume(path)
+
+
+def test_shard_and_merge_a_language_model_state_dict():
+    from fastformers.distributed import merge_expert_shards, shard_expert_state_dict
+    from fastformers.models import build_model, default_model_config
+
+    full = build_model(default_model_config("switch", 10, **{**TINY_MODEL, "n_experts": 4})).state_dict()
+    shards = [shard_expert_state_dict(full, rank, 2) for rank in range(2)]
+    for shard in shards:
+        experts = {key.split(".experts.")[1].split(".")[0] for key in shard if ".experts." in key}
+        assert experts == {"0", "1"}
+        assert len(shard) == len(full) - sum(".experts." in key for key in full) // 2
+    assert shards[1]["transformer.layers.1.feed_forward.experts.0.layer1.weight"] is \
+        full["transformer.layers.1.feed_forward.experts.2.layer1.weight"]
+    merged = merge_expert_shards(shards)
+    assert sorted(merged) == sorted(full) and all(merged[key] is full[key] for key in full)
+    with pytest.raises(ValueError, match="has 4 experts, not divisible by 3 ranks"):
+        shard_expert_state_dict(full, 0, 3)
+
+
+def test_expert_parallel_needs_a_process_group(tmp_path):
+    from fastformers.distributed import ExpertParallelSwitchFeedForward
+    from fastformers.nn import FeedForward
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelSwitchFeedForward(capacity_factor=1.0, drop_tokens=False, is_scale_prob=True, n_experts=2,
+                                        expert=FeedForward(4, 8, 0.0), d_model=4)
+    with pytest.raises(ValueError, match="xl has none"):
+        default_train_config("xl", expert_parallel=True)
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(20_000), encoding="utf-8")
+    with pytest.raises(ValueError, match="--expert-parallel needs several processes: launch with torchrun"):
+        Trainer.start(default_train_config("switch", data=str(text), expert_parallel=True), **TINY_MODEL)
