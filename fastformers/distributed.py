@@ -109,8 +109,8 @@ class _AllToAll(torch.autograd.Function):
 def _exchange_rows(rows: torch.Tensor, receive_splits: List[int], send_splits: List[int], group, what: str):
     """Send ``rows[sum(send_splits[:r]) : ...]`` to rank r; returns the rows received, source rank by rank."""
     received = rows.new_empty((sum(receive_splits), *rows.shape[1:]))
-    run_collective(what, group, lambda: dist.all_to_all_single(received, rows.contiguous(), receive_splits, send_splits,
-                                                           group=group))
+    run_collective(what, group, lambda: dist.all_to_all_single(received, rows.contiguous(), receive_splits,
+                                                               send_splits, group=group))
     return received
 
 
@@ -216,11 +216,11 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
         their experts. Returns the rows this rank received ``[R, D]``, a routing of them
         over the local experts, and the per-rank send and receive row counts."""
         group, world_size, n_local = self.process_group, self.world_size, self.n_local_experts
-        # counts[s, i]: tokens rank s sends to local expert i; every rank must know them
-        # before the variable-size exchange can be posted
+        # received_kept[s, i]: tokens rank s sends to local expert i; the receiving side must
+        # know them before the variable-size exchange can be posted
         received_kept = torch.empty_like(kept)
         run_collective("the expert-parallel count exchange", group,
-                    lambda: dist.all_to_all_single(received_kept, kept.contiguous(), group=group))
+                       lambda: dist.all_to_all_single(received_kept, kept.contiguous(), group=group))
         received_kept = received_kept.view(world_size, n_local)
         send_splits = kept.view(world_size, n_local).sum(1).tolist()
         receive_splits = received_kept.sum(1).tolist()
@@ -367,8 +367,8 @@ def gather_objects(value: object, group=None, dst: int = 0) -> Optional[List[obj
 def scatter_objects(values: Optional[Sequence[object]], group=None, src: int = 0) -> object:
     """Collective: element ``rank`` of ``values`` given on rank ``src``."""
     received: List[Optional[object]] = [None]
+    sent = list(values) if values is not None else None
     run_collective("scattering per-rank state", group,
-                lambda: dist.scatter_object_list(received, list(values) if values is not None else None, src=src,
-                                                 group=group))
+                   lambda: dist.scatter_object_list(received, sent, src=src, group=group))
     return received[0]
 
