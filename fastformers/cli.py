@@ -67,12 +67,31 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # under torchrun every process runs this; rank 0 reports
+    launched = distributed.launched_by_torchrun()
+    rank = 0
+    if launched:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        distributed.init_process_group(args.dist_timeout or distributed.DEFAULT_TIMEOUT, device)
+        rank = torch.distributed.get_rank()
+    try:
+        return _run_training(args, rank)
+    finally:
+        if launched:
+            torch.distributed.destroy_process_group()
+
+
+def _run_training(args: argparse.Namespace, rank: int) -> int:
+    from . import distributed
     from .data import DataError
     from .models import ModelConfig
     from .train import CHECKPOINT_NAME, CheckpointError, Trainer, TrainConfig, default_train_config
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    who = f"fastformers train (rank {rank})" if distributed.launched_by_torchrun() else "fastformers train"
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"model", "n_tokens"}
     train_options = {name: getattr(args, name) for name in train_fields}
@@ -80,20 +99,21 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
             if any(value is not None for value in model_options.values()):
-                print("fastformers train: --resume continues the saved model; drop the model flags", file=sys.stderr)
+                print(f"{who}: --resume continues the saved model; drop the model flags", file=sys.stderr)
                 return 2
             out = args.out or f"runs/{args.model}"
             trainer = Trainer.resume(f"{out}/{CHECKPOINT_NAME}", **train_options)
             if trainer.config.model != args.model:
-                print(f"fastformers train: the checkpoint in {out} is a {trainer.config.model} model, "
+                print(f"{who}: the checkpoint in {out} is a {trainer.config.model} model, "
                       f"not {args.model}", file=sys.stderr)
                 return 2
-            print(f"resuming {out}/{CHECKPOINT_NAME} at step {trainer.step}")
+            if rank == 0:
+                print(f"resuming {out}/{CHECKPOINT_NAME} at step {trainer.step}")
         else:
             trainer = Trainer.start(default_train_config(args.model, **train_options), **model_options)
         trainer.run()
-    except (DataError, CheckpointError, ValueError) as error:
-        print(f"fastformers train: {error}", file=sys.stderr)
+    except (DataError, CheckpointError, ValueError, distributed.CollectiveError) as error:
+        print(f"{who}: {error}", file=sys.stderr)
         return 1
     return 0
 

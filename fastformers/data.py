@@ -226,3 +226,34 @@ class ShuffledBatches:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._plan_epoch()
+
+
+class RankSlice:
+    """Rank ``rank``'s share of a batch stream for data-parallel training: ``batches`` yields
+    ``[T, W·B]`` batches (the same on every rank), this yields columns ``rank·B .. rank·B + B - 1``.
+    Every rank sees different text, and the stream's position (``state_dict``) is the same on
+    all ranks, so one saved position resumes them all."""
+
+    def __init__(self, batches, rank: int, batch_size: int):
+        self.batches = batches
+        self.columns = slice(rank * batch_size, (rank + 1) * batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = next(self.batches)
+        return inputs[:, self.columns], targets[:, self.columns]
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import pickle
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from . import _backend
-from .data import Corpus, DataError, SequentialBatches, ShuffledBatches, load_corpus
+from . import _backend, distributed
+from .data import Corpus, DataError, RankSlice, SequentialBatches, ShuffledBatches, load_corpus
 from .models import CompressedMemory, LanguageModel, ModelConfig, build_model, default_model_config
 from .plot import line_chart_png
 
@@ -55,6 +58,9 @@ class TrainConfig:
     seed: int = 0
     backend: str = "fused"
     device: Optional[str] = None
+    # Under torchrun: shard the Switch experts over the ranks instead of replicating them.
+    expert_parallel: bool = False
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a rank waits for the others in a collective
 
     def __post_init__(self):
         if self.optimizer not in ("noam", "adamw"):
@@ -66,6 +72,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 1:
             raise ValueError(f"warmup must be at least 1, got {self.warmup}")
+        if self.expert_parallel and self.model != "switch":
+            raise ValueError(f"--expert-parallel shards Switch experts; {self.model} has none")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
 
 
 # labml_nn 0.5.1 experiment settings (transformers/*/experiment.py main()); the
@@ -182,26 +192,64 @@ def model_from_checkpoint(payload: dict, device: str | torch.device = "cpu") -> 
 
 
 class Trainer:
-    """A training run; build with :meth:`start` (new) or :meth:`resume` (from a checkpoint)."""
+    """A training run; build with :meth:`start` (new) or :meth:`resume` (from a checkpoint).
+
+    Under ``torchrun`` (a default process group initialised, see
+    :func:`fastformers.distributed.init_process_group`) it is data-parallel: every rank builds
+    the same model, trains it wrapped in ``DistributedDataParallel`` on its own ``batch_size``
+    columns of a ``W · batch_size`` batch, and only rank 0 reports and writes checkpoints
+    (:meth:`save` and evaluation are collective: every rank calls them). With
+    ``expert_parallel`` the Switch experts are sharded over the ranks instead of replicated.
+    """
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, corpus: Corpus,
                  log: Callable[[str], None] = print):
         self.config = config
         self.model_config = model_config
         self.corpus = corpus
-        self.log = log
+        self.distributed = dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if self.distributed else (0, 1)
+        self.log = log if self.rank == 0 else (lambda line: None)
+        if config.expert_parallel and not self.distributed:
+            raise ValueError("--expert-parallel needs several processes: launch with "
+                             f"torchrun --nproc_per_node N -m fastformers.cli train {config.model} --expert-parallel")
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(config.out or f"runs/{config.model}")
         self.model = build_model(model_config).to(self.device)
+        self.expert_group, self.expert_names = None, []
+        # the module that trains: the model itself, or its DistributedDataParallel wrapper
+        self.train_model = self._distribute() if self.distributed else self.model
         self.optimizer, self.scheduler = make_optimizer(config, self.model, model_config.d_model)
         batches = SequentialBatches if self.model.carries_memory else ShuffledBatches
         extra = {} if self.model.carries_memory else {"seed": config.seed}
-        self.batches = batches(corpus.train, config.batch_size, config.seq_len, **extra)
+        self.batches = batches(corpus.train, config.batch_size * self.world_size, config.seq_len, **extra)
+        if self.distributed:
+            self.batches = RankSlice(self.batches, self.rank, config.batch_size)
+            # the same weights everywhere, but each rank its own dropout and token-dropping draws
+            torch.manual_seed(config.seed * 1_000_003 + self.rank)
         # Raises now, rather than at the first evaluation, if the validation text is too short.
         SequentialBatches(corpus.valid, config.batch_size, config.seq_len)
         self.memory = None
         self.step = 0
         self.history: Dict[str, List] = {"train": [], "valid": []}
+
+    def _distribute(self) -> DistributedDataParallel:
+        """Check that every rank runs the same configuration, shard the experts (expert
+        parallel) and wrap the model in DistributedDataParallel."""
+        config = self.config
+        distributed.check_same_across_ranks(
+            {**dataclasses.asdict(config), **dataclasses.asdict(self.model_config),
+             "vocabulary": "".join(self.corpus.vocab.chars)}, what="training configuration")
+        if config.expert_parallel:
+            # its own group: the exchanges run inside backward, interleaved with DDP's all-reduces
+            self.expert_group = dist.new_group(timeout=datetime.timedelta(seconds=config.dist_timeout))
+            distributed.to_expert_parallel(self.model, self.expert_group)
+            self.expert_names = distributed.expert_parameter_names(self.model)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self.expert_names)
+        return DistributedDataParallel(
+            self.model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None,
+            # the compression only gets gradients in the steps that compress
+            find_unused_parameters=config.model == "compressive")
 
     @classmethod
     def start(cls, config: TrainConfig, log: Callable[[str], None] = print, **model_overrides) -> "Trainer":
@@ -217,7 +265,13 @@ class Trainer:
         """The run saved at ``path``, continuing exactly; ``train_overrides`` may change
         only how long it runs and how it reports (steps, time_limit, intervals, out)."""
         payload = load_checkpoint(path)
-        allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend"}
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        saved_world_size = payload.get("world_size", 1)
+        if saved_world_size != world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run of {saved_world_size} process(es); resume it with as "
+                f"many (torchrun --nproc_per_node {saved_world_size}), not {world_size}")
+        allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend", "dist_timeout"}
         saved = payload["train_config"]
         changed = {k: v for k, v in train_overrides.items() if v is not None and v != saved.get(k)}
         if set(changed) - allowed:
@@ -228,21 +282,27 @@ class Trainer:
             raise DataError(f"the text {config.data or 'Tiny Shakespeare'} does not have the vocabulary "
                             "the checkpoint was trained with")
         trainer = cls(config, ModelConfig(**payload["model_config"]), corpus, log)
-        trainer.model.load_state_dict(payload["model"])
-        trainer.optimizer.load_state_dict(payload["optimizer"])
+        # what differs between ranks (RNG states, carried memory, expert optimizer state)
+        rank_state = payload["ranks"][trainer.rank] if trainer.distributed else payload
+        model_state = payload["model"]
+        if trainer.expert_names:
+            model_state = distributed.shard_expert_state_dict(model_state, trainer.rank, trainer.world_size)
+        trainer.model.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(rank_state.get("optimizer", payload["optimizer"]))
         trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.batches.load_state_dict(payload["data"])
-        trainer.memory = _memory_from_saved(payload["memory"], trainer.device)
+        trainer.memory = _memory_from_saved(rank_state["memory"], trainer.device)
         trainer.step = payload["step"]
         trainer.history = payload["history"]
-        torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate(payload["rng"]["python"])
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        torch.set_rng_state(rank_state["rng"]["torch"])
+        random.setstate(rank_state["rng"]["python"])
+        if rank_state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank_state["rng"]["cuda"])
         return trainer
 
     def train_step(self) -> float:
-        """One optimizer step on the next batch; returns its cross-entropy (nats)."""
+        """One optimizer step on the next batch; returns its cross-entropy (nats), averaged over
+        the ranks when distributed."""
         self.model.train()
         epoch = self.batches.epoch
         inputs, targets = next(self.batches)
@@ -251,22 +311,38 @@ class Trainer:
             self.memory = None
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         with backend_context(self.config.backend):
-            output = self.model(inputs, self.memory)
+            output = self.train_model(inputs, self.memory)
             loss = cross_entropy(output.logits, targets)
             total = loss if output.aux_loss is None else loss + output.aux_loss
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.config.grad_clip)
+        if self.expert_names:
+            # DDP averaged the replicated gradients over the ranks; an expert's is a sum over them
+            experts = set(self.expert_names)
+            for name, parameter in self.model.named_parameters():
+                if name in experts and parameter.grad is not None:
+                    parameter.grad.div_(self.world_size)
+            distributed.clip_grad_norm_(self.model, self.config.grad_clip, self.expert_names, self.expert_group)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.memory = output.memory
         self.step += 1
+        if self.distributed:
+            return self._sum_over_ranks(loss.item()) / self.world_size
         return loss.item()
+
+    def _sum_over_ranks(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        distributed.run_collective("summing over the ranks", None, lambda: dist.all_reduce(total))
+        return total.item()
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy (nats) over the first ``eval_batches`` validation batches
-        (the same ones every time, so the curve compares like with like)."""
+        (the same ones every time, so the curve compares like with like); distributed:
+        collective, the mean over the ranks."""
         self.model.eval()
         batches = SequentialBatches(self.corpus.valid, self.config.batch_size, self.config.seq_len)
         memory, losses = None, []
@@ -279,30 +355,57 @@ class Trainer:
                     output = self.model(inputs.to(self.device), memory)
                     memory = output.memory
                     losses.append(cross_entropy(output.logits, targets.to(self.device)).item())
-        return sum(losses) / len(losses)
+        mean = sum(losses) / len(losses)
+        # every rank evaluates the same batches, but Switch's token dropping draws differ
+        return self._sum_over_ranks(mean) / self.world_size if self.distributed else mean
+
+    def _rng_state(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def save(self, path: Optional[Path] = None) -> Path:
+        """Write the run to ``path`` atomically. Distributed: collective, rank 0 writes one file
+        holding the model in the single-process layout (experts gathered) and each rank's
+        RNG states, carried memory and, expert parallel, optimizer state."""
         path = path or self.out / CHECKPOINT_NAME
+        model_state = self.model.state_dict()
+        rank_state = {"rng": self._rng_state(), "memory": _memory_to_save(self.memory)}
+        ranks = None
+        if self.distributed:
+            if self.expert_names:
+                model_state = distributed.gather_expert_state_dict(model_state, self.expert_group)
+                rank_state["optimizer"] = self.optimizer.state_dict()
+            ranks = distributed.gather_objects(rank_state)
+            if self.rank != 0:
+                return path
         atomic_save({
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "train_config": dataclasses.asdict(self.config),
             "model_config": dataclasses.asdict(self.model_config),
             "vocab": self.corpus.vocab.chars,
-            "model": self.model.state_dict(),
+            "model": model_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
-            "memory": _memory_to_save(self.memory),
+            "memory": rank_state["memory"],
             "step": self.step,
             "history": self.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rank_state["rng"],
+            "world_size": self.world_size,
+            "ranks": ranks,
         }, path)
         return path
+
+    def _out_of_time(self, deadline: float) -> bool:
+        """Past ``deadline`` on any rank (so that all ranks stop at the same step)."""
+        out_of_time = time.monotonic() >= deadline
+        if self.distributed and deadline != math.inf:
+            return self._sum_over_ranks(float(out_of_time)) > 0
+        return out_of_time
 
     def write_loss_curve(self, path: Optional[Path] = None) -> Optional[Path]:
         """PNG of train (mean over each evaluation interval) and validation bits per character by step."""
@@ -327,15 +430,19 @@ class Trainer:
         drawing the loss curve; returns the history."""
         config = self.config
         deadline = time.monotonic() + 60 * config.time_limit if config.time_limit else math.inf
-        tokens_per_step = config.seq_len * config.batch_size
-        live = progress and sys.stderr.isatty()
+        tokens_per_step = config.seq_len * config.batch_size * self.world_size
+        live = progress and sys.stderr.isatty() and self.rank == 0
         if self.step == 0:
-            self.log(f"{config.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
-                     f"vocabulary {self.model_config.n_tokens}, {self.corpus.train.numel():,} training characters, "
-                     f"backend {config.backend} on {self.device}")
+            ranks = ""
+            if self.distributed:
+                ranks = f", {self.world_size} processes" + (" (experts sharded)" if config.expert_parallel else "")
+            self.log(f"{config.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters"
+                     f"{' on rank 0' if config.expert_parallel else ''}, vocabulary {self.model_config.n_tokens}, "
+                     f"{self.corpus.train.numel():,} training characters, backend {config.backend} on "
+                     f"{self.device}{ranks}")
         # Throughput over the steps since the last report (evaluation excluded).
         report_start, report_steps = time.perf_counter(), 0
-        while self.step < config.steps and time.monotonic() < deadline:
+        while self.step < config.steps:
             loss = self.train_step()
             self.history["train"].append(loss)
             report_steps += 1
@@ -346,7 +453,7 @@ class Trainer:
                 sys.stderr.write(f"\r[{bar}] {self.step}/{config.steps} loss {loss:.3f} "
                                  f"{tokens_per_second:,.0f} tok/s ")
                 sys.stderr.flush()
-            last = self.step == config.steps or time.monotonic() >= deadline
+            last = self.step == config.steps or self._out_of_time(deadline)
             if self.step % config.eval_interval == 0 or last:
                 valid = self.evaluate()
                 self.history["valid"].append((self.step, valid))
@@ -357,7 +464,10 @@ class Trainer:
                 report_start, report_steps = time.perf_counter(), 0
             if self.step % config.checkpoint_interval == 0 or last:
                 self.save()
-        curve = self.write_loss_curve()
+            if last:
+                # decided once per step, so every rank leaves the loop at the same step
+                break
+        curve = self.write_loss_curve() if self.rank == 0 else None
         if curve is not None:
             self.log(f"checkpoint {self.out / CHECKPOINT_NAME}, loss curve {curve}")
         return self.history
