@@ -238,6 +238,16 @@ def _attend(q, key_head, value_head, n_keys, stride_row, offs_d, d_ok,
 
 
 @triton.jit
+def _head(B, H, d_k):
+    """This program's (batch, head) of a ``[rows, B, H · d_k]`` tensor: the
+    head's offset, the row stride, and b, h (from program axis 1)."""
+    batch_head = tl.program_id(1)
+    b = batch_head // H
+    h = batch_head % H
+    return (b * H * d_k + h * d_k).to(tl.int64), B * H * d_k, b, h
+
+
+@triton.jit
 def reconstruction_loss_fwd_kernel(
     query_ptr,  # [L, B, E] contiguous, E = H * d_k, times the score scale
     key_m_ptr,  # [M, B, E] contiguous: projections of the memory
@@ -258,17 +268,12 @@ def reconstruction_loss_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    batch_head = tl.program_id(1)
-    b = batch_head // H
-    h = batch_head % H
-    E = H * d_k
-    stride_row = B * E
+    head, stride_row, b, h = _head(B, H, d_k)
     offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     i_ok = offs_i < L
     d_ok = offs_d < d_k
     tile_mask = i_ok[:, None] & d_ok[None, :]
-    head = (b * E + h * d_k).to(tl.int64)
     tile = head + offs_i.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
     # Padded query rows (i >= L) are zeros: finite scores, never stored.
     q = tl.load(query_ptr + tile, mask=tile_mask, other=0.0)
@@ -279,7 +284,7 @@ def reconstruction_loss_fwd_kernel(
     stat = (offs_i.to(tl.int64) * B + b) * H + h
     tl.store(stats_ptr + stat, lse_c, mask=i_ok)
     tl.store(stats_ptr + L * B * H + stat, tl.sum(diff * attn_c, axis=1), mask=i_ok)
-    tl.store(partial_ptr + batch_head.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), tl.sum(diff * diff))
+    tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), tl.sum(diff * diff))
 
 
 @triton.jit
@@ -306,16 +311,11 @@ def reconstruction_loss_bwd_kernel(
     # dV = Pᵀ dA, dS = P * (dA vᵀ - delta), dK = dSᵀ q. Computed transposed
     # (key rows, query columns), with the query-side tiles loaded transposed,
     # so that no register tile is transposed (which spilled for float32).
-    batch_head = tl.program_id(1)
-    b = batch_head // H
-    h = batch_head % H
-    E = H * d_k
-    stride_row = B * E
+    head, stride_row, b, h = _head(B, H, d_k)
     offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d_k
     kv_mask = (offs_j < N)[:, None] & d_ok[None, :]
-    head = (b * E + h * d_k).to(tl.int64)
     kv_tile = head + offs_j.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
     k = tl.load(key_c_ptr + kv_tile, mask=kv_mask, other=0.0)
     v = tl.load(value_c_ptr + kv_tile, mask=kv_mask, other=0.0)
@@ -353,7 +353,7 @@ def reconstruction_loss_bwd_kernel(
 # and sm_90. conv: (kernel, dtype) -> (BLOCK_R, BLOCK_O, BLOCK_I, num_warps),
 # the row tile, the output-feature tile and the input-feature tile.
 _CONV_TILES = {
-    ("fwd", "fp32"): (64, 64, 16, 8),
+    ("fwd", "fp32"): (64, 32, 16, 4),
     ("fwd", "bf16"): (64, 64, 32, 4),
     ("fwd", "fp64"): (64, 32, 16, 4),
     ("bwd_mem", "fp32"): (64, 64, 16, 8),
@@ -364,7 +364,7 @@ _CONV_TILES = {
     ("bwd_weight", "fp64"): (32, 32, 16, 4),
 }
 # loss: (kernel, dtype of the projections, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps).
-# float32 dots are IEEE on CUDA cores and need fewer rows per warp than float64's DMMA.
+# float32 dots are IEEE (CUDA-core FMAs, register-hungry), float64 dots DMMA.
 _LOSS_TILES = {
     ("fwd", "fp32", 16): (32, 32, 8),
     ("fwd", "fp32", 32): (32, 32, 4),
