@@ -24,9 +24,10 @@ runs bfloat16 dots with float32 accumulation; the loss kernels take their
 projections in the accumulation dtype (bfloat16 inputs are projected in
 float32, as in the C++ kernel). float32 dots are IEEE, not TF32.
 
-Launchers take CUDA tensors in the configurations of ``AOT_SPECS`` (others
-raise; the op routes them to the reference, see :func:`gpu_unsupported_reason`),
-or CPU tensors when ``TRITON_INTERPRET=1`` was set before import.
+Launchers take CUDA tensors in the configurations of ``AOT_SPECS``: float32,
+float64 and bfloat16, loss heads of ``d_k <= 128`` (others raise; the op routes
+them to the reference, see :func:`gpu_unsupported_reason`), or CPU tensors of
+those dtypes when ``TRITON_INTERPRET=1`` was set before import.
 """
 from typing import Optional
 
@@ -366,24 +367,24 @@ _CONV_TILES = {
 # loss: (kernel, dtype of the projections, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps).
 # float32 dots are IEEE (CUDA-core FMAs, register-hungry), float64 dots DMMA.
 _LOSS_TILES = {
-    ("fwd", "fp32", 16): (32, 32, 8),
     ("fwd", "fp32", 32): (32, 32, 4),
     ("fwd", "fp32", 64): (32, 32, 8),
     ("fwd", "fp32", 128): (32, 32, 8),
-    ("fwd", "fp64", 16): (32, 32, 4),
     ("fwd", "fp64", 32): (32, 32, 4),
     ("fwd", "fp64", 64): (32, 32, 8),
-    ("bwd", "fp32", 16): (32, 32, 8),
+    ("fwd", "fp64", 128): (16, 16, 8),
     ("bwd", "fp32", 32): (32, 32, 8),
     ("bwd", "fp32", 64): (32, 32, 8),
     ("bwd", "fp32", 128): (16, 32, 8),
-    ("bwd", "fp64", 16): (32, 32, 4),
     ("bwd", "fp64", 32): (16, 32, 4),
     ("bwd", "fp64", 64): (32, 32, 8),
+    ("bwd", "fp64", 128): (16, 32, 8),
 }
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
 _TL_DTYPES = {"fp32": tl.float32, "fp64": tl.float64}
-_MIN_BLOCK_D = 16
+# Heads narrower than 32 features are padded to 32: one configuration fewer to
+# compile and check per kernel, for heads too small to matter.
+_MIN_BLOCK_D = 32
 # Programs the weight-gradient kernel aims for: rows are split until the
 # (feature tile, tap, split) grid has about this many, enough to fill a GPU.
 _WEIGHT_GRAD_PROGRAMS = 256
