@@ -139,12 +139,21 @@ def test_cuda_implementations_keep_the_op_contract():
                                naive.attention_reconstruction_loss_backward(*backward_args))
 
 
-def test_cuda_implementations_route_unsupported_dtypes_to_the_reference(caplog):
+def test_cuda_implementations_route_unchecked_configurations_to_the_reference(caplog):
     mem, weight, bias = conv_inputs(2, 4, 1, 8, torch.float16)
     with caplog.at_level(logging.INFO, logger="fastformers"):
         out = compressive_op._cuda_conv_compress(mem, weight, bias)
     torch.testing.assert_close(out, naive.conv_compress(mem, weight, bias))
     assert "float16" in caplog.text and "runs the reference" in caplog.text
+
+    caplog.clear()
+    h, mem, c_mem, ln_w, ln_b, wq, wk, wv, bv = loss_inputs(2, 4, 2, 1, 256, torch.float32)
+    args = (h, mem, c_mem, ln_w, ln_b, 1e-5, wq, None, wk, None, wv, bv, 1, 1 / 16)
+    with caplog.at_level(logging.INFO, logger="fastformers"):
+        got = compressive_op._cuda_loss(*args)
+    for a, b in zip(got, naive.attention_reconstruction_loss_forward(*args)):
+        torch.testing.assert_close(a, b)
+    assert "d_k <= 128" in caplog.text and "d_k=256" in caplog.text and "runs the reference" in caplog.text
 
 
 def test_half_precision_is_refused():
