@@ -108,6 +108,26 @@ def test_loss_without_affine_norm_or_biases():
     assert_parity(run("triton"), run("reference"), (h, mem, c_mem))
 
 
+def test_loss_with_every_bias_and_projections_narrower_than_the_model():
+    # E = H * d_k = 12 features from d_model = 20, query/key/value biases all present.
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    d_model, features, heads = 20, 12, 3
+
+    def run(backend):
+        def fn(h, mem, c_mem, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv):
+            args = (h, mem, c_mem, norm_weight, norm_bias, 1e-5, wq, bq, wk, bk, wv, bv, heads, 0.5)
+            if backend == "reference":
+                return naive.attention_reconstruction_loss(*args)
+            return fastformers.ops.attention_reconstruction_loss(*args, backend=backend)
+
+        return fn
+
+    projections = [t for _ in range(3) for t in (rand(features, d_model) / 4, rand(features))]
+    inputs = (rand(5, 2, d_model), rand(6, 2, d_model), rand(3, 2, d_model), rand(d_model), rand(d_model), *projections)
+    assert_parity(run("triton"), run("reference"), inputs)
+
+
 def test_only_the_compression_gets_gradients_from_the_loss():
     cpu_tests.test_only_the_compression_gets_gradients("triton")
 
