@@ -310,12 +310,6 @@ def test_loss_bad_input(backend):
         op(heads=0)
 
 
-def test_triton_backend_is_refused_not_faked():
-    mem, weight, bias = conv_inputs(2, 4, 2, 8, torch.float32)
-    with pytest.raises(NotImplementedError, match="backend .triton. has no kernel for this op yet"):
-        fastformers.ops.conv_compress(mem, weight, bias, backend="triton")
-
-
 def test_cpp_kernels_check_inputs():
     with pytest.raises(RuntimeError, match="is not a multiple of the compression rate 3"):
         torch.ops.fastformers.conv_compress(torch.randn(7, 2, 8), torch.randn(8, 8, 3), None)

@@ -87,16 +87,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
+def key_value(x, norm_weight, norm_bias, eps, key_weight, key_bias, value_weight, value_bias, acc):
+    """``key``/``value [R, B, E]`` of the layer-normalised ``x [R, B, D]``, in ``acc``."""
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    normed = _layer_norm(x.to(acc), cast(norm_weight), cast(norm_bias), eps)
+    return F.linear(normed, cast(key_weight), cast(key_bias)), F.linear(normed, cast(value_weight), cast(value_bias))
+
+
+def projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
                  value_weight, value_bias, acc):
     """``query [L, B, E]`` of ``h`` and ``key_c``/``value_c [N, B, E]`` of ``c_mem``, in ``acc``."""
     cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    norm_weight, norm_bias = cast(norm_weight), cast(norm_bias)
-    normed_h = _layer_norm(h.to(acc), norm_weight, norm_bias, eps)
-    normed_c = _layer_norm(c_mem.to(acc), norm_weight, norm_bias, eps)
-    return (F.linear(normed_h, cast(query_weight), cast(query_bias)),
-            F.linear(normed_c, cast(key_weight), cast(key_bias)),
-            F.linear(normed_c, cast(value_weight), cast(value_bias)))
+    normed_h = _layer_norm(h.to(acc), cast(norm_weight), cast(norm_bias), eps)
+    key_c, value_c = key_value(c_mem, norm_weight, norm_bias, eps, key_weight, key_bias, value_weight, value_bias, acc)
+    return F.linear(normed_h, cast(query_weight), cast(query_bias)), key_c, value_c
 
 
 def attention_reconstruction_loss_forward(
@@ -112,12 +116,9 @@ def attention_reconstruction_loss_forward(
     projections of ``h`` and ``c_mem`` rather than keeping them.
     """
     acc = _acc_dtype(h.dtype)
-    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
-    query, key_c, value_c = _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
+    query, key_c, value_c = projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
                                          key_bias, value_weight, value_bias, acc)
-    normed_mem = _layer_norm(mem.to(acc), cast(norm_weight), cast(norm_bias), eps)
-    key_m = F.linear(normed_mem, cast(key_weight), cast(key_bias))
-    value_m = F.linear(normed_mem, cast(value_weight), cast(value_bias))
+    key_m, value_m = key_value(mem, norm_weight, norm_bias, eps, key_weight, key_bias, value_weight, value_bias, acc)
     split = lambda t: t.view(*t.shape[:-1], heads, -1)  # noqa: E731
     attn_mem = _attention(split(query), split(key_m), split(value_m), scale)
     scores_c = torch.einsum("ibhd,jbhd->ijbh", split(query), split(key_c)) * scale
@@ -135,7 +136,7 @@ def attention_reconstruction_loss_backward(
     """Gradient of the loss for ``c_mem [N, B, D]`` from the inputs and the
     forward's ``diff`` and ``stats``."""
     acc = diff.dtype
-    query, key_c, value_c = _projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
+    query, key_c, value_c = projections(h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight,
                                          key_bias, value_weight, value_bias, acc)
     split = lambda t: t.view(*t.shape[:-1], heads, -1)  # noqa: E731
     query, key_c, value_c, diff = map(split, (query, key_c, value_c, diff))
@@ -146,11 +147,18 @@ def attention_reconstruction_loss_backward(
     grad_value = torch.einsum("ijbh,ibhd->jbhd", probs, grad_attn)
     grad_scores = probs * (torch.einsum("ibhd,jbhd->ijbh", grad_attn, value_c) - coef * delta[:, None])
     grad_key = torch.einsum("ijbh,ibhd->jbhd", grad_scores, query) * scale
-    grad_normed = grad_key.flatten(2) @ key_weight.to(acc) + grad_value.flatten(2) @ value_weight.to(acc)
+    return grad_c_mem(grad_key.flatten(2), grad_value.flatten(2), c_mem, norm_weight, eps, key_weight, value_weight)
+
+
+def grad_c_mem(grad_key, grad_value, c_mem, norm_weight, eps, key_weight, value_weight):
+    """Gradient for ``c_mem [N, B, D]`` (in its dtype) of its keys and values
+    ``[N, B, E]`` (accumulation dtype), back through the projections and the layer norm."""
+    acc = grad_key.dtype
+    grad_normed = grad_key @ key_weight.to(acc) + grad_value @ value_weight.to(acc)
     x = c_mem.to(acc)
     mean = x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
     x_hat = (x - mean) * rstd
     g = grad_normed if norm_weight is None else grad_normed * norm_weight.to(acc)
-    grad_c_mem = rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
-    return grad_c_mem.to(c_mem.dtype)
+    grad = rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    return grad.to(c_mem.dtype)

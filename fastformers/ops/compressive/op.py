@@ -6,9 +6,12 @@ and its backward (mem, weight, bias);
 returning the loss and the residuals its backward reads, and
 ``attention_reconstruction_loss_backward`` (gradient of ``c_mem`` only).
 CPU kernels come from ``csrc/compressive.cpp``, CUDA kernels from
-:mod:`.triton_kernel`, every other device (and CPU without the extension)
-from :mod:`.naive`.
+:mod:`.triton_kernel` (float32, float64 and bfloat16; other dtypes, and loss
+heads wider than the checked tiles, run the reference on the GPU and say so
+in the log), every other device (and CPU without the extension) from
+:mod:`.naive`.
 """
+import logging
 from typing import Optional
 
 import torch
@@ -16,6 +19,8 @@ import torch
 from ... import _backend
 from ..._library import lib, qualname
 from . import naive
+
+logger = logging.getLogger("fastformers")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -209,12 +214,91 @@ for _name in ("conv_compress_backward", "attention_reconstruction_loss_backward"
         qualname(_name), _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
 
+# ------------------------------------------------------------------ Triton
+
+
+def _reference_on_gpu(op: str, dtype: torch.dtype, d_k: int = 0) -> bool:
+    """Whether ``op`` runs the reference on the GPU (logged): no checked Triton configuration takes it."""
+    reason = triton_kernel.gpu_unsupported_reason(op, dtype, d_k)
+    if reason is not None:
+        logger.info("fastformers: %s; it runs the reference", reason)
+    return reason is not None
+
+
+def _cuda_conv_compress(mem, weight, bias):
+    if _reference_on_gpu("conv_compress", mem.dtype):
+        return naive.conv_compress(mem, weight, bias)
+    return triton_kernel.conv_compress_forward(mem, weight, bias)
+
+
+def _cuda_conv_compress_backward(grad, mem, weight, has_bias):
+    if _reference_on_gpu("conv_compress", mem.dtype):
+        return naive.conv_compress_backward(grad, mem, weight, has_bias)
+    return triton_kernel.conv_compress_backward(grad, mem, weight, has_bias)
+
+
+def _cuda_loss(h, mem, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
+               value_weight, value_bias, heads, scale):
+    args = (h, mem, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias, value_weight,
+            value_bias, heads, scale)
+    if _reference_on_gpu("attention_reconstruction_loss", h.dtype, query_weight.shape[0] // heads):
+        return naive.attention_reconstruction_loss_forward(*args)
+    return triton_kernel.attention_reconstruction_loss_forward(*args)
+
+
+def _cuda_loss_backward(grad, h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias,
+                        value_weight, value_bias, heads, scale, diff, stats):
+    args = (grad, h, c_mem, norm_weight, norm_bias, eps, query_weight, query_bias, key_weight, key_bias, value_weight,
+            value_bias, heads, scale, diff, stats)
+    if _reference_on_gpu("attention_reconstruction_loss", h.dtype, query_weight.shape[0] // heads):
+        return naive.attention_reconstruction_loss_backward(*args)
+    return triton_kernel.attention_reconstruction_loss_backward(*args)
+
+
+if _backend.triton_available():
+    from . import triton_kernel
+
+    lib.impl("conv_compress", _cuda_conv_compress, "CUDA")
+    lib.impl("conv_compress_backward", _cuda_conv_compress_backward, "CUDA")
+    lib.impl("attention_reconstruction_loss", _cuda_loss, "CUDA")
+    lib.impl("attention_reconstruction_loss_backward", _cuda_loss_backward, "CUDA")
+
+    class _InterpretedConvCompress(torch.autograd.Function):
+        """The Triton conv kernels on CPU tensors (interpreter), with the same backward as the op."""
+
+        @staticmethod
+        def forward(ctx, mem, weight, bias):
+            ctx.has_bias = bias is not None
+            ctx.save_for_backward(mem, weight)
+            return triton_kernel.conv_compress_forward(mem, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            mem, weight = ctx.saved_tensors
+            grad_mem, grad_weight, grad_bias = triton_kernel.conv_compress_backward(grad, mem, weight, ctx.has_bias)
+            return grad_mem, grad_weight, grad_bias if ctx.has_bias else None
+
+    class _InterpretedReconstructionLoss(torch.autograd.Function):
+        """The Triton loss kernels on CPU tensors (interpreter): gradient for ``c_mem`` only, as the op."""
+
+        @staticmethod
+        def forward(ctx, h, mem, c_mem, *layer):
+            loss, diff, stats = triton_kernel.attention_reconstruction_loss_forward(h, mem, c_mem, *layer)
+            ctx.layer = layer
+            ctx.save_for_backward(h, c_mem, diff, stats)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, c_mem, diff, stats = ctx.saved_tensors
+            grad_c_mem = triton_kernel.attention_reconstruction_loss_backward(grad, h, c_mem, *ctx.layer, diff, stats)
+            return None, None, grad_c_mem, *([None] * len(ctx.layer))
+
+
 # ------------------------------------------------------------------ public functions
 
 
-# The compressive family has CPU kernels only so far: on CUDA the automatic
-# choice runs the reference, and asking for 'triton' raises.
-KERNELS = ("reference", "cpp")
+KERNELS = ("reference", "cpp", "triton")
 
 
 def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -230,6 +314,8 @@ def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     name = _backend.resolve_backend(mem.device, backend, implemented=KERNELS)
     if name == "reference":
         return naive.conv_compress(mem, weight, bias)
+    if name == "triton" and mem.device.type == "cpu":
+        return _InterpretedConvCompress.apply(mem, weight, bias)
     return torch.ops.fastformers.conv_compress(mem, weight, bias)
 
 
@@ -267,4 +353,6 @@ def attention_reconstruction_loss(
     name = _backend.resolve_backend(mem.device, backend, implemented=KERNELS)
     if name == "reference":
         return naive.attention_reconstruction_loss(*args)
+    if name == "triton" and mem.device.type == "cpu":
+        return _InterpretedReconstructionLoss.apply(*args)
     return torch.ops.fastformers.attention_reconstruction_loss(*args)[0]
