@@ -280,14 +280,6 @@ def test_recycled_gradient_blocks_never_alias_live_gradients():
         torch.testing.assert_close(grad, value, rtol=0, atol=0)
 
 
-def test_triton_backend_is_not_faked():
-    x, *_ = op_arguments(torch.float32)
-    routing = route(torch.randn(17, 3), 1.0, True)
-    w1, b1, w2, b2, _, _ = make_weights(3, 8, 12, torch.float32)
-    with pytest.raises(NotImplementedError, match="backend .triton. has no kernel for this op yet"):
-        switch_mlp(x, routing, w1, b1, w2, b2, routing.route_prob_max, backend="triton")
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_bad_input(backend):
     x = torch.randn(17, 8)
