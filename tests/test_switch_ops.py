@@ -280,7 +280,7 @@ def test_recycled_gradient_blocks_never_alias_live_gradients():
         torch.testing.assert_close(grad, value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_bad_input(backend):
     x = torch.randn(17, 8)
     routing = route(torch.randn(17, 3), 1.0, True)

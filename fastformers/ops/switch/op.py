@@ -103,10 +103,12 @@ def route(
     probs = torch.softmax(logits, dim=-1)
     route_prob_max, routes = torch.max(probs, dim=-1)
     capacity = int(capacity_factor * n_tokens / n_experts)
-    counts = torch.bincount(routes, minlength=n_experts)
     order = torch.argsort(routes, stable=True)
-    offsets = counts.new_zeros(n_experts + 1)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    # segment starts by binary search in the sorted routes: bincount would read
+    # max(routes) on the host to size its output, a sync on a GPU
+    experts = torch.arange(n_experts + 1, device=routes.device)
+    offsets = torch.searchsorted(routes[order], experts)
+    counts = offsets[1:] - offsets[:-1]
     kept = counts.clamp(max=capacity) if drop_tokens else counts.clone()
     if drop_tokens and drop_policy == "labml":
         _shuffle_overflowing_experts(order, counts.tolist(), capacity, generator)

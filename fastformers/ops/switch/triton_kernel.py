@@ -405,6 +405,7 @@ _TILES = {
     "switch_grad_w_out_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 16, 4)},
 }
 _NUM_STAGES = 2
+_INTERPRETER_BLOCK = 64
 
 
 def _tile_config(kernel_name: str, dtype: torch.dtype) -> dict:
@@ -414,12 +415,18 @@ def _tile_config(kernel_name: str, dtype: torch.dtype) -> dict:
 
 
 def _config(kernel, dtype: torch.dtype) -> dict:
+    """The GPU's ``_TILES`` configuration; under the interpreter, where
+    registers are no concern but every loop step and program costs Python
+    time, the same BLOCK_M (the tile schedule) with BLOCK_N = BLOCK_K = 64."""
     if dtype not in _GPU_DTYPES:
         raise TypeError(f"the Triton switch kernels take {tuple(_GPU_DTYPES)}, got {dtype}")
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    config = _tile_config(kernel.fn.__name__, dtype)
+    config["ACC"] = tl.float64 if dtype == torch.float64 else tl.float32
     # The interpreter multiplies bf16 tensors as raw 16-bit patterns (see xl's _dot)
-    upcast = dtype == torch.bfloat16 and interpreter_enabled()
-    return dict(_tile_config(kernel.fn.__name__, dtype), ACC=acc, UPCAST_DOTS=upcast)
+    config["UPCAST_DOTS"] = dtype == torch.bfloat16 and interpreter_enabled()
+    if interpreter_enabled():
+        config.update(BLOCK_N=_INTERPRETER_BLOCK, BLOCK_K=_INTERPRETER_BLOCK)
+    return config
 
 
 def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
