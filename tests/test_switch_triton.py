@@ -5,10 +5,10 @@ tile schedule; routing without host syncs; the module on the Triton backend."""
 import pytest
 import torch
 
-from fastformers.ops.switch import naive, route, switch_mlp
+from fastformers.ops.switch import naive, route
 from fastformers.ops.switch.op import expert_lists
-from harness import assert_parity
-from test_switch_ops import make_weights, skewed_logits
+from test_switch_ops import (ROUTING_EDGE_CASES, check_parity, edge_case_routing, make_weights, random_problem,
+                             skewed_logits)
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter", "one_thread")
 
@@ -27,30 +27,10 @@ def _kernels():
     return triton_kernel
 
 
-def check_parity(x, routing, weights, activation="relu"):
-    """triton vs reference for y and the gradients of x, scale and every weight given."""
-    names = ("w1", "b1", "w2", "b2", "w_gate", "b_gate")
-    present = [name for name, w in zip(names, weights) if w is not None]
-
-    def call(backend):
-        def fn(x, scale, *values):
-            given = dict(zip(present, values))
-            return switch_mlp(x, routing, *(given.get(name) for name in names[:4]), scale, activation,
-                              given.get("w_gate"), given.get("b_gate"), backend=backend)
-
-        return fn
-
-    scale = routing.route_prob_max.to(x.dtype)
-    assert_parity(call("triton"), call("reference"), (x, scale, *[w for w in weights if w is not None]))
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(dtype, shape):
-    n_tokens, n_experts, d_model = shape
-    x = torch.randn(n_tokens, d_model, dtype=dtype)
-    routing = route(torch.randn(n_tokens, n_experts, dtype=dtype), 1.0, True, "deterministic")
-    check_parity(x, routing, make_weights(n_experts, d_model, d_model + 8, dtype))
+    check_parity(*random_problem(*shape, shape[-1] + 8, dtype), backend="triton")
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -59,44 +39,27 @@ def test_matches_reference(dtype, shape):
 def test_ffn_variants(activation, gated, biases):
     x = torch.randn(40, 24, dtype=torch.float64)
     routing = route(torch.randn(40, 4, dtype=torch.float64), 0.8, True, "deterministic")
-    check_parity(x, routing, make_weights(4, 24, 40, torch.float64, biases=biases, gated=gated), activation)
+    check_parity(x, routing, make_weights(4, 24, 40, torch.float64, biases=biases, gated=gated), activation, "triton")
 
 
 def test_gated_gelu_bfloat16():
     x = torch.randn(40, 24, dtype=torch.bfloat16)
     routing = route(torch.randn(40, 4, dtype=torch.bfloat16), 0.8, True, "deterministic")
-    check_parity(x, routing, make_weights(4, 24, 40, torch.bfloat16, gated=True), "gelu")
+    check_parity(x, routing, make_weights(4, 24, 40, torch.bfloat16, gated=True), "gelu", "triton")
 
 
-@pytest.mark.parametrize(
-    "case, experts_used, capacity_factor, drop_tokens",
-    [
-        ("expert_without_tokens", [0, 2, 3], 1.0, True),
-        ("all_tokens_on_one_expert", [1], 1.0, True),
-        ("capacity_above_tokens", [0, 1], 10.0, True),
-        ("capacity_zero", [0, 1, 2, 3], 0.1, True),
-        ("no_dropping", [2], 0.5, False),
-    ],
-)
+@pytest.mark.parametrize("case, experts_used, capacity_factor, drop_tokens", ROUTING_EDGE_CASES)
 def test_routing_edge_cases(case, experts_used, capacity_factor, drop_tokens):
-    n_tokens, n_experts = 33, 4
-    routing = route(skewed_logits(n_tokens, n_experts, experts_used), capacity_factor, drop_tokens)
-    counts = routing.counts.tolist()
-    assert {
-        "expert_without_tokens": counts[1] == 0,
-        "all_tokens_on_one_expert": counts == [0, n_tokens, 0, 0] and routing.n_dropped == n_tokens - routing.capacity,
-        "capacity_above_tokens": routing.capacity > n_tokens and routing.n_dropped == 0,
-        "capacity_zero": routing.capacity == 0 and routing.n_dropped == n_tokens,
-        "no_dropping": routing.n_dropped == 0 and torch.equal(routing.kept, routing.counts),
-    }[case]
-    x = torch.randn(n_tokens, 24, dtype=torch.float64)
-    check_parity(x, routing, make_weights(n_experts, 24, 48, torch.float64, gated=True), "gelu")
+    routing = edge_case_routing(case, experts_used, capacity_factor, drop_tokens)
+    x = torch.randn(33, 24, dtype=torch.float64)
+    check_parity(x, routing, make_weights(4, 24, 48, torch.float64, gated=True), "gelu", "triton")
 
 
 def test_labml_policy_routing():
     """The random drop policy reorders segments; the kernels follow ``order``."""
     routing = route(skewed_logits(40, 4, [0, 1]), 0.5, True, "labml", generator=torch.Generator().manual_seed(1))
-    check_parity(torch.randn(40, 24, dtype=torch.float64), routing, make_weights(4, 24, 32, torch.float64))
+    check_parity(torch.randn(40, 24, dtype=torch.float64), routing, make_weights(4, 24, 32, torch.float64),
+                 backend="triton")
 
 
 def test_per_expert_weight_lists_match_stacked():
@@ -143,7 +106,7 @@ def test_deterministic_routing_stays_on_device():
     _kernels().tile_schedule(routing.offsets, routing.kept, 50, 16)
 
 
-def test_backward_checks_hidden():
+def test_launcher_errors():
     kernels = _kernels()
     x = torch.randn(9, 8)
     routing = route(torch.randn(9, 3), 1.0, True, "deterministic")
@@ -154,6 +117,10 @@ def test_backward_checks_hidden():
         kernels.switch_mlp_backward(torch.ones_like(y), *args, hidden[:, :5], "gelu")
     with pytest.raises(ValueError, match="activation must be one of"):
         kernels.switch_mlp_forward(*args, "tanh")
+    half = [a.half() if a.is_floating_point() else a for a in args[:4]]
+    half_groups = [[w.half() for w in group] for group in groups]
+    with pytest.raises(TypeError, match="the Triton switch kernels take .* got torch.float16"):
+        kernels.switch_mlp_forward(*half, *half_groups, routing.route_prob_max.half(), "gelu")
 
 
 def test_switch_feed_forward_on_triton():

@@ -38,12 +38,16 @@ the list is ``E`` consecutive views of one (``stacked.unbind(0)``, what the
 functional :func:`fastformers.ops.switch.switch_mlp` passes for stacked
 weights), and from ``torch.stack`` otherwise (``SwitchFeedForward``'s one
 ``nn.Linear`` per expert): a copy of every expert weight per forward and again
-per backward, ``2 or 3 · E · d · d_ff`` elements each (16.8 MB of float32 at
-labml's E = 64, d 128, d_ff 256, about as much memory traffic as the GEMMs
-at T = 2048). Absent biases are zero buffers ``[E, ·]``.
+per backward, ``2 or 3 · E · d · d_ff`` elements each. At labml's size (E = 64,
+d 128, d_ff 256, T = 2048, float32) that is 16.8 MB read and 16.8 MB written,
+where the two GEMMs read the weights once (16.8 MB) and about 9 MB of
+activations: the copy roughly doubles the forward's memory traffic, not its
+FLOPs (unmeasured: no GPU here). Keeping the module's weights as views of one
+stacked buffer would remove it but changes how its parameters are stored;
+not done. Absent biases are zero buffers ``[E, ·]``.
 
-Dots are IEEE float32 for float32 (not TF32, to match the reference), bf16 and
-fp16 products accumulated in float32, float64 for float64. Launchers take CUDA
+Dots are IEEE float32 for float32 (not TF32, to match the reference), bf16
+products accumulated in float32, float64 for float64. Launchers take CUDA
 tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before import (the
 Triton interpreter; how they are tested without a GPU). The Triton path does
 not validate ``order`` (a device check would cost a host sync): it must be a
@@ -296,6 +300,24 @@ def switch_grad_x_kernel(
 
 
 @triton.jit
+def _kept_range(offsets_ptr, kept_ptr):
+    """This program's expert and the positions of its kept tokens, ``begin .. end``."""
+    expert = tl.program_id(0).to(tl.int64)
+    begin = tl.load(offsets_ptr + expert)
+    return expert, begin, begin + tl.load(kept_ptr + expert)
+
+
+@triton.jit
+def _store_weight_grad(grad_w_ptr, grad_b_ptr, block, rows, cols, n_rows, n_cols, acc, bias):
+    """Tile ``[rows, cols]`` of gradient ``block`` (``[n_rows, n_cols]`` each) and, from
+    the programs of the first column block, the bias gradient ``[n_rows]``."""
+    out = grad_w_ptr + (block * n_rows + rows[:, None]) * n_cols + cols[None, :]
+    tl.store(out, acc.to(grad_w_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+    tl.store(grad_b_ptr + block * n_rows + rows, bias.to(grad_b_ptr.dtype.element_ty),
+             mask=rows < tl.where(tl.program_id(2) == 0, n_rows, 0))
+
+
+@triton.jit
 def switch_grad_w_in_kernel(
     x_ptr,  # [T, d]
     order_ptr,  # [T] int64
@@ -315,14 +337,12 @@ def switch_grad_w_in_kernel(
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
+    expert, begin, end = _kept_range(offsets_ptr, kept_ptr)
     half = tl.program_id(1) // n_row_blocks
     feats = (tl.program_id(1) % n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     feat_ok = feats < d_ff
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d
-    begin = tl.load(offsets_ptr + expert)
-    end = begin + tl.load(kept_ptr + expert)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     bias = tl.zeros([BLOCK_M], dtype=ACC)
     for p in range(begin, end, BLOCK_K):
@@ -334,11 +354,7 @@ def switch_grad_w_in_kernel(
         xs = tl.load(x_ptr + tokens[:, None] * d + cols[None, :], mask=p_ok[:, None] & col_ok[None, :], other=0.0)
         acc += _dot(gh, xs, ACC, UPCAST_DOTS)
         bias += tl.sum(gh.to(ACC), axis=1)
-    block = half * n_experts + expert
-    out = grad_w_ptr + (block * d_ff + feats[:, None]) * d + cols[None, :]
-    tl.store(out, acc.to(grad_w_ptr.dtype.element_ty), mask=feat_ok[:, None] & col_ok[None, :])
-    tl.store(grad_b_ptr + block * d_ff + feats, bias.to(grad_b_ptr.dtype.element_ty),
-             mask=feats < tl.where(tl.program_id(2) == 0, d_ff, 0))
+    _store_weight_grad(grad_w_ptr, grad_b_ptr, half * n_experts + expert, feats, cols, d_ff, d, acc, bias)
 
 
 @triton.jit
@@ -361,13 +377,11 @@ def switch_grad_w_out_kernel(
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
 ):
-    expert = tl.program_id(0).to(tl.int64)
+    expert, begin, end = _kept_range(offsets_ptr, kept_ptr)
     outs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     out_ok = outs < d
     feats = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     feat_ok = feats < d_ff
-    begin = tl.load(offsets_ptr + expert)
-    end = begin + tl.load(kept_ptr + expert)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     bias = tl.zeros([BLOCK_M], dtype=ACC)
     for p in range(begin, end, BLOCK_K):
@@ -380,15 +394,14 @@ def switch_grad_w_out_kernel(
         a, _, _, _ = _activated(hidden_ptr, ps, feats, p_ok[:, None] & feat_ok[None, :], d_ff, ACTIVATION, GATED)
         acc += _dot(gy.to(grad_y_ptr.dtype.element_ty), a.to(grad_y_ptr.dtype.element_ty), ACC, UPCAST_DOTS)
         bias += tl.sum(gy, axis=1)
-    out = grad_w2_ptr + (expert * d + outs[:, None]) * d_ff + feats[None, :]
-    tl.store(out, acc.to(grad_w2_ptr.dtype.element_ty), mask=out_ok[:, None] & feat_ok[None, :])
-    tl.store(grad_b2_ptr + expert * d + outs, bias.to(grad_b2_ptr.dtype.element_ty),
-             mask=outs < tl.where(tl.program_id(2) == 0, d, 0))
+    _store_weight_grad(grad_w2_ptr, grad_b2_ptr, expert, outs, feats, d, d_ff, acc, bias)
 
 
 # ---------------------------------------------------------------- launchers
 
-_GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+# float16 is left out: each dtype adds 16 compilations to the AOT check, and
+# Switch models train in bfloat16 or float32 (float16 inputs raise).
+_GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) per kernel and element size (8: float64,
 # else 16- and 32-bit floats): every configuration the GPU launches is in
@@ -419,7 +432,7 @@ def _config(kernel, dtype: torch.dtype) -> dict:
     registers are no concern but every loop step and program costs Python
     time, the same BLOCK_M (the tile schedule) with BLOCK_N = BLOCK_K = 64."""
     if dtype not in _GPU_DTYPES:
-        raise TypeError(f"the Triton switch kernels take {tuple(_GPU_DTYPES)}, got {dtype}")
+        raise TypeError(f"the Triton switch kernels take {tuple(_GPU_DTYPES)}, got {dtype} (use backend='reference')")
     config = _tile_config(kernel.fn.__name__, dtype)
     config["ACC"] = tl.float64 if dtype == torch.float64 else tl.float32
     # The interpreter multiplies bf16 tensors as raw 16-bit patterns (see xl's _dot)
@@ -578,7 +591,7 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
     """Pointers in ``dtype`` except the int indices and ACC buffers; i32 scalars."""
     index_pointers = {"order_ptr": "*i64", "offsets_ptr": "*i64", "kept_ptr": "*i64", "sched_ptr": "*i32",
                       "partial_ptr": f"*{acc}"}
-    hidden = acc if dtype in ("bf16", "fp16") else dtype
+    hidden = acc if dtype == "bf16" else dtype
     signature = {}
     for name in kernel.arg_names:
         if name in index_pointers:
