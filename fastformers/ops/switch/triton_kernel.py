@@ -136,7 +136,8 @@ def switch_in_kernel(
 
 @triton.jit
 def _activated(hidden_ptr, rows, ks, mask, d_ff, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
-    """``act(h) [· v]`` of the saved pre-activations at positions ``rows``, features ``ks``; and h, v."""
+    """``act(h) [· v]`` of the saved pre-activations at positions ``rows``, features ``ks``; then
+    ``act(h)``, ``act'(h)`` and ``v`` (``act(h)`` again without a gate)."""
     width = 2 * d_ff if GATED else d_ff
     at = hidden_ptr + rows[:, None].to(tl.int64) * width + ks[None, :]
     h = tl.load(at, mask=mask, other=0.0)
