@@ -27,8 +27,8 @@ def make_weights(n_experts, d_model, d_ff, dtype, *, biases=True, gated=False):
     return w1, b1, w2, b2, w_gate, b_gate
 
 
-def check_parity(x, routing, weights, activation="relu"):
-    """cpp vs reference for y and the gradients of x, scale and every weight given."""
+def check_parity(x, routing, weights, activation="relu", backend="cpp"):
+    """``backend`` vs reference for y and the gradients of x, scale and every weight given."""
     w1, b1, w2, b2, w_gate, b_gate = weights
     scale = routing.route_prob_max.to(x.dtype)
     present = [name for name, w in zip(("b1", "b2", "w_gate", "b_gate"), (b1, b2, w_gate, b_gate)) if w is not None]
@@ -44,7 +44,7 @@ def check_parity(x, routing, weights, activation="relu"):
 
         return fn
 
-    assert_parity(call("cpp"), call("reference"), (x, w1, w2, scale, *optional.values()))
+    assert_parity(call(backend), call("reference"), (x, w1, w2, scale, *optional.values()))
 
 
 def test_cpp_extension_is_built():
@@ -59,10 +59,14 @@ SHAPES = [(1, 1, 24), (5, 4, 24), (512, 1, 24), (512, 4, 128), (512, 64, 24), (5
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(dtype, shape):
-    n_tokens, n_experts, d_model = shape
+    check_parity(*random_problem(*shape, 2 * shape[-1], dtype))
+
+
+def random_problem(n_tokens, n_experts, d_model, d_ff, dtype):
+    """x, its deterministic routing (capacity factor 1) and expert weights."""
     x = torch.randn(n_tokens, d_model, dtype=dtype)
     routing = route(torch.randn(n_tokens, n_experts, dtype=dtype), 1.0, True, "deterministic")
-    check_parity(x, routing, make_weights(n_experts, d_model, 2 * d_model, dtype))
+    return x, routing, make_weights(n_experts, d_model, d_ff, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -83,19 +87,18 @@ def skewed_logits(n_tokens, n_experts, experts_used):
     return logits
 
 
-@pytest.mark.parametrize(
-    "case, experts_used, capacity_factor, drop_tokens",
-    [
-        ("expert_without_tokens", [0, 2, 3], 1.0, True),
-        ("all_tokens_on_one_expert", [1], 1.0, True),
-        ("capacity_above_tokens", [0, 1], 10.0, True),
-        ("capacity_zero", [0, 1, 2, 3], 0.1, True),
-        ("no_dropping", [2], 0.5, False),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_routing_edge_cases(case, experts_used, capacity_factor, drop_tokens, dtype):
-    n_tokens, n_experts = 33, 4
+# (case, experts the 33 tokens go to, capacity_factor, drop_tokens) over 4 experts
+ROUTING_EDGE_CASES = [
+    ("expert_without_tokens", [0, 2, 3], 1.0, True),
+    ("all_tokens_on_one_expert", [1], 1.0, True),
+    ("capacity_above_tokens", [0, 1], 10.0, True),
+    ("capacity_zero", [0, 1, 2, 3], 0.1, True),
+    ("no_dropping", [2], 0.5, False),
+]
+
+
+def edge_case_routing(case, experts_used, capacity_factor, drop_tokens, n_tokens=33, n_experts=4, dtype=torch.float64):
+    """The routing of one ``ROUTING_EDGE_CASES`` entry, checked to be that case."""
     routing = route(skewed_logits(n_tokens, n_experts, experts_used).to(dtype), capacity_factor, drop_tokens)
     counts = routing.counts.tolist()
     if case == "expert_without_tokens":
@@ -108,6 +111,14 @@ def test_routing_edge_cases(case, experts_used, capacity_factor, drop_tokens, dt
         assert routing.capacity == 0 and routing.n_dropped == n_tokens and routing.kept.sum() == 0
     if case == "no_dropping":
         assert routing.n_dropped == 0 and torch.equal(routing.kept, routing.counts)
+    return routing
+
+
+@pytest.mark.parametrize("case, experts_used, capacity_factor, drop_tokens", ROUTING_EDGE_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_routing_edge_cases(case, experts_used, capacity_factor, drop_tokens, dtype):
+    n_tokens, n_experts = 33, 4
+    routing = edge_case_routing(case, experts_used, capacity_factor, drop_tokens, n_tokens, n_experts, dtype)
     x = torch.randn(n_tokens, 24, dtype=dtype)
     check_parity(x, routing, make_weights(n_experts, 24, 48, dtype, gated=True))
 
@@ -280,15 +291,7 @@ def test_recycled_gradient_blocks_never_alias_live_gradients():
         torch.testing.assert_close(grad, value, rtol=0, atol=0)
 
 
-def test_triton_backend_is_not_faked():
-    x, *_ = op_arguments(torch.float32)
-    routing = route(torch.randn(17, 3), 1.0, True)
-    w1, b1, w2, b2, _, _ = make_weights(3, 8, 12, torch.float32)
-    with pytest.raises(NotImplementedError, match="backend .triton. has no kernel for this op yet"):
-        switch_mlp(x, routing, w1, b1, w2, b2, routing.route_prob_max, backend="triton")
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_bad_input(backend):
     x = torch.randn(17, 8)
     routing = route(torch.randn(17, 3), 1.0, True)

@@ -44,9 +44,11 @@ class SwitchFeedForward(nn.Module):
     (:func:`fastformers.ops.switch.switch_mlp`), ``"reference"`` loops over
     the expert modules as labml does. The fused op covers experts with ReLU or
     exact GELU, optional gate and biases, and no active dropout (dropout 0 or
-    eval mode); for other experts, and on CUDA (no Triton kernel yet), the
-    automatic choice is the reference, and an explicitly requested fused
-    backend raises. ``last_backend`` records the backend the last forward used.
+    eval mode); for other experts the automatic choice is the reference, and
+    an explicitly requested fused backend raises. The Triton kernels take the
+    expert weights stacked, so on CUDA each forward and backward stacks the
+    ``nn.Linear`` parameters (a copy of every expert weight; see
+    :mod:`fastformers.ops.switch.triton_kernel`). ``last_backend`` records the backend the last forward used.
     """
 
     def __init__(self, *,
@@ -117,11 +119,9 @@ class SwitchFeedForward(nn.Module):
         if name == "reference":
             return name
         reason = self._unfusable_reason()
-        if requested is None and (reason is not None or name == "triton"):
-            # automatic choice: the fused op cannot express these experts, or
-            # there is no Triton kernel yet; last_backend shows it
-            _backend.logger.debug("fastformers: SwitchFeedForward runs the reference (%s)",
-                                  reason or "no Triton switch kernel")
+        if requested is None and reason is not None:
+            # automatic choice: the fused op cannot express these experts; last_backend shows it
+            _backend.logger.debug("fastformers: SwitchFeedForward runs the reference (%s)", reason)
             return "reference"
         if reason is not None:
             raise ValueError(f"SwitchFeedForward backend {name!r} cannot run these experts: {reason}")

@@ -5,8 +5,8 @@ FFN registered in ``torch.ops.fastformers``.
 b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation) -> (y [T, d],
 hidden [T, n · d_ff])`` (weights as lists of per-expert tensors, see
 :func:`naive.switch_mlp`) and its ``switch_mlp_backward``: CPU kernels come from
-``csrc/switch.cpp``, every other device (and CPU without the extension) from
-:mod:`.naive`. There is no Triton kernel yet.
+``csrc/switch.cpp``, CUDA kernels from :mod:`.triton_kernel`, every other
+device (and CPU without the extension) from :mod:`.naive`.
 """
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -22,10 +22,9 @@ Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 # Expert weights are lists of per-expert tensors (an empty list: no bias / no
 # gate) so that modules holding one nn.Linear per expert pass their parameters
-# as they are: no stacking copy per call, and each gradient lands in its own tensor.
-# CPU kernels only so far: on CUDA the automatic choice runs the reference,
-# and asking for 'triton' raises.
-KERNELS = ("reference", "cpp")
+# as they are: no stacking copy per call on CPU, and each gradient lands in its
+# own tensor (the Triton launchers stack them, see triton_kernel).
+KERNELS = ("reference", "cpp", "triton")
 
 lib.define(
     "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
@@ -52,7 +51,12 @@ class Routing(NamedTuple):
     order: torch.Tensor  # [T] int64, token indices grouped by expert, kept first
     offsets: torch.Tensor  # [E + 1] int64, start of each expert's segment in order
     kept: torch.Tensor  # [E] int64, kept tokens per expert
-    n_dropped: int
+    dropped: torch.Tensor  # [] int64, on the device of the logits: tokens dropped in all
+
+    @property
+    def n_dropped(self) -> int:
+        """``dropped`` as a host int: reading it waits for the device (one sync, not one per expert)."""
+        return int(self.dropped)
 
 
 def route(
@@ -77,12 +81,15 @@ def route(
       generator=generator)`` permutes its tokens (in token order) and the first
       ``capacity`` of the permutation are kept. With ``generator=None`` and the
       same global seed this drops exactly the tokens labml drops. Reads the
-      counts on the host once.
+      counts on the host once, and draws each permutation on the host (on
+      ``generator``'s device) as labml does, so on a GPU it costs one sync
+      and one small copy per call.
     - ``"deterministic"``: the first ``capacity`` tokens of each expert in
-      token order are kept; no random numbers are drawn.
+      token order are kept; no random numbers are drawn, and everything stays
+      on the device of ``logits`` (no host sync).
 
     Without ``drop_tokens`` every token is kept and the policy is unused.
-    ``n_dropped`` is a host int, so any dropping reads the counts once.
+    ``dropped`` is a device tensor; ``n_dropped`` reads it on the host.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -96,18 +103,17 @@ def route(
     probs = torch.softmax(logits, dim=-1)
     route_prob_max, routes = torch.max(probs, dim=-1)
     capacity = int(capacity_factor * n_tokens / n_experts)
-    counts = torch.bincount(routes, minlength=n_experts)
     order = torch.argsort(routes, stable=True)
-    offsets = counts.new_zeros(n_experts + 1)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    if not drop_tokens:
-        return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, counts.clone(), 0)
-    kept = counts.clamp(max=capacity)
-    host_counts = counts.tolist()
-    if drop_policy == "labml":
-        _shuffle_overflowing_experts(order, host_counts, capacity, generator)
-    n_dropped = sum(max(count - capacity, 0) for count in host_counts)
-    return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, kept, n_dropped)
+    # segment starts by binary search in the sorted routes: bincount would read
+    # max(routes) on the host to size its output, a sync on a GPU
+    experts = torch.arange(n_experts + 1, device=routes.device)
+    offsets = torch.searchsorted(routes[order], experts)
+    counts = offsets[1:] - offsets[:-1]
+    kept = counts.clamp(max=capacity) if drop_tokens else counts.clone()
+    if drop_tokens and drop_policy == "labml":
+        _shuffle_overflowing_experts(order, counts.tolist(), capacity, generator)
+    dropped = (counts - kept).sum()
+    return Routing(probs, routes, route_prob_max, counts, capacity, order, offsets, kept, dropped)
 
 
 def _shuffle_overflowing_experts(order, host_counts, capacity, generator) -> None:
@@ -271,31 +277,49 @@ torch.library.register_autograd(
 )
 
 
+if _backend.triton_available():
+    from . import triton_kernel
+
+    lib.impl("switch_mlp", triton_kernel.switch_mlp_forward, "CUDA")
+    lib.impl("switch_mlp_backward", triton_kernel.switch_mlp_backward, "CUDA")
+
+
 class _FlatSwitchMLP(torch.autograd.Function):
     """``switch_mlp`` with the same backward op as its registered autograd, for
     eager calls. torch.library's generated autograd wrapper rebuilds the
     per-expert weight lists through pytree on every forward and backward
     (~1.3 ms per forward at E = 64 in the profile); this Function takes them
     as one flat argument tuple. Under torch.compile the registered autograd is
-    used (see :func:`switch_mlp`)."""
+    used (see :func:`switch_mlp`).
+
+    ``kernels`` is the (forward, backward) pair to run: the registered ops, or
+    the Triton launchers themselves for CPU tensors under the interpreter
+    (which the ops' CPU dispatch would send to the C++ kernels)."""
 
     @staticmethod
-    def forward(ctx, x, order, offsets, kept, scale, activation, group_sizes, *flat_weights):
+    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, group_sizes, *flat_weights):
         groups = _split_groups(flat_weights, group_sizes)
-        y, hidden = torch.ops.fastformers.switch_mlp(x, order, offsets, kept, *groups, scale, activation)
+        y, hidden = kernels[0](x, order, offsets, kept, *groups, scale, activation)
         ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *flat_weights)
-        ctx.activation, ctx.group_sizes = activation, group_sizes
+        ctx.kernels, ctx.activation, ctx.group_sizes = kernels, activation, group_sizes
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, order, offsets, kept, scale, hidden, *flat_weights = ctx.saved_tensors
-        grad_x, *grad_groups, grad_scale = torch.ops.fastformers.switch_mlp_backward(
+        grad_x, *grad_groups, grad_scale = ctx.kernels[1](
             grad_y.contiguous(), x, order, offsets, kept, *_split_groups(flat_weights, ctx.group_sizes), scale,
             hidden, ctx.activation
         )
-        return (grad_x, None, None, None, grad_scale, None, None, *[grad for group in grad_groups for grad in group])
+        return (None, grad_x, None, None, None, grad_scale, None, None,
+                *[grad for group in grad_groups for grad in group])
+
+
+def _kernels(backend: str, device: torch.device) -> tuple:
+    if backend == "triton" and device.type == "cpu":
+        return triton_kernel.switch_mlp_forward, triton_kernel.switch_mlp_backward
+    return torch.ops.fastformers.switch_mlp, torch.ops.fastformers.switch_mlp_backward
 
 
 def switch_mlp(
@@ -322,7 +346,9 @@ def switch_mlp(
     ``p_max / p_max.detach()``); activation: ``"relu"`` or ``"gelu"`` (exact).
     Every weight may instead be a sequence of E per-expert tensors (``w1[e]``
     ``[d_ff, d]``, ...), e.g. the parameters of one ``nn.Linear`` per expert:
-    they are used in place, without stacking.
+    they are used in place, without stacking, by the reference and C++
+    kernels (the Triton launchers stack lists that are not already views of
+    one ``[E, ...]`` buffer: see :mod:`.triton_kernel`).
 
     Returns ``y [T, d]``: ``scale[t] · layer2(act(layer1(x[t])) [· linear_v(x[t])])``
     for kept tokens, ``scale[t] · x[t]`` for dropped ones. ``backend``
@@ -338,17 +364,20 @@ def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w
     checks, for callers whose inputs are valid by construction
     (``SwitchFeedForward``, whose router made ``routing``): with E = 64 the
     checks visit 256 weight tensors per call. The C++ kernel still checks
-    every tensor's shape, dtype and device."""
+    every tensor's shape, dtype and device; the Triton launchers trust them."""
     groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
     args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation)
     if backend == "reference":
         return naive.switch_mlp(*args)[0]
     groups = [[w.contiguous() for w in group] for group in groups]
+    kernels = _kernels(backend, x.device)
     if torch.compiler.is_compiling():
+        if kernels[0] is not torch.ops.fastformers.switch_mlp:
+            raise NotImplementedError("the Triton switch kernels run on CPU tensors (interpreter) only in eager mode")
         return torch.ops.fastformers.switch_mlp(
             x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation
         )[0]
     return _FlatSwitchMLP.apply(
-        x.contiguous(), routing.order, routing.offsets, routing.kept, scale.contiguous(), activation,
+        kernels, x.contiguous(), routing.order, routing.offsets, routing.kept, scale.contiguous(), activation,
         [len(group) for group in groups], *[w for group in groups for w in group]
     )
