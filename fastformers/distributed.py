@@ -236,7 +236,7 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
         order = torch.argsort(row_expert, stable=True)
         local_routing = Routing(probs=None, route=row_expert, route_prob_max=None, counts=per_expert,
                                 capacity=received.shape[0], order=order, offsets=offsets, kept=per_expert,
-                                n_dropped=0)
+                                dropped=per_expert.new_zeros(()))
         return received, local_routing, send_splits, receive_splits
 
 
