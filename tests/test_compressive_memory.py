@@ -9,26 +9,8 @@ import torch
 from fastformers.models import build_model, default_model_config
 from fastformers.models.language_models import causal_mask
 from fastformers.nn import CompressiveMemory, Conv1dCompression
+from fastformers.nn.compressive import cat_split_merge
 from fastformers.train import cross_entropy
-
-
-def cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate):
-    """The whole-history formulation: append, compress the oldest whole groups
-    beyond mem_len, keep the last c_mem_len compressed steps."""
-    mem = [torch.cat((m, n)) for m, n in zip(mem, new_mem)] if mem else list(new_mem)
-    if mem[0].shape[0] <= mem_len:
-        return mem, c_mem, []
-    n_old = (mem[0].shape[0] - mem_len + rate - 1) // rate * rate
-    old = [m[:n_old] for m in mem]
-    mem = [m[n_old:] for m in mem]
-    fresh = [f(o) for f, o in zip(compress, old)]
-    c_mem = [torch.cat((c, f)) for c, f in zip(c_mem, fresh)] if c_mem else fresh
-    c_mem = [c[-c_mem_len:] for c in c_mem] if c_mem_len else []
-    return mem, c_mem, old
-
-
-def _as_list(get, n_layers):
-    return [get(i) for i in range(n_layers)]
 
 
 @pytest.mark.parametrize("mem_len,c_mem_len,rate,segments", [
@@ -46,8 +28,7 @@ def test_ring_buffer_matches_cat_and_split(mem_len, c_mem_len, rate, segments):
     mem, c_mem = [], []
     for steps in segments:
         new_mem = [torch.randn(steps, batch, d_model) for _ in range(n_layers)]
-        with torch.no_grad():
-            mem, c_mem, expected_old = cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate)
+        mem, c_mem, expected_old = cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate)
         old = ring.append(new_mem, compress)
         assert len(old) == len(expected_old)
         for got, want in zip(old, expected_old):
@@ -138,9 +119,8 @@ def test_language_model_training_matches_cat_and_split(mem_len, c_mem_len, rate,
         hidden, new_mem = cat_lm.transformer(cat_lm.src_embed(tokens[:-1]), mem, c_mem,
                                              causal_mask(steps, remembered, tokens.device))
         logits = cat_lm.generator(hidden)
-        with torch.no_grad():
-            mem, c_mem, old = cat_split_merge(mem, c_mem, new_mem, [layer.compress for layer in layers],
-                                              mem_len, c_mem_len, rate)
+        mem, c_mem, old = cat_split_merge(mem, c_mem, new_mem, [layer.compress for layer in layers],
+                                          mem_len, c_mem_len, rate)
         cat_loss = cross_entropy(logits, tokens[1:])
 
         assert (output.logits - logits).abs().max().item() <= 1e-10

@@ -386,3 +386,24 @@ class CompressiveMemory:
                 self._write(self._c_mem, layer, tail, f[groups - kept:])
             self._c_size += kept
         return old
+
+
+@torch.no_grad()
+def cat_split_merge(mem: List[torch.Tensor], c_mem: List[torch.Tensor], new_mem: List[torch.Tensor],
+                    compress: Sequence[nn.Module], mem_len: int, c_mem_len: int,
+                    compression_rate: int) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """labml_nn's experiment's ``merge_compress_memory`` (whole-history ``cat`` and
+    ``split``), the formulation :class:`CompressiveMemory` reproduces: append
+    ``new_mem``, compress the oldest whole groups beyond ``mem_len``, keep the
+    last ``c_mem_len`` compressed steps. Lists hold one ``[*, B, D]`` tensor per
+    layer (empty lists for none). Returns ``(mem, c_mem, compressed_away)``."""
+    mem = [torch.cat((m, n)) for m, n in zip(mem, new_mem)] if mem else list(new_mem)
+    if mem[0].shape[0] <= mem_len:
+        return mem, c_mem, []
+    n_old = (mem[0].shape[0] - mem_len + compression_rate - 1) // compression_rate * compression_rate
+    old = [m[:n_old] for m in mem]
+    mem = [m[n_old:] for m in mem]
+    fresh = [f(o) for f, o in zip(compress, old)]
+    c_mem = [torch.cat((c, f)) for c, f in zip(c_mem, fresh)] if c_mem else fresh
+    c_mem = [c[-c_mem_len:] for c in c_mem] if c_mem_len else []
+    return mem, c_mem, old
