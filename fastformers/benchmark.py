@@ -524,12 +524,16 @@ class CompressiveTrainingStep:
         if implementation == "labml_nn":
             memory = (mem, c_mem)
         else:
-            backend, _, rest = implementation.partition(", ")
+            # The fused rows leave every op on the automatic choice (the named
+            # backend where the op has a kernel for it, its reference otherwise).
+            backend, _, without_rel_attention = implementation.partition(", ")
+            chosen = "reference" if backend == "reference" else None
             for module in lm.modules():
                 if hasattr(module, "last_backend"):
-                    module.backend = "reference" if rest and isinstance(module, ffnn.RelativeMultiHeadAttention) \
-                        else backend
-            lm.reconstruction_loss.backend = backend
+                    module.backend = chosen
+                if without_rel_attention and isinstance(module, ffnn.RelativeMultiHeadAttention):
+                    module.backend = "reference"
+            lm.reconstruction_loss.backend = chosen
             memory = lm.new_memory()
             memory.load_state_dict({"mem": mem, "c_mem": c_mem})
         state = dict(lm=lm, memory=memory, optimizer=torch.optim.AdamW(lm.parameters(), lr=2.5e-4, fused=True))
