@@ -29,3 +29,17 @@ def test_transformer_xl_training_step(benchmark, implementation):
     step = bench_cases.transformer_xl_step(implementation, DEVICE)
     benchmark.group = "TransformerXL training step L=128 M=128 B=32 d_model=128 H=4 layers=6"
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", *bench_cases.fused_backends(DEVICE),
+                                     *CASES[0].forward_only_peers])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.shape.replace(" ", ","))
+def test_forward(benchmark, case, backend):
+    inputs = case.make_inputs()
+    benchmark.group = f"{case.op} {case.shape} fwd"
+
+    def forward():
+        with torch.no_grad():
+            case.run(inputs, backend)
+
+    benchmark.pedantic(forward, rounds=3, warmup_rounds=1)

@@ -216,6 +216,10 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
         T* gq_bh = g.q.at(b, h);
         T* gk_bh = g.k.at(b, h);
         T* gv_bh = g.v.at(b, h);
+        // dK and dV arrive uninitialised (a zero-fill would be one more pass over
+        // [K, B, H, d] twice, page-faulting memory the GEMMs then write again): the
+        // first tile overwrites its keys, later tiles zero only the keys they add.
+        int64_t keys_written = 0;
         for (int64_t i0 = 0; i0 < p.L; i0 += tile) {
           const int64_t rows = std::min(tile, p.L - i0);
           const int64_t kv = p.visible_keys(i0, rows);
@@ -233,14 +237,20 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
           gemm<T>(false, true, rows, kv, d, T(1), go, grad_out.row, v_bh, p.v.row, T(0), dprob.data(), kv);
           for (int64_t ii = 0; ii < rows; ++ii)
             grad_scores_row(scores.data() + ii * kv, dprob.data() + ii * kv, kv, lse_bh[i0 + ii], delta[ii], p.scale);
+          const T accumulate = keys_written == 0 ? T(0) : T(1);
+          for (int64_t j = keys_written; j < kv && keys_written > 0; ++j) {
+            std::fill_n(gk_bh + j * g.k.row, d, T(0));
+            std::fill_n(gv_bh + j * g.v.row, d, T(0));
+          }
+          keys_written = kv;
           // dV += P^T dO
-          gemm<T>(true, false, kv, d, rows, T(1), scores.data(), kv, go, grad_out.row, T(1), gv_bh, g.v.row);
+          gemm<T>(true, false, kv, d, rows, T(1), scores.data(), kv, go, grad_out.row, accumulate, gv_bh, g.v.row);
           // dQ = dS K (content part; its column sums are dU), dK += dS^T (Q + u)
           T* gq = gq_bh + i0 * g.q.row;
           gemm<T>(false, false, rows, d, kv, T(1), dprob.data(), kv, k_bh, p.k.row, T(0), gq, g.q.row);
           for (int64_t ii = 0; ii < rows; ++ii)
             for (int64_t c = 0; c < d; ++c) grad_u[c] += gq[ii * g.q.row + c];
-          gemm<T>(true, false, kv, d, rows, T(1), dprob.data(), kv, qu.data(), d, T(1), gk_bh, g.k.row);
+          gemm<T>(true, false, kv, d, rows, T(1), dprob.data(), kv, qu.data(), d, accumulate, gk_bh, g.k.row);
           // Positional part: scatter dS onto its skewed diagonals of the band.
           std::fill(dband.begin(), dband.begin() + rows * width, T(0));
           for (int64_t ii = 0; ii < rows; ++ii) {
@@ -264,6 +274,181 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
       for (int64_t c = 0; c < d; ++c) g.u[h * d + c] = grad_u[c];
     }
   });
+}
+
+// ---- Decode step (L = 1) ----
+// One query per (batch, head). The tiled kernels walk each (b, h) down its K
+// keys, which lie B·H·d elements apart in [K, B, H, d]; with a single query
+// there is no reuse to pay for that, so these kernels walk the keys in memory
+// order for all (b, h) at once and split the keys across threads
+// (flash-decoding): every byte of K and V is read once, and every byte of dK
+// and dV written once. For L = 1 the window row of key j is j and every key is
+// causally visible; only an explicit mask can hide one.
+
+// The simd reduction lets the compiler reassociate the sum into vector lanes.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t d) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < d; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+// y += alpha * x
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
+}
+
+// y = alpha * x
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void scaled_copy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) y[c] = alpha * x[c];
+}
+
+// The query rows, packed [B·H, d]: q, and q + u for the content term.
+template <typename T>
+struct DecodeQueries {
+  std::vector<T> q, qu;
+
+  explicit DecodeQueries(const Problem<T>& p) : q(p.B * p.H * p.d), qu(p.B * p.H * p.d) {
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h) {
+        const T* src = p.q.at(b, h);
+        const T* u = p.u + h * p.u_head;
+        T* row = q.data() + (b * p.H + h) * p.d;
+        for (int64_t c = 0; c < p.d; ++c) {
+          row[c] = src[c];
+          qu[(b * p.H + h) * p.d + c] = src[c] + u[c];
+        }
+      }
+  }
+};
+
+// Scaled score of key j for (b, h), -inf where the mask hides it.
+template <typename T>
+T decode_score(const Problem<T>& p, const DecodeQueries<T>& queries, int64_t j, int64_t b, int64_t h) {
+  if (p.mask != nullptr && !p.mask[j * p.mask_j + b * p.mask_b]) return -std::numeric_limits<T>::infinity();
+  const int64_t n = b * p.H + h;
+  const T content = dot(queries.qu.data() + n * p.d, p.k.at(b, h) + j * p.k.row, p.d);
+  const T position = dot(queries.q.data() + n * p.d, p.pos_emb + j * p.pe_row + h * p.pe_head, p.d);
+  return p.scale * (content + position + p.pos_bias[j * p.pb_row + h * p.pb_head]);
+}
+
+// Contiguous key ranges, one per thread.
+inline int64_t key_chunks(int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K)); }
+
+template <typename T>
+void decode_forward_kernel(const Problem<T>& p, T* out, int64_t out_batch, int64_t out_head, T* lse) {
+  const int64_t N = p.B * p.H, d = p.d, chunks = key_chunks(p.K);
+  const DecodeQueries<T> queries(p);
+  // Per chunk: running max and sum of exp, and the unnormalised output, per (b, h).
+  std::vector<T> chunk_max(chunks * N), chunk_sum(chunks * N), chunk_out(chunks * N * d);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t j0 = p.K * chunk / chunks, j1 = p.K * (chunk + 1) / chunks;
+      std::vector<T> scores((j1 - j0) * N);
+      T* max = chunk_max.data() + chunk * N;
+      T* sum = chunk_sum.data() + chunk * N;
+      T* acc = chunk_out.data() + chunk * N * d;
+      std::fill_n(max, N, -std::numeric_limits<T>::infinity());
+      std::fill_n(sum, N, T(0));
+      std::fill_n(acc, N * d, T(0));
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t b = 0; b < p.B; ++b)
+          for (int64_t h = 0; h < p.H; ++h) {
+            const int64_t n = b * p.H + h;
+            const T s = decode_score(p, queries, j, b, h);
+            scores[(j - j0) * N + n] = s;
+            max[n] = std::max(max[n], s);
+          }
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t b = 0; b < p.B; ++b)
+          for (int64_t h = 0; h < p.H; ++h) {
+            const int64_t n = b * p.H + h;
+            if (max[n] == -std::numeric_limits<T>::infinity()) continue;
+            const T e = exp_of(scores[(j - j0) * N + n] - max[n]);
+            sum[n] += e;
+            axpy(e, p.v.at(b, h) + j * p.v.row, acc + n * d, d);
+          }
+    }
+  });
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t n = b * p.H + h;
+      T max = -std::numeric_limits<T>::infinity();
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) max = std::max(max, chunk_max[chunk * N + n]);
+      T sum = 0;
+      T* o = out + b * out_batch + h * out_head;
+      std::fill_n(o, d, T(0));
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const T chunk_m = chunk_max[chunk * N + n];
+        if (chunk_m == -std::numeric_limits<T>::infinity()) continue;
+        const T weight = exp_of(chunk_m - max);
+        sum += weight * chunk_sum[chunk * N + n];
+        axpy(weight, chunk_out.data() + (chunk * N + n) * d, o, d);
+      }
+      for (int64_t c = 0; c < d; ++c) o[c] /= sum;  // all keys masked: 0 / 0, as the tiled kernel gives
+      lse[n] = max + std::log(sum);
+    }
+}
+
+// Single pass over the keys: the saved log-sum-exp gives each probability
+// directly, so dK, dV, the window gradients and this chunk's share of dQ come
+// out of one read of K and V.
+template <typename T>
+void decode_backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const T> out, const T* lse,
+                            const Grads<T>& g) {
+  const int64_t N = p.B * p.H, d = p.d, chunks = key_chunks(p.K);
+  const DecodeQueries<T> queries(p);
+  std::vector<T> go(N * d), delta(N);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t n = b * p.H + h;
+      std::copy_n(grad_out.at(b, h), d, go.data() + n * d);
+      delta[n] = dot(grad_out.at(b, h), out.at(b, h), d);
+    }
+  // Per chunk: dQ's content part (whose sum over the batch is dU) and positional part.
+  std::vector<T> grad_q_content(chunks * N * d, T(0)), grad_q_position(chunks * N * d, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t j0 = p.K * chunk / chunks, j1 = p.K * (chunk + 1) / chunks;
+      T* gq_content = grad_q_content.data() + chunk * N * d;
+      T* gq_position = grad_q_position.data() + chunk * N * d;
+      for (int64_t j = j0; j < j1; ++j) {
+        T* grad_window = g.pos_emb + j * p.H * d;
+        std::fill_n(grad_window, p.H * d, T(0));
+        std::fill_n(g.pos_bias + j * p.H, p.H, T(0));
+        for (int64_t b = 0; b < p.B; ++b)
+          for (int64_t h = 0; h < p.H; ++h) {
+            const int64_t n = b * p.H + h;
+            const T s = decode_score(p, queries, j, b, h);
+            const T prob = s == -std::numeric_limits<T>::infinity() ? T(0) : exp_of(s - lse[n]);
+            const T* key = p.k.at(b, h) + j * p.k.row;
+            const T* value = p.v.at(b, h) + j * p.v.row;
+            const T ds = p.scale * prob * (dot(go.data() + n * d, value, d) - delta[n]);
+            scaled_copy(prob, go.data() + n * d, g.v.at(b, h) + j * g.v.row, d);
+            scaled_copy(ds, queries.qu.data() + n * d, g.k.at(b, h) + j * g.k.row, d);
+            axpy(ds, key, gq_content + n * d, d);
+            axpy(ds, p.pos_emb + j * p.pe_row + h * p.pe_head, gq_position + n * d, d);
+            axpy(ds, queries.q.data() + n * d, grad_window + h * d, d);
+            g.pos_bias[j * p.H + h] += ds;
+          }
+      }
+    }
+  });
+  std::fill_n(g.u, p.H * d, T(0));
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t h = 0; h < p.H; ++h) {
+      const int64_t n = b * p.H + h;
+      T* gq = g.q.at(b, h);
+      std::fill_n(gq, d, T(0));
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        axpy(T(1), grad_q_content.data() + (chunk * N + n) * d, gq, d);
+        axpy(T(1), grad_q_content.data() + (chunk * N + n) * d, g.u + h * d, d);
+        axpy(T(1), grad_q_position.data() + (chunk * N + n) * d, gq, d);
+      }
+    }
 }
 
 void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -362,12 +547,15 @@ std::tuple<at::Tensor, at::Tensor> rel_attention_cpu(const at::Tensor& query, co
   const at::Tensor q = compute_view(query, compute), k = compute_view(key, compute), v = compute_view(value, compute);
   const at::Tensor pe = compute_view(pos_emb, compute), pb = pos_bias.to(compute);
   const at::Tensor u = query_pos_bias.to(compute).contiguous();
-  at::Tensor out = at::empty(query.sizes(), query.options().dtype(compute));
+  at::Tensor out = cpu::empty_on_huge_pages(query.sizes(), query.options().dtype(compute));
   at::Tensor lse = at::empty({query.size(1), query.size(2), query.size(0)}, query.options().dtype(compute));
   AT_DISPATCH_FLOATING_TYPES(compute, "rel_attention_cpu", [&] {
     const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask);
-    forward_kernel(problem, out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2),
-                   lse.data_ptr<scalar_t>());
+    if (problem.L == 1)
+      decode_forward_kernel(problem, out.data_ptr<scalar_t>(), out.stride(1), out.stride(2), lse.data_ptr<scalar_t>());
+    else
+      forward_kernel(problem, out.data_ptr<scalar_t>(), out.stride(0), out.stride(1), out.stride(2),
+                     lse.data_ptr<scalar_t>());
   });
   return {out.to(query.scalar_type()), lse};
 }
@@ -391,9 +579,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor go = compute_view(grad_out, compute), o = compute_view(out, compute);
   const at::Tensor lse_c = lse.contiguous();
   const auto options = query.options().dtype(compute);
-  at::Tensor grad_query = at::empty(query.sizes(), options);
-  at::Tensor grad_key = at::zeros(key.sizes(), options);
-  at::Tensor grad_value = at::zeros(key.sizes(), options);
+  at::Tensor grad_query = cpu::empty_on_huge_pages(query.sizes(), options);
+  at::Tensor grad_key = cpu::empty_on_huge_pages(key.sizes(), options);
+  at::Tensor grad_value = cpu::empty_on_huge_pages(key.sizes(), options);
   at::Tensor grad_pos_emb = at::zeros(pos_emb.sizes(), options);
   at::Tensor grad_pos_bias = at::empty(pos_bias.sizes(), options);
   at::Tensor grad_query_pos_bias = at::empty(query_pos_bias.sizes(), options);
@@ -404,7 +592,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                 grad_query_pos_bias.data_ptr<scalar_t>()};
     const Slices<const scalar_t> grad_out_slices{go.data_ptr<scalar_t>(), go.stride(0), go.stride(1), go.stride(2)};
     const Slices<const scalar_t> out_slices{o.data_ptr<scalar_t>(), o.stride(0), o.stride(1), o.stride(2)};
-    backward_kernel(problem, grad_out_slices, out_slices, lse_c.data_ptr<scalar_t>(), grads);
+    if (problem.L == 1)
+      decode_backward_kernel(problem, grad_out_slices, out_slices, lse_c.data_ptr<scalar_t>(), grads);
+    else
+      backward_kernel(problem, grad_out_slices, out_slices, lse_c.data_ptr<scalar_t>(), grads);
   });
   const auto dtype = query.scalar_type();
   return {grad_query.to(dtype),   grad_key.to(dtype),      grad_value.to(dtype),

@@ -7,6 +7,7 @@ process, one after the other, so only ratios are meaningful.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -27,6 +28,9 @@ from .ops.xl.op import rel_attention
 # Peer backend: the reference under torch.compile, compiled once (on the first,
 # untimed call) and then timed like the others.
 COMPILED_REFERENCE = "compile(reference)"
+# Peer of rel_attention: torch's FlexAttention with the positional term passed
+# as a materialised bias tensor (the only way it takes XL attention), forward only.
+FLEX_ATTENTION = "flex_attention"
 
 
 @dataclasses.dataclass
@@ -46,6 +50,8 @@ class Case:
     # Implementation the ratios are taken against (labml_nn's module where one exists).
     baseline: str = "reference"
     peers: tuple = ()
+    # Peers timed for the forward pass only (their backward does not run here).
+    forward_only_peers: tuple = ()
     measure_memory: bool = False
     # Clears gradients a case keeps outside its inputs (module parameters).
     zero_grad: Optional[Callable[[str], None]] = None
@@ -63,7 +69,7 @@ class Result:
     backend: str
     device: str
     forward_ms: float
-    forward_backward_ms: float
+    forward_backward_ms: Optional[float]
     forward_speedup: Optional[float] = None
     forward_backward_speedup: Optional[float] = None
     peak_mib: Optional[float] = None
@@ -291,14 +297,16 @@ def feedback_model_report(results: list[Result], dtype: torch.dtype = torch.floa
     return "\n".join(lines)
 
 
-def _compiled(fn: Callable) -> Callable:
+@functools.cache
+def _compiled(fn: Callable, **options) -> Callable:
+    """``torch.compile(fn, **options)``, compiled on the first call (bench runs only)."""
     compiled = None
 
-    def run(*args):
+    def run(*args, **kwargs):
         nonlocal compiled
         if compiled is None:
-            compiled = torch.compile(fn)
-        return compiled(*args)
+            compiled = torch.compile(fn, **options)
+        return compiled(*args, **kwargs)
 
     return run
 
@@ -385,6 +393,44 @@ def labml_style_rel_attention(query, key, value, pos_emb_full, pos_bias_full, qu
 _compiled_labml_rel_attention = _compiled(labml_style_rel_attention)
 
 
+def flex_rel_attention(query, key, value, pos_emb_full, pos_bias_full, query_pos_bias, scale):
+    """XL attention through ``flex_attention``: the positional term is computed
+    and shifted as labml does, then handed over as a ``[B, H, L, K]`` bias that
+    ``score_mod`` reads, with the causal-with-memory mask in ``score_mod`` too.
+    Forward only: FlexAttention has no CPU backward, and refuses inputs that
+    require grad even under ``no_grad``, so they are detached."""
+    query, key, value, pos_emb_full, pos_bias_full, query_pos_bias = (
+        x.detach() for x in (query, key, value, pos_emb_full, pos_bias_full, query_pos_bias))
+    L, K = query.shape[0], key.shape[0]
+    M = K - L
+    position = torch.einsum("ibhd,jhd->ijbh", query, pos_emb_full) + pos_bias_full[None, :, None, :]
+    bias = (_shift_right(position)[:, -K:] * scale).permute(2, 3, 0, 1)
+
+    def score_mod(score, b, h, q_index, k_index):
+        return torch.where(k_index <= q_index + M, score + bias[b, h, q_index, k_index], -float("inf"))
+
+    def heads_first(x):
+        return x.permute(1, 2, 0, 3)
+
+    out = _compiled_flex_attention(heads_first(query + query_pos_bias), heads_first(key), heads_first(value),
+                                   score_mod=score_mod, scale=scale)
+    return out.permute(2, 0, 1, 3)
+
+
+def _flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compiled_flex_attention(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _compiled(flex_attention, dynamic=False)(*args, **kwargs)
+
+
 def _run_rel_attention(inputs, backend):
     q, k, v, pos_emb_full, pos_bias_full, u = inputs
     scale = q.shape[-1] ** -0.5
@@ -392,6 +438,8 @@ def _run_rel_attention(inputs, backend):
         return labml_style_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
     if backend == COMPILED_REFERENCE:
         return _compiled_labml_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
+    if backend == FLEX_ATTENTION:
+        return flex_rel_attention(q, k, v, pos_emb_full, pos_bias_full, u, scale)
     # The op's window is rows P - K + 1 .. P + L - 1: all but the first of labml's.
     return rel_attention(q, k, v, pos_emb_full[1:], pos_bias_full[1:], u, scale, causal=True, backend=backend)
 
@@ -400,6 +448,7 @@ def rel_attention_cases(device: str = "cpu", dtype: torch.dtype = torch.float32)
     # (L, M, B, H, d): labml's Transformer-XL experiment size, a long segment
     # with long memory, and one decode step over 512 memories.
     shapes = [(128, 128, 32, 4, 32), (512, 512, 8, 8, 64), (1, 512, 32, 8, 64)]
+    flex = (FLEX_ATTENTION,) if _flex_attention_available() else ()
 
     def maker(L, M, B, H, d):
         def make():
@@ -414,7 +463,7 @@ def rel_attention_cases(device: str = "cpu", dtype: torch.dtype = torch.float32)
 
     return [
         Case("rel_attention", f"L={L} M={M} B={B} H={H} d={d}", maker(L, M, B, H, d), _run_rel_attention, dtype,
-             peers=(COMPILED_REFERENCE,), measure_memory=device == "cpu", heavy=L > 128)
+             peers=(COMPILED_REFERENCE,), forward_only_peers=flex, measure_memory=device == "cpu", heavy=L > 128)
         for L, M, B, H, d in shapes
     ]
 
@@ -626,15 +675,20 @@ def _median_ms(fn: Callable[[], object], min_time: float, max_repeat: int) -> fl
     return 1000 * statistics.median(times)
 
 
-def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int = 200):
+def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int = 200, forward_only: bool = False):
     """Median (forward ms, forward+backward ms) of ``case`` on ``backend``, and the
-    peak bytes of one forward+backward when ``case.measure_memory`` (else None)."""
+    peak bytes of one forward+backward when ``case.measure_memory`` (else None).
+    With ``forward_only`` the forward+backward time and the peak are None."""
     inputs = case.make_inputs()
-    grad = torch.randn_like(case.run(inputs, backend))
 
     def forward():
         with torch.no_grad():
             case.run(inputs, backend)
+
+    fwd = _median_ms(forward, min_time, max_repeat)
+    if forward_only:
+        return fwd, None, None
+    grad = torch.randn_like(case.run(inputs, backend))
 
     def forward_backward():
         out = case.run(inputs, backend)
@@ -646,7 +700,7 @@ def time_case(case: Case, backend: str, min_time: float = 0.2, max_repeat: int =
         if case.zero_grad is not None:
             case.zero_grad(backend)
 
-    fwd, fb = _median_ms(forward, min_time, max_repeat), _median_ms(forward_backward, min_time, max_repeat)
+    fb = _median_ms(forward_backward, min_time, max_repeat)
     peak = peak_bytes(forward_backward) if case.measure_memory and inputs[0].device.type == "cpu" else None
     return fwd, fb, peak
 
@@ -666,10 +720,13 @@ def run(cases: Iterable[Case], device: str, min_time: float = 0.2) -> list[Resul
         mib = lambda peak: None if peak is None else peak / 2**20  # noqa: E731
         results.append(Result(case.op, case.shape, dtype, case.baseline, device, ref_fwd, ref_fb, 1.0, 1.0,
                               mib(ref_peak), 1.0 if ref_peak else None))
-        for backend in [*case.peers, *fused_backends(device)]:
-            fwd, fb, peak = time_case(case, backend, min_time)
+        timed = [(backend, False) for backend in [*case.peers, *fused_backends(device)]]
+        timed += [(backend, True) for backend in case.forward_only_peers]
+        for backend, forward_only in timed:
+            fwd, fb, peak = time_case(case, backend, min_time, forward_only=forward_only)
             results.append(
-                Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd, ref_fb / fb, mib(peak),
+                Result(case.op, case.shape, dtype, backend, device, fwd, fb, ref_fwd / fwd,
+                       None if fb is None else ref_fb / fb, mib(peak),
                        peak / ref_peak if peak is not None and ref_peak else None)
             )
     return results
@@ -682,8 +739,10 @@ def format_table(results: list[Result]) -> str:
         header += ("peak MiB", "peak / ref")
     rows = []
     for r in results:
-        row = (r.op, r.shape, r.dtype, r.device, r.backend, f"{r.forward_ms:.4f}", f"{r.forward_backward_ms:.4f}",
-               f"{r.forward_speedup:.2f}", f"{r.forward_backward_speedup:.2f}")
+        row = (r.op, r.shape, r.dtype, r.device, r.backend, f"{r.forward_ms:.4f}",
+               "-" if r.forward_backward_ms is None else f"{r.forward_backward_ms:.4f}",
+               f"{r.forward_speedup:.2f}",
+               "-" if r.forward_backward_speedup is None else f"{r.forward_backward_speedup:.2f}")
         if with_memory:
             row += ("-" if r.peak_mib is None else f"{r.peak_mib:.3f}",
                     "-" if r.peak_memory_ratio is None else f"{r.peak_memory_ratio:.2f}")
@@ -833,10 +892,11 @@ def switch_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, large:
 
 
 def quick_cases(cases: list[Case]) -> list[Case]:
-    """``cases`` without the heavy shapes and the torch.compile peer (whose
-    compilation alone takes tens of seconds): the default ``fastformers bench``."""
+    """``cases`` without the heavy shapes and the compiled peers (torch.compile of
+    the reference, FlexAttention: compilation alone takes tens of seconds): the
+    default ``fastformers bench``."""
     return [
-        dataclasses.replace(case, peers=tuple(p for p in case.peers if p != COMPILED_REFERENCE))
+        dataclasses.replace(case, peers=tuple(p for p in case.peers if p != COMPILED_REFERENCE), forward_only_peers=())
         for case in cases
         if not case.heavy
     ]
