@@ -1,14 +1,15 @@
 """Compressive Transformer ops: labml-style references (permute + nn.Conv1d +
 permute; the reconstruction loss as labml_nn computes it) vs the fused
-backends and torch.compile of the reference."""
+backends and torch.compile of the reference; plus the whole training step at
+labml's experiment configuration, ours vs labml_nn."""
 import pytest
 import torch
 
-from fastformers import benchmark
+from fastformers import benchmark as bench_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = benchmark.conv_compress_cases(DEVICE) + benchmark.attention_reconstruction_loss_cases(DEVICE)
-BACKENDS = ["reference", *benchmark.fused_backends(DEVICE), benchmark.COMPILED_REFERENCE]
+CASES = bench_cases.conv_compress_cases(DEVICE) + bench_cases.attention_reconstruction_loss_cases(DEVICE)
+BACKENDS = ["reference", *bench_cases.fused_backends(DEVICE), bench_cases.COMPILED_REFERENCE]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -24,3 +25,15 @@ def test_forward_backward(benchmark, case, backend):
             tensor.grad = None
 
     benchmark(forward_backward)
+
+
+FUSED = bench_cases.fused_backends(DEVICE)
+STEP_IMPLEMENTATIONS = ["labml_nn", *FUSED, *map(bench_cases.CompressiveTrainingStep.without_rel_attention, FUSED)]
+
+
+@pytest.mark.parametrize("implementation", STEP_IMPLEMENTATIONS)
+def test_compressive_training_step(benchmark, implementation):
+    pytest.importorskip("labml_nn")
+    step = bench_cases.compressive_training_step(implementation, DEVICE)
+    benchmark.group = f"Compressive training step {bench_cases.CompressiveTrainingStep().label()}"
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2)

@@ -15,6 +15,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     from . import lm_benchmark
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     ops = args.ops or sorted(benchmark.ALL_CASES)
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--large", action="store_true",
                        help="the full comparison: add the heavy shapes (e.g. rel_attention L=M=512, switch T=4096 "

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _backend, distributed
 from .data import Corpus, DataError, RankSlice, SequentialBatches, ShuffledBatches, load_corpus
-from .models import CompressedMemory, LanguageModel, ModelConfig, build_model, default_model_config
+from .models import LanguageModel, ModelConfig, build_model, default_model_config
+from .nn import CompressiveMemory
 from .plot import line_chart_png
 
 CHECKPOINT_FORMAT = "fastformers-lm-checkpoint"
@@ -136,14 +137,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _memory_to_save(memory):
-    if isinstance(memory, CompressedMemory):
-        return {"mem": list(memory.mem), "c_mem": list(memory.c_mem)}
+    if isinstance(memory, CompressiveMemory):
+        return memory.state_dict()
     return memory
 
 
-def _memory_from_saved(saved, device):
+def _memory_from_saved(saved, model: LanguageModel, device):
     if isinstance(saved, dict):
-        return CompressedMemory([m.to(device) for m in saved["mem"]], [c.to(device) for c in saved["c_mem"]])
+        memory = model.new_memory()
+        memory.load_state_dict({name: [t.to(device) for t in tensors] for name, tensors in saved.items()})
+        return memory
     if saved is None:
         return None
     return [m.to(device) for m in saved]
@@ -291,7 +294,7 @@ class Trainer:
         trainer.optimizer.load_state_dict(rank_state.get("optimizer", payload["optimizer"]))
         trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.batches.load_state_dict(payload["data"])
-        trainer.memory = _memory_from_saved(rank_state["memory"], trainer.device)
+        trainer.memory = _memory_from_saved(rank_state["memory"], trainer.model, trainer.device)
         trainer.step = payload["step"]
         trainer.history = payload["history"]
         torch.set_rng_state(rank_state["rng"]["torch"])

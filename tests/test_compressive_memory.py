@@ -1,28 +1,16 @@
 """CompressiveMemory (ring buffers) against the cat/split formulation of
-labml_nn's merge_compress_memory, step by step."""
+labml_nn's merge_compress_memory, step by step, alone and inside the
+Compressive language model's training steps."""
+import copy
+
 import pytest
 import torch
 
+from fastformers.models import build_model, default_model_config
+from fastformers.models.language_models import causal_mask
 from fastformers.nn import CompressiveMemory, Conv1dCompression
-
-
-def cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate):
-    """The whole-history formulation: append, compress the oldest whole groups
-    beyond mem_len, keep the last c_mem_len compressed steps."""
-    mem = [torch.cat((m, n)) for m, n in zip(mem, new_mem)] if mem else list(new_mem)
-    if mem[0].shape[0] <= mem_len:
-        return mem, c_mem, []
-    n_old = (mem[0].shape[0] - mem_len + rate - 1) // rate * rate
-    old = [m[:n_old] for m in mem]
-    mem = [m[n_old:] for m in mem]
-    fresh = [f(o) for f, o in zip(compress, old)]
-    c_mem = [torch.cat((c, f)) for c, f in zip(c_mem, fresh)] if c_mem else fresh
-    c_mem = [c[-c_mem_len:] for c in c_mem] if c_mem_len else []
-    return mem, c_mem, old
-
-
-def _as_list(get, n_layers):
-    return [get(i) for i in range(n_layers)]
+from fastformers.nn.compressive import cat_split_merge
+from fastformers.train import cross_entropy
 
 
 @pytest.mark.parametrize("mem_len,c_mem_len,rate,segments", [
@@ -40,8 +28,7 @@ def test_ring_buffer_matches_cat_and_split(mem_len, c_mem_len, rate, segments):
     mem, c_mem = [], []
     for steps in segments:
         new_mem = [torch.randn(steps, batch, d_model) for _ in range(n_layers)]
-        with torch.no_grad():
-            mem, c_mem, expected_old = cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate)
+        mem, c_mem, expected_old = cat_split_merge(mem, c_mem, new_mem, compress, mem_len, c_mem_len, rate)
         old = ring.append(new_mem, compress)
         assert len(old) == len(expected_old)
         for got, want in zip(old, expected_old):
@@ -74,3 +61,86 @@ def test_bad_arguments():
     ring = CompressiveMemory(2, 8, 8, 2)
     with pytest.raises(ValueError, match="one segment and one compression per layer"):
         ring.append([torch.zeros(2, 1, 4)], [Conv1dCompression(2, 4)])
+
+
+def test_segment_of_another_batch_shape_is_refused():
+    ring = CompressiveMemory(1, 4, 4, 2)
+    ring.append([torch.zeros(2, 3, 4)], [Conv1dCompression(2, 4)])
+    with pytest.raises(ValueError, match="start a new memory"):
+        ring.append([torch.zeros(2, 2, 4)], [Conv1dCompression(2, 4)])
+
+
+def test_state_dict_round_trip():
+    compress = [Conv1dCompression(2, 4) for _ in range(2)]
+    ring = CompressiveMemory(2, 3, 4, 2)
+    for _ in range(4):  # both rings wrap
+        ring.append([torch.randn(3, 1, 4) for _ in range(2)], compress)
+    restored = CompressiveMemory(2, 3, 4, 2)
+    restored.load_state_dict(ring.state_dict())
+    segment = [torch.randn(3, 1, 4) for _ in range(2)]
+    ring.append(segment, compress)
+    restored.append(segment, compress)
+    for layer in range(2):
+        torch.testing.assert_close(torch.cat(restored.history(layer)), torch.cat(ring.history(layer)))
+    with pytest.raises(ValueError, match="more than its length"):
+        restored.load_state_dict({"mem": [torch.zeros(4, 1, 4)] * 2, "c_mem": []})
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mem_len,c_mem_len,rate,segments", [
+    (4, 6, 2, [4] * 7),                # memory full, compressed memory fills and evicts, rings wrap
+    (3, 4, 3, [2, 5, 1, 4, 3, 6]),     # ragged segments, odd rate
+])
+def test_language_model_training_matches_cat_and_split(mem_len, c_mem_len, rate, segments):
+    """Training steps of CompressiveLM on its ring buffers against the same
+    model stepped the way labml's experiment does it (whole-list memory,
+    cat/split merge): logits, losses, every gradient and the memory agree in
+    float64, and the reconstruction loss gets the steps that were compressed."""
+    config = default_model_config("compressive", 11, d_model=16, heads=2, d_ff=32, n_layers=2, mem_len=mem_len,
+                                  c_mem_len=c_mem_len, compression_rate=rate)
+    ring_lm = build_model(config).double().train()
+    with torch.no_grad():
+        for p in ring_lm.parameters():  # the positional tables start at zero: make every term count
+            p.normal_(0, 0.3)
+    cat_lm = copy.deepcopy(ring_lm)
+    layers = list(cat_lm.transformer.layers)
+    ring_opt, cat_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (ring_lm, cat_lm))
+    seen = []
+    loss_of = ring_lm.reconstruction_loss
+    ring_lm.reconstruction_loss = lambda h, mem: seen.append([m.clone() for m in mem]) or loss_of(h, mem)
+    memory, mem, c_mem = None, [], []
+    for steps in segments:
+        tokens = torch.randint(0, 11, (steps + 1, 3))
+        output = ring_lm(tokens[:-1], memory)
+        memory = output.memory
+        ring_loss = cross_entropy(output.logits, tokens[1:])
+
+        remembered = (mem[0].shape[0] if mem else 0) + (c_mem[0].shape[0] if c_mem and mem else 0)
+        hidden, new_mem = cat_lm.transformer(cat_lm.src_embed(tokens[:-1]), mem, c_mem,
+                                             causal_mask(steps, remembered, tokens.device))
+        logits = cat_lm.generator(hidden)
+        mem, c_mem, old = cat_split_merge(mem, c_mem, new_mem, [layer.compress for layer in layers],
+                                          mem_len, c_mem_len, rate)
+        cat_loss = cross_entropy(logits, tokens[1:])
+
+        assert (output.logits - logits).abs().max().item() <= 1e-10
+        assert abs(ring_loss.item() - cat_loss.item()) <= 1e-10
+        assert (output.aux_loss is None) == (not old)
+        if old:
+            reconstruction = cat_lm.reconstruction_loss(new_mem, old)
+            assert abs(output.aux_loss.item() - reconstruction.item()) <= 1e-10
+            assert all(torch.equal(got, want) for got, want in zip(seen.pop(), old))
+            ring_loss, cat_loss = ring_loss + output.aux_loss, cat_loss + reconstruction
+        for lm, opt, loss in ((ring_lm, ring_opt, ring_loss), (cat_lm, cat_opt, cat_loss)):
+            opt.zero_grad()
+            loss.backward()
+        for (name, p), q in zip(ring_lm.named_parameters(), cat_lm.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or (p.grad - q.grad).abs().max().item() <= 1e-10, name
+        ring_opt.step()
+        cat_opt.step()
+        for layer in range(config.n_layers):
+            assert torch.equal(memory.mem(layer), mem[layer]) if mem[layer].shape[0] else memory.mem(layer) is None
+            if c_mem:
+                assert (memory.c_mem(layer) - c_mem[layer]).abs().max().item() <= 1e-10
+    assert not seen

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastformers
-from fastformers.models import (MODEL_DEFAULTS, MODEL_NAMES, CompressedMemory, build_model,
+from fastformers.models import (MODEL_DEFAULTS, MODEL_NAMES, build_model,
                                 default_model_config)
 from fastformers.train import MODEL_TRAIN_DEFAULTS
 
@@ -41,18 +41,17 @@ def test_compressive_memory_and_reconstruction_loss():
     output = lm(torch.randint(0, V, (4, 2)))
     assert output.aux_loss is None  # nothing left the memory yet
     memory = output.memory
-    assert isinstance(memory, CompressedMemory) and memory.c_mem == []
+    assert isinstance(memory, fastformers.nn.CompressiveMemory) and memory.c_mem_length == 0
     output = lm(torch.randint(0, V, (4, 2)), memory)
     # 8 steps, keep 4, compress the oldest 4 two-to-one.
-    assert [m.shape[0] for m in output.memory.mem] == [4, 4]
-    assert [c.shape[0] for c in output.memory.c_mem] == [2, 2]
+    assert (output.memory.mem_length, output.memory.c_mem_length) == (4, 2)
     assert output.aux_loss is not None and output.aux_loss.requires_grad
     output.aux_loss.backward()
     # Only the compression learns from the reconstruction loss.
     for name, parameter in lm.named_parameters():
         assert (parameter.grad is not None) == (".compress." in name), name
     output = lm(torch.randint(0, V, (4, 2)), output.memory)
-    assert [c.shape[0] for c in output.memory.c_mem] == [3, 3]  # capped at c_mem_len
+    assert output.memory.c_mem_length == 3  # capped at c_mem_len
     lm.eval()
     assert lm(torch.randint(0, V, (4, 2)), output.memory).aux_loss is None
 

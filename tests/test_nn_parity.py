@@ -449,6 +449,40 @@ def test_attention_reconstruction_loss(seq_len, mem_len, batch):
     assert all(t.grad is None for t in h + mem)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the C++ extension")
+def test_compressive_modules_on_the_fused_backend_float32():
+    """Conv1dCompression, the layers' relative attention and AttentionReconstructionLoss
+    run the C++ kernels (``last_backend`` says so) and match labml_nn in float32:
+    outputs, compressions, the loss and every parameter gradient."""
+    ref, ours = (m.float() for m in make_pair(lambda ns: ns.CompressiveTransformer(_compressive_layer(ns), 2)))
+    for module in ours.modules():
+        if hasattr(module, "last_backend"):
+            module.backend = "cpp"
+    ours_loss = OURS.AttentionReconstructionLoss(ours.layers)
+    ours_loss.backend = "cpp"
+    gen = torch.Generator().manual_seed(3)
+    x, mem, c_mem = (torch.randn(*shape, generator=gen) for shape in ((5, 3, D), (2, 6, 3, D), (2, 2, 3, D)))
+    mask = causal_mask(5, 6 + 2)
+
+    def run(model, loss_of):
+        out, new_mem = model(x, list(mem), list(c_mem), mask)
+        compressed = torch.stack([layer.compress(m) for layer, m in zip(model.layers, mem)])
+        loss = loss_of(new_mem, list(mem))
+        weights = torch.Generator().manual_seed(4)
+        total = loss + sum((t * torch.randn(t.shape, generator=weights)).sum() for t in (out, compressed))
+        total.backward()
+        return out, compressed, loss
+
+    for got, want in zip(run(ours, ours_loss), run(ref, LABML.AttentionReconstructionLoss(ref.layers))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ours_loss.last_backend == "cpp"
+    assert all(layer.compress.last_backend == "cpp" and layer.self_attn.last_backend == "cpp"
+               for layer in ours.layers)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
 # ---------------------------------------------------------------- switch
 
 def _switch_ff(ns, capacity_factor=0.5, drop_tokens=True, is_scale_prob=True):

@@ -7,7 +7,6 @@ holds the labml_nn 0.5.1 experiment settings of each variant.
 from .language_models import (
     MODEL_DEFAULTS,
     MODEL_NAMES,
-    CompressedMemory,
     CompressiveLM,
     FeedbackLM,
     LanguageModel,
@@ -23,7 +22,6 @@ from .language_models import (
 __all__ = [
     "MODEL_DEFAULTS",
     "MODEL_NAMES",
-    "CompressedMemory",
     "CompressiveLM",
     "FeedbackLM",
     "LanguageModel",

@@ -155,15 +155,9 @@ class TransformerXLLM(LanguageModel):
         return [m[-self.config.mem_len:] for m in merged]
 
 
-class CompressedMemory(NamedTuple):
-    """Per layer: ``mem`` ``[M, B, D]`` (recent steps) and ``c_mem`` ``[N, B, D]`` (compressed older ones)."""
-
-    mem: List[torch.Tensor]
-    c_mem: List[torch.Tensor]
-
-
 class CompressiveLM(LanguageModel):
-    """Compressive Transformer language model; memory: :class:`CompressedMemory`."""
+    """Compressive Transformer language model; memory: a :class:`fastformers.nn.CompressiveMemory`
+    (None when ``mem_len`` and ``c_mem_len`` are both 0)."""
 
     carries_memory = True
 
@@ -171,42 +165,42 @@ class CompressiveLM(LanguageModel):
         super().__init__(config, transformer)
         self.reconstruction_loss = reconstruction_loss_class(self.transformer.layers)
 
-    def forward(self, x: torch.Tensor, memory: Optional[CompressedMemory] = None) -> LMOutput:
-        """``x`` ``[T, B]``; ``memory`` from the previous batch or None. In
-        training mode, when this batch pushes steps out of the memory, the
-        attention-reconstruction loss of their compression is ``aux_loss``."""
-        mem, c_mem = (memory.mem, memory.c_mem) if memory is not None else ([], [])
-        remembered = (mem[0].shape[0] if mem else 0) + (c_mem[0].shape[0] if c_mem and mem else 0)
-        mask = causal_mask(x.shape[0], remembered, x.device)
-        hidden, new_mem = self.transformer(self.src_embed(x), mem, c_mem, mask)
-        merged, compressed_away = self.merge_compress_memory(mem, c_mem, new_mem)
-        aux_loss, stats = None, {}
-        if compressed_away and self.training:
-            aux_loss = self.reconstruction_loss(new_mem, compressed_away)
-            stats["ar_loss"] = aux_loss.item()
-        return LMOutput(self.generator(hidden), merged, aux_loss, stats)
+    def new_memory(self) -> Optional[ffnn.CompressiveMemory]:
+        """An empty memory of this model's lengths (None when it keeps none)."""
+        c = self.config
+        if c.mem_len == 0 and c.c_mem_len == 0:
+            return None
+        return ffnn.CompressiveMemory(c.n_layers, c.mem_len, c.c_mem_len, c.compression_rate)
 
-    @torch.no_grad()
-    def merge_compress_memory(self, mem: List[torch.Tensor], c_mem: List[torch.Tensor],
-                              new_mem: List[torch.Tensor]) -> tuple[CompressedMemory, List[torch.Tensor]]:
-        """Append ``new_mem``; the oldest steps beyond ``mem_len`` (rounded up to a
-        multiple of the compression rate) are compressed onto ``c_mem``, which
-        keeps its last ``c_mem_len`` steps. Returns the memory and the
-        per-layer steps that were compressed (empty list if none)."""
-        config = self.config
-        if config.mem_len == 0 and config.c_mem_len == 0:
-            return CompressedMemory([], []), []
-        mem = [torch.cat((m, n)) for m, n in zip(mem, new_mem)] if mem else list(new_mem)
-        if mem[0].shape[0] <= config.mem_len:
-            return CompressedMemory(mem, c_mem), []
-        rate = config.compression_rate
-        n_old = (mem[0].shape[0] - config.mem_len + rate - 1) // rate * rate
-        old = [m[:n_old] for m in mem]
-        mem = [m[n_old:] for m in mem]
-        fresh = [layer.compress(o) for layer, o in zip(self.transformer.layers, old)]
-        c_mem = [torch.cat((c, f)) for c, f in zip(c_mem, fresh)] if c_mem else fresh
-        c_mem = [c[-config.c_mem_len:] for c in c_mem] if config.c_mem_len else []
-        return CompressedMemory(mem, c_mem), old
+    def forward(self, x: torch.Tensor, memory: Optional[ffnn.CompressiveMemory] = None) -> LMOutput:
+        """``x`` ``[T, B]``; ``memory`` from the previous batch, or None to start
+        afresh. The memory is updated in place (the new segment written, the
+        groups falling out compressed) and returned. In training mode, when
+        this batch pushes steps out of the memory, the attention-reconstruction
+        loss of their compression is ``aux_loss``."""
+        memory = memory if memory is not None else self.new_memory()
+        embedded = self.src_embed(x)
+        hidden, new_mem = self._run_transformer(embedded, memory)
+        aux_loss, stats = None, {}
+        if memory is not None:
+            compressed_away = memory.append(new_mem, [layer.compress for layer in self.transformer.layers])
+            if compressed_away and self.training:
+                aux_loss = self.reconstruction_loss(new_mem, compressed_away)
+                stats["ar_loss"] = aux_loss.item()
+        return LMOutput(self.generator(hidden), memory, aux_loss, stats)
+
+    def _run_transformer(self, embedded: torch.Tensor, memory: Optional[ffnn.CompressiveMemory]):
+        """The transformer over ``embedded`` ``[T, B, D]`` after ``memory``: ``(hidden, new_mem)``."""
+        if memory is None:
+            return self.transformer(embedded, [], [], causal_mask(embedded.shape[0], 0, embedded.device))
+        memory.check_segment(embedded)
+        mask = causal_mask(embedded.shape[0], memory.mem_length + memory.c_mem_length, embedded.device)
+        layers = range(len(self.transformer.layers))
+        if isinstance(self.transformer, ffnn.CompressiveTransformer):
+            return self.transformer.forward_with_history(embedded, [memory.history(i) for i in layers], mask)
+        # labml_nn's CompressiveTransformer (labml_modules()) takes each layer's memory whole.
+        whole = memory.state_dict()
+        return self.transformer(embedded, whole["mem"], whole["c_mem"], mask)
 
 
 class FeedbackLM(LanguageModel):

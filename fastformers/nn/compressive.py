@@ -6,7 +6,7 @@ Shape letters: ``L`` segment length, ``M`` memory length, ``N`` compressed
 memory length, ``c`` compression rate, ``B`` batch, ``H`` heads, ``d_k``
 features per head, ``D`` = ``d_model``.
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +81,15 @@ class CompressiveTransformerLayer(nn.Module):
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``c_mem`` ``[N, B, D]``
         or None, ``mask`` ``[L, N + M + L, B or 1]``. Returns ``[L, B, D]``."""
         # The keys of concat_memory, built by one cat and one LayerNorm.
-        if mem is None:
-            history = ()
-        else:
-            history = (mem,) if c_mem is None else (c_mem, mem)
-        return attend_over_history(self, x, history, mask)
+        return attend_over_history(self, x, _history(mem, c_mem), mask)
+
+
+def _history(mem: Optional[torch.Tensor], c_mem: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """What a layer attends to before its segment, oldest first: compressed
+    memory only alongside memory, as labml_nn's ``concat_memory`` has it."""
+    if mem is None:
+        return ()
+    return (mem,) if c_mem is None else (c_mem, mem)
 
 
 class CompressiveTransformer(nn.Module):
@@ -104,10 +108,19 @@ class CompressiveTransformer(nn.Module):
         Returns the normalised output ``[L, B, D]`` and the new memory: each
         layer's (detached) input ``[L, B, D]``.
         """
+        histories = [_history(mem[i] if mem else None, c_mem[i] if c_mem else None) for i in range(len(self.layers))]
+        return self.forward_with_history(x, histories, mask)
+
+    def forward_with_history(self, x: torch.Tensor, histories: Sequence[Tuple[torch.Tensor, ...]],
+                             mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """:meth:`forward` with each layer's ``[c_mem; mem]`` given as pieces
+        (``histories[i]``, each ``[*, B, D]``, oldest first, e.g.
+        :meth:`CompressiveMemory.history`): the one ``cat`` that builds a
+        layer's keys assembles them, so ring buffers that wrap cost no extra copy."""
         new_mem = []
-        for i, layer in enumerate(self.layers):
+        for layer, history in zip(self.layers, histories):
             new_mem.append(x.detach())
-            x = layer(x=x, mem=mem[i] if mem else None, c_mem=c_mem[i] if c_mem else None, mask=mask)
+            x = attend_over_history(layer, x, history, mask)
         return self.norm(x), new_mem
 
 
@@ -193,6 +206,20 @@ class CompressiveMemory:
     ``merge_compress_memory``: after appending, the oldest steps beyond
     ``mem_len``, rounded up to a whole number of groups, are compressed.
 
+    Copies the math still forces, per layer and step: the steps that fall out
+    are returned as a copy (the reconstruction loss reads them after their
+    slots are rewritten), and the attention's keys ``[c_mem; mem; x]`` are
+    assembled by one ``cat`` (:meth:`history` hands the ring's pieces to it
+    as views). That ``cat`` stays: the keys go through the layer norm and the
+    key/value projections, whose weights change every optimizer step, so they
+    are recomputed over the whole history anyway, and the fused
+    ``rel_attention`` takes its keys as one ``[K, B, H, d]`` tensor. Taking
+    the memory pieces without the ``cat`` would mean normalising and
+    projecting each piece separately and then concatenating the projected
+    keys and values (two copies instead of one), or a list-of-keys
+    ``rel_attention`` schema; the ``cat`` moves ``K·B·D`` values, ``1/D`` of
+    the projections' work.
+
     Buffers are ``[n_layers, capacity, B, D]``, allocated on the first append;
     contents are detached (the memory never carries gradient into later steps).
     """
@@ -209,15 +236,33 @@ class CompressiveMemory:
         # Ring state (shared by all layers): index of the oldest step and steps held.
         self._mem_start = self._mem_size = self._c_start = self._c_size = 0
 
+    @property
+    def mem_length(self) -> int:
+        """Steps of recent memory held (``M``)."""
+        return self._mem_size
+
+    @property
+    def c_mem_length(self) -> int:
+        """Steps of compressed memory held (``N``)."""
+        return self._c_size
+
     @staticmethod
-    def _ordered(buffer: Optional[torch.Tensor], start: int, size: int, layer: int) -> Optional[torch.Tensor]:
-        """Steps ``[size, B, D]`` oldest first: a view unless the ring wraps."""
+    def _pieces(buffer: Optional[torch.Tensor], start: int, size: int, layer: int) -> Tuple[torch.Tensor, ...]:
+        """Views of the ``size`` steps from slot ``start`` on, oldest first: one, or two when the ring wraps."""
         if buffer is None or size == 0:
-            return None
+            return ()
         capacity = buffer.shape[1]
         if start + size <= capacity:
-            return buffer[layer, start:start + size]
-        return torch.cat((buffer[layer, start:], buffer[layer, :start + size - capacity]))
+            return (buffer[layer, start:start + size],)
+        return buffer[layer, start:], buffer[layer, :start + size - capacity]
+
+    @classmethod
+    def _ordered(cls, buffer: Optional[torch.Tensor], start: int, size: int, layer: int) -> Optional[torch.Tensor]:
+        """Steps ``[size, B, D]`` oldest first: a view unless the ring wraps."""
+        pieces = cls._pieces(buffer, start, size, layer)
+        if not pieces:
+            return None
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def mem(self, layer: int) -> Optional[torch.Tensor]:
         """Recent memory of ``layer``, ``[M, B, D]`` oldest first, or None when empty."""
@@ -226,6 +271,14 @@ class CompressiveMemory:
     def c_mem(self, layer: int) -> Optional[torch.Tensor]:
         """Compressed memory of ``layer``, ``[N, B, D]`` oldest first, or None when empty."""
         return self._ordered(self._c_mem, self._c_start, self._c_size, layer)
+
+    def history(self, layer: int) -> Tuple[torch.Tensor, ...]:
+        """``[c_mem; mem]`` of ``layer`` as views ``[*, B, D]``, oldest first (up to
+        four pieces; none when empty), for
+        :meth:`CompressiveTransformer.forward_with_history`. The views are
+        rewritten by the next :meth:`append`."""
+        return (self._pieces(self._c_mem, self._c_start, self._c_size, layer)
+                + self._pieces(self._mem, self._mem_start, self._mem_size, layer))
 
     @staticmethod
     def _write(buffer: torch.Tensor, layer: int, start: int, steps: torch.Tensor) -> None:
@@ -236,12 +289,57 @@ class CompressiveMemory:
         if first < steps.shape[0]:
             buffer[layer, :steps.shape[0] - first] = steps[first:]
 
+    def check_segment(self, segment: torch.Tensor) -> None:
+        """Raise ValueError unless ``segment`` ``[L, B, D]`` matches the batch,
+        width, dtype and device of what the memory holds."""
+        if self._mem is None:
+            return
+        held = (tuple(self._mem.shape[2:]), self._mem.dtype, self._mem.device)
+        given = (tuple(segment.shape[1:]), segment.dtype, segment.device)
+        if given != held:
+            raise ValueError(
+                f"the memory holds [*, B, D] = {list(held[0])} {held[1]} on {held[2]}, got a segment of "
+                f"{list(given[0])} {given[1]} on {given[2]}; start a new memory for a new batch shape"
+            )
+
     def _allocate(self, like: torch.Tensor) -> None:
-        shape = like.shape[1:]
-        if self._mem is None or self._mem.shape[2:] != shape or self._mem.device != like.device:
-            new = lambda length: like.new_empty((self.n_layers, length, *shape))  # noqa: E731
+        self.check_segment(like)
+        if self._mem is None:
+            new = lambda length: like.new_empty((self.n_layers, length, *like.shape[1:]))  # noqa: E731
             self._mem, self._c_mem = new(self.mem_len), new(self.c_mem_len)
-            self._mem_start = self._mem_size = self._c_start = self._c_size = 0
+
+    def state_dict(self) -> Dict[str, List[torch.Tensor]]:
+        """``{"mem": [M, B, D] per layer, "c_mem": [N, B, D] per layer}`` (copies,
+        oldest first; empty lists before the first append)."""
+        if self._mem is None:
+            return {"mem": [], "c_mem": []}
+        take = lambda get, size: [  # noqa: E731
+            get(i).clone() if size else self._mem.new_empty((0, *self._mem.shape[2:])) for i in range(self.n_layers)
+        ]
+        return {"mem": take(self.mem, self._mem_size), "c_mem": take(self.c_mem, self._c_size)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict[str, List[torch.Tensor]]) -> None:
+        """Replace the contents with ``state`` (as :meth:`state_dict` returns it, or
+        the per-layer lists of labml's ``CompressedMemory``)."""
+        mem, c_mem = list(state["mem"]), list(state["c_mem"])
+        self._mem = self._c_mem = None
+        self._mem_start = self._mem_size = self._c_start = self._c_size = 0
+        if not mem and not c_mem:
+            return
+        for name, tensors, capacity in (("mem", mem, self.mem_len), ("c_mem", c_mem, self.c_mem_len)):
+            if tensors and len(tensors) != self.n_layers:
+                raise ValueError(f"{name} needs one tensor per layer ({self.n_layers}), got {len(tensors)}")
+            if tensors and tensors[0].shape[0] > capacity:
+                raise ValueError(f"{name} holds {tensors[0].shape[0]} steps, more than its length {capacity}")
+        self._allocate((mem or c_mem)[0])
+        for layer in range(self.n_layers):
+            if mem:
+                self._write(self._mem, layer, 0, mem[layer])
+            if c_mem:
+                self._write(self._c_mem, layer, 0, c_mem[layer])
+        self._mem_size = mem[0].shape[0] if mem else 0
+        self._c_size = c_mem[0].shape[0] if c_mem else 0
 
     @torch.no_grad()
     def append(self, new_mem: List[torch.Tensor], compress: List[nn.Module]) -> List[torch.Tensor]:
@@ -288,3 +386,24 @@ class CompressiveMemory:
                 self._write(self._c_mem, layer, tail, f[groups - kept:])
             self._c_size += kept
         return old
+
+
+@torch.no_grad()
+def cat_split_merge(mem: List[torch.Tensor], c_mem: List[torch.Tensor], new_mem: List[torch.Tensor],
+                    compress: Sequence[nn.Module], mem_len: int, c_mem_len: int,
+                    compression_rate: int) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """labml_nn's experiment's ``merge_compress_memory`` (whole-history ``cat`` and
+    ``split``), the formulation :class:`CompressiveMemory` reproduces: append
+    ``new_mem``, compress the oldest whole groups beyond ``mem_len``, keep the
+    last ``c_mem_len`` compressed steps. Lists hold one ``[*, B, D]`` tensor per
+    layer (empty lists for none). Returns ``(mem, c_mem, compressed_away)``."""
+    mem = [torch.cat((m, n)) for m, n in zip(mem, new_mem)] if mem else list(new_mem)
+    if mem[0].shape[0] <= mem_len:
+        return mem, c_mem, []
+    n_old = (mem[0].shape[0] - mem_len + compression_rate - 1) // compression_rate * compression_rate
+    old = [m[:n_old] for m in mem]
+    mem = [m[n_old:] for m in mem]
+    fresh = [f(o) for f, o in zip(compress, old)]
+    c_mem = [torch.cat((c, f)) for c, f in zip(c_mem, fresh)] if c_mem else fresh
+    c_mem = [c[-c_mem_len:] for c in c_mem] if c_mem_len else []
+    return mem, c_mem, old
