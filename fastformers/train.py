@@ -174,8 +174,13 @@ def load_checkpoint(path: os.PathLike | str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
+        # torch.save writes a zip archive; anything else would reach torch.load's
+        # legacy unpickler, which fails on random bytes with arbitrary exceptions.
+        if not zipfile.is_zipfile(path):
+            raise zipfile.BadZipFile("not a zip archive")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError) as error:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Use an earlier checkpoint or start a new run."
