@@ -95,11 +95,12 @@ at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tenso
 // forward then collects a whole recurrence without any [P, H, d] zero-fill
 // per step. Work is split by head so no two threads touch the same row.
 at::Tensor checked_step_backward_accumulate(const at::Tensor& grad_out_, const at::Tensor& query_,
-                                    const at::Tensor& key_cache_, const at::Tensor& value_cache_, int64_t steps,
-                                    const at::Tensor& key_pos_embeddings_, const at::Tensor& key_pos_bias_,
-                                    const at::Tensor& query_pos_bias_, double scale, at::Tensor& grad_key_cache,
-                                    at::Tensor& grad_value_cache, at::Tensor& grad_key_pos_embeddings,
-                                    at::Tensor& grad_key_pos_bias, at::Tensor& grad_query_pos_bias) {
+                                            const at::Tensor& key_cache_, const at::Tensor& value_cache_,
+                                            int64_t steps, const at::Tensor& key_pos_embeddings_,
+                                            const at::Tensor& key_pos_bias_, const at::Tensor& query_pos_bias_,
+                                            double scale, at::Tensor& grad_key_cache, at::Tensor& grad_value_cache,
+                                            at::Tensor& grad_key_pos_embeddings, at::Tensor& grad_key_pos_bias,
+                                            at::Tensor& grad_query_pos_bias) {
   const char* op = "feedback_attention_step_backward";
   check_step_inputs(op, query_, key_cache_, value_cache_, steps, key_pos_embeddings_, key_pos_bias_,
                     query_pos_bias_);
@@ -170,9 +171,9 @@ at::Tensor feedback_attention_step_backward_accumulate_cpu(
     int64_t steps, const at::Tensor& key_pos_embeddings, const at::Tensor& key_pos_bias,
     const at::Tensor& query_pos_bias, double scale, at::Tensor grad_key_cache, at::Tensor grad_value_cache,
     at::Tensor grad_key_pos_embeddings, at::Tensor grad_key_pos_bias, at::Tensor grad_query_pos_bias) {
-  return checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                                  query_pos_bias, scale, grad_key_cache, grad_value_cache, grad_key_pos_embeddings,
-                                  grad_key_pos_bias, grad_query_pos_bias);
+  return checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
+                                          key_pos_bias, query_pos_bias, scale, grad_key_cache, grad_value_cache,
+                                          grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias);
 }
 
 // Gradients of the rows the step used only: [steps, B, H, d] for the caches,
@@ -189,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_pos_bias = at::zeros({steps, H}, options);
   at::Tensor grad_query_pos_bias = at::zeros({H, d}, options);
   at::Tensor grad_query =
-      checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                               query_pos_bias, scale, grad_key, grad_value, grad_pos_emb, grad_pos_bias,
-                               grad_query_pos_bias);
+      checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
+                                       key_pos_bias, query_pos_bias, scale, grad_key, grad_value, grad_pos_emb,
+                                       grad_pos_bias, grad_query_pos_bias);
   return {grad_query, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias};
 }
 

@@ -40,10 +40,16 @@ enum Field : int64_t {
   kNormAttnWeight, kNormAttnBias, kQueryWeight, kPosEmb, kPosBias, kQueryPosBias, kOutWeight, kOutBias,
   kNormFFWeight, kNormFFBias, kFF1Weight, kFF1Bias, kFF2Weight, kFF2Bias, kNumFields
 };
+constexpr const char* kFieldNames[kNumFields] = {
+    "norm_attn_weight", "norm_attn_bias", "query_weight", "key_pos_embeddings", "key_pos_bias", "query_pos_bias",
+    "output_weight", "output_bias", "norm_ff_weight", "norm_ff_bias", "ff1_weight", "ff1_bias", "ff2_weight",
+    "ff2_bias"};
 
-// The per-token GEMMs are [B, D] x [D, D or F]: below this many multiply-adds
-// MKL's second thread costs more in wake-up and synchronisation than it saves
-// (measured on the 2-core machine at the small benchmark size).
+// The per-token GEMMs are [B, D] x [D, D or F]. Below this many multiply-adds
+// (the small benchmark size, B=8 D=256 F=1024, is 2M) they run on one MKL
+// thread: on the shared 2-core machine a second thread measured no faster
+// (fwd+bwd median 606 vs 549 ms serial, equal minimum) and a descheduled
+// helper thread stalls every call.
 constexpr int64_t kSerialGemmWork = int64_t{1} << 23;
 
 // Makes this thread's BLAS calls single-threaded while alive (thread-local:
@@ -125,18 +131,17 @@ Dims check_common(const char* op, const at::Tensor& x_like, const at::Tensor& kv
                                                         {D}, {D}, {F, D}, {F},    {D, F}, {D}};
     for (int64_t f = 0; f < kNumFields; ++f) {
       const at::Tensor param = param_at(params, l * kNumFields + f);
-      const at::Tensor* t = &param;
       const bool optional = f == kOutBias || f == kFF1Bias || f == kFF2Bias;
-      TORCH_CHECK(t->defined() || optional, op, ": layer ", l, " parameter ", f, " must be given");
-      if (!t->defined()) {
+      TORCH_CHECK(param.defined() || optional, op, ": layer ", l, " ", kFieldNames[f], " must be given");
+      if (!param.defined()) {
         owned.emplace_back();
         continue;
       }
-      TORCH_CHECK(t->sizes() == c10::IntArrayRef(expected[f]), op, ": layer ", l, " parameter ", f, " must be ",
-                  c10::IntArrayRef(expected[f]), ", got ", t->sizes());
-      TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu(), op, ": layer ", l, " parameter ", f,
-                  " must be a CPU ", dtype, " tensor, got ", t->scalar_type(), " on ", t->device());
-      owned.push_back(t->contiguous());
+      TORCH_CHECK(param.sizes() == c10::IntArrayRef(expected[f]), op, ": layer ", l, " ", kFieldNames[f], " must be ",
+                  c10::IntArrayRef(expected[f]), ", got ", param.sizes());
+      TORCH_CHECK(param.scalar_type() == dtype && param.device().is_cpu(), op, ": layer ", l, " ", kFieldNames[f],
+                  " must be a CPU ", dtype, " tensor, got ", param.scalar_type(), " on ", param.device());
+      owned.push_back(param.contiguous());
     }
   }
   TORCH_CHECK(start + n.T - 1 <= n.P, op, ": ", start, " cached + ", n.T, " new steps need ", start + n.T - 1,

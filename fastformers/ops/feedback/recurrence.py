@@ -17,6 +17,11 @@ records what backward needs, and implements backpropagation through time:
   (``feedback_attention_step_backward_accumulate_``);
 * every weight gradient is one large GEMM over all ``T · B`` rows at the end.
 
+On the cpp backend in float32/float64 the loops run in C++
+(``feedback_recurrence_forward`` / ``feedback_recurrence_backward``); the
+Python loops below write the same buffers, serve every other backend and dtype,
+and are those ops' registered reference.
+
 Keys and values live in buffers owned by each call, so several forwards may
 share one backward. Dropout is not part of the fused recurrence: the modules
 use it only when every dropout is inactive (p = 0 or eval mode).
@@ -96,7 +101,7 @@ _NORM_ATTN, _QUERY, _ATTENTION, _MID, _NORM_FF = range(5)
 _MEAN_ATTN, _RSTD_ATTN, _MEAN_FF, _RSTD_FF = range(4)
 _G_LAYER_OUT, _G_NORM_FF, _G_ATTN_OUT, _G_QUERY, _G_NORM_ATTN = range(5)
 
-_ARGS = ("Tensor kv, int start, Tensor mix_weights, Tensor kv_weight")
+_CACHE_ARGS = "Tensor kv, int start, Tensor mix_weights, Tensor kv_weight"
 _LAYER_ARGS = "Tensor?[] layer_params, float[] norm_eps, int heads, float scale, bool shared_kv"
 lib.define(
     f"feedback_recurrence_forward(Tensor x_seq, Tensor(a!) kv, int start, Tensor mix_weights, Tensor kv_weight, "
@@ -104,7 +109,7 @@ lib.define(
 )
 lib.define(
     f"feedback_recurrence_backward(Tensor grad_out, Tensor layer_outputs, Tensor activations, Tensor hidden, "
-    f"Tensor stats, {_ARGS}, {_LAYER_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    f"Tensor stats, {_CACHE_ARGS}, {_LAYER_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
