@@ -1,23 +1,13 @@
-// CPU kernels of one Feedback Transformer attention step: the query of every
-// sequence attends to the first `steps` entries of a key/value cache with
-// relative-position terms. For memory step j < steps (row r = P - steps + j of
-// the positional tables):
-//   s_j = ((q + u) . K_j + q . R_r + S_r) * scale,   out = sum_j softmax(s)_j V_j
-// Shapes: q [B, H, d], K/V caches [T_max, B, H, d] (any strides on the first two
-// dims, [H, d] contiguous), R [P, H, d], S [P, H], u [H, d].
+// CPU kernels of one Feedback Transformer attention step (the math is in
+// feedback_step.h): tensor checks and dispatch around the raw-pointer kernels.
 // Schemas live in fastformers/ops/feedback/step_op.py.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <vector>
-
-#include "cpu_utils.h"
+#include "feedback_step.h"
 
 namespace fastformers {
 namespace {
@@ -61,48 +51,6 @@ at::Tensor inner_contiguous_cache(const at::Tensor& cache) {
   return inner_contiguous(cache) ? cache : cache.contiguous();
 }
 
-template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES acc_t dot(const scalar_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * b[i];
-  return sum;
-}
-
-template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES void axpy(acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
-}
-
-template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES void axpy_store(acc_t alpha, const acc_t* __restrict__ x, scalar_t* __restrict__ y,
-                                          int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + alpha * x[i]);
-}
-
-// Parallel regions cost tens of microseconds to wake threads (far more on a
-// busy machine); split only when each thread gets this many multiply-adds.
-constexpr int64_t kMinWorkPerThread = 1 << 16;
-
-int64_t grain_for(int64_t per_item_work) {
-  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(per_item_work, 1));
-}
-
-// Pointers and strides of one call, shared by forward and backward.
-template <typename scalar_t>
-struct StepView {
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  const scalar_t* R;  // first row used: P - steps
-  const scalar_t* S;  // first row used: P - steps
-  const scalar_t* u;
-  int64_t B, H, d, steps;
-  int64_t k_time, k_batch, v_time, v_batch;  // cache strides of the time and batch axes
-};
-
 template <typename scalar_t>
 StepView<scalar_t> make_view(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t steps,
                              const at::Tensor& R, const at::Tensor& S, const at::Tensor& u) {
@@ -123,39 +71,6 @@ StepView<scalar_t> make_view(const at::Tensor& q, const at::Tensor& k, const at:
           v.stride(1)};
 }
 
-// Softmax probabilities of one (b, h) pair into p[0:steps]; qh and qu = q + u in acc_t.
-template <typename scalar_t, typename acc_t>
-void step_probs(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t scale, const acc_t* qh, const acc_t* qu,
-                acc_t* p) {
-  const int64_t d = w.d, H = w.H;
-  const scalar_t* k = w.k + b * w.k_batch + h * d;
-  acc_t max = -INFINITY;
-  for (int64_t j = 0; j < w.steps; ++j) {
-    const acc_t s = (dot(k + j * w.k_time, qu, d) + dot(w.R + (j * H + h) * d, qh, d) +
-                     static_cast<acc_t>(w.S[j * H + h])) *
-                    scale;
-    p[j] = s;
-    max = std::max(max, s);
-  }
-  acc_t sum = 0;
-  for (int64_t j = 0; j < w.steps; ++j) {
-    p[j] = std::exp(p[j] - max);
-    sum += p[j];
-  }
-  const acc_t inv = acc_t(1) / sum;
-  for (int64_t j = 0; j < w.steps; ++j) p[j] *= inv;
-}
-
-template <typename scalar_t, typename acc_t>
-void load_query(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t* qh, acc_t* qu) {
-  const scalar_t* q = w.q + (b * w.H + h) * w.d;
-  const scalar_t* u = w.u + h * w.d;
-  for (int64_t i = 0; i < w.d; ++i) {
-    qh[i] = static_cast<acc_t>(q[i]);
-    qu[i] = qh[i] + static_cast<acc_t>(u[i]);
-  }
-}
-
 at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tensor& key_cache_,
                                        const at::Tensor& value_cache_, int64_t steps,
                                        const at::Tensor& key_pos_embeddings_, const at::Tensor& key_pos_bias_,
@@ -167,22 +82,8 @@ at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tenso
   const at::Tensor key_cache = inner_contiguous_cache(key_cache_), value_cache = inner_contiguous_cache(value_cache_);
   at::Tensor out = at::empty(query.sizes(), query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "feedback_attention_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u);
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, w.B * w.H, grain_for(3 * w.steps * w.d), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(3 * w.d + w.steps);
-      acc_t *qh = buf.data(), *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d;
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / w.H, h = bh % w.H;
-        load_query(w, b, h, qh, qu);
-        step_probs(w, b, h, static_cast<acc_t>(scale), qh, qu, p);
-        std::fill(acc, acc + w.d, acc_t(0));
-        const scalar_t* v = w.v + b * w.v_batch + h * w.d;
-        for (int64_t j = 0; j < w.steps; ++j) axpy(p[j], v + j * w.v_time, acc, w.d);
-        for (int64_t i = 0; i < w.d; ++i) o[bh * w.d + i] = static_cast<scalar_t>(acc[i]);
-      }
-    });
+    step_forward(w, scale, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -193,12 +94,13 @@ at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tenso
 // grad_query_pos_bias. Returns the gradient of the query. One buffer per
 // forward then collects a whole recurrence without any [P, H, d] zero-fill
 // per step. Work is split by head so no two threads touch the same row.
-at::Tensor step_backward_accumulate(const at::Tensor& grad_out_, const at::Tensor& query_,
-                                    const at::Tensor& key_cache_, const at::Tensor& value_cache_, int64_t steps,
-                                    const at::Tensor& key_pos_embeddings_, const at::Tensor& key_pos_bias_,
-                                    const at::Tensor& query_pos_bias_, double scale, at::Tensor& grad_key_cache,
-                                    at::Tensor& grad_value_cache, at::Tensor& grad_key_pos_embeddings,
-                                    at::Tensor& grad_key_pos_bias, at::Tensor& grad_query_pos_bias) {
+at::Tensor checked_step_backward_accumulate(const at::Tensor& grad_out_, const at::Tensor& query_,
+                                            const at::Tensor& key_cache_, const at::Tensor& value_cache_,
+                                            int64_t steps, const at::Tensor& key_pos_embeddings_,
+                                            const at::Tensor& key_pos_bias_, const at::Tensor& query_pos_bias_,
+                                            double scale, at::Tensor& grad_key_cache, at::Tensor& grad_value_cache,
+                                            at::Tensor& grad_key_pos_embeddings, at::Tensor& grad_key_pos_bias,
+                                            at::Tensor& grad_query_pos_bias) {
   const char* op = "feedback_attention_step_backward";
   check_step_inputs(op, query_, key_cache_, value_cache_, steps, key_pos_embeddings_, key_pos_bias_,
                     query_pos_bias_);
@@ -241,56 +143,19 @@ at::Tensor step_backward_accumulate(const at::Tensor& grad_out_, const at::Tenso
   at::Tensor grad_query = at::empty(query.sizes(), query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "feedback_attention_step_backward_cpu",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u);
-    const acc_t sc = static_cast<acc_t>(scale);
-    const scalar_t* g_all = grad_out.data_ptr<scalar_t>();
-    scalar_t* gq_all = grad_query.data_ptr<scalar_t>();
     auto accumulate = [&]<typename grad_t>() {
-      grad_t* gk_all = grad_key_cache.data_ptr<grad_t>();
-      grad_t* gv_all = grad_value_cache.data_ptr<grad_t>();
-      const int64_t gk_time = grad_key_cache.stride(0), gk_batch = grad_key_cache.stride(1);
-      const int64_t gv_time = grad_value_cache.stride(0), gv_batch = grad_value_cache.stride(1);
       const int64_t first_row = grad_key_pos_embeddings.size(0) - steps;
-      grad_t* gR = grad_key_pos_embeddings.data_ptr<grad_t>() + first_row * H * d;
-      grad_t* gS = grad_key_pos_bias.data_ptr<grad_t>() + first_row * H;
-      grad_t* gu_all = grad_query_pos_bias.data_ptr<grad_t>();
-      at::parallel_for(0, H, grain_for(8 * B * steps * d), [&](int64_t h_begin, int64_t h_end) {
-        std::vector<acc_t> buf(5 * d + 2 * steps);
-        acc_t *qh = buf.data(), *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
-        for (int64_t h = h_begin; h < h_end; ++h) {
-          std::fill(gu, gu + d, acc_t(0));
-          for (int64_t b = 0; b < B; ++b) {
-            load_query(w, b, h, qh, qu);
-            step_probs(w, b, h, sc, qh, qu, p);
-            const scalar_t* gsrc = g_all + (b * H + h) * d;
-            for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
-            const scalar_t* k = w.k + b * w.k_batch + h * d;
-            const scalar_t* v = w.v + b * w.v_batch + h * d;
-            acc_t delta = 0;
-            for (int64_t j = 0; j < steps; ++j) {
-              ds[j] = dot(v + j * w.v_time, g, d);
-              delta += p[j] * ds[j];
-            }
-            std::fill(gq, gq + d, acc_t(0));
-            grad_t* gk = gk_all + b * gk_batch + h * d;
-            grad_t* gv = gv_all + b * gv_batch + h * d;
-            for (int64_t j = 0; j < steps; ++j) {
-              const acc_t score_grad = p[j] * (ds[j] - delta) * sc;
-              axpy(score_grad, k + j * w.k_time, gq, d);
-              axpy(score_grad, w.R + (j * H + h) * d, gq, d);
-              axpy(score_grad, k + j * w.k_time, gu, d);
-              axpy_store(score_grad, qu, gk + j * gk_time, d);
-              axpy_store(p[j], g, gv + j * gv_time, d);
-              axpy_store(score_grad, qh, gR + (j * H + h) * d, d);
-              gS[j * H + h] = static_cast<grad_t>(static_cast<acc_t>(gS[j * H + h]) + score_grad);
-            }
-            scalar_t* gq_dst = gq_all + (b * H + h) * d;
-            for (int64_t i = 0; i < d; ++i) gq_dst[i] = static_cast<scalar_t>(gq[i]);
-          }
-          axpy_store(acc_t(1), gu, gu_all + h * d, d);
-        }
-      });
+      const StepGradView<grad_t> gw{grad_key_cache.data_ptr<grad_t>(),
+                                    grad_value_cache.data_ptr<grad_t>(),
+                                    grad_key_pos_embeddings.data_ptr<grad_t>() + first_row * H * d,
+                                    grad_key_pos_bias.data_ptr<grad_t>() + first_row * H,
+                                    grad_query_pos_bias.data_ptr<grad_t>(),
+                                    grad_key_cache.stride(0),
+                                    grad_key_cache.stride(1),
+                                    grad_value_cache.stride(0),
+                                    grad_value_cache.stride(1)};
+      step_backward_accumulate(w, scale, grad_out.data_ptr<scalar_t>(), grad_query.data_ptr<scalar_t>(), gw);
     };
     if (widened) {
       accumulate.template operator()<float>();
@@ -306,9 +171,9 @@ at::Tensor feedback_attention_step_backward_accumulate_cpu(
     int64_t steps, const at::Tensor& key_pos_embeddings, const at::Tensor& key_pos_bias,
     const at::Tensor& query_pos_bias, double scale, at::Tensor grad_key_cache, at::Tensor grad_value_cache,
     at::Tensor grad_key_pos_embeddings, at::Tensor grad_key_pos_bias, at::Tensor grad_query_pos_bias) {
-  return step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                                  query_pos_bias, scale, grad_key_cache, grad_value_cache, grad_key_pos_embeddings,
-                                  grad_key_pos_bias, grad_query_pos_bias);
+  return checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
+                                          key_pos_bias, query_pos_bias, scale, grad_key_cache, grad_value_cache,
+                                          grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias);
 }
 
 // Gradients of the rows the step used only: [steps, B, H, d] for the caches,
@@ -325,9 +190,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_pos_bias = at::zeros({steps, H}, options);
   at::Tensor grad_query_pos_bias = at::zeros({H, d}, options);
   at::Tensor grad_query =
-      step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                               query_pos_bias, scale, grad_key, grad_value, grad_pos_emb, grad_pos_bias,
-                               grad_query_pos_bias);
+      checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
+                                       key_pos_bias, query_pos_bias, scale, grad_key, grad_value, grad_pos_emb,
+                                       grad_pos_bias, grad_query_pos_bias);
   return {grad_query, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias};
 }
 

@@ -211,9 +211,14 @@ def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
 def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights:
     attn, ff = layer.attn, layer.feed_forward
     # The op reads the last rows of its tables: the first attn.P rows, as get_scores does.
+    # The whole table is passed as itself: a slice's backward would zero-fill and
+    # copy a table-sized gradient per layer.
+    def first_rows(table):
+        return table if table.shape[0] == attn.P else table[:attn.P]
+
     return recurrence.LayerWeights(
         layer.norm_self_attn.weight, layer.norm_self_attn.bias, attn.query.linear.weight,
-        attn.key_pos_embeddings[:attn.P], attn.key_pos_bias[:attn.P], attn.query_pos_bias, attn.output.weight,
+        first_rows(attn.key_pos_embeddings), first_rows(attn.key_pos_bias), attn.query_pos_bias, attn.output.weight,
         attn.output.bias, layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
         ff.layer2.weight, ff.layer2.bias,
     )
