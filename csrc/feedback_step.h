@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -21,23 +23,78 @@
 namespace fastformers {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES acc_t dot(const scalar_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * b[i];
-  return sum;
+// The per-row helpers are inlined into the multi-versioned range kernels below,
+// so they vectorise for the clone's target: as separate clones each call went
+// through an indirect jump for d = 64 multiply-adds.
+#define FASTFORMERS_ROW_HELPER inline __attribute__((always_inline))
+
+// sum_i a[i] * b[i] (+ c[i] * e[i] when c is given). `omp simd reduction`
+// made GCC add the sixteen lanes one after another, a dependency chain that
+// cost more than d = 64 multiply-adds; float32 keeps sixteen partial sums in a
+// vector and adds them as a tree (widest for the clone's target), other types
+// keep the portable loop.
+typedef float Float16 __attribute__((vector_size(64)));
+typedef float Float8 __attribute__((vector_size(32)));
+typedef float Float4 __attribute__((vector_size(16)));
+
+FASTFORMERS_ROW_HELPER void multiply_add16(Float16& sum, const float* a, const float* b) {
+  Float16 x, y;
+  std::memcpy(&x, a, sizeof(x));
+  std::memcpy(&y, b, sizeof(y));
+  sum += x * y;
+}
+
+FASTFORMERS_ROW_HELPER float horizontal_sum(const Float16& v) {
+  Float8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  lo += hi;
+  Float4 a, b;
+  std::memcpy(&a, &lo, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&lo) + sizeof(a), sizeof(b));
+  a += b;
+  return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
 template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES void axpy(acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ y, int64_t n) {
+FASTFORMERS_ROW_HELPER acc_t dot2(const scalar_t* __restrict__ a, const acc_t* __restrict__ b,
+                                  const scalar_t* __restrict__ c, const acc_t* __restrict__ e, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    Float16 sum = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      multiply_add16(sum, a + i, b + i);
+      if (c) multiply_add16(sum, c + i, e + i);
+    }
+    float tail = 0;
+    for (; i < n; ++i) tail += a[i] * b[i] + (c ? c[i] * e[i] : 0.0f);
+    return horizontal_sum(sum) + tail;
+  } else {
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(a[i]) * b[i];
+    if (c) {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(c[i]) * e[i];
+    }
+    return sum;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FASTFORMERS_ROW_HELPER acc_t dot(const scalar_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
+  return dot2<scalar_t, acc_t>(a, b, nullptr, nullptr, n);
+}
+
+template <typename scalar_t, typename acc_t>
+FASTFORMERS_ROW_HELPER void axpy(acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
 }
 
 template <typename scalar_t, typename acc_t>
-FASTFORMERS_VECTOR_CLONES void axpy_store(acc_t alpha, const acc_t* __restrict__ x, scalar_t* __restrict__ y,
-                                          int64_t n) {
+FASTFORMERS_ROW_HELPER void axpy_store(acc_t alpha, const acc_t* __restrict__ x, scalar_t* __restrict__ y,
+                                       int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + alpha * x[i]);
 }
@@ -78,13 +135,13 @@ struct StepGradView {
 
 // Softmax probabilities of one (b, h) pair into p[0:steps]; qh and qu = q + u in acc_t.
 template <typename scalar_t, typename acc_t>
-void step_probs(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t scale, const acc_t* qh, const acc_t* qu,
-                acc_t* p) {
+FASTFORMERS_ROW_HELPER void step_probs(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t scale,
+                                       const acc_t* qh, const acc_t* qu, acc_t* p) {
   const int64_t d = w.d, H = w.H;
   const scalar_t* k = w.k + b * w.k_batch + h * d;
   acc_t max = -INFINITY;
   for (int64_t j = 0; j < w.steps; ++j) {
-    const acc_t s = (dot(k + j * w.k_time, qu, d) + dot(w.R + (j * H + h) * d, qh, d) +
+    const acc_t s = (dot2(k + j * w.k_time, qu, w.R + (j * H + h) * d, qh, d) +
                      static_cast<acc_t>(w.S[j * H + h])) *
                     scale;
     p[j] = s;
@@ -100,12 +157,28 @@ void step_probs(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t scale, 
 }
 
 template <typename scalar_t, typename acc_t>
-void load_query(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t* qh, acc_t* qu) {
+FASTFORMERS_ROW_HELPER void load_query(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t* qh, acc_t* qu) {
   const scalar_t* q = w.q + (b * w.H + h) * w.d;
   const scalar_t* u = w.u + h * w.d;
   for (int64_t i = 0; i < w.d; ++i) {
     qh[i] = static_cast<acc_t>(q[i]);
     qu[i] = qh[i] + static_cast<acc_t>(u[i]);
+  }
+}
+
+// Rows bh in [begin, end) of one step's output; buf holds 3 * d + steps.
+template <typename scalar_t, typename acc_t>
+FASTFORMERS_VECTOR_CLONES void step_forward_rows(const StepView<scalar_t>& w, acc_t scale, scalar_t* o,
+                                                 int64_t begin, int64_t end, acc_t* buf) {
+  acc_t *qh = buf, *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / w.H, h = bh % w.H;
+    load_query(w, b, h, qh, qu);
+    step_probs(w, b, h, scale, qh, qu, p);
+    std::fill(acc, acc + w.d, acc_t(0));
+    const scalar_t* v = w.v + b * w.v_batch + h * w.d;
+    for (int64_t j = 0; j < w.steps; ++j) axpy(p[j], v + j * w.v_time, acc, w.d);
+    for (int64_t i = 0; i < w.d; ++i) o[bh * w.d + i] = static_cast<scalar_t>(acc[i]);
   }
 }
 
@@ -115,17 +188,49 @@ void step_forward(const StepView<scalar_t>& w, double scale, scalar_t* o) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, w.B * w.H, grain_for(3 * w.steps * w.d), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(3 * w.d + w.steps);
-    acc_t *qh = buf.data(), *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / w.H, h = bh % w.H;
-      load_query(w, b, h, qh, qu);
-      step_probs(w, b, h, static_cast<acc_t>(scale), qh, qu, p);
-      std::fill(acc, acc + w.d, acc_t(0));
-      const scalar_t* v = w.v + b * w.v_batch + h * w.d;
-      for (int64_t j = 0; j < w.steps; ++j) axpy(p[j], v + j * w.v_time, acc, w.d);
-      for (int64_t i = 0; i < w.d; ++i) o[bh * w.d + i] = static_cast<scalar_t>(acc[i]);
-    }
+    step_forward_rows(w, static_cast<acc_t>(scale), o, begin, end, buf.data());
   });
+}
+
+// Heads [h_begin, h_end) of step_backward_accumulate; buf holds 5 * d + 2 * steps.
+template <typename scalar_t, typename grad_t, typename acc_t>
+FASTFORMERS_VECTOR_CLONES void step_backward_heads(const StepView<scalar_t>& w, acc_t sc, const scalar_t* g_all,
+                                                   scalar_t* gq_all, const StepGradView<grad_t>& gw,
+                                                   int64_t h_begin, int64_t h_end, acc_t* buf) {
+  const int64_t B = w.B, H = w.H, d = w.d, steps = w.steps;
+  acc_t *qh = buf, *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    std::fill(gu, gu + d, acc_t(0));
+    for (int64_t b = 0; b < B; ++b) {
+      load_query(w, b, h, qh, qu);
+      step_probs(w, b, h, sc, qh, qu, p);
+      const scalar_t* gsrc = g_all + (b * H + h) * d;
+      for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
+      const scalar_t* k = w.k + b * w.k_batch + h * d;
+      const scalar_t* v = w.v + b * w.v_batch + h * d;
+      acc_t delta = 0;
+      for (int64_t j = 0; j < steps; ++j) {
+        ds[j] = dot(v + j * w.v_time, g, d);
+        delta += p[j] * ds[j];
+      }
+      std::fill(gq, gq + d, acc_t(0));
+      grad_t* gk = gw.k + b * gw.k_batch + h * d;
+      grad_t* gv = gw.v + b * gw.v_batch + h * d;
+      for (int64_t j = 0; j < steps; ++j) {
+        const acc_t score_grad = p[j] * (ds[j] - delta) * sc;
+        axpy(score_grad, k + j * w.k_time, gq, d);
+        axpy(score_grad, w.R + (j * H + h) * d, gq, d);
+        axpy(score_grad, k + j * w.k_time, gu, d);
+        axpy_store(score_grad, qu, gk + j * gw.k_time, d);
+        axpy_store(p[j], g, gv + j * gw.v_time, d);
+        axpy_store(score_grad, qh, gw.R + (j * H + h) * d, d);
+        gw.S[j * H + h] = static_cast<grad_t>(static_cast<acc_t>(gw.S[j * H + h]) + score_grad);
+      }
+      scalar_t* gq_dst = gq_all + (b * H + h) * d;
+      for (int64_t i = 0; i < d; ++i) gq_dst[i] = static_cast<scalar_t>(gq[i]);
+    }
+    axpy_store(acc_t(1), gu, gw.u + h * d, d);
+  }
 }
 
 // Adds one step's gradients into `gw` and writes the query gradient
@@ -135,43 +240,9 @@ template <typename scalar_t, typename grad_t>
 void step_backward_accumulate(const StepView<scalar_t>& w, double scale, const scalar_t* g_all, scalar_t* gq_all,
                               const StepGradView<grad_t>& gw) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = w.B, H = w.H, d = w.d, steps = w.steps;
-  const acc_t sc = static_cast<acc_t>(scale);
-  at::parallel_for(0, H, grain_for(8 * B * steps * d), [&](int64_t h_begin, int64_t h_end) {
-    std::vector<acc_t> buf(5 * d + 2 * steps);
-    acc_t *qh = buf.data(), *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
-    for (int64_t h = h_begin; h < h_end; ++h) {
-      std::fill(gu, gu + d, acc_t(0));
-      for (int64_t b = 0; b < B; ++b) {
-        load_query(w, b, h, qh, qu);
-        step_probs(w, b, h, sc, qh, qu, p);
-        const scalar_t* gsrc = g_all + (b * H + h) * d;
-        for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
-        const scalar_t* k = w.k + b * w.k_batch + h * d;
-        const scalar_t* v = w.v + b * w.v_batch + h * d;
-        acc_t delta = 0;
-        for (int64_t j = 0; j < steps; ++j) {
-          ds[j] = dot(v + j * w.v_time, g, d);
-          delta += p[j] * ds[j];
-        }
-        std::fill(gq, gq + d, acc_t(0));
-        grad_t* gk = gw.k + b * gw.k_batch + h * d;
-        grad_t* gv = gw.v + b * gw.v_batch + h * d;
-        for (int64_t j = 0; j < steps; ++j) {
-          const acc_t score_grad = p[j] * (ds[j] - delta) * sc;
-          axpy(score_grad, k + j * w.k_time, gq, d);
-          axpy(score_grad, w.R + (j * H + h) * d, gq, d);
-          axpy(score_grad, k + j * w.k_time, gu, d);
-          axpy_store(score_grad, qu, gk + j * gw.k_time, d);
-          axpy_store(p[j], g, gv + j * gw.v_time, d);
-          axpy_store(score_grad, qh, gw.R + (j * H + h) * d, d);
-          gw.S[j * H + h] = static_cast<grad_t>(static_cast<acc_t>(gw.S[j * H + h]) + score_grad);
-        }
-        scalar_t* gq_dst = gq_all + (b * H + h) * d;
-        for (int64_t i = 0; i < d; ++i) gq_dst[i] = static_cast<scalar_t>(gq[i]);
-      }
-      axpy_store(acc_t(1), gu, gw.u + h * d, d);
-    }
+  at::parallel_for(0, w.H, grain_for(8 * w.B * w.steps * w.d), [&](int64_t h_begin, int64_t h_end) {
+    std::vector<acc_t> buf(5 * w.d + 2 * w.steps);
+    step_backward_heads(w, static_cast<acc_t>(scale), g_all, gq_all, gw, h_begin, h_end, buf.data());
   });
 }
 
