@@ -24,10 +24,6 @@
 
 #include "feedback_step.h"
 
-// MKL's per-thread thread count (weak: absent with other BLAS builds).
-// (The lower-case name is the Fortran interface, which takes a pointer.)
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace fastformers {
 namespace {
 
@@ -44,31 +40,6 @@ constexpr const char* kFieldNames[kNumFields] = {
     "norm_attn_weight", "norm_attn_bias", "query_weight", "key_pos_embeddings", "key_pos_bias", "query_pos_bias",
     "output_weight", "output_bias", "norm_ff_weight", "norm_ff_bias", "ff1_weight", "ff1_bias", "ff2_weight",
     "ff2_bias"};
-
-// The per-token GEMMs are [B, D] x [D, D or F]. Below this many multiply-adds
-// (the small benchmark size, B=8 D=256 F=1024, is 2M) they run on one MKL
-// thread: on the shared 2-core machine a second thread measured no faster
-// (fwd+bwd median 606 vs 549 ms serial, equal minimum) and a descheduled
-// helper thread stalls every call.
-constexpr int64_t kSerialGemmWork = int64_t{1} << 23;
-
-// Makes this thread's BLAS calls single-threaded while alive (thread-local:
-// global torch/MKL settings and other threads are untouched).
-class SerialBlasScope {
- public:
-  explicit SerialBlasScope(bool active) : active_(active && MKL_Set_Num_Threads_Local != nullptr) {
-    if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SerialBlasScope() {
-    if (active_) MKL_Set_Num_Threads_Local(previous_);  // 0 restores the global setting
-  }
-  SerialBlasScope(const SerialBlasScope&) = delete;
-  SerialBlasScope& operator=(const SerialBlasScope&) = delete;
-
- private:
-  bool active_;
-  int previous_ = 0;
-};
 
 template <typename T>
 struct LayerPtrs {
@@ -246,7 +217,6 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
   const int64_t B = n.B, D = n.D, F = n.F, N = n.N, KV = n.kv_width();
   const int64_t Ts = record ? n.T : 1;  // saved slots along time
   const int64_t BD = B * D;
-  SerialBlasScope serial(B * D * std::max(D, F) < kSerialGemmWork);
   for (int64_t i = 0; i < n.T; ++i) {
     const int64_t t = n.start + i, s = record ? i : 0;
     T* x = lo + i * (N + 1) * BD;
@@ -342,7 +312,6 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
   using acc_t = at::opmath_type<T>;
   const int64_t T_len = n.T, B = n.B, D = n.D, F = n.F, N = n.N, H = n.H, d = n.d, KV = n.kv_width();
   const int64_t BD = B * D;
-  SerialBlasScope serial(B * D * std::max(D, F) < kSerialGemmWork);
   std::vector<T> scratch(2 * BD);
   T *g = scratch.data(), *ga = g + BD;
   for (int64_t i = T_len - 1; i >= 0; --i) {
