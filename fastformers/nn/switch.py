@@ -136,10 +136,11 @@ class SwitchFeedForward(nn.Module):
             return f"activation {first.activation!r} is neither nn.ReLU nor exact nn.GELU"
         layout = _expert_layout(first)
         for expert in self.experts:
-            if _expert_layout(expert) != layout or _activation_name(expert.activation) != activation:
+            if _expert_layout(expert) != layout or _activation_name(_member(expert, "activation")) != activation:
                 return "the experts differ in activation, gating or biases"
-            if expert.training and expert.dropout.p > 0:
-                return f"expert dropout p={expert.dropout.p} is active (training mode)"
+            dropout = _member(expert, "dropout")
+            if expert.training and dropout.p > 0:
+                return f"expert dropout p={dropout.p} is active (training mode)"
         return None
 
     def _fused_weights(self) -> Tuple[str, List[Optional[List[torch.Tensor]]]]:
@@ -151,9 +152,19 @@ class SwitchFeedForward(nn.Module):
         weights: List[Optional[List[torch.Tensor]]] = []
         for layer, name in linears:
             present = getattr(getattr(first, layer), name) is not None
-            weights.append([getattr(getattr(e, layer), name) for e in self.experts] if present else None)
+            weights.append([_member(_member(e, layer), name) for e in self.experts] if present else None)
         weights += [None] * (6 - len(weights))
         return _activation_name(first.activation), weights
+
+
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a child module or parameter, read from the
+    module's own tables: ``nn.Module.__getattr__`` is slow enough that the ~900
+    lookups collecting 64 experts' parameters took ~0.5 ms of every forward."""
+    for table in (module._modules, module._parameters):
+        if name in table:
+            return table[name]
+    return getattr(module, name)
 
 
 def _activation_name(activation: nn.Module) -> Optional[str]:
@@ -166,8 +177,9 @@ def _activation_name(activation: nn.Module) -> Optional[str]:
 
 def _expert_layout(expert: nn.Module) -> tuple:
     gate = getattr(expert, "linear_v", None) if expert.is_gated else None
-    return (expert.is_gated, expert.layer1.bias is not None, expert.layer2.bias is not None,
-            gate is not None and gate.bias is not None)
+    return (expert.is_gated, _member(_member(expert, "layer1"), "bias") is not None,
+            _member(_member(expert, "layer2"), "bias") is not None,
+            gate is not None and _member(gate, "bias") is not None)
 
 
 def load_balancing_loss(counts: torch.Tensor, route_prob_sum: torch.Tensor, n_experts: int) -> torch.Tensor:
