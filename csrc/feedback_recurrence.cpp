@@ -217,6 +217,17 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
   const int64_t B = n.B, D = n.D, F = n.F, N = n.N, KV = n.kv_width();
   const int64_t Ts = record ? n.T : 1;  // saved slots along time
   const int64_t BD = B * D;
+  // A single token (a generation step) would pack every weight for one product.
+  const bool pack = n.T > 1;
+  std::vector<cpu::RepeatedRhs<T>> rhs;  // per layer: query, output, ff1, ff2; then the K/V projection
+  rhs.reserve(4 * N + 1);
+  for (const LayerPtrs<T>& lw : layers) {
+    rhs.emplace_back(B, D, D, lw.wq, D, pack);
+    rhs.emplace_back(B, D, D, lw.wo, D, pack);
+    rhs.emplace_back(B, F, D, lw.w1, F, pack);
+    rhs.emplace_back(B, D, F, lw.w2, D, pack);
+  }
+  rhs.emplace_back(B, KV, D, wkv_in_out, KV, pack);
   for (int64_t i = 0; i < n.T; ++i) {
     const int64_t t = n.start + i, s = record ? i : 0;
     T* x = lo + i * (N + 1) * BD;
@@ -230,9 +241,9 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
       if (t > 0) {
         layer_norm_rows(x, B, D, lw.norm_attn_w, lw.norm_attn_b, lw.eps_attn, A(kNormAttn), ST(kMeanAttn),
                         ST(kRstdAttn));
-        cpu::gemm<T>(false, false, B, D, D, 1, A(kNormAttn), D, lw.wq, D, 0, A(kQuery), D);
+        rhs[4 * l].multiply(A(kNormAttn), D, 0, A(kQuery), D);
         step_forward(cache_view(n, kv, l, t, A(kQuery), lw), scale, A(kAttention));
-        cpu::gemm<T>(false, false, B, D, D, 1, A(kAttention), D, lw.wo, D, 1, xm, D);
+        rhs[4 * l + 1].multiply(A(kAttention), D, 1, xm, D);
         add_bias_rows(xm, lw.bo, B, D);
       } else {
         // No memory yet: the attention slots stay zero, so sums over all tokens skip this one.
@@ -242,12 +253,12 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
       }
       layer_norm_rows(xm, B, D, lw.norm_ff_w, lw.norm_ff_b, lw.eps_ff, A(kNormFF), ST(kMeanFF), ST(kRstdFF));
       T* h = hid + (l * Ts + s) * B * F;
-      cpu::gemm<T>(false, false, B, F, D, 1, A(kNormFF), D, lw.w1, F, 0, h, F);
+      rhs[4 * l + 2].multiply(A(kNormFF), D, 0, h, F);
       add_bias_rows(h, lw.b1, B, F);
       for (int64_t k = 0; k < B * F; ++k) h[k] = h[k] > T(0) ? h[k] : T(0);
       T* next = x + BD;
       std::memcpy(next, xm, BD * sizeof(T));
-      cpu::gemm<T>(false, false, B, D, F, 1, h, F, lw.w2, D, 1, next, D);
+      rhs[4 * l + 3].multiply(h, F, 1, next, D);
       add_bias_rows(next, lw.b2, B, D);
       x = next;
     }
@@ -259,7 +270,7 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
       m[k] = sum;
     }
     T* kv_row = kv + t * B * KV;
-    cpu::gemm<T>(false, false, B, KV, D, 1, m, D, wkv_in_out, KV, 0, kv_row, KV);
+    rhs[4 * N].multiply(m, D, 0, kv_row, KV);
     add_bias_rows(kv_row, bkv, B, KV);
   }
 }
@@ -314,10 +325,20 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
   const int64_t BD = B * D;
   std::vector<T> scratch(2 * BD);
   T *g = scratch.data(), *ga = g + BD;
+  const bool pack = T_len > 1;
+  std::vector<cpu::RepeatedRhs<T>> rhs;  // per layer: ff2, ff1, output, query; then the K/V projection
+  rhs.reserve(4 * N + 1);
+  for (const LayerPtrs<T>& lw : layers) {
+    rhs.emplace_back(B, F, D, lw.w2, F, pack);
+    rhs.emplace_back(B, D, F, lw.w1, D, pack);
+    rhs.emplace_back(B, D, D, lw.wo, D, pack);
+    rhs.emplace_back(B, D, D, lw.wq, D, pack);
+  }
+  rhs.emplace_back(B, D, KV, wkv, D, pack);
   for (int64_t i = T_len - 1; i >= 0; --i) {
     const int64_t t = n.start + i;
     T* gm = grad_mem + i * BD;
-    cpu::gemm<T>(false, false, B, D, KV, 1, gkv + t * B * KV, KV, wkv, D, 0, gm, D);
+    rhs[4 * N].multiply(gkv + t * B * KV, KV, 0, gm, D);
     const T* go = grad_out + i * BD;
     for (int64_t k = 0; k < BD; ++k) g[k] = go[k] + static_cast<acc_t>(probs_d[N]) * gm[k];
     for (int64_t l = N - 1; l >= 0; --l) {
@@ -328,13 +349,13 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
       std::memcpy(GR(kGradLayerOut), g, BD * sizeof(T));
       const T* h = hid + (l * T_len + i) * B * F;
       T* dh = ghid + (l * T_len + i) * B * F;
-      cpu::gemm<T>(false, false, B, F, D, 1, g, D, lw.w2, F, 0, dh, F);
+      rhs[4 * l].multiply(g, D, 0, dh, F);
       for (int64_t k = 0; k < B * F; ++k) dh[k] = h[k] > T(0) ? dh[k] : T(0);
-      cpu::gemm<T>(false, false, B, D, F, 1, dh, F, lw.w1, D, 0, GR(kGradNormFF), D);
+      rhs[4 * l + 1].multiply(dh, F, 0, GR(kGradNormFF), D);
       T* gxm = GR(kGradAttnOut);
       layer_norm_input_grad_rows(GR(kGradNormFF), A(kMid), ST(kMeanFF), ST(kRstdFF), lw.norm_ff_w, B, D, g, gxm);
       if (t > 0) {
-        cpu::gemm<T>(false, false, B, D, D, 1, gxm, D, lw.wo, D, 0, ga, D);
+        rhs[4 * l + 2].multiply(gxm, D, 0, ga, D);
         const int64_t c = n.C == 1 ? 0 : l;
         const int64_t time = B * KV;
         const StepGradView<T> gw{gkv + 2 * c * H * d,
@@ -347,7 +368,7 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
                                  time,
                                  KV};
         step_backward_accumulate(cache_view(n, kv, l, t, A(kQuery), lw), scale, ga, GR(kGradQuery), gw);
-        cpu::gemm<T>(false, false, B, D, D, 1, GR(kGradQuery), D, lw.wq, D, 0, GR(kGradNormAttn), D);
+        rhs[4 * l + 3].multiply(GR(kGradQuery), D, 0, GR(kGradNormAttn), D);
         layer_norm_input_grad_rows(GR(kGradNormAttn), lo + (i * (N + 1) + l) * BD, ST(kMeanAttn), ST(kRstdAttn),
                                    lw.norm_attn_w, B, D, gxm, g);
       } else {
