@@ -18,6 +18,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -210,6 +211,30 @@ StepView<T> cache_view(const Dims& n, const T* kv, int64_t layer, int64_t steps,
           lw.S + (lw.P - steps) * n.H, lw.u, n.B, n.H, n.d, steps, time, batch, time, batch};
 }
 
+// The right-hand side [k, n] (row stride ldb) of a per-token product.
+template <typename T>
+struct Product {
+  int64_t n, k;
+  const T* b;
+  int64_t ldb;
+};
+
+// The per-token weight products of one pass over the tokens: `per_layer(lw)`'s
+// four for each layer, then `last`. A single token (a generation step) would
+// pack every weight for one product, so only longer passes pack.
+template <typename T, typename PerLayer>
+std::vector<cpu::RepeatedRhs<T>> weight_products(const Dims& n, const std::vector<LayerPtrs<T>>& layers,
+                                                 const Product<T>& last, const PerLayer& per_layer) {
+  const bool pack = n.T > 1;
+  std::vector<cpu::RepeatedRhs<T>> products;
+  products.reserve(4 * layers.size() + 1);
+  for (const LayerPtrs<T>& lw : layers) {
+    for (const Product<T>& p : per_layer(lw)) products.emplace_back(n.B, p.n, p.k, p.b, p.ldb, pack);
+  }
+  products.emplace_back(n.B, last.n, last.k, last.b, last.ldb, pack);
+  return products;
+}
+
 template <typename T>
 void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const std::vector<double>& probs_d,
                   double scale, const T* x_seq, T* kv, const T* wkv_in_out, const T* bkv, bool record, T* lo, T* mem,
@@ -217,17 +242,10 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
   const int64_t B = n.B, D = n.D, F = n.F, N = n.N, KV = n.kv_width();
   const int64_t Ts = record ? n.T : 1;  // saved slots along time
   const int64_t BD = B * D;
-  // A single token (a generation step) would pack every weight for one product.
-  const bool pack = n.T > 1;
-  std::vector<cpu::RepeatedRhs<T>> rhs;  // per layer: query, output, ff1, ff2; then the K/V projection
-  rhs.reserve(4 * N + 1);
-  for (const LayerPtrs<T>& lw : layers) {
-    rhs.emplace_back(B, D, D, lw.wq, D, pack);
-    rhs.emplace_back(B, D, D, lw.wo, D, pack);
-    rhs.emplace_back(B, F, D, lw.w1, F, pack);
-    rhs.emplace_back(B, D, F, lw.w2, D, pack);
-  }
-  rhs.emplace_back(B, KV, D, wkv_in_out, KV, pack);
+  // per layer: query, output, ff1, ff2; then the K/V projection
+  const auto rhs = weight_products<T>(n, layers, {KV, D, wkv_in_out, KV}, [&](const LayerPtrs<T>& lw) {
+    return std::array<Product<T>, 4>{{{D, D, lw.wq, D}, {D, D, lw.wo, D}, {F, D, lw.w1, F}, {D, F, lw.w2, D}}};
+  });
   for (int64_t i = 0; i < n.T; ++i) {
     const int64_t t = n.start + i, s = record ? i : 0;
     T* x = lo + i * (N + 1) * BD;
@@ -325,16 +343,10 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
   const int64_t BD = B * D;
   std::vector<T> scratch(2 * BD);
   T *g = scratch.data(), *ga = g + BD;
-  const bool pack = T_len > 1;
-  std::vector<cpu::RepeatedRhs<T>> rhs;  // per layer: ff2, ff1, output, query; then the K/V projection
-  rhs.reserve(4 * N + 1);
-  for (const LayerPtrs<T>& lw : layers) {
-    rhs.emplace_back(B, F, D, lw.w2, F, pack);
-    rhs.emplace_back(B, D, F, lw.w1, D, pack);
-    rhs.emplace_back(B, D, D, lw.wo, D, pack);
-    rhs.emplace_back(B, D, D, lw.wq, D, pack);
-  }
-  rhs.emplace_back(B, D, KV, wkv, D, pack);
+  // per layer: ff2, ff1, output, query (the transposed products); then the K/V projection
+  const auto rhs = weight_products<T>(n, layers, {D, KV, wkv, D}, [&](const LayerPtrs<T>& lw) {
+    return std::array<Product<T>, 4>{{{F, D, lw.w2, F}, {D, F, lw.w1, D}, {D, D, lw.wo, D}, {D, D, lw.wq, D}}};
+  });
   for (int64_t i = T_len - 1; i >= 0; --i) {
     const int64_t t = n.start + i;
     T* gm = grad_mem + i * BD;
