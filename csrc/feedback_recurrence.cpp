@@ -318,10 +318,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_
   }
   const int64_t Ts = record ? n.T : 1;
   const auto options = x_seq.options();
-  at::Tensor layer_outputs = at::empty({n.T, n.N + 1, n.B, n.D}, options);
+  const std::vector<int64_t> shapes[] = {{n.T, n.N + 1, n.B, n.D}, {n.N, kNumActivations, Ts, n.B, n.D},
+                                         {n.N, Ts, n.B, n.F}};
+  size_t saved_bytes = 0;
+  for (const auto& shape : shapes) {
+    saved_bytes += cpu::RecycledBlocks::block_bytes(c10::multiply_integers(shape), x_seq.scalar_type());
+  }
+  // the backward's buffers are as large again
+  cpu::RecycledBlocks::fit(2 * saved_bytes);
+  at::Tensor layer_outputs = cpu::RecycledBlocks::empty(shapes[0], options);
   at::Tensor memories = at::empty({Ts, n.B, n.D}, options);
-  at::Tensor activations = at::empty({n.N, kNumActivations, Ts, n.B, n.D}, options);
-  at::Tensor hidden = at::empty({n.N, Ts, n.B, n.F}, options);
+  at::Tensor activations = cpu::RecycledBlocks::empty(shapes[1], options);
+  at::Tensor hidden = cpu::RecycledBlocks::empty(shapes[2], options);
   at::Tensor stats = at::empty({n.N, kNumStats, Ts, n.B}, options);
   const auto probs = softmax_of(mix_weights);
   AT_DISPATCH_FLOATING_TYPES(x_seq.scalar_type(), "feedback_recurrence_forward_cpu", [&] {
@@ -420,9 +428,9 @@ feedback_recurrence_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& 
   const auto options = grad_out.options();
   at::Tensor grad_x = at::empty({T, B, D}, options);
   at::Tensor grad_memories = at::empty({T, B, D}, options);
-  at::Tensor row_grads = at::empty({N, kNumRowGrads, T, B, D}, options);
-  at::Tensor grad_hidden = at::empty({N, T, B, n.F}, options);
-  at::Tensor grad_kv = at::zeros_like(kv);
+  at::Tensor row_grads = cpu::RecycledBlocks::empty({N, kNumRowGrads, T, B, D}, options);
+  at::Tensor grad_hidden = cpu::RecycledBlocks::empty({N, T, B, n.F}, options);
+  at::Tensor grad_kv = cpu::RecycledBlocks::empty(kv.sizes(), kv.options()).zero_();
   at::Tensor grad_pos_emb = at::zeros({N, n.P, n.H, n.d}, options);
   at::Tensor grad_pos_bias = at::zeros({N, n.P, n.H}, options);
   at::Tensor grad_query_pos_bias = at::zeros({N, n.H, n.d}, options);

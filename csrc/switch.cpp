@@ -17,8 +17,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <vector>
 
 namespace fastformers {
@@ -483,83 +481,13 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
   });
 }
 
-// Weight-gradient blocks recycled across backward calls. Autograd moves the
-// gradients into .grad and zero_grad(set_to_none=True) frees them; glibc then
-// trims its heap, so every backward wrote its weight gradients into fresh
-// pages: at E = 64 (T=2048, d=128, d_ff=256) ~2000 page faults per backward,
-// the bulk of the kernel's extra time over E = 16. A block comes back here when
-// its gradient tensor dies and the next backward reuses it. The cache holds at
-// most one backward's weight gradients (the largest seen, and at least
-// kMinCachedBytes): the memory a caller keeping its gradients between steps
-// would hold anyway. At T=4096, d=512, d_ff=2048, E=64 those are 512 MiB, and
-// faulting them in fresh every step made the step 1.56x a dense FFN's instead
-// of 1.18x.
-class GradientBlocks {
- public:
-  // Lets the cache hold a backward's gradients of ``bytes`` in all.
-  static void fit(size_t bytes) {
-    GradientBlocks& blocks = instance();
-    std::lock_guard<std::mutex> lock(blocks.mutex_);
-    blocks.max_cached_bytes_ = std::max(blocks.max_cached_bytes_, bytes);
-  }
-
-  static size_t block_bytes(int64_t numel, at::ScalarType dtype) {
-    return std::max<size_t>((numel * c10::elementSize(dtype) + kAlignment - 1) / kAlignment, 1) * kAlignment;
-  }
-
-  static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-    const size_t bytes = block_bytes(c10::multiply_integers(shape), options.dtype().toScalarType());
-    void* data = instance().take(bytes);
-    if (data == nullptr) {
-      data = std::aligned_alloc(kAlignment, bytes);
-      TORCH_CHECK(data != nullptr, "switch_mlp_backward: out of memory allocating ", bytes, " bytes of gradients");
-    }
-    return at::from_blob(data, shape, [bytes](void* block) { instance().give_back(block, bytes); }, options);
-  }
-
- private:
-  static constexpr size_t kAlignment = 64;
-  static constexpr size_t kMinCachedBytes = size_t(256) << 20;
-
-  // never destroyed: gradients may outlive static destruction at exit
-  static GradientBlocks& instance() {
-    static GradientBlocks* blocks = new GradientBlocks();
-    return *blocks;
-  }
-
-  void* take(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* data = it->second;
-    free_.erase(it);
-    cached_bytes_ -= bytes;
-    return data;
-  }
-
-  void give_back(void* data, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= max_cached_bytes_) {
-        free_.emplace(bytes, data);
-        cached_bytes_ += bytes;
-        return;
-      }
-    }
-    std::free(data);
-  }
-
-  std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
-  size_t cached_bytes_ = 0;
-  size_t max_cached_bytes_ = kMinCachedBytes;
-};
-
 // One block per expert tensor: outputs of the op must not alias each other.
 Group empty_like(const Group& group) {
   Group out;
   out.reserve(group.size());
-  for (const at::Tensor& tensor : group) out.push_back(GradientBlocks::empty(tensor.sizes(), tensor.options()));
+  for (const at::Tensor& tensor : group) {
+    out.push_back(cpu::RecycledBlocks::empty(tensor.sizes(), tensor.options()));
+  }
   return out;
 }
 
@@ -592,8 +520,10 @@ std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> swi
   grads.scale = at::empty_like(p.scale);
   size_t gradient_bytes = 0;
   for (const Group* group : {&p.w1, &p.w2, &p.b1, &p.b2, &p.w_gate, &p.b_gate})
-    for (const at::Tensor& tensor : *group) gradient_bytes += GradientBlocks::block_bytes(tensor.numel(), p.x.scalar_type());
-  GradientBlocks::fit(gradient_bytes);
+    for (const at::Tensor& tensor : *group) {
+      gradient_bytes += cpu::RecycledBlocks::block_bytes(tensor.numel(), p.x.scalar_type());
+    }
+  cpu::RecycledBlocks::fit(gradient_bytes);
   grads.w1 = empty_like(p.w1);
   grads.w2 = empty_like(p.w2);
   grads.b1 = empty_like(p.b1);
