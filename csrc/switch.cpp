@@ -329,8 +329,10 @@ std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at:
                                                   at::TensorList w_gate, at::TensorList b_gate,
                                                   const at::Tensor& scale, c10::string_view activation) {
   const Problem p = make_problem(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation);
-  at::Tensor y = at::empty({p.n_tokens, p.d_model}, p.x.options());
-  at::Tensor hidden = at::empty({p.n_tokens, (p.gated() ? 2 : 1) * p.d_ff}, p.x.options());
+  // from the recycled blocks: fresh pages for hidden alone were 8K faults per
+  // step at T=4096, d_ff=2048 (the backward's fit() covers both)
+  at::Tensor y = cpu::RecycledBlocks::empty({p.n_tokens, p.d_model}, p.x.options());
+  at::Tensor hidden = cpu::RecycledBlocks::empty({p.n_tokens, (p.gated() ? 2 : 1) * p.d_ff}, p.x.options());
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "switch_mlp_cpu", [&] { forward<scalar_t>(p, y, hidden); });
   return {y.to(x.scalar_type()), hidden};
 }
@@ -515,15 +517,17 @@ std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> swi
               "] as switch_mlp returned it, got ", hidden.scalar_type(), " ", hidden.sizes());
   const at::Tensor grad = to_compute(grad_y, p.x.scalar_type());
   const at::Tensor saved = hidden.contiguous();
-  Gradients grads;
-  grads.x = at::empty_like(p.x);
-  grads.scale = at::empty_like(p.scale);
-  size_t gradient_bytes = 0;
+  // one step's blocks: the weight gradients, grad_x, and the forward's y and hidden
+  size_t step_bytes = 2 * cpu::RecycledBlocks::block_bytes(p.x.numel(), p.x.scalar_type()) +
+                      cpu::RecycledBlocks::block_bytes(hidden.numel(), p.x.scalar_type());
   for (const Group* group : {&p.w1, &p.w2, &p.b1, &p.b2, &p.w_gate, &p.b_gate})
     for (const at::Tensor& tensor : *group) {
-      gradient_bytes += cpu::RecycledBlocks::block_bytes(tensor.numel(), p.x.scalar_type());
+      step_bytes += cpu::RecycledBlocks::block_bytes(tensor.numel(), p.x.scalar_type());
     }
-  cpu::RecycledBlocks::fit(gradient_bytes);
+  cpu::RecycledBlocks::fit(step_bytes);
+  Gradients grads;
+  grads.x = cpu::RecycledBlocks::empty(p.x.sizes(), p.x.options());
+  grads.scale = at::empty_like(p.scale);
   grads.w1 = empty_like(p.w1);
   grads.w2 = empty_like(p.w2);
   grads.b1 = empty_like(p.b1);
