@@ -154,3 +154,26 @@ def resolve_backend(device: torch.device, requested: Optional[str] = None, imple
         elif device.type != "cuda":
             raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU via the interpreter), got {device}")
     return name
+
+
+_warned_fallbacks: set = set()
+_warned_lock = threading.Lock()
+
+
+class FallbackWarning(UserWarning):
+    """A module ran its reference path instead of its fused kernels."""
+
+
+def warn_fallback(module: object, reason: str) -> None:
+    """Warn once per (module class, reason) that ``module`` left its fused path.
+
+    ``reason`` says why and what to change; it is also what
+    :func:`fastformers.explain` reports.
+    """
+    key = (type(module).__qualname__, reason)
+    with _warned_lock:
+        if key in _warned_fallbacks:
+            return
+        _warned_fallbacks.add(key)
+    warnings.warn(f"fastformers: {type(module).__name__} runs the reference path: {reason}", FallbackWarning,
+                  stacklevel=3)
