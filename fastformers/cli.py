@@ -13,14 +13,14 @@ import torch
 def _bench(args: argparse.Namespace) -> int:
     from . import _backend, benchmark
 
-    from . import lm_benchmark
+    from . import lm_benchmark, training_benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     ops = args.ops or sorted(benchmark.ALL_CASES)
-    choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES)
+    choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES) + ["training"]
     unknown = [op for op in ops if op not in choices]
     if unknown:
         print(f"unknown op(s) {unknown}; choose from {choices}", file=sys.stderr)
@@ -32,6 +32,13 @@ def _bench(args: argparse.Namespace) -> int:
     print("times are medians in one run; ratios (x) are the first row's time / this row's time\n")
     results = []
     for op in ops:
+        if op == "training":
+            print(f"training: {training_benchmark.__doc__.splitlines()[0]}")
+            training = training_benchmark.training_results(device, min_time=max(args.min_time, 1.0),
+                                                          large=args.large)
+            print(training_benchmark.format_training_table(training) + "\n", flush=True)
+            results += training
+            continue
         if op in lm_benchmark.LM_FAMILIES:
             print(f"{op}: {lm_benchmark.describe()}")
             lm_results = lm_benchmark.LM_FAMILIES[op](device, min_time=max(args.min_time, 1.0))
@@ -144,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="time the fused ops against their references")
     bench.add_argument("ops", nargs="*", help="ops to time (default: every op); 'train' and 'generate' "
-                       "time the language models (training and generation tokens/s)")
+                       "time the language models (training and generation tokens/s); 'training' times each model's "
+                       "forward+backward against labml_nn with dropout 0/0.1 in float32 and bf16 autocast")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")

@@ -195,3 +195,10 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
     return _convert(model, "model", backend, {})
+
+
+def labml_counterpart(module: nn.Module) -> Optional[Type[nn.Module]]:
+    """The :mod:`fastformers.nn` class :func:`convert` would put in place of this
+    labml_nn module, or None (not a labml_nn module it converts)."""
+    target = _target(module)
+    return None if target is None or type(module) is target else target
