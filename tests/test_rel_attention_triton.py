@@ -163,7 +163,7 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
 
 
 def test_gpu_unsupported_reason_names_what_runs_the_reference():
-    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64)) is None
-    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)) is None
-    assert "got torch.float64" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64, dtype=torch.float64))
-    assert "got d=128" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128))
+    assert triton_kernel.gpu_unsupported_reason(torch.float32, 64) is None
+    assert triton_kernel.gpu_unsupported_reason(torch.bfloat16, 128) is None
+    assert "got torch.float64: use float32" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
+    assert "got d=128: use bfloat16 autocast" in triton_kernel.gpu_unsupported_reason(torch.float32, 128)
