@@ -321,10 +321,10 @@ def rel_attention(
     kernels take no explicit mask: with one, ``triton`` runs the reference.
     """
     dropout_p = dropout.check_p(dropout_p, "dropout_p")
-    query, key, value, pos_emb, pos_bias, query_pos_bias = _autocast.cast(
-        query.device.type if isinstance(query, torch.Tensor) else "cpu",
-        query, key, value, pos_emb, pos_bias, query_pos_bias,
-    )
+    if isinstance(query, torch.Tensor):
+        query, key, value, pos_emb, pos_bias, query_pos_bias = _autocast.cast(
+            query.device.type, query, key, value, pos_emb, pos_bias, query_pos_bias
+        )
     check_inputs(query, key, value, pos_emb, pos_bias, query_pos_bias, causal=causal, mask=mask)
     name = effective_backend(_backend.resolve_backend(query.device, backend), mask)
     L, B, H, _ = query.shape
