@@ -325,7 +325,9 @@ def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if name == "reference":
         return naive.conv_compress(mem, weight, bias)
     if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedConvCompress.apply(mem, weight, bias)
+        # Its helper torch ops must see the inputs' dtypes (autocast already applied), as the dispatcher's would.
+        with torch.autocast("cpu", enabled=False):
+            return _InterpretedConvCompress.apply(mem, weight, bias)
     return torch.ops.fastformers.conv_compress(mem, weight, bias)
 
 
@@ -369,5 +371,6 @@ def attention_reconstruction_loss(
     if name == "reference":
         return naive.attention_reconstruction_loss(*args)
     if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedReconstructionLoss.apply(*args)
+        with torch.autocast("cpu", enabled=False):  # as for conv_compress
+            return _InterpretedReconstructionLoss.apply(*args)
     return torch.ops.fastformers.attention_reconstruction_loss(*args)[0]
