@@ -118,18 +118,24 @@ def test_same_seed_same_result(backend, request):
     assert not torch.equal(first, run())  # a fresh draw
 
 
-def test_cpp_and_reference_share_the_bits():
-    """Same seed: the C++ kernel and the reference formulas of the op agree."""
+@pytest.mark.parametrize("causal,masked", [(True, False), (True, True), (False, True)])
+def test_cpp_and_reference_share_the_bits(causal, masked):
+    """Same seed: the C++ kernel and the reference formulas of the op agree,
+    with an explicit mask too."""
     inputs = [t.detach() for t in make_inputs(9, 4, 2, 3, 8, torch.float64)]
-    args = (*inputs, 0.3, True, None, 0.2, 1234, 40)
+    mask = None
+    if masked:
+        mask = torch.rand(9, 13, 2, generator=torch.Generator().manual_seed(1)) > 0.3
+        mask[:, 0] = True
+    args = (*inputs, 0.3, causal, mask, 0.2, 1234, 40)
     out, lse = torch.ops.fastformers.rel_attention(*args)
     ref_out, ref_lse = op.reference_forward(*args)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)
     torch.testing.assert_close(
-        out, naive.rel_attention(*inputs, 0.3, dropout_p=0.2, seed=1234, offset=40))
+        out, naive.rel_attention(*inputs, 0.3, mask=mask, causal=causal, dropout_p=0.2, seed=1234, offset=40))
     grad = torch.randn_like(out)
-    backward_args = (grad, *inputs, out, lse, 0.3, True, None, 0.2, 1234, 40)
+    backward_args = (grad, *inputs, out, lse, *args[6:])
     for got, expected in zip(torch.ops.fastformers.rel_attention_backward(*backward_args),
                              op.reference_backward(*backward_args)):
         torch.testing.assert_close(got, expected)
@@ -192,3 +198,17 @@ def test_torch_compile_fullgraph_with_dropout():
     torch.testing.assert_close(compiled, expected)
     for got, t in zip(compiled_grads, inputs):
         torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_with_dropout(backend, request):
+    """bfloat16 kernels with a fixed seed against the reference with the same bits (harness's low-precision rule)."""
+    from harness import assert_parity
+
+    needs(backend, request)
+    inputs = [t.detach() for t in make_inputs(7, 5, 2, 2, 24, torch.bfloat16)]
+    assert_parity(
+        lambda *x: fastformers.ops.rel_attention(*x, 0.2, dropout_p=0.25, seed=321, backend=backend),
+        lambda *x: naive.rel_attention(*x, 0.2, dropout_p=0.25, seed=321, offset=0),
+        inputs,
+    )
