@@ -140,11 +140,12 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, head_dims):
         query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
         for short, kernel_name in kernels._KERNEL_NAMES.items():
             config = kernels._block_config(short, query)
-            spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}]"]
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-            assert {key: spec.constexprs[key] for key in config} == config
-            assert spec.constexprs["UPCAST_DOTS"] is False
+            for dropout in (False, True):
+                spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}{',dropout' if dropout else ''}]"]
+                assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+                assert {key: spec.constexprs[key] for key in config} == config
+                assert spec.constexprs["UPCAST_DOTS"] is False and spec.constexprs["DROPOUT"] is dropout
 
 
 @pytest.mark.parametrize(

@@ -138,7 +138,7 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     backend a forward takes and why it would leave the fused kernels (an
     explicit non-causal mask on ``triton``; on a GPU a dtype or head size the
     Triton kernels do not take; no kernel for the device): such a forward
-    warns once with a :class:`fastformers.FallbackWarning`.
+    warns once with a :class:`fastformers._backend.FallbackWarning`.
 
     Gradient of the positional tables: the op differentiates only the window of
     ``K + L - 1`` rows it reads, but autograd hands a dense Parameter a gradient
