@@ -27,7 +27,8 @@ def resolve_fused_backend(requested: Optional[str], device: torch.device,
     if backend != "reference" or wanted == "reference":
         return backend, None
     if device.type == "cpu":
-        return backend, "the C++ extension fastformers._C is not built: reinstall with `pip install --no-build-isolation .`"
+        return backend, ("the C++ extension fastformers._C is not built: reinstall with "
+                         "`pip install --no-build-isolation .`")
     return backend, f"no fused kernel runs on {device.type} tensors: use CPU, or CUDA with triton installed"
 
 
