@@ -12,6 +12,9 @@ from fastformers.ops.xl import naive, op
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BACKENDS = ["cpp", "triton"]
+# Loads the C++ kernels: direct torch.ops calls below would run the reference registration without them.
+HAS_CPP = "cpp" in fastformers.available_backends()
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="needs the C++ extension")
 TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=1e-4)}
 
 
@@ -39,7 +42,7 @@ def needs(backend, request):
     """Skip without the C++ extension; check the interpreter for triton."""
     if backend == "triton":
         request.getfixturevalue("triton_interpreter")
-    elif "cpp" not in fastformers.available_backends():
+    elif not HAS_CPP:
         pytest.skip("no C++ extension")
 
 
@@ -118,6 +121,7 @@ def test_same_seed_same_result(backend, request):
     assert not torch.equal(first, run())  # a fresh draw
 
 
+@needs_cpp
 @pytest.mark.parametrize("causal,masked", [(True, False), (True, True), (False, True)])
 def test_cpp_and_reference_share_the_bits(causal, masked):
     """Same seed: the C++ kernel and the reference formulas of the op agree,
@@ -141,6 +145,7 @@ def test_cpp_and_reference_share_the_bits(causal, masked):
         torch.testing.assert_close(got, expected)
 
 
+@needs_cpp
 def test_keep_rate():
     """The kernel's output with V = one-hot of the key index is the dropped
     probability row: its zeros are the dropped entries."""
@@ -164,12 +169,14 @@ def test_bad_p_names_dropout_p(p):
         fastformers.ops.rel_attention(*inputs, 0.5, dropout_p=p)
 
 
+@needs_cpp
 def test_cpp_kernel_checks_p():
     inputs = [t.detach() for t in make_inputs(3, 1, 1, 1, 4, torch.float32)]
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
         torch.ops.fastformers.rel_attention(*inputs, 0.5, True, None, 1.0, 0, 0)
 
 
+@needs_cpp
 def test_opcheck_with_dropout():
     inputs = [t.detach().requires_grad_() for t in make_inputs(5, 3, 2, 2, 8, torch.float32)]
     opcheck(torch.ops.fastformers.rel_attention.default, (*inputs, 0.35, True, None, 0.2, 77, 8))
@@ -179,6 +186,7 @@ def test_opcheck_with_dropout():
             (torch.randn_like(out), *detached, out, lse, 0.35, True, None, 0.2, 77, 8))
 
 
+@needs_cpp
 def test_torch_compile_fullgraph_with_dropout():
     inputs = [t.detach().float().requires_grad_() for t in make_inputs(7, 5, 2, 2, 8, torch.float64)]
 
