@@ -138,7 +138,7 @@ FASTFORMERS_VECTOR_CLONES void grad_scores_row(T* __restrict__ scores, T* __rest
 template <typename T>
 FASTFORMERS_VECTOR_CLONES void drop_row(T* __restrict__ row, const uint8_t* __restrict__ keep, int64_t len,
                                         T dropout_scale) {
-  for (int64_t j = 0; j < len; ++j) row[j] *= keep[j] ? dropout_scale : T(0);
+  for (int64_t j = 0; j < len; ++j) row[j] *= static_cast<T>(keep[j]) * dropout_scale;
 }
 
 // grad_scores_row with dropout multiplier z = keep / (1 - p): scores[j] <- P z (for dV),
@@ -149,7 +149,7 @@ FASTFORMERS_VECTOR_CLONES void grad_scores_row_dropout(T* __restrict__ scores, T
                                                        T scale, T dropout_scale) {
   for (int64_t j = 0; j < kv; ++j) {
     const T prob = exp_of(scores[j] - lse);
-    const T z = keep[j] ? dropout_scale : T(0);
+    const T z = static_cast<T>(keep[j]) * dropout_scale;
     scores[j] = prob * z;
     dprob[j] = scale * prob * (z * dprob[j] - delta);
   }
