@@ -17,6 +17,11 @@
 // passes rather than flash-style rescaling: on a CPU this keeps every dense
 // product one large BLAS call. Backward recomputes probabilities from the saved
 // log-sum-exp.
+//
+// Attention dropout: probability (b, h, i, j) is kept iff Philox element
+// n = ((b·H + h)·L + i)·K + j of (seed, offset) says so (philox.h). Each kernel
+// draws the bits of one query row at a time, only for its causally visible
+// keys, inside its parallel loop; backward draws the same bits again.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -37,6 +42,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
+#include "philox.h"
 
 namespace fastformers {
 namespace {
@@ -73,6 +79,14 @@ struct Problem {
   int64_t u_head;
   const bool* mask;  // [L, K, B] (broadcast strides) or nullptr
   int64_t mask_i, mask_j, mask_b;
+  philox::Dropout dropout;
+
+  // Keys query i sees causally: the only ones that get keep bits.
+  int64_t causal_keys(int64_t i) const { return causal ? std::min(K, M + i + 1) : K; }
+  // Keep bits of query i's first `len` keys in (b, h).
+  void keep_bits(int64_t b, int64_t h, int64_t i, int64_t len, uint8_t* keep) const {
+    philox::keep_bits(dropout, ((b * H + h) * L + i) * K, len, keep);
+  }
 
   // Keys a tile of queries [i0, i0 + rows) can see: the causal limit of its last query.
   int64_t visible_keys(int64_t i0, int64_t rows) const { return causal ? std::min(K, M + i0 + rows) : K; }
@@ -120,6 +134,27 @@ FASTFORMERS_VECTOR_CLONES void grad_scores_row(T* __restrict__ scores, T* __rest
   }
 }
 
+// row[j] *= keep[j] / (1 - p): the dropped probabilities the output is made of.
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void drop_row(T* __restrict__ row, const uint8_t* __restrict__ keep, int64_t len,
+                                        T dropout_scale) {
+  for (int64_t j = 0; j < len; ++j) row[j] *= static_cast<T>(keep[j]) * dropout_scale;
+}
+
+// grad_scores_row with dropout multiplier z = keep / (1 - p): scores[j] <- P z (for dV),
+// dprob[j] <- scale * P * (z * dprob[j] - delta).
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void grad_scores_row_dropout(T* __restrict__ scores, T* __restrict__ dprob,
+                                                       const uint8_t* __restrict__ keep, int64_t kv, T lse, T delta,
+                                                       T scale, T dropout_scale) {
+  for (int64_t j = 0; j < kv; ++j) {
+    const T prob = exp_of(scores[j] - lse);
+    const T z = static_cast<T>(keep[j]) * dropout_scale;
+    scores[j] = prob * z;
+    dprob[j] = scale * prob * (z * dprob[j] - delta);
+  }
+}
+
 // Scores of queries [i0, i0 + rows) of (b, h) against keys [0, kv): scaled, masked, into
 // scores [rows, kv]. qu [rows, d] receives q + u; band [rows, kv + rows - 1] the positional GEMM.
 template <typename T>
@@ -154,6 +189,8 @@ void forward_kernel(const Problem<T>& p, T* out, int64_t out_row, int64_t out_ba
   const int64_t tile = std::min(kQueryTile, p.L);
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qu(tile * p.d), band(tile * (p.K + tile)), scores(tile * p.K), bias(p.W), inv_sum(tile);
+    std::vector<uint8_t> keep(p.dropout.active() ? p.K : 0);
+    const T dropout_scale = static_cast<T>(p.dropout.scale());
     int64_t bias_head = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / p.H, h = task % p.H;
@@ -169,9 +206,16 @@ void forward_kernel(const Problem<T>& p, T* out, int64_t out_row, int64_t out_ba
         tile_scores(p, b, h, i0, rows, kv, bias.data(), qu.data(), band.data(), scores.data());
         for (int64_t ii = 0; ii < rows; ++ii) {
           T max, sum;
-          softmax_row(scores.data() + ii * kv, kv, &max, &sum);
+          T* row = scores.data() + ii * kv;
+          softmax_row(row, kv, &max, &sum);
           lse_bh[i0 + ii] = max + std::log(sum);
           inv_sum[ii] = T(1) / sum;
+          if (p.dropout.active()) {
+            // Keys past the causal limit already hold exp(-inf) = 0.
+            const int64_t visible = std::min(kv, p.causal_keys(i0 + ii));
+            p.keep_bits(b, h, i0 + ii, visible, keep.data());
+            drop_row(row, keep.data(), visible, dropout_scale);
+          }
         }
         T* out_tile = out_bh + i0 * out_row;
         gemm<T>(false, false, rows, p.d, kv, T(1), scores.data(), kv, p.v.at(b, h), p.v.row, T(0), out_tile, out_row);
@@ -201,6 +245,8 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
   at::parallel_for(0, p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qu(tile * d), band(tile * (p.K + tile)), scores(tile * p.K), dprob(tile * p.K),
         dband(tile * (p.K + tile)), bias(p.W), grad_bias(p.W), grad_u(d), delta(tile);
+    std::vector<uint8_t> keep(p.dropout.active() ? p.K : 0);
+    const T dropout_scale = static_cast<T>(p.dropout.scale());
     for (int64_t h = begin; h < end; ++h) {
       bias_column(p, h, bias.data());
       std::fill(grad_bias.begin(), grad_bias.end(), T(0));
@@ -233,10 +279,22 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
             for (int64_t c = 0; c < d; ++c) dot += go[ii * grad_out.row + c] * o[ii * out.row + c];
             delta[ii] = dot;
           }
-          // dprob = dO V^T, then the probabilities and dS = scale * P * (dprob - delta).
+          // dprob = dO V^T, then the probabilities and dS = scale * P * (dprob - delta)
+          // (with dropout, P * (z * dprob - delta)).
           gemm<T>(false, true, rows, kv, d, T(1), go, grad_out.row, v_bh, p.v.row, T(0), dprob.data(), kv);
-          for (int64_t ii = 0; ii < rows; ++ii)
-            grad_scores_row(scores.data() + ii * kv, dprob.data() + ii * kv, kv, lse_bh[i0 + ii], delta[ii], p.scale);
+          for (int64_t ii = 0; ii < rows; ++ii) {
+            T* row = scores.data() + ii * kv;
+            T* grad_row = dprob.data() + ii * kv;
+            if (p.dropout.active()) {
+              const int64_t visible = std::min(kv, p.causal_keys(i0 + ii));
+              p.keep_bits(b, h, i0 + ii, visible, keep.data());
+              std::fill(keep.begin() + visible, keep.begin() + kv, uint8_t(0));
+              grad_scores_row_dropout(row, grad_row, keep.data(), kv, lse_bh[i0 + ii], delta[ii], p.scale,
+                                      dropout_scale);
+            } else {
+              grad_scores_row(row, grad_row, kv, lse_bh[i0 + ii], delta[ii], p.scale);
+            }
+          }
           const T accumulate = keys_written == 0 ? T(0) : T(1);
           for (int64_t j = keys_written; j < kv && keys_written > 0; ++j) {
             std::fill_n(gk_bh + j * g.k.row, d, T(0));
@@ -283,7 +341,8 @@ void backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slices<const
 // order for all (b, h) at once and split the keys across threads
 // (flash-decoding): every byte of K and V is read once, and every byte of dK
 // and dV written once. For L = 1 the window row of key j is j and every key is
-// causally visible; only an explicit mask can hide one.
+// causally visible; only an explicit mask can hide one. Dropout bits of a
+// chunk are drawn per (b, h) for its key range (element (b·H + h)·K + j).
 
 // The simd reduction lets the compiler reassociate the sum into vector lanes.
 template <typename T>
@@ -335,6 +394,26 @@ T decode_score(const Problem<T>& p, const DecodeQueries<T>& queries, int64_t j, 
   return p.scale * (content + position + p.pos_bias[j * p.pb_row + h * p.pb_head]);
 }
 
+// Dropout multipliers keep / (1 - p) of keys [j0, j1) for every (b, h) (n = b·H + h): 1 without dropout.
+template <typename T>
+struct DecodeKeep {
+  const Problem<T>& p;
+  int64_t j0, len;
+  std::vector<uint8_t> bits;  // [N, len]
+  T dropout_scale;
+
+  DecodeKeep(const Problem<T>& problem, int64_t first, int64_t last)
+      : p(problem), j0(first), len(last - first), dropout_scale(static_cast<T>(problem.dropout.scale())) {
+    if (!p.dropout.active()) return;
+    bits.resize(p.B * p.H * len);
+    for (int64_t n = 0; n < p.B * p.H; ++n) philox::keep_bits(p.dropout, n * p.K + j0, len, bits.data() + n * len);
+  }
+  T multiplier(int64_t n, int64_t j) const {
+    if (!p.dropout.active()) return T(1);
+    return bits[n * len + j - j0] ? dropout_scale : T(0);
+  }
+};
+
 // Contiguous key ranges, one per thread.
 inline int64_t key_chunks(int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K)); }
 
@@ -348,6 +427,7 @@ void decode_forward_kernel(const Problem<T>& p, T* out, int64_t out_batch, int64
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t j0 = p.K * chunk / chunks, j1 = p.K * (chunk + 1) / chunks;
       std::vector<T> scores((j1 - j0) * N);
+      const DecodeKeep<T> keep(p, j0, j1);
       T* max = chunk_max.data() + chunk * N;
       T* sum = chunk_sum.data() + chunk * N;
       T* acc = chunk_out.data() + chunk * N * d;
@@ -369,7 +449,7 @@ void decode_forward_kernel(const Problem<T>& p, T* out, int64_t out_batch, int64
             if (max[n] == -std::numeric_limits<T>::infinity()) continue;
             const T e = exp_of(scores[(j - j0) * N + n] - max[n]);
             sum[n] += e;
-            axpy(e, p.v.at(b, h) + j * p.v.row, acc + n * d, d);
+            axpy(e * keep.multiplier(n, j), p.v.at(b, h) + j * p.v.row, acc + n * d, d);
           }
     }
   });
@@ -415,6 +495,7 @@ void decode_backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slice
       const int64_t j0 = p.K * chunk / chunks, j1 = p.K * (chunk + 1) / chunks;
       T* gq_content = grad_q_content.data() + chunk * N * d;
       T* gq_position = grad_q_position.data() + chunk * N * d;
+      const DecodeKeep<T> keep(p, j0, j1);
       for (int64_t j = j0; j < j1; ++j) {
         T* grad_window = g.pos_emb + j * p.H * d;
         std::fill_n(grad_window, p.H * d, T(0));
@@ -426,8 +507,9 @@ void decode_backward_kernel(const Problem<T>& p, Slices<const T> grad_out, Slice
             const T prob = s == -std::numeric_limits<T>::infinity() ? T(0) : exp_of(s - lse[n]);
             const T* key = p.k.at(b, h) + j * p.k.row;
             const T* value = p.v.at(b, h) + j * p.v.row;
-            const T ds = p.scale * prob * (dot(go.data() + n * d, value, d) - delta[n]);
-            scaled_copy(prob, go.data() + n * d, g.v.at(b, h) + j * g.v.row, d);
+            const T z = keep.multiplier(n, j);
+            const T ds = p.scale * prob * (z * dot(go.data() + n * d, value, d) - delta[n]);
+            scaled_copy(prob * z, go.data() + n * d, g.v.at(b, h) + j * g.v.row, d);
             scaled_copy(ds, queries.qu.data() + n * d, g.k.at(b, h) + j * g.k.row, d);
             axpy(ds, key, gq_content + n * d, d);
             axpy(ds, p.pos_emb + j * p.pe_row + h * p.pe_head, gq_position + n * d, d);
@@ -490,6 +572,11 @@ void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key
     TORCH_CHECK(t->numel() < int_max, op, ": tensors of 2^31 elements or more are not supported");
 }
 
+philox::Dropout make_dropout(const char* op, double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  return {dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
+}
+
 // The kernels compute in opmath precision (float for bfloat16 / float16) on
 // tensors whose last dimension has unit stride.
 at::Tensor compute_view(const at::Tensor& t, at::ScalarType compute) {
@@ -504,7 +591,7 @@ at::ScalarType compute_type(const at::Tensor& query) {
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pe,
                         const at::Tensor& pb, const at::Tensor& u, double scale, bool causal,
-                        const std::optional<at::Tensor>& mask) {
+                        const std::optional<at::Tensor>& mask, const philox::Dropout& dropout) {
   Problem<T> p;
   p.L = q.size(0);
   p.B = q.size(1);
@@ -526,6 +613,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.pb_head = pb.stride(1);
   p.u = u.data_ptr<T>();
   p.u_head = u.stride(0);
+  p.dropout = dropout;
   p.mask = nullptr;
   if (mask.has_value()) {
     const at::Tensor expanded = mask->expand({p.L, p.K, p.B});
@@ -541,8 +629,10 @@ std::tuple<at::Tensor, at::Tensor> rel_attention_cpu(const at::Tensor& query, co
                                                      const at::Tensor& value, const at::Tensor& pos_emb,
                                                      const at::Tensor& pos_bias, const at::Tensor& query_pos_bias,
                                                      double scale, bool causal,
-                                                     const std::optional<at::Tensor>& mask) {
+                                                     const std::optional<at::Tensor>& mask, double dropout_p,
+                                                     int64_t seed, int64_t offset) {
   check_inputs("rel_attention", query, key, value, pos_emb, pos_bias, query_pos_bias, causal, mask);
+  const philox::Dropout dropout = make_dropout("rel_attention", dropout_p, seed, offset);
   const auto compute = compute_type(query);
   const at::Tensor q = compute_view(query, compute), k = compute_view(key, compute), v = compute_view(value, compute);
   const at::Tensor pe = compute_view(pos_emb, compute), pb = pos_bias.to(compute);
@@ -550,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor> rel_attention_cpu(const at::Tensor& query, co
   at::Tensor out = cpu::empty_on_huge_pages(query.sizes(), query.options().dtype(compute));
   at::Tensor lse = at::empty({query.size(1), query.size(2), query.size(0)}, query.options().dtype(compute));
   AT_DISPATCH_FLOATING_TYPES(compute, "rel_attention_cpu", [&] {
-    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask);
+    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask, dropout);
     if (problem.L == 1)
       decode_forward_kernel(problem, out.data_ptr<scalar_t>(), out.stride(1), out.stride(2), lse.data_ptr<scalar_t>());
     else
@@ -563,8 +653,10 @@ std::tuple<at::Tensor, at::Tensor> rel_attention_cpu(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rel_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& pos_emb, const at::Tensor& pos_bias, const at::Tensor& query_pos_bias, const at::Tensor& out,
-    const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& mask) {
+    const at::Tensor& lse, double scale, bool causal, const std::optional<at::Tensor>& mask, double dropout_p,
+    int64_t seed, int64_t offset) {
   check_inputs("rel_attention_backward", query, key, value, pos_emb, pos_bias, query_pos_bias, causal, mask);
+  const philox::Dropout dropout = make_dropout("rel_attention_backward", dropout_p, seed, offset);
   TORCH_CHECK(grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
               "rel_attention_backward: grad_out and out must be ", query.sizes(), ", got ", grad_out.sizes(), " and ",
               out.sizes());
@@ -586,7 +678,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_pos_bias = at::empty(pos_bias.sizes(), options);
   at::Tensor grad_query_pos_bias = at::empty(query_pos_bias.sizes(), options);
   AT_DISPATCH_FLOATING_TYPES(compute, "rel_attention_backward_cpu", [&] {
-    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask);
+    const auto problem = make_problem<scalar_t>(q, k, v, pe, pb, u, scale, causal, mask, dropout);
     const Grads<scalar_t> grads{slices<scalar_t>(grad_query), slices<scalar_t>(grad_key), slices<scalar_t>(grad_value),
                                 grad_pos_emb.data_ptr<scalar_t>(), grad_pos_bias.data_ptr<scalar_t>(),
                                 grad_query_pos_bias.data_ptr<scalar_t>()};

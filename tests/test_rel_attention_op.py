@@ -256,7 +256,7 @@ def test_transformer_xl_cpp_matches_labml_float32():
             m.backend = "cpp"
     x = torch.randn(L, B, d_model, generator=generator)
     mem = [torch.randn(M, B, d_model, generator=generator) for _ in range(4)]
-    mask = torch.cat((torch.ones(L, M, 1, dtype=torch.bool), torch.tril(torch.ones(L, L, 1)).bool()), dim=1)
+    mask = torch.cat((torch.ones(L, M, 1, dtype=torch.bool), torch.tril(torch.ones(L, L)).bool()[:, :, None]), dim=1)
     grad = torch.randn(L, B, d_model, generator=generator)
     outputs = []
     for model in (ref, ours):

@@ -140,11 +140,12 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, head_dims):
         query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
         for short, kernel_name in kernels._KERNEL_NAMES.items():
             config = kernels._block_config(short, query)
-            spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}]"]
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-            assert {key: spec.constexprs[key] for key in config} == config
-            assert spec.constexprs["UPCAST_DOTS"] is False
+            for dropout in (False, True):
+                spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}{',dropout' if dropout else ''}]"]
+                assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+                assert {key: spec.constexprs[key] for key in config} == config
+                assert spec.constexprs["UPCAST_DOTS"] is False and spec.constexprs["DROPOUT"] is dropout
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,7 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
 
 
 def test_gpu_unsupported_reason_names_what_runs_the_reference():
-    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64)) is None
-    assert triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)) is None
-    assert "got torch.float64" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 64, dtype=torch.float64))
-    assert "got d=128" in triton_kernel.gpu_unsupported_reason(torch.empty(1, 1, 1, 128))
+    assert triton_kernel.gpu_unsupported_reason(torch.float32, 64) is None
+    assert triton_kernel.gpu_unsupported_reason(torch.bfloat16, 128) is None
+    assert "got torch.float64: use float32" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
+    assert "got d=128: use bfloat16 autocast" in triton_kernel.gpu_unsupported_reason(torch.float32, 128)

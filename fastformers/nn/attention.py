@@ -5,15 +5,31 @@ Shape letters: ``L`` query length, ``K`` key length, ``B`` batch, ``H`` heads,
 ``d_k`` features per head, ``D`` = ``d_model``.
 """
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .. import ops
-from .._backend import resolve_backend
+from .. import _backend, ops
+from ..ops import _autocast
 from ..ops.xl import naive as xl_naive
-from ..ops.xl.op import effective_backend
+from ..ops.xl import op as xl_op
+
+
+def resolve_fused_backend(requested: Optional[str], device: torch.device,
+                          implemented: Sequence[str] = _backend.BACKENDS) -> Tuple[str, Optional[str]]:
+    """``(backend, reason)`` for a module whose ``backend`` attribute is
+    ``requested``: :func:`fastformers.resolve_backend`, and, when that leaves
+    the fused kernels without anyone asking for the reference, why and what
+    to change."""
+    backend = _backend.resolve_backend(device, requested, implemented)
+    wanted = requested if requested is not None else _backend.forced_backend()
+    if backend != "reference" or wanted == "reference":
+        return backend, None
+    if device.type == "cpu":
+        return backend, ("the C++ extension fastformers._C is not built: reinstall with "
+                         "`pip install --no-build-isolation .`")
+    return backend, f"no fused kernel runs on {device.type} tensors: use CPU, or CUDA with triton installed"
 
 
 class PrepareForMultiHeadAttention(nn.Module):
@@ -117,9 +133,13 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     ``backend = "reference"`` to inspect the attention weights). A mask equal
     to the causal-with-memory mask (``[L, M + L, B or 1]``, what labml's
     experiments build) runs as ``causal=True``, any other mask as an explicit
-    mask. The reference path runs instead when attention dropout is active
-    (``training`` with ``dropout_prob > 0``: the fused op has no dropout) and
-    for an explicit non-causal mask on ``triton`` (its kernels are causal-only).
+    mask. In training the attention dropout (``dropout.p``) runs inside the
+    fused kernels; the draws differ from ``nn.Dropout``'s (Philox bits, see
+    :func:`fastformers.ops.rel_attention`). :meth:`fused_backend` says which
+    backend a forward takes and why it would leave the fused kernels (an
+    explicit non-causal mask on ``triton``; on a GPU a dtype or head size the
+    Triton kernels do not take; no kernel for the device): such a forward
+    warns once with a :class:`fastformers._backend.FallbackWarning`.
 
     Gradient of the positional tables: the op differentiates only the window of
     ``K + L - 1`` rows it reads, but autograd hands a dense Parameter a gradient
@@ -165,6 +185,28 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         bd = bd_all[i, q_len - 1 - i + j]
         return ac + bd
 
+    def _backend_choice(self, device: torch.device, explicit_mask: bool) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` of a forward on ``device``; ``reason`` (what to
+        change) only when that is the reference while a fused one was wanted or
+        automatic."""
+        backend, reason = resolve_fused_backend(self.backend, device)
+        if backend == "triton" and (explicit_mask or device.type == "cuda"):
+            if device.type == "cuda":
+                dtype = _autocast.dtype_for(device.type) or self.output.weight.dtype
+                reason = xl_op.gpu_unsupported_reason(dtype, self.d_k, explicit_mask)
+            else:
+                reason = xl_op.MASK_ON_TRITON
+            if reason is not None:
+                return "reference", reason
+        return backend, reason
+
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """The backend a forward on ``device`` in train (``training``) or eval mode
+        takes with the causal-with-memory mask (or none), without running it, and
+        why when that is ``"reference"`` (None otherwise). Dropout runs in the
+        fused kernels, so ``training`` does not change the choice."""
+        return self._backend_choice(torch.device(device), explicit_mask=False)
+
     def _op_mask(self, mask: Optional[torch.Tensor], query_shape, key_shape) -> tuple:
         """``(causal, explicit bool mask or None)`` for the op from a labml mask ``[L or 1, K, B or 1]``."""
         if mask is None:
@@ -186,25 +228,24 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         """``query`` ``[L, B, D]``, ``key`` and ``value`` ``[K, B, D]``; ``mask``
         ``[L or 1, K, B or 1]``, nonzero where query ``i`` may attend key ``j``.
         Returns ``[L, B, D]``."""
-        backend = resolve_backend(query.device, self.backend)
-        if backend != "reference" and not (self.training and self.dropout.p > 0):
-            q_len, batch_size, _ = query.shape
-            k_len = key.shape[0]
-            self._check_lengths(q_len, k_len)
-            causal, explicit = self._op_mask(mask, query.shape, key.shape)
-            backend = effective_backend(backend, explicit)
-            if backend != "reference":
-                rows = slice(self.P - k_len + 1, self.P + q_len)
-                out = ops.rel_attention(
-                    self.query(query), self.key(key), self.value(value),
-                    self.key_pos_embeddings[rows], self.key_pos_bias[rows], self.query_pos_bias, self.scale,
-                    mask=explicit, causal=causal, backend=backend,
-                )
-                self.attn = None
-                self.last_backend = backend
-                return self.output(out.reshape(q_len, batch_size, -1))
-        self.last_backend = "reference"
-        return super().forward(query=query, key=key, value=value, mask=mask)
+        q_len, batch_size, _ = query.shape
+        k_len = key.shape[0]
+        self._check_lengths(q_len, k_len)
+        causal, explicit = self._op_mask(mask, query.shape, key.shape)
+        backend, reason = self._backend_choice(query.device, explicit_mask=explicit is not None)
+        self.last_backend = backend
+        if reason is not None:
+            _backend.warn_fallback(self, reason)
+        if backend == "reference":
+            return super().forward(query=query, key=key, value=value, mask=mask)
+        rows = slice(self.P - k_len + 1, self.P + q_len)
+        out = ops.rel_attention(
+            self.query(query), self.key(key), self.value(value),
+            self.key_pos_embeddings[rows], self.key_pos_bias[rows], self.query_pos_bias, self.scale,
+            mask=explicit, causal=causal, dropout_p=self.dropout.p if self.training else 0.0, backend=backend,
+        )
+        self.attn = None
+        return self.output(out.reshape(q_len, batch_size, -1))
 
 
 class FeedForward(nn.Module):

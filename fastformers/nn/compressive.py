@@ -12,11 +12,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
-from .._backend import resolve_backend
+from .. import _backend, ops
+from ..ops import _autocast
 from ..ops.compressive.op import KERNELS as COMPRESSIVE_KERNELS
 from ._utils import clone_module_list, init_pre_norm_layer
-from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention
+from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention, resolve_fused_backend
+
+
+def _compressive_backend(owner, device: torch.device, op: str, dtype: torch.dtype,
+                         d_k: int = 0) -> Tuple[str, Optional[str]]:
+    """``(backend, reason)`` of ``owner`` (its ``backend`` attribute) running
+    ``op`` on ``device`` with inputs of ``dtype`` (after autocast) and heads of
+    ``d_k`` features; ``reason`` when that leaves the fused kernels."""
+    backend, reason = resolve_fused_backend(owner.backend, torch.device(device), COMPRESSIVE_KERNELS)
+    if backend == "triton" and torch.device(device).type == "cuda":
+        from ..ops.compressive import triton_kernel
+
+        reason = triton_kernel.gpu_unsupported_reason(op, _autocast.dtype_for("cuda") or dtype, d_k)
+        if reason is not None:
+            return "reference", reason
+    return backend, reason
+
+
+def _choose(owner, device: torch.device, op: str, dtype: torch.dtype, d_k: int = 0) -> str:
+    """:func:`_compressive_backend` for a call: records ``last_backend`` and warns on a fallback."""
+    backend, reason = _compressive_backend(owner, device, op, dtype, d_k)
+    if reason is not None:
+        _backend.warn_fallback(owner, reason)
+    owner.last_backend = backend
+    return backend
 from .xl import attend_over_history
 
 
@@ -26,7 +50,9 @@ class Conv1dCompression(nn.Module):
     ``[D, D, c]`` and ``[D]``, so the ``state_dict`` is labml's).
 
     ``backend`` (settable; None = automatic) selects the implementation of the
-    ``conv_compress`` op; ``last_backend`` records the one the last forward used.
+    ``conv_compress`` op; ``last_backend`` records the one the last forward used;
+    :meth:`fused_backend` says which one a forward takes and why it would leave
+    the fused kernels (such a forward warns once with a ``FallbackWarning``).
     """
 
     def __init__(self, compression_rate: int, d_model: int):
@@ -38,10 +64,16 @@ class Conv1dCompression(nn.Module):
     def forward(self, mem: torch.Tensor) -> torch.Tensor:
         """``mem`` ``[M, B, D]`` -> ``[M // c, B, D]``; like ``nn.Conv1d``, a last
         incomplete group of fewer than ``c`` memories is left out."""
-        backend = self.last_backend = resolve_backend(mem.device, self.backend, implemented=COMPRESSIVE_KERNELS)
+        backend = _choose(self, mem.device, "conv_compress", self.conv.weight.dtype)
         rate = self.conv.stride[0]
         whole = mem[: mem.shape[0] // rate * rate] if mem.dim() == 3 else mem
         return ops.conv_compress(whole, self.conv.weight, self.conv.bias, backend=backend)
+
+
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` a forward on ``device`` takes (the same in train
+        and eval mode), without running it; ``reason`` when that is the reference."""
+        return _compressive_backend(self, device, "conv_compress", self.conv.weight.dtype)
 
 
 class CompressiveTransformerLayer(nn.Module):
@@ -137,7 +169,9 @@ class AttentionReconstructionLoss:
     ``backend`` (settable; None = automatic) selects the implementation of the
     ``attention_reconstruction_loss`` op (and of each layer's compression, unless
     that layer's ``compress.backend`` is set); ``last_backend`` records the one
-    the last call used.
+    the last call used; :meth:`fused_backend` says which one a call takes and
+    why it would leave the fused kernels (such a call warns once with a
+    ``FallbackWarning``).
     """
 
     def __init__(self, layers: nn.ModuleList):
@@ -145,6 +179,16 @@ class AttentionReconstructionLoss:
         self.loss_func = nn.MSELoss()
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+
+    def _choice_args(self) -> tuple:
+        attn = self.layers[0].self_attn
+        return "attention_reconstruction_loss", attn.output.weight.dtype, attn.d_k
+
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` a call on ``device`` takes (the loss is only
+        used in training; ``training`` does not change it), without running
+        it; ``reason`` when that is the reference."""
+        return _compressive_backend(self, device, *self._choice_args())
 
     # labml_nn's building blocks of the loss, kept as public API; calc_loss
     # runs the fused op instead.
@@ -172,7 +216,7 @@ class AttentionReconstructionLoss:
     def calc_loss(self, layer: CompressiveTransformerLayer, h: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Loss of one layer: ``h`` ``[L, B, D]`` its input, ``mem`` ``[M, B, D]``
         the memory it compresses (``M`` a multiple of ``c``)."""
-        backend = self.last_backend = resolve_backend(mem.device, self.backend, implemented=COMPRESSIVE_KERNELS)
+        backend = _choose(self, mem.device, *self._choice_args())
         compress = layer.compress
         if compress.backend is None:
             c_mem = ops.conv_compress(mem.detach(), compress.conv.weight, compress.conv.bias, backend=backend)

@@ -9,7 +9,9 @@ CPU kernels come from ``csrc/compressive.cpp``, CUDA kernels from
 :mod:`.triton_kernel` (float32, float64 and bfloat16; other dtypes, and loss
 heads wider than the checked tiles, run the reference on the GPU and say so
 in the log), every other device (and CPU without the extension) from
-:mod:`.naive`.
+:mod:`.naive`. ``conv_compress`` (and its backward) and
+``attention_reconstruction_loss`` follow ``torch.autocast``: every floating
+input (weights, biases, norm parameters too) is cast to the autocast dtype.
 """
 import logging
 from typing import Optional
@@ -18,6 +20,7 @@ import torch
 
 from ... import _backend
 from ..._library import lib, qualname
+from .. import _autocast
 from . import naive
 
 logger = logging.getLogger("fastformers")
@@ -213,6 +216,10 @@ for _name in ("conv_compress_backward", "attention_reconstruction_loss_backward"
     torch.library.register_autograd(
         qualname(_name), _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
+# attention_reconstruction_loss_backward is left out: autograd calls it with
+# the dtypes its forward saved, and its float32 residuals must not be cast down.
+for _name in ("conv_compress", "conv_compress_backward", "attention_reconstruction_loss"):
+    _autocast.register(_name)
 
 # ------------------------------------------------------------------ Triton
 
@@ -308,14 +315,19 @@ def conv_compress(mem: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     mem: ``[M, B, D]`` with ``M`` a multiple of ``c``; weight: ``[D_out, D, c]``
     and bias ``[D_out]`` exactly as ``nn.Conv1d`` stores them. Returns
     ``[M / c, B, D_out]``: ``out[g] = bias + Σ_k mem[g·c + k] @ weight[:, :, k]ᵀ``.
-    ``backend`` overrides the backend selection for this call.
+    ``backend`` overrides the backend selection for this call. Under
+    ``torch.autocast`` the three tensors are cast to the autocast dtype.
     """
+    if isinstance(mem, torch.Tensor):
+        mem, weight, bias = _autocast.cast(mem.device.type, mem, weight, bias)
     check_conv_inputs(mem, weight, bias)
     name = _backend.resolve_backend(mem.device, backend, implemented=KERNELS)
     if name == "reference":
         return naive.conv_compress(mem, weight, bias)
     if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedConvCompress.apply(mem, weight, bias)
+        # Its helper torch ops must see the inputs' dtypes (autocast already applied), as the dispatcher's would.
+        with torch.autocast("cpu", enabled=False):
+            return _InterpretedConvCompress.apply(mem, weight, bias)
     return torch.ops.fastformers.conv_compress(mem, weight, bias)
 
 
@@ -344,8 +356,13 @@ def attention_reconstruction_loss(
     projections (weights ``[H·d_k, D]``, biases ``[H·d_k]`` or None) are the
     layer's; attention is content-only softmax over ``heads`` heads with scores
     times ``scale``. Every input but ``c_mem`` is treated as detached: only
-    ``c_mem`` receives a gradient. Returns a scalar.
+    ``c_mem`` receives a gradient. Returns a scalar. Under ``torch.autocast``
+    every floating tensor is cast to the autocast dtype.
     """
+    if isinstance(mem, torch.Tensor):
+        (h, mem, c_mem, norm_weight, norm_bias, query_weight, query_bias, key_weight, key_bias, value_weight,
+         value_bias) = _autocast.cast(mem.device.type, h, mem, c_mem, norm_weight, norm_bias, query_weight,
+                                      query_bias, key_weight, key_bias, value_weight, value_bias)
     check_loss_inputs(h, mem, c_mem, norm_weight, norm_bias, query_weight, query_bias, key_weight, key_bias,
                       value_weight, value_bias, heads)
     args = (h, mem, c_mem, norm_weight, norm_bias, float(eps), query_weight, query_bias, key_weight, key_bias,
@@ -354,5 +371,6 @@ def attention_reconstruction_loss(
     if name == "reference":
         return naive.attention_reconstruction_loss(*args)
     if name == "triton" and mem.device.type == "cpu":
-        return _InterpretedReconstructionLoss.apply(*args)
+        with torch.autocast("cpu", enabled=False):  # as for conv_compress
+            return _InterpretedReconstructionLoss.apply(*args)
     return torch.ops.fastformers.attention_reconstruction_loss(*args)[0]

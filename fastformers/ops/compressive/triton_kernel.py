@@ -404,12 +404,14 @@ def gpu_unsupported_reason(op: str, dtype: torch.dtype, d_k: int = 0) -> Optiona
     (None if one does)."""
     name = _DTYPE_NAMES.get(dtype)
     if name is None:
-        return f"the Triton {op} kernels run {list(_DTYPE_NAMES)} on GPUs, got {dtype}"
+        return (f"the Triton {op} kernels run {list(_DTYPE_NAMES)} on GPUs, got {dtype}: use float32 or "
+                "torch.autocast('cuda', dtype=torch.bfloat16)")
     if op == "attention_reconstruction_loss":
         acc_name = _DTYPE_NAMES[_acc_dtype(dtype)[1]]
         widest = max(block_d for _, dtype_name, block_d in _LOSS_TILES if dtype_name == acc_name)
         if _loss_block_d(d_k) > widest:
-            return f"the Triton {op} kernels take heads of d_k <= {widest} for {dtype} on GPUs, got d_k={d_k}"
+            return (f"the Triton {op} kernels take heads of d_k <= {widest} for {dtype} on GPUs, got d_k={d_k}: "
+                    "use more heads")
     return None
 
 

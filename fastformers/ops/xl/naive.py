@@ -14,10 +14,18 @@ reads are ``P - K + 1 .. P + L - 1``: the op takes that window,
 
 so rows ``r >= K`` are only reached by future keys (``j > M + i``), which the
 causal mask removes.
+
+Attention dropout (``dropout_p > 0``) drops probability ``(b, h, i, j)`` when
+element ``n = ((b·H + h)·L + i)·K + j`` of the Philox stream of
+``(seed, offset)`` says so (:func:`dropout_keep`, layout ``[B, H, L, K]``) and
+scales the kept ones by ``1 / (1 - p)``, after the softmax (whose
+log-sum-exp it leaves unchanged).
 """
 from typing import Optional
 
 import torch
+
+from ..dropout import naive as dropout_naive
 
 
 def position_window(table: torch.Tensor, P: int, n_queries: int, n_keys: int) -> torch.Tensor:
@@ -54,6 +62,20 @@ def relative_scores(
     return content + position
 
 
+def dropout_keep(seed: int, offset: int, p: float, B: int, H: int, L: int, K: int, device=None) -> torch.Tensor:
+    """Keep mask of the attention probabilities in the scores' layout ``[L, K, B, H]``
+    (generated in the op's mask layout ``[B, H, L, K]``)."""
+    return dropout_naive.keep_mask(seed, offset, B * H * L * K, p, device).view(B, H, L, K).permute(2, 3, 0, 1)
+
+
+def attention_dropout(probs: torch.Tensor, dropout_p: float, seed: int, offset: int) -> torch.Tensor:
+    """Inverted dropout of probabilities ``[L, K, B, H]`` with the op's keep bits; ``p == 0`` returns ``probs``."""
+    if dropout_p == 0:
+        return probs
+    L, K, B, H = probs.shape
+    return dropout_naive.apply(probs, dropout_keep(seed, offset, dropout_p, B, H, L, K, probs.device), dropout_p)
+
+
 def rel_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -64,6 +86,9 @@ def rel_attention(
     scale: float,
     mask: Optional[torch.Tensor] = None,
     causal: bool = True,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Relative-position attention; returns ``[L, B, H, d]``.
 
@@ -72,6 +97,7 @@ def rel_attention(
     window of :func:`position_window`); query_pos_bias ``[H, d]``. ``causal``
     applies :func:`causal_mask`; ``mask`` (bool ``[L, K, B]`` or ``[L, K, 1]``,
     True = visible, labml's layout) is applied as well when given.
+    ``dropout_p``, ``seed``, ``offset``: attention dropout (module docstring).
     """
     scores = relative_scores(query, key, pos_emb, pos_bias, query_pos_bias) * scale
     visible = None
@@ -82,5 +108,5 @@ def rel_attention(
         visible = explicit if visible is None else visible & explicit
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
-    attn = torch.softmax(scores, dim=1)
+    attn = attention_dropout(torch.softmax(scores, dim=1), dropout_p, seed, offset)
     return torch.einsum("ijbh,jbhd->ibhd", attn, value)

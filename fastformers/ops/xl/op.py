@@ -2,10 +2,13 @@
 
 ``rel_attention(query [L, B, H, d], key [K, B, H, d], value [K, B, H, d],
 pos_emb [K + L - 1, H, d], pos_bias [K + L - 1, H], query_pos_bias [H, d],
-scale, causal, mask [L or 1, K, B or 1] bool or None) -> (out [L, B, H, d],
-lse [B, H, L])`` and ``rel_attention_backward``. ``lse`` is the log-sum-exp of
-each query's scaled scores, in float64 for float64 inputs and float32
-otherwise; backward recomputes the probabilities from it.
+scale, causal, mask [L or 1, K, B or 1] bool or None, dropout_p, seed, offset)
+-> (out [L, B, H, d], lse [B, H, L])`` and ``rel_attention_backward``. ``lse``
+is the log-sum-exp of each query's scaled scores (before dropout), in float64
+for float64 inputs and float32 otherwise; backward recomputes the
+probabilities from it and regenerates the dropout bits (mask layout
+``[B, H, L, K]``, see :mod:`.naive`). ``rel_attention`` follows
+``torch.autocast`` (every floating input cast to the autocast dtype).
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
 (causal or unmasked only: calls with an explicit ``mask`` run the reference
@@ -20,6 +23,7 @@ import torch
 
 from ... import _backend
 from ..._library import lib, qualname
+from .. import _autocast, dropout
 from . import naive
 
 logger = logging.getLogger("fastformers")
@@ -28,12 +32,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 lib.define(
     "rel_attention(Tensor query, Tensor key, Tensor value, Tensor pos_emb, Tensor pos_bias, "
-    "Tensor query_pos_bias, float scale, bool causal, Tensor? mask) -> (Tensor, Tensor)"
+    "Tensor query_pos_bias, float scale, bool causal, Tensor? mask, float dropout_p=0., int seed=0, int offset=0) "
+    "-> (Tensor, Tensor)"
 )
 lib.define(
     "rel_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor pos_emb, "
-    "Tensor pos_bias, Tensor query_pos_bias, Tensor out, Tensor lse, float scale, bool causal, Tensor? mask) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor pos_bias, Tensor query_pos_bias, Tensor out, Tensor lse, float scale, bool causal, Tensor? mask, "
+    "float dropout_p=0., int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -101,27 +106,46 @@ def _reference_scores(query, key, pos_emb, pos_bias, query_pos_bias, scale, caus
     return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
 
 
-def reference_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask):
+def _dropout_multiplier(probs, dropout_p, seed, offset) -> Optional[torch.Tensor]:
+    """``keep / (1 - p)`` in the layout of ``probs [L, K, B, H]``, or None without dropout."""
+    if dropout_p == 0:
+        return None
+    return naive.attention_dropout(torch.ones_like(probs), dropout_p, seed, offset)
+
+
+def reference_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p=0.0,
+                      seed=0, offset=0):
     """The op by the reference formulas, in the accumulation precision: ``(out, lse)``."""
     compute = lse_dtype(query.dtype)
     q, k, v, pe, pb, u = (t.to(compute) for t in (query, key, value, pos_emb, pos_bias, query_pos_bias))
     scores = _reference_scores(q, k, pe, pb, u, scale, causal, mask)
     lse = torch.logsumexp(scores, dim=1)
-    out = torch.einsum("ijbh,jbhd->ibhd", torch.exp(scores - lse[:, None]), v)
+    probs = naive.attention_dropout(torch.exp(scores - lse[:, None]), dropout_p, seed, offset)
+    out = torch.einsum("ijbh,jbhd->ibhd", probs, v)
     return out.to(query.dtype).contiguous(), lse.permute(1, 2, 0).contiguous()
 
 
-def reference_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask):
-    """Gradients of :func:`reference_forward` from the saved ``lse``, written out by hand."""
+def reference_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask,
+                       dropout_p=0.0, seed=0, offset=0):
+    """Gradients of :func:`reference_forward` from the saved ``lse``, written out by hand.
+
+    With dropout ``Z = keep / (1 - p)``: ``dV = (P ⊙ Z)ᵀ dO`` and
+    ``dS = P ⊙ (Z ⊙ dO Vᵀ - delta)``, ``delta = rowsum(dO ⊙ O)`` (``O``
+    already includes the dropout).
+    """
     dtype, compute = query.dtype, lse_dtype(query.dtype)
     go, q, k, v, pe, pb, u, o = (
         t.to(compute) for t in (grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out)
     )
     L, K = q.shape[0], k.shape[0]
     probs = torch.exp(_reference_scores(q, k, pe, pb, u, scale, causal, mask) - lse.to(compute).permute(2, 0, 1)[:, None])
-    grad_value = torch.einsum("ijbh,ibhd->jbhd", probs, go)
+    grad_probs = torch.einsum("ibhd,jbhd->ijbh", go, v)
+    multiplier = _dropout_multiplier(probs, dropout_p, seed, offset)
+    if multiplier is not None:
+        grad_probs = grad_probs * multiplier
+    grad_value = torch.einsum("ijbh,ibhd->jbhd", probs if multiplier is None else probs * multiplier, go)
     delta = (go * o).sum(-1)  # [L, B, H]
-    grad_scores = probs * (torch.einsum("ibhd,jbhd->ijbh", go, v) - delta[:, None]) * scale
+    grad_scores = probs * (grad_probs - delta[:, None]) * scale
     grad_content_query = torch.einsum("ijbh,jbhd->ibhd", grad_scores, k)
     grad_key = torch.einsum("ijbh,ibhd->jbhd", grad_scores, q + u)
     # Scatter each (i, j) onto its window row r = L - 1 - i + j.
@@ -141,7 +165,8 @@ lib.impl("rel_attention_backward", reference_backward, "CompositeExplicitAutogra
 
 
 @torch.library.register_fake(qualname("rel_attention"))
-def _rel_attention_fake(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask):
+def _rel_attention_fake(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p=0.0,
+                        seed=0, offset=0):
     check_inputs(query, key, value, pos_emb, pos_bias, query_pos_bias, causal=causal, mask=mask)
     L, B, H, _ = query.shape
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -150,7 +175,7 @@ def _rel_attention_fake(query, key, value, pos_emb, pos_bias, query_pos_bias, sc
 
 @torch.library.register_fake(qualname("rel_attention_backward"))
 def _rel_attention_backward_fake(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale,
-                                 causal, mask):
+                                 causal, mask, dropout_p=0.0, seed=0, offset=0):
     return tuple(
         torch.empty_like(t, memory_format=torch.contiguous_format)
         for t in (query, key, value, pos_emb, pos_bias, query_pos_bias)
@@ -158,20 +183,16 @@ def _rel_attention_backward_fake(grad_out, query, key, value, pos_emb, pos_bias,
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask = inputs
+    query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p, seed, offset = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse)
-    ctx.scale, ctx.causal, ctx.mask = scale, causal, mask
+    ctx.options = (scale, causal, mask, dropout_p, seed, offset)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse = ctx.saved_tensors
-    grads = torch.ops.fastformers.rel_attention_backward(
-        grad_out.contiguous(), query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
-        ctx.scale, ctx.causal, ctx.mask,
-    )
-    return (*grads, None, None, None)
+    grads = torch.ops.fastformers.rel_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.options)
+    return (*grads, *([None] * len(ctx.options)))
 
 
 def _no_double_backward(ctx, *grads):
@@ -182,6 +203,10 @@ torch.library.register_autograd(qualname("rel_attention"), _backward, setup_cont
 torch.library.register_autograd(
     qualname("rel_attention_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
+# The backward is not registered: autograd calls it with the dtypes the
+# forward saved (autocast already applied), and its float32 ``lse`` must not
+# be cast down.
+_autocast.register("rel_attention")
 
 
 def _triton_kernel():
@@ -197,32 +222,41 @@ def _triton_kernel():
         ) from error
 
 
-_MASK_ON_TRITON = "the Triton rel_attention kernels take causal masking only; an explicit mask runs the reference"
+MASK_ON_TRITON = (
+    "the Triton rel_attention kernels take causal masking only and an explicit (non-causal) mask runs the "
+    "reference; pass the causal-with-memory mask (or none) to stay on the kernels"
+)
 
 
-def _reference_on_gpu_reason(query, mask) -> Optional[str]:
-    if mask is not None:
-        return _MASK_ON_TRITON
-    unsupported = _triton_kernel().gpu_unsupported_reason(query)
-    return None if unsupported is None else f"{unsupported}; it runs the reference"
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, explicit_mask: bool) -> Optional[str]:
+    """Why the Triton kernels do not take a CUDA call of ``dtype`` and head dim
+    ``head_dim`` (with an explicit mask or not), saying what to change; None
+    when they do."""
+    if explicit_mask:
+        return MASK_ON_TRITON
+    return _triton_kernel().gpu_unsupported_reason(dtype, head_dim)
 
 
-def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask):
-    reason = _reference_on_gpu_reason(query, mask)
+def _cuda_reference_reason(query, mask) -> Optional[str]:
+    return gpu_unsupported_reason(query.dtype, query.shape[-1], mask is not None)
+
+
+def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p=0.0, seed=0,
+                  offset=0):
+    args = (query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
+    reason = _cuda_reference_reason(query, mask)
     if reason is not None:
-        logger.info("fastformers: %s", reason)
-        return reference_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask)
-    return _triton_kernel().rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
+        logger.info("fastformers: rel_attention runs the reference: %s", reason)
+        return reference_forward(*args, mask, dropout_p, seed, offset)
+    return _triton_kernel().rel_attention_forward(*args, dropout_p, seed, offset)
 
 
-def _cuda_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask):
-    if _reference_on_gpu_reason(query, mask) is not None:
-        return reference_backward(
-            grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask
-        )
-    return _triton_kernel().rel_attention_backward(
-        grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal
-    )
+def _cuda_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask,
+                   dropout_p=0.0, seed=0, offset=0):
+    args = (grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal)
+    if _cuda_reference_reason(query, mask) is not None:
+        return reference_backward(*args, mask, dropout_p, seed, offset)
+    return _triton_kernel().rel_attention_backward(*args, dropout_p, seed, offset)
 
 
 if _backend.triton_available():
@@ -234,29 +268,23 @@ class _InterpretedTriton(torch.autograd.Function):
     """The Triton kernels on CPU tensors (interpreter), with the same backward as the op."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal):
-        kernel = _triton_kernel()
-        out, lse = kernel.rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
+    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, dropout_p, seed, offset):
+        ctx.options = (scale, causal, dropout_p, seed, offset)
+        out, lse = _triton_kernel().rel_attention_forward(
+            query, key, value, pos_emb, pos_bias, query_pos_bias, *ctx.options
+        )
         ctx.save_for_backward(query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse)
-        ctx.scale, ctx.causal = scale, causal
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse = ctx.saved_tensors
-        grads = _triton_kernel().rel_attention_backward(
-            grad_out.contiguous(), query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
-            ctx.scale, ctx.causal,
-        )
-        return (*grads, None, None)
+        grads = _triton_kernel().rel_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.options)
+        return (*grads, *([None] * len(ctx.options)))
 
 
 def effective_backend(name: str, mask: Optional[torch.Tensor]) -> str:
     """``name`` unless it cannot take ``mask``: the Triton kernels are causal-only."""
-    if name == "triton" and mask is not None:
-        logger.info("fastformers: %s", _MASK_ON_TRITON)
-        return "reference"
-    return name
+    return "reference" if name == "triton" and mask is not None else name
 
 
 def rel_attention(
@@ -270,6 +298,8 @@ def rel_attention(
     *,
     mask: Optional[torch.Tensor] = None,
     causal: bool = True,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Relative-position attention (Transformer-XL); returns ``[L, B, H, d]``.
@@ -281,17 +311,31 @@ def rel_attention(
     ``j <= M + i``; ``mask`` (bool ``[L or 1, K, B or 1]``, True = visible) is
     applied as well. Rows with no visible key give NaN, as softmax does.
 
+    ``dropout_p`` drops attention probabilities inside the kernels (mask
+    layout ``[B, H, L, K]``, bits from :func:`fastformers.ops.dropout.draw`:
+    ``seed`` fixes them, None draws from torch's generator, and
+    ``dropout.record()`` gives the mask back). Under ``torch.autocast`` every
+    floating input is cast to the autocast dtype.
+
     ``backend`` overrides the backend selection for this call. The Triton
-    kernels take no explicit mask: with one, ``triton`` runs the reference
-    (logged at INFO).
+    kernels take no explicit mask: with one, ``triton`` runs the reference.
     """
+    dropout_p = dropout.check_p(dropout_p, "dropout_p")
+    if isinstance(query, torch.Tensor):
+        query, key, value, pos_emb, pos_bias, query_pos_bias = _autocast.cast(
+            query.device.type, query, key, value, pos_emb, pos_bias, query_pos_bias
+        )
     check_inputs(query, key, value, pos_emb, pos_bias, query_pos_bias, causal=causal, mask=mask)
     name = effective_backend(_backend.resolve_backend(query.device, backend), mask)
+    L, B, H, _ = query.shape
+    seed, offset = dropout.draw("rel_attention", dropout_p, (B, H, L, key.shape[0]), query.device, seed=seed)
     if name == "reference":
-        return naive.rel_attention(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, mask=mask, causal=causal)
+        return naive.rel_attention(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, mask=mask,
+                                   causal=causal, dropout_p=dropout_p, seed=seed, offset=offset)
     if name == "triton" and query.device.type == "cpu":
-        return _InterpretedTriton.apply(query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal)
+        return _InterpretedTriton.apply(query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal,
+                                        dropout_p, seed, offset)
     out, _ = torch.ops.fastformers.rel_attention(
-        query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal, mask
+        query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal, mask, dropout_p, seed, offset
     )
     return out

@@ -17,6 +17,13 @@ which gives the query gradient through the band (``dT · band``) and the band's
 gradient (``dTᵀ · Q``). (``tl.gather`` did the same with fewer instructions
 but spilled registers at every tile size tried.)
 
+Attention dropout (``DROPOUT``, a constexpr, so the kernels without it are
+unchanged) regenerates the keep bit of probability ``(b, h, i, j)`` from
+Philox element ``((b·H + h)·L + i)·K + j`` wherever a kernel needs it: the
+forward applies it to the probabilities it multiplies with V (the softmax
+statistics stay those of the undropped scores), the backward to ``dO·Vᵀ`` and
+to the probabilities of ``dV``.
+
 Content dots are IEEE: float32 products in float32, bf16 products exact in
 float32 accumulation, float64 for float64 (interpreter only).
 
@@ -32,6 +39,8 @@ import triton
 import triton.language as tl
 
 from ...triton_utils import AotSpec, interpreter_enabled
+from ..dropout import naive as dropout_naive
+from ..dropout.triton_kernel import keep
 
 
 @triton.jit
@@ -139,7 +148,18 @@ def _tile_scores(
     return tl.where(visible, scores, -float("inf"))
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit
+def _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j):
+    """Keep bits of the ``[BLOCK_M, BLOCK_N]`` tile's (b, h, i, j) probabilities."""
+    index = (batch_head.to(tl.int64) * L + offs_i.to(tl.int64))[:, None] * K + offs_j.to(tl.int64)[None, :]
+    return keep(seed, offset, index, threshold)
+
+
+# Scalars that change from call to call: no specialisation on their values.
+_RUNTIME_ARGS = ["causal", "seed", "offset", "threshold"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def rel_attention_fwd_kernel(
     q_ptr,  # [L, B, H, d]
     k_ptr,  # [K, B, H, d]
@@ -178,12 +198,17 @@ def rel_attention_fwd_kernel(
     d,
     scale,
     causal,  # 1: query i sees keys j <= K - L + i; 0: every key
+    seed,  # attention dropout: Philox key and stream offset,
+    offset,
+    threshold,  # dropout_naive.threshold(p)
+    dropout_scale,  # and 1 / (1 - p); read only with DROPOUT
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_CHUNK: tl.constexpr,  # features per step of the positional term, see _positional_scores
     ACC: tl.constexpr,  # accumulation dtype: float64 for float64 inputs, else float32
     UPCAST_DOTS: tl.constexpr,  # bf16 under the interpreter, see _dot
+    DROPOUT: tl.constexpr,  # dropout_p > 0
 ):
     m_start = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -228,6 +253,9 @@ def rel_attention_fwd_kernel(
         rescale = tl.exp(row_max - new_max)
         probs = tl.exp(scores - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        if DROPOUT:
+            kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
+            probs = tl.where(kept, probs * dropout_scale, 0.0)
         acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, ACC, UPCAST_DOTS)
         row_max = new_max
 
@@ -237,7 +265,7 @@ def rel_attention_fwd_kernel(
     tl.store(lse_ptr + batch_head.to(tl.int64) * L + offs_i, row_max + tl.log(row_sum), mask=i_ok)
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def rel_attention_bwd_dq_kernel(
     q_ptr,  # [L, B, H, d]
     k_ptr,  # [K, B, H, d]
@@ -286,6 +314,10 @@ def rel_attention_bwd_dq_kernel(
     d,
     scale,
     causal,
+    seed,
+    offset,
+    threshold,
+    dropout_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,  # window rows one score tile reads: next power of 2 >= BLOCK_M + BLOCK_N - 1
@@ -293,6 +325,7 @@ def rel_attention_bwd_dq_kernel(
     D_CHUNK: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     m_start = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -353,6 +386,9 @@ def rel_attention_bwd_dq_kernel(
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
         grad_probs = _dot(do, tl.trans(v), ACC, UPCAST_DOTS)
+        if DROPOUT:
+            kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
+            grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
         # Gradient of the unscaled score (content + positional + bias).
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
         dq += _dot(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS)
@@ -382,7 +418,7 @@ def rel_attention_bwd_dq_kernel(
     tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit(do_not_specialize=["causal"])
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def rel_attention_bwd_dkdv_kernel(
     q_ptr,  # [L, B, H, d]
     k_ptr,  # [K, B, H, d]
@@ -426,12 +462,17 @@ def rel_attention_bwd_dkdv_kernel(
     d,
     scale,
     causal,
+    seed,
+    offset,
+    threshold,
+    dropout_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_CHUNK: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     n_start = tl.program_id(0) * BLOCK_N
     batch_head = tl.program_id(1)
@@ -485,8 +526,13 @@ def rel_attention_bwd_dkdv_kernel(
             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, ACC, UPCAST_DOTS,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
-        dv += _dot(tl.trans(probs.to(do.dtype)), do, ACC, UPCAST_DOTS)
         grad_probs = _dot(do, tl.trans(v), ACC, UPCAST_DOTS)
+        if DROPOUT:
+            kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
+            grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
+            dv += _dot(tl.trans(tl.where(kept, probs * dropout_scale, 0.0).to(do.dtype)), do, ACC, UPCAST_DOTS)
+        else:
+            dv += _dot(tl.trans(probs.to(do.dtype)), do, ACC, UPCAST_DOTS)
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
         dk += _dot(tl.trans(grad_scores.to(qu.dtype)), qu, ACC, UPCAST_DOTS)
         grad_scores_colsum += tl.sum(grad_scores, axis=0)
@@ -550,16 +596,22 @@ def _tile_config(kernel_name: str, dtype_name: str, block_d: int) -> dict:
     return dict(config, num_warps=num_warps, num_stages=2)
 
 
-def gpu_unsupported_reason(query: torch.Tensor) -> Optional[str]:
-    """Why no checked GPU configuration takes ``query [L, B, H, d]`` (None if one does)."""
-    dtype_name = _GPU_DTYPES.get(query.dtype)
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Why no checked GPU configuration takes queries of ``dtype`` with head dim
+    ``head_dim``, and what to change (None if one does)."""
+    dtype_name = _GPU_DTYPES.get(dtype)
     if dtype_name is None:
-        return f"the Triton rel_attention kernels run float32 and bfloat16 on GPUs, got {query.dtype}"
-    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(query.shape[-1]))
-    if (dtype_name, block_d) not in {(name, width) for _, name, width in _TILES}:
         return (
-            f"the Triton rel_attention kernels take head dim d <= {_widest_block_d(dtype_name)} for {query.dtype}"
-            f" on GPUs, got d={query.shape[-1]}"
+            f"the Triton rel_attention kernels run float32 and bfloat16 on GPUs, got {dtype}: use float32 or "
+            "torch.autocast('cuda', dtype=torch.bfloat16)"
+        )
+    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(head_dim))
+    if (dtype_name, block_d) not in {(name, width) for _, name, width in _TILES}:
+        widest = _widest_block_d(dtype_name)
+        advice = "use more heads" if dtype_name == "bf16" else "use bfloat16 autocast (d <= 128) or more heads"
+        return (
+            f"the Triton rel_attention kernels take head dim d <= {widest} for {dtype} on GPUs, got d={head_dim}: "
+            f"{advice}"
         )
     return None
 
@@ -602,13 +654,23 @@ def _strides4(tensor: torch.Tensor):
     return tuple(tensor.stride())
 
 
-def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale: float, causal: bool):
+def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple:
+    """The kernels' runtime dropout arguments and their ``DROPOUT`` constexpr."""
+    active = dropout_p > 0
+    scale = 1.0 / (1.0 - dropout_p) if active else 1.0
+    return (int(seed), int(offset), dropout_naive.threshold(dropout_p), scale), dict(DROPOUT=active)
+
+
+def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale: float, causal: bool,
+                          dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
     """Forward of relative-position attention.
 
     query ``[L, B, H, d]``, key and value ``[K, B, H, d]`` (``K = M + L``),
     pos_emb ``[K + L - 1, H, d]``, pos_bias ``[K + L - 1, H]``, query_pos_bias
-    ``[H, d]``; any strides. Returns ``out [L, B, H, d]`` (query's dtype) and the
-    row log-sum-exp ``lse [B, H, L]`` (float32, float64 for float64 inputs).
+    ``[H, d]``; any strides. ``dropout_p``, ``seed``, ``offset``: attention
+    dropout (mask layout ``[B, H, L, K]``). Returns ``out [L, B, H, d]``
+    (query's dtype) and the row log-sum-exp ``lse [B, H, L]`` (float32, float64
+    for float64 inputs) of the undropped scores.
     """
     L, B, H, d = query.shape
     K = key.shape[0]
@@ -616,19 +678,21 @@ def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, 
     out = query.new_empty((L, B, H, d))
     lse = torch.empty((B, H, L), dtype=acc_torch, device=query.device)
     config = _block_config("fwd", query)
+    dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
     grid = (triton.cdiv(L, config["BLOCK_M"]), B * H)
     rel_attention_fwd_kernel[grid](
         query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
         *_strides4(query), *_strides4(key), *_strides4(value),
         *pos_emb.stride(), *pos_bias.stride(), *query_pos_bias.stride(), *_strides4(out),
-        L, K, H, d, float(scale), int(causal),
-        ACC=acc_tl, **_interpreter_options(query.dtype), **config,
+        L, K, H, d, float(scale), int(causal), *dropout_args,
+        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **config,
     )  # fmt: skip
     return out, lse
 
 
 def rel_attention_backward(
-    grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale: float, causal: bool
+    grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale: float, causal: bool,
+    dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
 ):
     """Gradients of :func:`rel_attention_forward` from ``grad_out [L, B, H, d]``.
 
@@ -646,6 +710,7 @@ def rel_attention_backward(
     dkdv_config = _block_config("dkdv", query)
     n_query_tiles = triton.cdiv(L, dq_config["BLOCK_M"])
     n_key_tiles = triton.cdiv(K, dkdv_config["BLOCK_N"])
+    dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
     device = query.device
 
     grad_query = query.new_empty((L, B, H, d))
@@ -665,15 +730,15 @@ def rel_attention_backward(
         query, key, value, pos_emb, pos_bias, query_pos_bias, out, grad_out, lse, delta,
         grad_query, grad_pos_emb, grad_pos_bias,
         *common_strides, *_strides4(out), *_strides4(grad_out),
-        L, K, B, H, d, float(scale), int(causal),
-        ACC=acc_tl, **_interpreter_options(query.dtype), **dq_config,
+        L, K, B, H, d, float(scale), int(causal), *dropout_args,
+        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **dq_config,
     )  # fmt: skip
     rel_attention_bwd_dkdv_kernel[(n_key_tiles, B * H)](
         query, key, value, pos_emb, pos_bias, query_pos_bias, grad_out, lse, delta,
         grad_key, grad_value, grad_u_partial,
         *common_strides, *_strides4(grad_out),
-        L, K, B, H, d, float(scale), int(causal),
-        ACC=acc_tl, **_interpreter_options(query.dtype), **dkdv_config,
+        L, K, B, H, d, float(scale), int(causal), *dropout_args,
+        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **dkdv_config,
     )  # fmt: skip
     grad_query_pos_bias = grad_u_partial.sum(dim=(0, 2))
     return (
@@ -695,7 +760,9 @@ _POINTERS = {
     ),
     rel_attention_bwd_dkdv_kernel: ("q", "k", "v", "pe", "pb", "u", "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv", ("grad_u_partial", "acc")),
 }  # fmt: skip
-_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_D", "D_CHUNK", "ACC", "UPCAST_DOTS")
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_D", "D_CHUNK", "ACC", "UPCAST_DOTS", "DROPOUT")
+_FLOAT_SCALARS = ("scale", "dropout_scale")
+_INT64_SCALARS = ("seed", "offset", "threshold")
 
 
 def _signature(kernel, dtype: str, acc: str) -> dict:
@@ -709,8 +776,10 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
             signature[name] = pointer_types[name]
         elif name in _CONSTEXPRS:
             signature[name] = "constexpr"
-        elif name == "scale":
+        elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
+        elif name in _INT64_SCALARS:
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
     return signature
@@ -718,17 +787,19 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
 
 def _aot_specs():
     """Every configuration the GPU launches: each kernel at each ``_TILES``
-    entry, with the launchers' precision options (``causal`` is a runtime
-    argument, so one compilation serves causal and full attention)."""
+    entry, with the launchers' precision options, without and with dropout
+    (``causal`` is a runtime argument, so one compilation serves causal and
+    full attention)."""
     kernels = dict(zip(_KERNEL_NAMES, _POINTERS))
     specs = []
     for (name, dtype_name, block_d) in _TILES:
         config = _tile_config(name, dtype_name, block_d)
         launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        constexprs = {"ACC": tl.float32, "UPCAST_DOTS": False, **config}
         kernel = kernels[name]
-        label = f"{dtype_name},d{block_d}"
-        specs.append(AotSpec(kernel, _signature(kernel, dtype_name, "fp32"), constexprs, label=label, **launch))
+        for dropout in (False, True):
+            constexprs = {"ACC": tl.float32, "UPCAST_DOTS": False, "DROPOUT": dropout, **config}
+            label = f"{dtype_name},d{block_d}" + (",dropout" if dropout else "")
+            specs.append(AotSpec(kernel, _signature(kernel, dtype_name, "fp32"), constexprs, label=label, **launch))
     return specs
 
 
