@@ -41,8 +41,8 @@ else
     unset TRITON_INTERPRET FASTFORMERS_GPU_CHECK_DRY_RUN
     suite_args=()
     bench_args=(--dtype bfloat16 --min-time 0.2)
-    suite_limit=270
-    bench_limit=200
+    suite_limit=300
+    bench_limit=170
 fi
 
 echo "== CUDA suite (limit ${suite_limit}s)"

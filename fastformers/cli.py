@@ -78,7 +78,7 @@ def _bench_cuda(args: argparse.Namespace, dtype: torch.dtype) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("fastformers bench --device cuda: no CUDA GPU here (--dry-run rehearses it on CPU)", file=sys.stderr)
         return 2
-    ops = args.ops or [*gpu_bench.OPS, "training"]
+    ops = args.ops or list(gpu_bench.DEFAULT_ORDER)
     try:
         gpu_bench.check_ops(ops)
     except ValueError as error:

@@ -9,7 +9,7 @@ Peers, timed in the same process as the fused Triton kernels:
   term (flash backend for bf16/fp16, memory-efficient for float32; lower-right
   causal mask, as the memory-first layout needs) as the speed-of-light anchor;
   FlexAttention with the positional term as a ``score_mod`` bias (forward only,
-  as in ``fastformers bench``);
+  as in ``fastformers bench``; first shape only);
 - ``switch``: labml_nn's ``SwitchFeedForward`` (baseline), torch's
   ``grouped_mm``, our module on the reference backend (a loop over experts)
   and the dense FFN of the same active size;
@@ -68,6 +68,10 @@ DRY_SHAPES = {
     "switch": [(128, 16, 32, 4)],
 }
 OPS = tuple(SHAPES)
+# The default run's order: the heaviest comparisons first, so that a run cut
+# short by its time limit loses the cheapest ones.
+DEFAULT_ORDER = ("rel_attention", "switch", "training", "feedback_attention_step", "conv_compress",
+                 "attention_reconstruction_loss", "feedback_memory")
 DRY_TRAINING_SIZE = training_benchmark.TrainingSize("xl", "dry run", 2, 2, dict(mem_len=2, d_model=32, heads=2, d_ff=64,
                                                                                n_layers=1))
 
@@ -172,8 +176,10 @@ def _sdpa(query, key, value, scale):
 
 
 def _rel_attention_cases(device, dtype, shapes, dry_run) -> List[Case]:
+    """FlexAttention on the first shape only: compiling it costs tens of
+    seconds per shape, out of the check's minutes."""
     peers = (SDPA,)
-    forward_only = () if dry_run or not benchmark._flex_attention_available() else (benchmark.FLEX_ATTENTION,)
+    flex = () if dry_run or not benchmark._flex_attention_available() else (benchmark.FLEX_ATTENTION,)
 
     def run(inputs, backend):
         if backend == SDPA:
@@ -189,7 +195,7 @@ def _rel_attention_cases(device, dtype, shapes, dry_run) -> List[Case]:
         return make
 
     return [Case("rel_attention", _label("rel_attention", shape), maker(*shape), run, dtype, peers=peers,
-                 forward_only_peers=forward_only) for shape in shapes]
+                 forward_only_peers=flex if index == 0 else ()) for index, shape in enumerate(shapes)]
 
 
 def _feedback_memory_cases(device, dtype, shapes, dry_run) -> List[Case]:
@@ -299,7 +305,7 @@ def _label(op: str, shape: tuple) -> str:
     return " ".join(f"{letter}={size}" for letter, size in zip(_SHAPE_LETTERS[op].split(), shape))
 
 
-def shape_of(op: str, label: str) -> tuple:
+def shape_of(label: str) -> tuple:
     """The shape tuple back from a :func:`_label`."""
     return tuple(int(part.split("=")[1]) for part in label.split())
 
@@ -326,7 +332,7 @@ def run(cases: List[Case], device: str, min_time: float) -> List[GpuResult]:
     for case in cases:
         dtype = str(case.dtype).replace("torch.", "")
         element_bytes = torch.empty((), dtype=case.dtype).element_size()
-        shape = shape_of(case.op, case.shape)
+        shape = shape_of(case.shape)
         timed = [(b, False) for b in (case.baseline, *case.peers, FUSED)] + [(b, True) for b in case.forward_only_peers]
         baseline = None
         for backend, forward_only in timed:
