@@ -32,7 +32,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -423,6 +423,7 @@ def format_training(rows: List[dict]) -> str:
 def environment() -> dict:
     """What the numbers were measured on."""
     import platform
+    import subprocess
 
     import triton
 
@@ -431,8 +432,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(), capability=".".join(map(str, torch.cuda.get_device_capability())))
         try:
-            import subprocess
-
             info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                             capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
