@@ -520,6 +520,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts = merged["suite"]["counts"]
     print(f"CUDA suite: {counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
           f"{counts['skipped']} skipped; benchmark {'recorded' if merged['bench']['record'] else 'MISSING'}")
+    if counts["passed"] + counts["failed"] + counts["error"] == 0:
+        print("  WARNING: no CUDA test ran (no GPU, or the Triton interpreter was on): the skip reasons are in the JSON")
     for test in merged["suite"]["tests"]:
         if test["outcome"] in ("failed", "error"):
             print(f"  {test['outcome'].upper()} {test['name']}: {test['message'].splitlines()[0] if test['message'] else ''}")
