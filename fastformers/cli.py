@@ -19,6 +19,8 @@ def _bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
+    if device == "cuda" or args.dry_run:
+        return _bench_cuda(args, dtype)
     ops = args.ops or sorted(benchmark.ALL_CASES)
     choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES) + ["training"]
     unknown = [op for op in ops if op not in choices]
@@ -58,6 +60,37 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([dataclasses.asdict(r) for r in results], handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_cuda(args: argparse.Namespace, dtype: torch.dtype) -> int:
+    from . import gpu_bench
+    from .triton_utils import interpreter_enabled
+
+    if args.dry_run and args.device != "cuda":
+        print("fastformers bench: --dry-run rehearses the GPU benchmark: pass --device cuda", file=sys.stderr)
+        return 2
+    if args.dry_run and not interpreter_enabled():
+        print("fastformers bench --dry-run runs the Triton kernels through the interpreter: "
+              "set TRITON_INTERPRET=1 before starting it", file=sys.stderr)
+        return 2
+    if not args.dry_run and not torch.cuda.is_available():
+        print("fastformers bench --device cuda: no CUDA GPU here (--dry-run rehearses it on CPU)", file=sys.stderr)
+        return 2
+    ops = args.ops or list(gpu_bench.DEFAULT_ORDER)
+    try:
+        gpu_bench.check_ops(ops)
+    except ValueError as error:
+        print(f"fastformers bench: {error}", file=sys.stderr)
+        return 2
+    environment = ", ".join(f"{key} {value}" for key, value in gpu_bench.environment().items() if value)
+    print(f"fastformers bench --device cuda{' (dry run: CPU, Triton interpreter, tiny shapes)' if args.dry_run else ''}: "
+          f"{environment}")
+    print("times are medians in one run; x: the first row's time / this row's; TFLOP/s from analytic FLOPs "
+          "(fastformers.gpu_bench.work)\n", flush=True)
+    gpu_bench.bench(ops, dtype, args.min_time, dry_run=args.dry_run, json_path=args.json)
+    if args.json:
         print(f"wrote {args.json}")
     return 0
 
@@ -161,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--large", action="store_true",
                        help="the full comparison: add the heavy shapes (e.g. rel_attention L=M=512, switch T=4096 "
                        "d=512 d_ff=2048) and the torch.compile(reference) peer")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="with --device cuda: run the GPU benchmark's code on CPU through the Triton interpreter "
+                       "at tiny shapes (needs TRITON_INTERPRET=1; proves it runs, measures nothing)")
     bench.set_defaults(handler=_bench)
 
     from .models import MODEL_NAMES, ModelConfig

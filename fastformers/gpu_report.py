@@ -1,7 +1,14 @@
-"""Registers, shared memory and spills of every Triton kernel, compiled ahead of
-time for NVIDIA GPUs (no GPU needed)::
+"""Static evidence about the GPU kernels, no GPU needed::
 
-    python -m fastformers.gpu_report [--json PATH] [--arch 80 90]
+    python -m fastformers.gpu_report [--json PATH] [--arch 80 90] [--kernel NAME] [--jobs N]
+
+1. Every Triton kernel configuration compiled ahead of time: registers, shared
+   memory, spills, and from its SASS the tensor-core instructions (HMMA =
+   mma.sync, HGMMA = Hopper wgmma), atomics (RED/REDG/ATOM/ATOMG/ATOMS) and
+   CUDA-core FMAs (FFMA, DFMA).
+2. A roofline MODEL of every ``fastformers bench --device cuda`` shape: analytic
+   FLOPs and bytes (``fastformers.gpu_bench.work``) and the ideal H100 time at
+   its peaks. Computed, not measured.
 
 Exits 1 if any kernel fails to compile, spills registers or exceeds the shared
 memory of an arch; 2 if the check cannot run here.
@@ -16,7 +23,7 @@ from . import _backend
 from .triton_utils import interpreter_enabled
 
 DEFAULT_ARCHS = (80, 90)
-_COLUMNS = ("kernel", "arch", "warps", "registers", "shared", "spills", "status")
+_COLUMNS = ("kernel", "arch", "warps", "registers", "shared", "spills", "HMMA", "HGMMA", "atomics", "FFMA", "status")
 
 
 def _bytes(value) -> str:
@@ -30,8 +37,21 @@ def _summary(error: str) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
+def _count(record: dict, opcode: str) -> str:
+    sass = record.get("sass")
+    return "-" if sass is None else str(sass[opcode] if opcode != "FFMA" else sass["FFMA"] + sass["DFMA"])
+
+
+def _aligned(header: tuple, rows: list) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
 def format_table(records: list[dict]) -> str:
-    """The report as an aligned text table; ``records`` are ``AotResult.as_dict()`` rows."""
+    """The kernels as an aligned text table; ``records`` are ``AotResult.as_dict()``
+    rows. FFMA counts FFMA and DFMA (the float64 configurations' FMAs)."""
     rows = [
         (
             record["kernel"],
@@ -40,14 +60,56 @@ def format_table(records: list[dict]) -> str:
             "-" if record["registers"] is None else str(record["registers"]),
             _bytes(record["shared_bytes"]),
             _bytes(record["spill_bytes"]),
+            _count(record, "HMMA"),
+            _count(record, "HGMMA"),
+            "-" if record.get("atomics") is None else str(record["atomics"]),
+            _count(record, "FFMA"),
             "ok" if record["ok"] else "FAIL: " + _summary(record["error"]),
         )
         for record in records
     ]
-    widths = [max(len(cell) for cell in column) for column in zip(_COLUMNS, *rows)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (_COLUMNS, *rows)]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return _aligned(_COLUMNS, rows)
+
+
+# Which peak bounds a dtype's products in the model: bf16 dots run on tensor
+# cores; the float32 kernels ask Triton for IEEE dots, which run on CUDA cores.
+_PEAK_OF_DTYPE = {"bfloat16": "bf16_tensor_tflops", "float32": "fp32_tflops"}
+
+
+def roofline() -> list[dict]:
+    """One modelled line per (op, GPU benchmark shape, dtype, pass)."""
+    from . import gpu_bench
+
+    lines = []
+    for op, shapes in gpu_bench.SHAPES.items():
+        for shape in shapes:
+            for dtype, element_bytes in (("bfloat16", 2), ("float32", 4)):
+                model = gpu_bench.work(op, shape, element_bytes)
+                peak = gpu_bench.H100_PEAKS[_PEAK_OF_DTYPE[dtype]]
+                for name, flops, moved in (("fwd", model.forward_flops, model.forward_bytes),
+                                           ("fwd+bwd", model.forward_backward_flops, model.forward_backward_bytes)):
+                    compute_s = flops / (peak * 1e12)
+                    memory_s = moved / (gpu_bench.H100_PEAKS["hbm_tb_s"] * 1e12)
+                    lines.append(dict(op=op, shape=gpu_bench._label(op, shape), dtype=dtype, passes=name,
+                                      flops=flops, bytes=moved, peak_tflops=peak,
+                                      compute_us=compute_s * 1e6, memory_us=memory_s * 1e6,
+                                      ideal_us=max(compute_s, memory_s) * 1e6,
+                                      bound="compute" if compute_s >= memory_s else "memory"))
+    return lines
+
+
+def format_roofline(lines: list[dict]) -> str:
+    from .gpu_bench import H100_PEAKS
+
+    header = ("op", "shape", "dtype", "pass", "GFLOP", "MB", "FLOP/B", "ideal us", "bound")
+    rows = [(line["op"], line["shape"], line["dtype"], line["passes"], f"{line['flops'] / 1e9:.3f}",
+             f"{line['bytes'] / 1e6:.2f}", f"{line['flops'] / line['bytes']:.1f}", f"{line['ideal_us']:.2f}",
+             f"{line['bound']} ({line['peak_tflops']:g} TFLOP/s)" if line["bound"] == "compute" else "memory")
+            for line in lines]
+    title = (f"ROOFLINE MODEL, not a measurement: analytic FLOPs and bytes (fastformers.gpu_bench.work) at H100 SXM "
+             f"peaks ({H100_PEAKS['bf16_tensor_tflops']:g} TFLOP/s dense bf16, {H100_PEAKS['fp32_tflops']:g} fp32 "
+             f"CUDA-core for the IEEE float32 kernels, {H100_PEAKS['hbm_tb_s']:g} TB/s)")
+    return title + "\n" + _aligned(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "--arch", type=int, nargs="+", default=DEFAULT_ARCHS, help="compute capabilities (default: 80 90)"
     )
     parser.add_argument("--jobs", type=int, default=0, help="compiler processes (default: by the amount of work, at most one per CPU)")
+    parser.add_argument("--kernel", default="", metavar="NAME", help="only the kernel specs whose name contains NAME")
     args = parser.parse_args(argv)
 
     if not _backend.triton_available():
@@ -76,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     from .testing import aot
 
     try:
-        results = aot.run_aot_check(args.arch, jobs=args.jobs)
+        results = aot.run_aot_check(args.arch, jobs=args.jobs, kernel_filter=args.kernel)
     except ValueError as error:
         parser.error(str(error))
     records = [result.as_dict() for result in results]
+    model = roofline()
     print(format_table(records))
+    print("\n" + format_roofline(model))
     if args.json:
         with open(args.json, "w") as report:
-            json.dump(records, report, indent=2)
+            json.dump({"kernels": records, "roofline_model": model}, report, indent=2)
 
     failures = [record for record in records if not record["ok"]]
     if failures:

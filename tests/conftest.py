@@ -1,17 +1,40 @@
 """Test-wide setup.
 
 Triton reads TRITON_INTERPRET when kernels are imported, so it is set here,
-before anything imports fastformers: every Triton kernel then runs on CPU
-tensors through the interpreter. The ahead-of-time compile check runs in a
+before any test module imports fastformers: every Triton kernel then runs on
+CPU tensors through the interpreter. The ahead-of-time compile check runs in a
 subprocess without it (tests/test_aot.py).
+
+One exception: on a machine with a CUDA GPU, a run of the CUDA suite alone
+(``python -m pytest tests/cuda``) leaves the interpreter off, so that its
+kernels run on the GPU. In every other run tests/cuda skips (see its conftest).
+A TRITON_INTERPRET already in the environment always wins.
 """
 import os
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+CUDA_SUITE = Path(__file__).parent / "cuda"
+
+
+def runs_only_the_cuda_suite(args) -> bool:
+    """Whether every path pytest was given lies inside tests/cuda."""
+    paths = [Path(arg.split("::", 1)[0]).resolve() for arg in args if not arg.startswith("-")]
+    return bool(paths) and all(path == CUDA_SUITE or CUDA_SUITE in path.parents for path in paths)
+
+
+def interpreter_wanted(args) -> bool:
+    return not (torch.cuda.is_available() and runs_only_the_cuda_suite(args))
+
+
+def pytest_configure(config):
+    # Runs before any test module is collected, hence before fastformers (and
+    # its @triton.jit kernels) is imported.
+    if interpreter_wanted(config.args):
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 def _shim_labml_tracker():

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import fastformers
+from fastformers import gpu_bench
 from fastformers.gpu_report import format_table
-from fastformers.testing.aot import collect_specs
+from fastformers.testing.aot import SASS_OPCODES, collect_specs
 
 ARCHS = (80, 90)
 FEEDBACK_KERNELS = {
@@ -38,7 +39,7 @@ def report(tmp_path_factory):
     process = _run(["-m", "fastformers.gpu_report", "--json", str(json_path), "--arch", *map(str, ARCHS)])
     output = f"exit code {process.returncode}\nstdout:\n{process.stdout}\nstderr:\n{process.stderr}"
     assert json_path.exists(), f"gpu_report wrote no JSON report; {output}"
-    return process, json.loads(json_path.read_text()), output
+    return process, json.loads(json_path.read_text())["kernels"], output
 
 
 def test_every_kernel_compiles_without_spills(report):
@@ -125,3 +126,15 @@ def test_explains_missing_triton():
     script = "import sys; sys.modules['triton'] = None; from fastformers.gpu_report import main; sys.exit(main([]))"
     process = _run(["-c", script])
     assert process.returncode == 2 and "Triton" in process.stderr and "not installed" in process.stderr, process.stderr
+
+
+def test_report_counts_sass_instructions_and_models_the_roofline(report):
+    process, records, output = report
+    for record in records:
+        assert set(record["sass"]) == set(SASS_OPCODES), record["kernel"]
+    # the bf16 dots of the attention kernels run on tensor cores
+    assert any(record["sass"]["HMMA"] + record["sass"]["HGMMA"] > 0 for record in records
+               if record["kernel"].startswith("rel_attention") and "bf16" in record["kernel"]), format_table(records)
+    assert "HMMA" in process.stdout and "ROOFLINE MODEL, not a measurement" in process.stdout, output
+    for op in gpu_bench.SHAPES:
+        assert op in process.stdout.split("ROOFLINE MODEL")[1], op

@@ -2,7 +2,12 @@
 
 Each ``fastformers/ops/<family>/triton_kernel.py`` declares ``AOT_SPECS``; every
 spec is compiled for each requested NVIDIA arch (no GPU needed) and its cubin is
-inspected with ``cuobjdump`` for registers, shared memory and spills.
+inspected with ``cuobjdump``: registers, shared memory and spills
+(``--dump-resource-usage``), and from the SASS (``-sass``) the count of the
+instructions that say how the kernel computes: tensor-core products (``HMMA``,
+mma.sync; ``HGMMA``, Hopper's wgmma), atomics (``RED``/``REDG``/``ATOM``/
+``ATOMG``/``ATOMS``: non-deterministic summation order) and CUDA-core FMAs
+(``FFMA``, ``DFMA``).
 
 Must run in a process without ``TRITON_INTERPRET``: the interpreter replaces
 ``@triton.jit`` kernels at import time with functions Triton cannot compile.
@@ -36,6 +41,13 @@ WARP_SIZE = 32
 
 _RESOURCE_USAGE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
+# SASS opcodes counted per kernel (the mnemonic before its first '.').
+SASS_OPCODES = ("HMMA", "HGMMA", "RED", "REDG", "ATOM", "ATOMG", "ATOMS", "FFMA", "DFMA")
+ATOMIC_OPCODES = ("RED", "REDG", "ATOM", "ATOMG", "ATOMS")
+# An instruction line: "/*0a30*/  @!P0 HMMA.16816.F32.BF16 R4, ..." (the predicate is optional).
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9]*)", re.MULTILINE)
+_SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", re.MULTILINE)
+
 
 @dataclasses.dataclass(frozen=True)
 class AotResult:
@@ -51,6 +63,8 @@ class AotResult:
     dynamic_shared_bytes: int | None = None
     local_bytes: int | None = None
     stack_bytes: int | None = None
+    # Count of each of SASS_OPCODES in the kernel's SASS.
+    sass: dict | None = None
     error: str = ""
 
     @property
@@ -64,6 +78,10 @@ class AotResult:
         return self.static_shared_bytes + self.dynamic_shared_bytes
 
     @property
+    def atomics(self) -> int | None:
+        return None if self.sass is None else sum(self.sass[opcode] for opcode in ATOMIC_OPCODES)
+
+    @property
     def spill_bytes(self) -> int | None:
         """Per-thread local memory; any of it means ptxas ran out of registers."""
         if self.local_bytes is None:
@@ -75,6 +93,7 @@ class AotResult:
             **dataclasses.asdict(self),
             "shared_bytes": self.shared_bytes,
             "spill_bytes": self.spill_bytes,
+            "atomics": self.atomics,
             "ok": self.ok,
         }
 
@@ -121,6 +140,28 @@ def _resource_usage(cubin_path: str, function_name: str) -> tuple[int, int, int,
     raise RuntimeError(f"cuobjdump reports no function {function_name!r}:\n{dump}")
 
 
+def count_sass_opcodes(sass: str, function_name: str) -> dict:
+    """Count of each of :data:`SASS_OPCODES` in ``function_name``'s part of a
+    ``cuobjdump -sass`` listing."""
+    sections = _SASS_FUNCTION.split(sass)
+    # split() gives [preamble, name, body, name, body, ...]
+    bodies = [body for name, body in zip(sections[1::2], sections[2::2]) if name == function_name]
+    if not bodies:
+        raise RuntimeError(f"cuobjdump -sass lists no function {function_name!r}")
+    counts = dict.fromkeys(SASS_OPCODES, 0)
+    for opcode in _SASS_INSTRUCTION.findall(bodies[0]):
+        if opcode in counts:
+            counts[opcode] += 1
+    return counts
+
+
+def _sass_counts(cubin_path: str, function_name: str) -> dict:
+    sass = subprocess.run(
+        [knobs.nvidia.cuobjdump.path, "-sass", cubin_path], capture_output=True, text=True, check=True
+    ).stdout
+    return count_sass_opcodes(sass, function_name)
+
+
 def _problems(result: AotResult) -> str:
     problems = []
     if result.spill_bytes:
@@ -156,6 +197,7 @@ def compile_spec(module_name: str, spec: AotSpec, arch: int, workdir: str) -> Ao
         dynamic_shared_bytes=compiled.metadata.shared,
         local_bytes=local,
         stack_bytes=stack,
+        sass=_sass_counts(cubin_path, compiled.metadata.name),
     )
     return dataclasses.replace(result, error=_problems(result))
 
@@ -168,16 +210,19 @@ def _compile_task(task: tuple[int, int, str]) -> AotResult:
     return compile_spec(module_name, spec, arch, workdir)
 
 
-def run_aot_check(archs, jobs: int = 0) -> list[AotResult]:
-    """Compile every spec of the package for every arch in ``archs``, on
-    ``jobs`` processes (0: by the amount of work, at most one per CPU);
-    results in spec, then arch, order."""
+def run_aot_check(archs, jobs: int = 0, kernel_filter: str = "") -> list[AotResult]:
+    """Compile every spec of the package (whose name contains ``kernel_filter``)
+    for every arch in ``archs``, on ``jobs`` processes (0: by the amount of
+    work, at most one per CPU); results in spec, then arch, order."""
     unknown = sorted(set(archs) - MAX_SHARED_BYTES_PER_BLOCK.keys())
     if unknown:
         raise ValueError(f"unknown arch {unknown}; choose from {sorted(MAX_SHARED_BYTES_PER_BLOCK)}")
     specs = collect_specs()
+    chosen = [index for index, (_, spec) in enumerate(specs) if kernel_filter in spec.name]
+    if not chosen:
+        raise ValueError(f"no kernel spec name contains {kernel_filter!r}")
     with tempfile.TemporaryDirectory(prefix="fastformers-aot-") as workdir:
-        tasks = [(index, arch, workdir) for index in range(len(specs)) for arch in archs]
+        tasks = [(index, arch, workdir) for index in chosen for arch in archs]
         # A worker process costs an import of torch and triton: worth it only
         # when each has a few dozen compilations to do.
         jobs = jobs or max(1, min(os.cpu_count() or 1, len(tasks) // 24))
