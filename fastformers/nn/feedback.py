@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from .._backend import resolve_backend, warn_fallback
+from ..ops import _autocast
 from ..ops.feedback import recurrence
 from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention
@@ -279,7 +280,31 @@ def _check_state(model, x_seq: torch.Tensor, state: Optional[FeedbackState], n_c
 def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str, shared_kv: bool,
                kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor]):
     """The model's recurrence on the fused path: outputs ``[T, B, D]`` (after the
-    final norm) and the state after the last step."""
+    final norm) and the state after the last step.
+
+    Under ``torch.autocast`` every floating input (weights, tables, biases, the
+    input) is rounded to the autocast dtype, as autocast rounds a linear
+    layer's weight; the cpp backend's C++ loops then compute in float32 (they
+    run sgemm/dgemm), the other backends in the autocast dtype with float32
+    accumulation. Outputs come back in the autocast dtype; the state holds the
+    compute dtype."""
+    device_type = x_seq.device.type
+    autocast_dtype = _autocast.dtype_for(device_type)
+    if autocast_dtype is None:
+        return _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, lambda t: t)
+    compute_dtype = torch.float32 if backend == "cpp" else autocast_dtype
+
+    def cast(t):
+        return None if t is None else t.to(autocast_dtype).to(compute_dtype)
+
+    with torch.autocast(device_type, enabled=False):
+        out, new_state = _run_fused_in(model, cast(x_seq), state, backend, shared_kv, cast(kv_weight), cast(kv_bias),
+                                       cast)
+    return out.to(autocast_dtype), new_state
+
+
+def _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, cast):
+    """:func:`_run_fused` with ``cast`` (None-preserving; identity outside autocast) applied to every parameter."""
     T, B, D = x_seq.shape
     first = model.layers[0].attn
     n_caches = 1 if shared_kv else len(model.layers)
@@ -292,10 +317,18 @@ def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backe
         dropout_p=_dropout_probabilities(model),
     )
     layers = [_layer_weights(layer) for layer in model.layers]
+    layers = [recurrence.LayerWeights(*(cast(getattr(lw, name)) for name in recurrence.LayerWeights.FIELDS))
+              for lw in layers]
+    mix_weights = cast(model.weights)
+    norm = model.norm
+
+    def final_norm(out):
+        return nn.functional.layer_norm(out, norm.normalized_shape, cast(norm.weight), cast(norm.bias), norm.eps)
+
     if torch.is_grad_enabled():
         initial = None if state is None else state.rows()
-        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers)
-        return model.norm(out), FeedbackState(kv, start + T, 0, [start + T])
+        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, mix_weights, kv_weight, kv_bias, layers)
+        return final_norm(out), FeedbackState(kv, start + T, 0, [start + T])
     # Without autograd the new rows go straight into the state's buffer when it
     # ends at this state and has room; otherwise the valid rows are copied once
     # into a buffer of doubled capacity (amortised O(1) per generated token, also
@@ -309,10 +342,10 @@ def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backe
         if start:
             buffer[:start] = state.rows()
         offset, filled = 0, [start]
-    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], model.weights, kv_weight, kv_bias, layers,
+    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], mix_weights, kv_weight, kv_bias, layers,
                                        write_in_place=True)
     filled[0] = offset + start + T
-    return model.norm(out), FeedbackState(buffer, start + T, offset, filled)
+    return final_norm(out), FeedbackState(buffer, start + T, offset, filled)
 
 
 def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str,
