@@ -185,9 +185,9 @@ at::Tensor feedback_attention_step_backward_accumulate_cpu(
     at::Tensor grad_key_cache, at::Tensor grad_value_cache, at::Tensor grad_key_pos_embeddings,
     at::Tensor grad_key_pos_bias, at::Tensor grad_query_pos_bias) {
   return checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
-                                          key_pos_bias, query_pos_bias, scale, dropout_p, seed, offset, grad_key_cache,
-                                          grad_value_cache,
-                                          grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias);
+                                          key_pos_bias, query_pos_bias, scale, dropout_p, seed, offset,
+                                          grad_key_cache, grad_value_cache, grad_key_pos_embeddings,
+                                          grad_key_pos_bias, grad_query_pos_bias);
 }
 
 // Gradients of the rows the step used only: [steps, B, H, d] for the caches,

@@ -303,3 +303,22 @@ def test_cpp_and_python_loops_draw_the_same_bits():
         with torch.no_grad():
             outs.append(recurrence.run_recurrence(cfg, x, None, model.weights, *model._kv_projection(), layers)[0])
     torch.testing.assert_close(outs[0], outs[1], **TOLERANCES[torch.float64])
+
+
+def test_step_with_dropout_under_torch_compile():
+    steps, B, H, d = 4, 2, 2, 8
+    inputs = step_inputs(steps, B, H, d, torch.float32)
+    query = inputs[0].clone().requires_grad_()
+
+    @torch.compile(fullgraph=True)
+    def step(q):
+        return torch.ops.fastformers.feedback_attention_step(q * 2, *inputs[1:3], steps, *inputs[3:], 0.5, 0.3, 7, 64)
+
+    compiled = step(query)
+    compiled.sum().backward()
+    grad = query.grad.clone()
+    query.grad = None
+    expected = naive.feedback_attention_step(query * 2, *inputs[1:3], steps, *inputs[3:], 0.5, 0.3, 7, 64)
+    expected.sum().backward()
+    torch.testing.assert_close(compiled, expected)
+    torch.testing.assert_close(grad, query.grad)

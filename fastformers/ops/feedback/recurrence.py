@@ -1,8 +1,9 @@
 """The whole Feedback Transformer recurrence as one autograd function.
 
 Per token the model runs every layer (pre-norm attention over the memory, then
-a feed-forward: ReLU, GELU, SiLU, sigmoid or identity, optionally gated), mixes the embedding and layer outputs into one memory
-vector ``m_t = Σ_l softmax(w)_l x_l`` and projects it to keys and values that
+a feed-forward: ReLU, GELU, SiLU, sigmoid or identity, optionally gated),
+mixes the embedding and layer outputs into one memory vector
+``m_t = Σ_l softmax(w)_l x_l`` and projects it to keys and values that
 are written in place into a preallocated cache ``[T_max, B, C, H, d]``
 (``C = 2`` caches for the shared-KV model, ``2 · n_layers`` for the original
 one). Autograd through that per-token loop is what makes the module slow

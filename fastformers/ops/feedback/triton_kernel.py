@@ -164,7 +164,12 @@ def _aot_specs():
 _TILE_ELEMENTS = {4: 1024, 2: 1024, 8: 512}
 
 
-def _block_t(block_d: int, element_size: int) -> int:
+def _block_t(block_d: int, element_size: int, dropout: bool = False) -> int:
+    # The Philox rounds of a block's keep bits need registers of their own: with
+    # dropout the blocks are halved (the float32 d=32 and float64 d=128 backwards
+    # spilled on sm_80 at the plain sizes).
+    if dropout:
+        return max(_TILE_ELEMENTS[element_size] // (2 * block_d), 2)
     return max(_TILE_ELEMENTS[element_size] // block_d, 4)
 
 
@@ -371,8 +376,8 @@ def attention_step_forward(query, key_cache, value_cache, steps, key_pos_embeddi
         query, key_cache, value_cache, R, S, u, out,
         steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), float(scale), *dropout_args,
-        BLOCK_T=_block_t(block_d, query.element_size()), BLOCK_D=block_d, ACC=_acc_dtype(query.dtype)[0],
-        DROPOUT=dropout_active,
+        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d,
+        ACC=_acc_dtype(query.dtype)[0], DROPOUT=dropout_active,
     )
     return out
 
@@ -411,7 +416,8 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
         score_grads, steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
         grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale), *dropout_args,
-        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl, DROPOUT=dropout_active,
+        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d, ACC=acc_tl,
+        DROPOUT=dropout_active,
     )
     attention_step_pos_grad_kernel[(H, triton.cdiv(steps, block_t))](
         score_grads, query, grad_key_pos_embeddings, grad_key_pos_bias,
@@ -443,7 +449,7 @@ def _step_aot_specs():
     ints = ("steps", "H", "d", "first_row", "k_time", "k_batch", "v_time", "v_batch")
     for dtype, acc, element_size in (("fp32", "fp32", 4), ("bf16", "fp32", 2), ("fp64", "fp64", 8)):
         for block_d, dropout in itertools.product((32, 64, 128), (False, True)):
-            constexprs = {"BLOCK_T": _block_t(block_d, element_size), "BLOCK_D": block_d,
+            constexprs = {"BLOCK_T": _block_t(block_d, element_size, dropout), "BLOCK_D": block_d,
                           "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]), "DROPOUT": dropout}
             flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr", "DROPOUT": "constexpr"}
             dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
