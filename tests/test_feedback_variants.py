@@ -146,3 +146,15 @@ def test_requested_reference_backend_is_explained_without_warning():
         warnings.simplefilter("error", FallbackWarning)
         model(torch.randn(3, 2, 16))
     assert model.last_path == "per-op"
+
+
+def test_device_without_fused_kernels_is_explained():
+    backend, reason = build(ours, True).fused_backend(torch.device("meta"), training=True)
+    assert backend == "reference" and "meta" in reason
+
+
+def test_non_dropout_module_is_not_fused():
+    model = build(ours, False)
+    model.layers[1].dropout = nn.Identity()
+    backend, reason = model.fused_backend(torch.device("cpu"), training=True)
+    assert backend == "reference" and "layer 1" in reason and "nn.Dropout" in reason

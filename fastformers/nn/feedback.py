@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._backend import resolve_backend, warn_fallback
+from .._backend import available_backends, forced_backend, resolve_backend, warn_fallback
 from ..ops import _autocast
 from ..ops.feedback import recurrence
 from ._utils import clone_module_list, init_pre_norm_layer
@@ -203,6 +203,8 @@ def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
         if not all(hasattr(ff, name) for name in ("layer1", "layer2", "activation", "dropout")):
             return (f"layer {index}: the feed-forward {type(ff).__name__} is not a FeedForward "
                     "(layer1, activation, dropout, layer2); use fastformers.nn.FeedForward")
+        if not all(isinstance(module, nn.Dropout) for module in (attn.dropout, layer.dropout, ff.dropout)):
+            return f"layer {index}: every dropout must be an nn.Dropout (the fused kernels draw its mask)"
         if _activation_name(ff.activation) is None:
             return (f"layer {index}: the feed-forward activation {ff.activation!r} has no fused form; use ReLU, "
                     "GELU (exact), SiLU, Sigmoid or Identity")
@@ -389,7 +391,10 @@ def _choose_backend(model, device: torch.device) -> Tuple[str, Optional[str], Op
     it did not, or when the reference backend was asked for)."""
     backend = resolve_backend(device, model.backend)
     if backend == "reference":
-        return backend, "per-op", None
+        if model.backend is not None or forced_backend() is not None:
+            return backend, "per-op", None
+        return backend, "per-op", (f"no fused backend for {device.type} tensors in this installation "
+                                   f"(available: {', '.join(available_backends())})")
     reason = _fused_blocker(model, isinstance(model, FeedbackTransformerKV))
     return backend, ("per-op" if reason else "fused"), reason
 
@@ -399,7 +404,8 @@ def _fused_backend(model, device: torch.device, training: bool) -> Tuple[str, Op
     backend, path, reason = _choose_backend(model, device)
     if path == "fused":
         return backend, None
-    return "reference", reason or f"backend {backend!r} was requested (model.backend or fastformers.use_backend)"
+    return "reference", reason or ("backend 'reference' was requested (model.backend, fastformers.use_backend or "
+                                   "FASTFORMERS_BACKEND)")
 
 
 def _forward(model, x_seq: torch.Tensor, state: Optional[FeedbackState], want_state: bool):
