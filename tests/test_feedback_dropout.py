@@ -258,6 +258,8 @@ def test_continuing_a_state_with_dropout(kv):
     assert model.last_path == "fused"
     attention = [c for c in calls if c.op.endswith(".attention")]
     assert attention[0].shape == (4, 2 * 2 * (3 + 4 - 1))
+    hidden = torch.cat([c.mask().flatten() for c in calls if c.op.endswith(".hidden")])
+    assert abs(hidden.float().mean().item() - 0.8) < 0.05  # p = 0.2
 
 
 def test_p0_is_bit_identical_and_eval_applies_none():
