@@ -51,9 +51,16 @@ at::Tensor inner_contiguous_cache(const at::Tensor& cache) {
   return inner_contiguous(cache) ? cache : cache.contiguous();
 }
 
+philox::Dropout checked_dropout(const char* op, double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
+  return {dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
+}
+
 template <typename scalar_t>
 StepView<scalar_t> make_view(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t steps,
-                             const at::Tensor& R, const at::Tensor& S, const at::Tensor& u) {
+                             const at::Tensor& R, const at::Tensor& S, const at::Tensor& u,
+                             const philox::Dropout& drop) {
   const int64_t P = R.size(0);
   return {q.data_ptr<scalar_t>(),
           k.data_ptr<scalar_t>(),
@@ -68,13 +75,16 @@ StepView<scalar_t> make_view(const at::Tensor& q, const at::Tensor& k, const at:
           k.stride(0),
           k.stride(1),
           v.stride(0),
-          v.stride(1)};
+          v.stride(1),
+          drop};
 }
 
 at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tensor& key_cache_,
                                        const at::Tensor& value_cache_, int64_t steps,
                                        const at::Tensor& key_pos_embeddings_, const at::Tensor& key_pos_bias_,
-                                       const at::Tensor& query_pos_bias_, double scale) {
+                                       const at::Tensor& query_pos_bias_, double scale, double dropout_p,
+                                       int64_t seed, int64_t offset) {
+  const philox::Dropout drop = checked_dropout("feedback_attention_step", dropout_p, seed, offset);
   check_step_inputs("feedback_attention_step", query_, key_cache_, value_cache_, steps, key_pos_embeddings_,
                     key_pos_bias_, query_pos_bias_);
   const at::Tensor query = query_.contiguous(), R = key_pos_embeddings_.contiguous(),
@@ -82,7 +92,7 @@ at::Tensor feedback_attention_step_cpu(const at::Tensor& query_, const at::Tenso
   const at::Tensor key_cache = inner_contiguous_cache(key_cache_), value_cache = inner_contiguous_cache(value_cache_);
   at::Tensor out = at::empty(query.sizes(), query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "feedback_attention_step_cpu", [&] {
-    const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u);
+    const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u, drop);
     step_forward(w, scale, out.data_ptr<scalar_t>());
   });
   return out;
@@ -98,10 +108,12 @@ at::Tensor checked_step_backward_accumulate(const at::Tensor& grad_out_, const a
                                             const at::Tensor& key_cache_, const at::Tensor& value_cache_,
                                             int64_t steps, const at::Tensor& key_pos_embeddings_,
                                             const at::Tensor& key_pos_bias_, const at::Tensor& query_pos_bias_,
-                                            double scale, at::Tensor& grad_key_cache, at::Tensor& grad_value_cache,
+                                            double scale, double dropout_p, int64_t seed, int64_t offset,
+                                            at::Tensor& grad_key_cache, at::Tensor& grad_value_cache,
                                             at::Tensor& grad_key_pos_embeddings, at::Tensor& grad_key_pos_bias,
                                             at::Tensor& grad_query_pos_bias) {
   const char* op = "feedback_attention_step_backward";
+  const philox::Dropout drop = checked_dropout(op, dropout_p, seed, offset);
   check_step_inputs(op, query_, key_cache_, value_cache_, steps, key_pos_embeddings_, key_pos_bias_,
                     query_pos_bias_);
   TORCH_CHECK(grad_out_.sizes() == query_.sizes() && grad_out_.scalar_type() == query_.scalar_type(), op,
@@ -143,7 +155,7 @@ at::Tensor checked_step_backward_accumulate(const at::Tensor& grad_out_, const a
   at::Tensor grad_query = at::empty(query.sizes(), query.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "feedback_attention_step_backward_cpu",
                                   [&] {
-    const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u);
+    const auto w = make_view<scalar_t>(query, key_cache, value_cache, steps, R, S, u, drop);
     auto accumulate = [&]<typename grad_t>() {
       const int64_t first_row = grad_key_pos_embeddings.size(0) - steps;
       const StepGradView<grad_t> gw{grad_key_cache.data_ptr<grad_t>(),
@@ -169,11 +181,13 @@ at::Tensor checked_step_backward_accumulate(const at::Tensor& grad_out_, const a
 at::Tensor feedback_attention_step_backward_accumulate_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
     int64_t steps, const at::Tensor& key_pos_embeddings, const at::Tensor& key_pos_bias,
-    const at::Tensor& query_pos_bias, double scale, at::Tensor grad_key_cache, at::Tensor grad_value_cache,
-    at::Tensor grad_key_pos_embeddings, at::Tensor grad_key_pos_bias, at::Tensor grad_query_pos_bias) {
+    const at::Tensor& query_pos_bias, double scale, double dropout_p, int64_t seed, int64_t offset,
+    at::Tensor grad_key_cache, at::Tensor grad_value_cache, at::Tensor grad_key_pos_embeddings,
+    at::Tensor grad_key_pos_bias, at::Tensor grad_query_pos_bias) {
   return checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
-                                          key_pos_bias, query_pos_bias, scale, grad_key_cache, grad_value_cache,
-                                          grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias);
+                                          key_pos_bias, query_pos_bias, scale, dropout_p, seed, offset,
+                                          grad_key_cache, grad_value_cache, grad_key_pos_embeddings,
+                                          grad_key_pos_bias, grad_query_pos_bias);
 }
 
 // Gradients of the rows the step used only: [steps, B, H, d] for the caches,
@@ -181,7 +195,7 @@ at::Tensor feedback_attention_step_backward_accumulate_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_attention_step_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
     int64_t steps, const at::Tensor& key_pos_embeddings, const at::Tensor& key_pos_bias,
-    const at::Tensor& query_pos_bias, double scale) {
+    const at::Tensor& query_pos_bias, double scale, double dropout_p, int64_t seed, int64_t offset) {
   const auto options = query.options();
   const int64_t B = query.size(0), H = query.size(1), d = query.size(2);
   at::Tensor grad_key = at::zeros({steps, B, H, d}, options);
@@ -191,7 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_query_pos_bias = at::zeros({H, d}, options);
   at::Tensor grad_query =
       checked_step_backward_accumulate(grad_out, query, key_cache, value_cache, steps, key_pos_embeddings,
-                                       key_pos_bias, query_pos_bias, scale, grad_key, grad_value, grad_pos_emb,
+                                       key_pos_bias, query_pos_bias, scale, dropout_p, seed, offset, grad_key,
+                                       grad_value, grad_pos_emb,
                                        grad_pos_bias, grad_query_pos_bias);
   return {grad_query, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias};
 }

@@ -5,9 +5,12 @@
 // produces is written into slices of buffers allocated once per call.
 //
 // Per token t (pre-norm layers; at t = 0 there is no memory and attention is skipped):
-//   z = LN_a(x), q = z Wq^T, a = step(q, K[:t], V[:t]), xm = x + a Wo^T + bo
-//   z2 = LN_f(xm), h = relu(z2 W1^T + b1), x' = xm + h W2^T + b2
+//   z = LN_a(x), q = z Wq^T + bq, a = step(q, K[:t], V[:t]) (probability dropout), xm = x + drop(a Wo^T + bo)
+//   z2 = LN_f(xm), u = z2 W1^T + b1, h = drop(act(u) [* (z2 Wv^T + bv) if gated]), x' = xm + drop(h W2^T + b2)
 //   m_t = sum_l softmax(w)_l x_l (embedding and every layer output), [K_t V_t] = m_t Wkv^T + bkv
+// Dropout bits come from one Philox stream per call at the element ranges
+// documented in recurrence.py (DropoutPlan below computes the same offsets);
+// backward regenerates them.
 // Backward runs the tokens in reverse and records every row gradient; the
 // weight gradients are then large GEMMs over all tokens (done by the caller).
 // Schemas and the buffer layouts live in fastformers/ops/feedback/recurrence.py.
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "feedback_step.h"
+#include "philox.h"
 
 namespace fastformers {
 namespace {
@@ -31,29 +35,136 @@ namespace {
 // Buffer layouts shared with recurrence.py (ACTIVATIONS, STATS, ROW_GRADS there).
 enum Activation : int64_t { kNormAttn, kQuery, kAttention, kMid, kNormFF, kNumActivations };
 enum Stat : int64_t { kMeanAttn, kRstdAttn, kMeanFF, kRstdFF, kNumStats };
-enum RowGrad : int64_t { kGradLayerOut, kGradNormFF, kGradAttnOut, kGradQuery, kGradNormAttn, kNumRowGrads };
+enum RowGrad : int64_t { kGradFFOut, kGradNormFF, kGradAttnOut, kGradQuery, kGradNormAttn, kNumRowGrads };
+// hidden [N, 2 or 3, T, B, F] (HIDDEN there) and grad_hidden [N, 1 or 2, T, B, F].
+enum Hidden : int64_t { kFF2Input, kFF1Output, kGate };
 // Per-layer parameters in recurrence.LayerWeights.FIELDS order.
 enum Field : int64_t {
   kNormAttnWeight, kNormAttnBias, kQueryWeight, kPosEmb, kPosBias, kQueryPosBias, kOutWeight, kOutBias,
-  kNormFFWeight, kNormFFBias, kFF1Weight, kFF1Bias, kFF2Weight, kFF2Bias, kNumFields
+  kNormFFWeight, kNormFFBias, kFF1Weight, kFF1Bias, kFF2Weight, kFF2Bias, kQueryBias, kGateWeight, kGateBias,
+  kNumFields
 };
 constexpr const char* kFieldNames[kNumFields] = {
     "norm_attn_weight", "norm_attn_bias", "query_weight", "key_pos_embeddings", "key_pos_bias", "query_pos_bias",
     "output_weight", "output_bias", "norm_ff_weight", "norm_ff_bias", "ff1_weight", "ff1_bias", "ff2_weight",
-    "ff2_bias"};
+    "ff2_bias", "query_bias", "gate_weight", "gate_bias"};
+constexpr bool kOptionalField[kNumFields] = {false, false, false, false, false, false, false, true, false,
+                                             false, false, true,  false, true,  true,  true,  true};
+
+// recurrence.ACTIVATION_FUNCTIONS
+enum class FFActivation { kReLU, kGELU, kSiLU, kSigmoid, kIdentity };
+constexpr const char* kActivationNames[] = {"relu", "gelu", "silu", "sigmoid", "identity"};
 
 template <typename T>
 struct LayerPtrs {
   // The matrices as stored ([out, in]) in backward, as [in, out] copies in forward.
-  const T *norm_attn_w, *norm_attn_b, *wq, *R, *S, *u, *wo, *bo, *norm_ff_w, *norm_ff_b, *w1, *b1, *w2, *b2;
+  const T *norm_attn_w, *norm_attn_b, *wq, *R, *S, *u, *wo, *bo, *norm_ff_w, *norm_ff_b, *w1, *b1, *w2, *b2, *bq,
+      *wv, *bv;
   int64_t P;
   double eps_attn, eps_ff;
 };
 
 struct Dims {
   int64_t T, B, D, H, d, F, N, C, P, start;
+  bool gated;
+  FFActivation activation;
   int64_t kv_width() const { return 2 * C * H * d; }
+  int64_t hidden_slots() const { return gated ? 3 : 2; }
+  // Per-token weight products of one layer (query, output, ff1, ff2 and the gate).
+  int64_t products_per_layer() const { return gated ? 5 : 4; }
 };
+
+// The call's dropout sites (recurrence.DROPOUT_SITES): each (layer, site) owns
+// the stream range [T, size] at offset + T * (layer * width + prefix[site]),
+// token i at i * size inside it.
+enum Site : int64_t { kSiteAttention, kSiteAttnResidual, kSiteHidden, kSiteFFResidual, kNumSites };
+constexpr int64_t kSiteProbability[kNumSites] = {0, 1, 2, 1};  // index into a layer's (attention, residual, hidden)
+
+struct DropoutPlan {
+  std::vector<double> p;  // 3 per layer, or empty without dropout
+  uint64_t seed = 0, offset = 0;
+  int64_t T = 0, width = 0;
+  std::array<int64_t, kNumSites> sizes{}, prefix{};
+
+  DropoutPlan(const Dims& n, c10::ArrayRef<double> probabilities, int64_t seed_, int64_t offset_)
+      : p(probabilities.begin(), probabilities.end()), seed(static_cast<uint64_t>(seed_)),
+        offset(static_cast<uint64_t>(offset_)), T(n.T) {
+    const int64_t steps = std::max<int64_t>(n.start + n.T - 1, 0);
+    sizes = {n.B * n.H * steps, n.B * n.D, n.B * n.F, n.B * n.D};
+    for (int64_t k = 0; k < kNumSites; ++k) {
+      prefix[k] = width;
+      width += sizes[k];
+    }
+  }
+
+  philox::Dropout site(int64_t token, int64_t layer, int64_t k) const {
+    if (p.empty()) return {};
+    const uint64_t first = offset + static_cast<uint64_t>(T * (layer * width + prefix[k]) + token * sizes[k]);
+    return {p[3 * layer + kSiteProbability[k]], seed, first};
+  }
+};
+
+// x[k] *= keep(k) / (1 - p) for k < len; keep holds len bytes.
+template <typename T>
+void apply_dropout(const philox::Dropout& drop, T* x, int64_t len, uint8_t* keep) {
+  philox::keep_bits(drop, 0, len, keep);
+  const T scale = static_cast<T>(drop.scale());
+  for (int64_t k = 0; k < len; ++k) x[k] = keep[k] ? x[k] * scale : T(0);
+}
+
+// out = act(x) over len elements (the switch outside the loops, so each vectorises).
+template <typename T>
+void activate(FFActivation a, const T* x, T* out, int64_t len) {
+  switch (a) {
+    case FFActivation::kReLU:
+      for (int64_t k = 0; k < len; ++k) out[k] = x[k] > T(0) ? x[k] : T(0);
+      break;
+    case FFActivation::kGELU:
+      for (int64_t k = 0; k < len; ++k) out[k] = T(0.5) * x[k] * (T(1) + std::erf(x[k] * T(M_SQRT1_2)));
+      break;
+    case FFActivation::kSiLU:
+      for (int64_t k = 0; k < len; ++k) out[k] = x[k] / (T(1) + std::exp(-x[k]));
+      break;
+    case FFActivation::kSigmoid:
+      for (int64_t k = 0; k < len; ++k) out[k] = T(1) / (T(1) + std::exp(-x[k]));
+      break;
+    case FFActivation::kIdentity:
+      if (out != x) std::memcpy(out, x, len * sizeof(T));
+      break;
+  }
+}
+
+// grad[k] *= act'(x[k]).
+template <typename T>
+void activation_backward(FFActivation a, const T* x, T* grad, int64_t len) {
+  switch (a) {
+    case FFActivation::kReLU:
+      for (int64_t k = 0; k < len; ++k) grad[k] = x[k] > T(0) ? grad[k] : T(0);
+      break;
+    case FFActivation::kGELU: {
+      const T inv_sqrt_2pi = T(0.5 * M_2_SQRTPI * M_SQRT1_2);
+      for (int64_t k = 0; k < len; ++k) {
+        const T cdf = T(0.5) * (T(1) + std::erf(x[k] * T(M_SQRT1_2)));
+        grad[k] *= cdf + x[k] * inv_sqrt_2pi * std::exp(T(-0.5) * x[k] * x[k]);
+      }
+      break;
+    }
+    case FFActivation::kSiLU:
+      for (int64_t k = 0; k < len; ++k) {
+        const T sig = T(1) / (T(1) + std::exp(-x[k]));
+        grad[k] *= sig * (T(1) + x[k] * (T(1) - sig));
+      }
+      break;
+    case FFActivation::kSigmoid:
+      for (int64_t k = 0; k < len; ++k) {
+        const T sig = T(1) / (T(1) + std::exp(-x[k]));
+        grad[k] *= sig * (T(1) - sig);
+      }
+      break;
+    case FFActivation::kIdentity:
+      break;
+  }
+}
 
 // The parameter at `index`, undefined when None (List::get returns a copy).
 at::Tensor param_at(const c10::List<std::optional<at::Tensor>>& params, int64_t index) {
@@ -66,7 +177,8 @@ at::Tensor param_at(const c10::List<std::optional<at::Tensor>>& params, int64_t 
 Dims check_common(const char* op, const at::Tensor& x_like, const at::Tensor& kv, int64_t start,
                   const at::Tensor& mix_weights, const at::Tensor& kv_weight,
                   const c10::List<std::optional<at::Tensor>>& params, c10::ArrayRef<double> norm_eps, int64_t heads,
-                  bool shared_kv, std::vector<at::Tensor>& owned) {
+                  bool shared_kv, c10::string_view activation, c10::ArrayRef<double> dropout_p,
+                  std::vector<at::Tensor>& owned) {
   TORCH_CHECK(x_like.dim() == 3, op, ": inputs must be [T, B, D], got ", x_like.sizes());
   const auto dtype = x_like.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": the CPU recurrence takes float32 or float64, got ",
@@ -94,6 +206,18 @@ Dims check_common(const char* op, const at::Tensor& x_like, const at::Tensor& kv
   TORCH_CHECK(first_w1.defined() && first_pos_emb.defined(), op, ": layer 0 lacks ff1_weight or key_pos_embeddings");
   n.F = first_w1.size(0);
   n.P = first_pos_emb.size(0);
+  n.gated = param_at(params, kGateWeight).defined();
+  bool known_activation = false;
+  for (int64_t a = 0; a < 5; ++a) {
+    if (activation == kActivationNames[a]) {
+      n.activation = static_cast<FFActivation>(a);
+      known_activation = true;
+    }
+  }
+  TORCH_CHECK(known_activation, op, ": activation must be relu, gelu, silu, sigmoid or identity, got ", activation);
+  TORCH_CHECK(dropout_p.empty() || static_cast<int64_t>(dropout_p.size()) == 3 * n.N, op,
+              ": dropout_p must be empty or hold 3 per layer (", 3 * n.N, "), got ", dropout_p.size());
+  for (double p : dropout_p) TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);
   for (const at::Tensor* t : {&x_like, &kv, &mix_weights, &kv_weight}) {
     TORCH_CHECK(t->scalar_type() == dtype && t->device().is_cpu(), op, ": every tensor must be a CPU ", dtype,
                 " tensor, got ", t->scalar_type(), " on ", t->device());
@@ -101,11 +225,13 @@ Dims check_common(const char* op, const at::Tensor& x_like, const at::Tensor& kv
   for (int64_t l = 0; l < n.N; ++l) {
     const int64_t D = n.D, F = n.F, H = n.H, d = n.d, P = n.P;
     const std::vector<std::vector<int64_t>> expected = {{D}, {D}, {D, D}, {P, H, d}, {P, H}, {H, d}, {D, D}, {D},
-                                                        {D}, {D}, {F, D}, {F},    {D, F}, {D}};
+                                                        {D}, {D}, {F, D}, {F},    {D, F}, {D},    {D},    {F, D},
+                                                        {F}};
+    TORCH_CHECK(param_at(params, l * kNumFields + kGateWeight).defined() == n.gated, op,
+                ": every layer or none must have gate_weight (layer ", l, " differs from layer 0)");
     for (int64_t f = 0; f < kNumFields; ++f) {
       const at::Tensor param = param_at(params, l * kNumFields + f);
-      const bool optional = f == kOutBias || f == kFF1Bias || f == kFF2Bias;
-      TORCH_CHECK(param.defined() || optional, op, ": layer ", l, " ", kFieldNames[f], " must be given");
+      TORCH_CHECK(param.defined() || kOptionalField[f], op, ": layer ", l, " ", kFieldNames[f], " must be given");
       if (!param.defined()) {
         owned.emplace_back();
         continue;
@@ -133,8 +259,8 @@ std::vector<LayerPtrs<T>> layer_ptrs(const Dims& n, const std::vector<at::Tensor
     };
     layers[l] = {p(kNormAttnWeight), p(kNormAttnBias), p(kQueryWeight), p(kPosEmb),     p(kPosBias),
                  p(kQueryPosBias),   p(kOutWeight),    p(kOutBias),     p(kNormFFWeight), p(kNormFFBias),
-                 p(kFF1Weight),      p(kFF1Bias),      p(kFF2Weight),   p(kFF2Bias),      n.P,
-                 norm_eps[2 * l],    norm_eps[2 * l + 1]};
+                 p(kFF1Weight),      p(kFF1Bias),      p(kFF2Weight),   p(kFF2Bias),      p(kQueryBias),
+                 p(kGateWeight),     p(kGateBias),     n.P,             norm_eps[2 * l],  norm_eps[2 * l + 1]};
   }
   return layers;
 }
@@ -220,31 +346,61 @@ struct Product {
 };
 
 // The per-token weight products of one pass over the tokens: `per_layer(lw)`'s
-// four for each layer, then `last`. A single token (a generation step) would
-// pack every weight for one product, so only longer passes pack.
+// products_per_layer() for each layer, then `last`. A single token (a
+// generation step) would pack every weight for one product, so only longer
+// passes pack.
 template <typename T, typename PerLayer>
 std::vector<cpu::RepeatedRhs<T>> weight_products(const Dims& n, const std::vector<LayerPtrs<T>>& layers,
                                                  const Product<T>& last, const PerLayer& per_layer) {
   const bool pack = n.T > 1;
   std::vector<cpu::RepeatedRhs<T>> products;
-  products.reserve(4 * layers.size() + 1);
+  products.reserve(n.products_per_layer() * layers.size() + 1);
   for (const LayerPtrs<T>& lw : layers) {
-    for (const Product<T>& p : per_layer(lw)) products.emplace_back(n.B, p.n, p.k, p.b, p.ldb, pack);
+    const std::array<Product<T>, 5> all = per_layer(lw);
+    for (int64_t k = 0; k < n.products_per_layer(); ++k) {
+      products.emplace_back(n.B, all[k].n, all[k].k, all[k].b, all[k].ldb, pack);
+    }
   }
   products.emplace_back(n.B, last.n, last.k, last.b, last.ldb, pack);
   return products;
 }
 
+// Scratch rows of one pass: a [B, max(D, F)] branch output and keep bytes for it.
+template <typename T>
+struct BranchScratch {
+  std::vector<T> rows;
+  std::vector<uint8_t> keep;
+  explicit BranchScratch(const Dims& n) : rows(n.B * std::max(n.D, n.F)), keep(n.B * std::max(n.D, n.F)) {}
+};
+
+// out (holding the residual input) += drop(a W + bias) over B rows of width `width`.
+template <typename T>
+void add_residual_branch(const cpu::RepeatedRhs<T>& product, const T* a, int64_t lda, const T* bias, int64_t B,
+                         int64_t width, const philox::Dropout& drop, BranchScratch<T>& scratch, T* out) {
+  if (!drop.active()) {
+    product.multiply(a, lda, 1, out, width);
+    add_bias_rows(out, bias, B, width);
+    return;
+  }
+  T* branch = scratch.rows.data();
+  product.multiply(a, lda, 0, branch, width);
+  add_bias_rows(branch, bias, B, width);
+  apply_dropout(drop, branch, B * width, scratch.keep.data());
+  for (int64_t k = 0; k < B * width; ++k) out[k] += branch[k];
+}
+
 template <typename T>
 void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const std::vector<double>& probs_d,
-                  double scale, const T* x_seq, T* kv, const T* wkv_in_out, const T* bkv, bool record, T* lo, T* mem,
-                  T* act, T* hid, T* st) {
-  const int64_t B = n.B, D = n.D, F = n.F, N = n.N, KV = n.kv_width();
+                  double scale, const DropoutPlan& plan, const T* x_seq, T* kv, const T* wkv_in_out, const T* bkv,
+                  bool record, T* lo, T* mem, T* act, T* hid, T* st) {
+  const int64_t B = n.B, D = n.D, F = n.F, N = n.N, KV = n.kv_width(), K = n.products_per_layer();
   const int64_t Ts = record ? n.T : 1;  // saved slots along time
   const int64_t BD = B * D;
-  // per layer: query, output, ff1, ff2; then the K/V projection
+  BranchScratch<T> scratch(n);
+  // per layer: query, output, ff1, ff2 (and the gate); then the K/V projection
   const auto rhs = weight_products<T>(n, layers, {KV, D, wkv_in_out, KV}, [&](const LayerPtrs<T>& lw) {
-    return std::array<Product<T>, 4>{{{D, D, lw.wq, D}, {D, D, lw.wo, D}, {F, D, lw.w1, F}, {D, F, lw.w2, D}}};
+    return std::array<Product<T>, 5>{
+        {{D, D, lw.wq, D}, {D, D, lw.wo, D}, {F, D, lw.w1, F}, {D, F, lw.w2, D}, {F, D, lw.wv, F}}};
   });
   for (int64_t i = 0; i < n.T; ++i) {
     const int64_t t = n.start + i, s = record ? i : 0;
@@ -254,15 +410,19 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
       const LayerPtrs<T>& lw = layers[l];
       auto A = [&](int64_t k) { return act + ((l * kNumActivations + k) * Ts + s) * BD; };
       auto ST = [&](int64_t k) { return st + ((l * kNumStats + k) * Ts + s) * B; };
+      auto HID = [&](int64_t k) { return hid + ((l * n.hidden_slots() + k) * Ts + s) * B * F; };
       T* xm = A(kMid);
       std::memcpy(xm, x, BD * sizeof(T));
       if (t > 0) {
         layer_norm_rows(x, B, D, lw.norm_attn_w, lw.norm_attn_b, lw.eps_attn, A(kNormAttn), ST(kMeanAttn),
                         ST(kRstdAttn));
-        rhs[4 * l].multiply(A(kNormAttn), D, 0, A(kQuery), D);
-        step_forward(cache_view(n, kv, l, t, A(kQuery), lw), scale, A(kAttention));
-        rhs[4 * l + 1].multiply(A(kAttention), D, 1, xm, D);
-        add_bias_rows(xm, lw.bo, B, D);
+        rhs[K * l].multiply(A(kNormAttn), D, 0, A(kQuery), D);
+        add_bias_rows(A(kQuery), lw.bq, B, D);
+        StepView<T> view = cache_view(n, kv, l, t, A(kQuery), lw);
+        view.drop = plan.site(i, l, kSiteAttention);
+        step_forward(view, scale, A(kAttention));
+        add_residual_branch(rhs[K * l + 1], A(kAttention), D, lw.bo, B, D, plan.site(i, l, kSiteAttnResidual),
+                            scratch, xm);
       } else {
         // No memory yet: the attention slots stay zero, so sums over all tokens skip this one.
         for (int64_t k : {kNormAttn, kQuery, kAttention}) std::fill(A(k), A(k) + BD, T(0));
@@ -270,14 +430,21 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
         std::fill(ST(kRstdAttn), ST(kRstdAttn) + B, T(0));
       }
       layer_norm_rows(xm, B, D, lw.norm_ff_w, lw.norm_ff_b, lw.eps_ff, A(kNormFF), ST(kMeanFF), ST(kRstdFF));
-      T* h = hid + (l * Ts + s) * B * F;
-      rhs[4 * l + 2].multiply(A(kNormFF), D, 0, h, F);
-      add_bias_rows(h, lw.b1, B, F);
-      for (int64_t k = 0; k < B * F; ++k) h[k] = h[k] > T(0) ? h[k] : T(0);
+      T *pre = HID(kFF1Output), *h = HID(kFF2Input);
+      rhs[K * l + 2].multiply(A(kNormFF), D, 0, pre, F);
+      add_bias_rows(pre, lw.b1, B, F);
+      activate(n.activation, pre, h, B * F);
+      if (n.gated) {
+        T* gate = HID(kGate);
+        rhs[K * l + 4].multiply(A(kNormFF), D, 0, gate, F);
+        add_bias_rows(gate, lw.bv, B, F);
+        for (int64_t k = 0; k < B * F; ++k) h[k] *= gate[k];
+      }
+      const philox::Dropout hidden_drop = plan.site(i, l, kSiteHidden);
+      if (hidden_drop.active()) apply_dropout(hidden_drop, h, B * F, scratch.keep.data());
       T* next = x + BD;
       std::memcpy(next, xm, BD * sizeof(T));
-      rhs[4 * l + 3].multiply(h, F, 1, next, D);
-      add_bias_rows(next, lw.b2, B, D);
+      add_residual_branch(rhs[K * l + 3], h, F, lw.b2, B, D, plan.site(i, l, kSiteFFResidual), scratch, next);
       x = next;
     }
     T* m = mem + s * BD;
@@ -288,7 +455,7 @@ void forward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const 
       m[k] = sum;
     }
     T* kv_row = kv + t * B * KV;
-    rhs[4 * N].multiply(m, D, 0, kv_row, KV);
+    rhs[K * N].multiply(m, D, 0, kv_row, KV);
     add_bias_rows(kv_row, bkv, B, KV);
   }
 }
@@ -297,17 +464,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_
     const at::Tensor& x_seq_, at::Tensor kv, int64_t start, const at::Tensor& mix_weights,
     const at::Tensor& kv_weight_, const std::optional<at::Tensor>& kv_bias_,
     const c10::List<std::optional<at::Tensor>>& layer_params, c10::ArrayRef<double> norm_eps, int64_t heads,
-    double scale, bool shared_kv, bool record) {
+    double scale, bool shared_kv, c10::string_view activation, c10::ArrayRef<double> dropout_p, int64_t seed,
+    int64_t offset, bool record) {
   const char* op = "feedback_recurrence_forward";
   std::vector<at::Tensor> owned;
   const Dims n = check_common(op, x_seq_, kv, start, mix_weights, kv_weight_, layer_params, norm_eps, heads,
-                              shared_kv, owned);
+                              shared_kv, activation, dropout_p, owned);
+  const DropoutPlan plan(n, dropout_p, seed, offset);
   // The forward reads its matrices as [in, out] copies: x W^T becomes a plain
   // (NN) product, which MKL runs faster at these few rows (forward 57 vs 67 ms
   // at the small benchmark size, measured side by side on a quiet machine).
   for (int64_t l = 0; l < n.N; ++l)
-    for (int64_t f : {kQueryWeight, kOutWeight, kFF1Weight, kFF2Weight})
-      owned[l * kNumFields + f] = owned[l * kNumFields + f].t().contiguous();
+    for (int64_t f : {kQueryWeight, kOutWeight, kFF1Weight, kFF2Weight, kGateWeight})
+      if (owned[l * kNumFields + f].defined()) owned[l * kNumFields + f] = owned[l * kNumFields + f].t().contiguous();
   const at::Tensor x_seq = x_seq_.contiguous(), kv_weight_in_out = kv_weight_.t().contiguous();
   at::Tensor kv_bias;
   if (kv_bias_.has_value() && kv_bias_->defined()) {
@@ -319,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_
   const int64_t Ts = record ? n.T : 1;
   const auto options = x_seq.options();
   const std::vector<int64_t> shapes[] = {{n.T, n.N + 1, n.B, n.D}, {n.N, kNumActivations, Ts, n.B, n.D},
-                                         {n.N, Ts, n.B, n.F}};
+                                         {n.N, n.hidden_slots(), Ts, n.B, n.F}};
   size_t saved_bytes = 0;
   for (const auto& shape : shapes) {
     saved_bytes += cpu::RecycledBlocks::block_bytes(c10::multiply_integers(shape), x_seq.scalar_type());
@@ -333,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_
   at::Tensor stats = at::empty({n.N, kNumStats, Ts, n.B}, options);
   const auto probs = softmax_of(mix_weights);
   AT_DISPATCH_FLOATING_TYPES(x_seq.scalar_type(), "feedback_recurrence_forward_cpu", [&] {
-    forward_loop<scalar_t>(n, layer_ptrs<scalar_t>(n, owned, norm_eps), probs, scale, x_seq.data_ptr<scalar_t>(),
+    forward_loop<scalar_t>(n, layer_ptrs<scalar_t>(n, owned, norm_eps), probs, scale, plan, x_seq.data_ptr<scalar_t>(),
                            kv.data_ptr<scalar_t>(), kv_weight_in_out.data_ptr<scalar_t>(),
                            kv_bias.defined() ? kv_bias.data_ptr<scalar_t>() : nullptr, record,
                            layer_outputs.data_ptr<scalar_t>(), memories.data_ptr<scalar_t>(),
@@ -344,21 +513,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feedback_
 
 template <typename T>
 void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const std::vector<double>& probs_d,
-                   double scale, const T* grad_out, const T* lo, const T* act, const T* hid, const T* st, const T* kv,
-                   const T* wkv, T* grad_x, T* grad_mem, T* grows, T* ghid, T* gkv, T* gR, T* gS, T* gu) {
+                   double scale, const DropoutPlan& plan, const T* grad_out, const T* lo, const T* act, const T* hid,
+                   const T* st, const T* kv, const T* wkv, T* grad_x, T* grad_mem, T* grows, T* ghid, T* gkv, T* gR,
+                   T* gS, T* gu) {
   using acc_t = at::opmath_type<T>;
   const int64_t T_len = n.T, B = n.B, D = n.D, F = n.F, N = n.N, H = n.H, d = n.d, KV = n.kv_width();
-  const int64_t BD = B * D;
-  std::vector<T> scratch(2 * BD);
-  T *g = scratch.data(), *ga = g + BD;
-  // per layer: ff2, ff1, output, query (the transposed products); then the K/V projection
+  const int64_t BD = B * D, K = n.products_per_layer();
+  std::vector<T> scratch(3 * BD + B * F);
+  T *g = scratch.data(), *ga = g + BD, *gxm = ga + BD, *grad_ff2_input = gxm + BD;
+  std::vector<uint8_t> keep(B * std::max(D, F));
+  // per layer: ff2, ff1, output, query (the transposed products) and the gate; then the K/V projection
   const auto rhs = weight_products<T>(n, layers, {D, KV, wkv, D}, [&](const LayerPtrs<T>& lw) {
-    return std::array<Product<T>, 4>{{{F, D, lw.w2, F}, {D, F, lw.w1, D}, {D, D, lw.wo, D}, {D, D, lw.wq, D}}};
+    return std::array<Product<T>, 5>{
+        {{F, D, lw.w2, F}, {D, F, lw.w1, D}, {D, D, lw.wo, D}, {D, D, lw.wq, D}, {D, F, lw.wv, D}}};
   });
+  // dst = src, dropped like the forward's site (dst may be src)
+  auto masked_copy = [&](const philox::Dropout& drop, const T* src, T* dst, int64_t len) {
+    if (dst != src) std::memcpy(dst, src, len * sizeof(T));
+    if (drop.active()) apply_dropout(drop, dst, len, keep.data());
+  };
   for (int64_t i = T_len - 1; i >= 0; --i) {
     const int64_t t = n.start + i;
     T* gm = grad_mem + i * BD;
-    rhs[4 * N].multiply(gkv + t * B * KV, KV, 0, gm, D);
+    rhs[K * N].multiply(gkv + t * B * KV, KV, 0, gm, D);
     const T* go = grad_out + i * BD;
     for (int64_t k = 0; k < BD; ++k) g[k] = go[k] + static_cast<acc_t>(probs_d[N]) * gm[k];
     for (int64_t l = N - 1; l >= 0; --l) {
@@ -366,16 +543,32 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
       auto A = [&](int64_t k) { return act + ((l * kNumActivations + k) * T_len + i) * BD; };
       auto ST = [&](int64_t k) { return st + ((l * kNumStats + k) * T_len + i) * B; };
       auto GR = [&](int64_t k) { return grows + ((l * kNumRowGrads + k) * T_len + i) * BD; };
-      std::memcpy(GR(kGradLayerOut), g, BD * sizeof(T));
-      const T* h = hid + (l * T_len + i) * B * F;
-      T* dh = ghid + (l * T_len + i) * B * F;
-      rhs[4 * l].multiply(g, D, 0, dh, F);
-      for (int64_t k = 0; k < B * F; ++k) dh[k] = h[k] > T(0) ? dh[k] : T(0);
-      rhs[4 * l + 1].multiply(dh, F, 0, GR(kGradNormFF), D);
-      T* gxm = GR(kGradAttnOut);
+      auto HID = [&](int64_t k) { return hid + ((l * n.hidden_slots() + k) * T_len + i) * B * F; };
+      auto GHID = [&](int64_t k) { return ghid + ((l * (n.hidden_slots() - 1) + k) * T_len + i) * B * F; };
+      masked_copy(plan.site(i, l, kSiteFFResidual), g, GR(kGradFFOut), BD);
+      rhs[K * l].multiply(GR(kGradFFOut), D, 0, grad_ff2_input, F);
+      masked_copy(plan.site(i, l, kSiteHidden), grad_ff2_input, grad_ff2_input, B * F);
+      const T* pre = HID(kFF1Output);
+      T* grad_pre = GHID(0);
+      if (n.gated) {
+        // grad(gate) = grad(h) * act(pre); grad(act(pre)) = grad(h) * gate
+        T* grad_gate = GHID(1);
+        const T* gate = HID(kGate);
+        activate(n.activation, pre, grad_gate, B * F);
+        for (int64_t k = 0; k < B * F; ++k) {
+          grad_gate[k] *= grad_ff2_input[k];
+          grad_pre[k] = grad_ff2_input[k] * gate[k];
+        }
+      } else {
+        std::memcpy(grad_pre, grad_ff2_input, B * F * sizeof(T));
+      }
+      activation_backward(n.activation, pre, grad_pre, B * F);
+      rhs[K * l + 1].multiply(grad_pre, F, 0, GR(kGradNormFF), D);
+      if (n.gated) rhs[K * l + 4].multiply(GHID(1), F, 1, GR(kGradNormFF), D);
       layer_norm_input_grad_rows(GR(kGradNormFF), A(kMid), ST(kMeanFF), ST(kRstdFF), lw.norm_ff_w, B, D, g, gxm);
       if (t > 0) {
-        rhs[4 * l + 2].multiply(gxm, D, 0, ga, D);
+        masked_copy(plan.site(i, l, kSiteAttnResidual), gxm, GR(kGradAttnOut), BD);
+        rhs[K * l + 2].multiply(GR(kGradAttnOut), D, 0, ga, D);
         const int64_t c = n.C == 1 ? 0 : l;
         const int64_t time = B * KV;
         const StepGradView<T> gw{gkv + 2 * c * H * d,
@@ -387,8 +580,10 @@ void backward_loop(const Dims& n, const std::vector<LayerPtrs<T>>& layers, const
                                  KV,
                                  time,
                                  KV};
-        step_backward_accumulate(cache_view(n, kv, l, t, A(kQuery), lw), scale, ga, GR(kGradQuery), gw);
-        rhs[4 * l + 3].multiply(GR(kGradQuery), D, 0, GR(kGradNormAttn), D);
+        StepView<T> view = cache_view(n, kv, l, t, A(kQuery), lw);
+        view.drop = plan.site(i, l, kSiteAttention);
+        step_backward_accumulate(view, scale, ga, GR(kGradQuery), gw);
+        rhs[K * l + 3].multiply(GR(kGradQuery), D, 0, GR(kGradNormAttn), D);
         layer_norm_input_grad_rows(GR(kGradNormAttn), lo + (i * (N + 1) + l) * BD, ST(kMeanAttn), ST(kRstdAttn),
                                    lw.norm_attn_w, B, D, gxm, g);
       } else {
@@ -407,16 +602,19 @@ feedback_recurrence_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& 
                                  const at::Tensor& activations, const at::Tensor& hidden, const at::Tensor& stats,
                                  const at::Tensor& kv, int64_t start, const at::Tensor& mix_weights,
                                  const at::Tensor& kv_weight_, const c10::List<std::optional<at::Tensor>>& layer_params,
-                                 c10::ArrayRef<double> norm_eps, int64_t heads, double scale, bool shared_kv) {
+                                 c10::ArrayRef<double> norm_eps, int64_t heads, double scale, bool shared_kv,
+                                 c10::string_view activation, c10::ArrayRef<double> dropout_p, int64_t seed,
+                                 int64_t offset) {
   const char* op = "feedback_recurrence_backward";
   std::vector<at::Tensor> owned;
   const Dims n = check_common(op, grad_out_, kv, start, mix_weights, kv_weight_, layer_params, norm_eps, heads,
-                              shared_kv, owned);
+                              shared_kv, activation, dropout_p, owned);
+  const DropoutPlan plan(n, dropout_p, seed, offset);
   const int64_t T = n.T, B = n.B, D = n.D, N = n.N;
   const std::vector<std::pair<const at::Tensor*, std::vector<int64_t>>> saved = {
       {&layer_outputs, {T, N + 1, B, D}},
       {&activations, {N, kNumActivations, T, B, D}},
-      {&hidden, {N, T, B, n.F}},
+      {&hidden, {N, n.hidden_slots(), T, B, n.F}},
       {&stats, {N, kNumStats, T, B}}};
   for (const auto& [tensor, shape] : saved) {
     TORCH_CHECK(tensor->sizes() == c10::IntArrayRef(shape) && tensor->is_contiguous() &&
@@ -429,14 +627,15 @@ feedback_recurrence_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& 
   at::Tensor grad_x = at::empty({T, B, D}, options);
   at::Tensor grad_memories = at::empty({T, B, D}, options);
   at::Tensor row_grads = cpu::RecycledBlocks::empty({N, kNumRowGrads, T, B, D}, options);
-  at::Tensor grad_hidden = cpu::RecycledBlocks::empty({N, T, B, n.F}, options);
+  at::Tensor grad_hidden = cpu::RecycledBlocks::empty({N, n.hidden_slots() - 1, T, B, n.F}, options);
   at::Tensor grad_kv = cpu::RecycledBlocks::empty(kv.sizes(), kv.options()).zero_();
   at::Tensor grad_pos_emb = at::zeros({N, n.P, n.H, n.d}, options);
   at::Tensor grad_pos_bias = at::zeros({N, n.P, n.H}, options);
   at::Tensor grad_query_pos_bias = at::zeros({N, n.H, n.d}, options);
   const auto probs = softmax_of(mix_weights);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "feedback_recurrence_backward_cpu", [&] {
-    backward_loop<scalar_t>(n, layer_ptrs<scalar_t>(n, owned, norm_eps), probs, scale, grad_out.data_ptr<scalar_t>(),
+    backward_loop<scalar_t>(n, layer_ptrs<scalar_t>(n, owned, norm_eps), probs, scale, plan,
+                            grad_out.data_ptr<scalar_t>(),
                             layer_outputs.data_ptr<scalar_t>(), activations.data_ptr<scalar_t>(),
                             hidden.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), kv.data_ptr<scalar_t>(),
                             kv_weight.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),

@@ -5,6 +5,9 @@
 //   s_j = ((q + u) . K_j + q . R_r + S_r) * scale,   out = sum_j softmax(s)_j V_j
 // Shapes: q [B, H, d], K/V caches [T_max, B, H, d] ([H, d] contiguous, time and
 // batch axes strided), R [P, H, d], S [P, H], u [H, d] contiguous.
+// Dropout of the probabilities (StepView::drop active): softmax(s)_j of pair
+// (b, h) is kept iff element (b * H + h) * steps + j of drop's Philox stream is
+// (mask layout [B, H, steps]), and then scaled by 1 / (1 - p).
 // Internal linkage: each including file gets its own copies of the
 // target_clones builds (multi-versioned functions must not be merged across units).
 #pragma once
@@ -19,6 +22,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
+#include "philox.h"
 
 namespace fastformers {
 namespace {
@@ -118,6 +122,7 @@ struct StepView {
   const scalar_t* u;
   int64_t B, H, d, steps;
   int64_t k_time, k_batch, v_time, v_batch;  // cache strides of the time and batch axes
+  philox::Dropout drop{};                     // of the probabilities; inactive by default
 };
 
 // Where one step's backward adds its gradients: rows [0, steps) of cache-shaped
@@ -156,6 +161,15 @@ FASTFORMERS_ROW_HELPER void step_probs(const StepView<scalar_t>& w, int64_t b, i
   for (int64_t j = 0; j < w.steps; ++j) p[j] *= inv;
 }
 
+// m[j] = keep(j) / (1 - p): the dropout multipliers of pair bh's probabilities
+// (only called with dropout active); keep holds steps bytes.
+template <typename scalar_t, typename acc_t>
+FASTFORMERS_ROW_HELPER void keep_multipliers(const StepView<scalar_t>& w, int64_t bh, acc_t* m, uint8_t* keep) {
+  philox::keep_bits(w.drop, bh * w.steps, w.steps, keep);
+  const acc_t scale = static_cast<acc_t>(w.drop.scale());
+  for (int64_t j = 0; j < w.steps; ++j) m[j] = keep[j] ? scale : acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t>
 FASTFORMERS_ROW_HELPER void load_query(const StepView<scalar_t>& w, int64_t b, int64_t h, acc_t* qh, acc_t* qu) {
   const scalar_t* q = w.q + (b * w.H + h) * w.d;
@@ -166,15 +180,19 @@ FASTFORMERS_ROW_HELPER void load_query(const StepView<scalar_t>& w, int64_t b, i
   }
 }
 
-// Rows bh in [begin, end) of one step's output; buf holds 3 * d + steps.
+// Rows bh in [begin, end) of one step's output; buf holds 3 * d + 2 * steps, keep steps bytes.
 template <typename scalar_t, typename acc_t>
 FASTFORMERS_VECTOR_CLONES void step_forward_rows(const StepView<scalar_t>& w, acc_t scale, scalar_t* o,
-                                                 int64_t begin, int64_t end, acc_t* buf) {
-  acc_t *qh = buf, *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d;
+                                                 int64_t begin, int64_t end, acc_t* buf, uint8_t* keep) {
+  acc_t *qh = buf, *qu = qh + w.d, *acc = qu + w.d, *p = acc + w.d, *m = p + w.steps;
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / w.H, h = bh % w.H;
     load_query(w, b, h, qh, qu);
     step_probs(w, b, h, scale, qh, qu, p);
+    if (w.drop.active()) {
+      keep_multipliers(w, bh, m, keep);
+      for (int64_t j = 0; j < w.steps; ++j) p[j] *= m[j];
+    }
     std::fill(acc, acc + w.d, acc_t(0));
     const scalar_t* v = w.v + b * w.v_batch + h * w.d;
     for (int64_t j = 0; j < w.steps; ++j) axpy(p[j], v + j * w.v_time, acc, w.d);
@@ -187,23 +205,28 @@ template <typename scalar_t>
 void step_forward(const StepView<scalar_t>& w, double scale, scalar_t* o) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, w.B * w.H, grain_for(3 * w.steps * w.d), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(3 * w.d + w.steps);
-    step_forward_rows(w, static_cast<acc_t>(scale), o, begin, end, buf.data());
+    std::vector<acc_t> buf(3 * w.d + 2 * w.steps);
+    std::vector<uint8_t> keep(w.drop.active() ? w.steps : 0);
+    step_forward_rows(w, static_cast<acc_t>(scale), o, begin, end, buf.data(), keep.data());
   });
 }
 
-// Heads [h_begin, h_end) of step_backward_accumulate; buf holds 5 * d + 2 * steps.
+// Heads [h_begin, h_end) of step_backward_accumulate; buf holds 5 * d + 3 * steps, keep steps bytes.
+// With dropout, out = sum_j p_j m_j V_j (m_j = keep / (1 - p)): the value
+// gradient takes p_j m_j, the probability gradient m_j (V_j . g).
 template <typename scalar_t, typename grad_t, typename acc_t>
 FASTFORMERS_VECTOR_CLONES void step_backward_heads(const StepView<scalar_t>& w, acc_t sc, const scalar_t* g_all,
                                                    scalar_t* gq_all, const StepGradView<grad_t>& gw,
-                                                   int64_t h_begin, int64_t h_end, acc_t* buf) {
+                                                   int64_t h_begin, int64_t h_end, acc_t* buf, uint8_t* keep) {
   const int64_t B = w.B, H = w.H, d = w.d, steps = w.steps;
-  acc_t *qh = buf, *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps;
+  acc_t *qh = buf, *qu = qh + d, *g = qu + d, *gq = g + d, *gu = gq + d, *p = gu + d, *ds = p + steps,
+        *m = ds + steps;
   for (int64_t h = h_begin; h < h_end; ++h) {
     std::fill(gu, gu + d, acc_t(0));
     for (int64_t b = 0; b < B; ++b) {
       load_query(w, b, h, qh, qu);
       step_probs(w, b, h, sc, qh, qu, p);
+      if (w.drop.active()) keep_multipliers(w, b * H + h, m, keep);
       const scalar_t* gsrc = g_all + (b * H + h) * d;
       for (int64_t i = 0; i < d; ++i) g[i] = static_cast<acc_t>(gsrc[i]);
       const scalar_t* k = w.k + b * w.k_batch + h * d;
@@ -211,6 +234,7 @@ FASTFORMERS_VECTOR_CLONES void step_backward_heads(const StepView<scalar_t>& w, 
       acc_t delta = 0;
       for (int64_t j = 0; j < steps; ++j) {
         ds[j] = dot(v + j * w.v_time, g, d);
+        if (w.drop.active()) ds[j] *= m[j];
         delta += p[j] * ds[j];
       }
       std::fill(gq, gq + d, acc_t(0));
@@ -222,7 +246,7 @@ FASTFORMERS_VECTOR_CLONES void step_backward_heads(const StepView<scalar_t>& w, 
         axpy(score_grad, w.R + (j * H + h) * d, gq, d);
         axpy(score_grad, k + j * w.k_time, gu, d);
         axpy_store(score_grad, qu, gk + j * gw.k_time, d);
-        axpy_store(p[j], g, gv + j * gw.v_time, d);
+        axpy_store(w.drop.active() ? p[j] * m[j] : p[j], g, gv + j * gw.v_time, d);
         axpy_store(score_grad, qh, gw.R + (j * H + h) * d, d);
         gw.S[j * H + h] = static_cast<grad_t>(static_cast<acc_t>(gw.S[j * H + h]) + score_grad);
       }
@@ -241,8 +265,9 @@ void step_backward_accumulate(const StepView<scalar_t>& w, double scale, const s
                               const StepGradView<grad_t>& gw) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, w.H, grain_for(8 * w.B * w.steps * w.d), [&](int64_t h_begin, int64_t h_end) {
-    std::vector<acc_t> buf(5 * w.d + 2 * w.steps);
-    step_backward_heads(w, static_cast<acc_t>(scale), g_all, gq_all, gw, h_begin, h_end, buf.data());
+    std::vector<acc_t> buf(5 * w.d + 3 * w.steps);
+    std::vector<uint8_t> keep(w.drop.active() ? w.steps : 0);
+    step_backward_heads(w, static_cast<acc_t>(scale), g_all, gq_all, gw, h_begin, h_end, buf.data(), keep.data());
   });
 }
 

@@ -254,16 +254,14 @@ def test_state_with_grad_matches_full_forward():
     assert state.key(0).shape == (7, 2, 2, 8)
 
 
-def test_active_dropout_runs_op_by_op():
+def test_active_dropout_runs_fused():
+    """labml's default dropout (0.1) in training: the fused path (tests/test_feedback_dropout.py checks the bits)."""
     model = build(ours, True, 2, 8, 1, dropout=0.1).train()
     model.backend = "cpp"
     model(torch.randn(3, 2, 16, dtype=torch.float64))
-    assert model.last_path == "per-op"
-    _, state = model.forward_with_state(torch.randn(3, 2, 16, dtype=torch.float64))
-    assert model.last_path == "per-op" and state.steps == 3
-    model.eval()
-    model(torch.randn(3, 2, 16, dtype=torch.float64))
     assert model.last_path == "fused"
+    _, state = model.forward_with_state(torch.randn(3, 2, 16, dtype=torch.float64))
+    assert model.last_path == "fused" and state.steps == 3
 
 
 @pytest.mark.parametrize("kv", [True, False], ids=["kv", "plain"])

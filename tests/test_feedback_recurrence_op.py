@@ -16,7 +16,7 @@ TOLERANCES = {torch.float64: dict(atol=1e-9, rtol=1e-7), torch.float32: dict(ato
 HEADS, D_K, P = 2, 12, 32
 
 
-def make_problem(T, n_layers, shared_kv, dtype, start=0, batch=3, seed=0):
+def make_problem(T, n_layers, shared_kv, dtype, start=0, batch=3, seed=0, gated=False):
     """Random weights (every optional bias present), inputs and an initial cache of ``start`` steps."""
     generator = torch.Generator().manual_seed(seed)
     D, F = HEADS * D_K, 40
@@ -29,7 +29,9 @@ def make_problem(T, n_layers, shared_kv, dtype, start=0, batch=3, seed=0):
     shapes = dict(norm_attn_weight=(D,), norm_attn_bias=(D,), query_weight=(D, D), key_pos_embeddings=(P, HEADS, D_K),
                   key_pos_bias=(P, HEADS), query_pos_bias=(HEADS, D_K), output_weight=(D, D), output_bias=(D,),
                   norm_ff_weight=(D,), norm_ff_bias=(D,), ff1_weight=(F, D), ff1_bias=(F,), ff2_weight=(D, F),
-                  ff2_bias=(D,))
+                  ff2_bias=(D,), query_bias=(D,))
+    if gated:
+        shapes.update(gate_weight=(F, D), gate_bias=(F,))
     layers = [recurrence.LayerWeights(**{name: rand(*shape) for name, shape in shapes.items()})
               for _ in range(n_layers)]
     x = rand(T, batch, D, scale=1.0)
@@ -40,34 +42,52 @@ def make_problem(T, n_layers, shared_kv, dtype, start=0, batch=3, seed=0):
     return x, initial, mix, kv_weight, kv_bias, layers
 
 
-def config(n_layers, shared_kv, start, backend):
+def config(n_layers, shared_kv, start, backend, activation="relu", dropout_p=0.0):
     return recurrence.make_config(n_layers=n_layers, heads=HEADS, d_k=D_K, shared_kv=shared_kv,
                                   norm_eps=[(1e-5, 1e-6)] * n_layers, scale=D_K ** -0.5, start=start, backend=backend,
-                                  device=torch.device("cpu"))
+                                  device=torch.device("cpu"), activation=activation,
+                                  dropout_p=[dropout_p, dropout_p / 2, dropout_p * 1.5] * n_layers)
 
 
 def leaves(problem):
     x, initial, mix, kv_weight, kv_bias, layers = problem
     fields = recurrence.LayerWeights.FIELDS
-    copies = [{name: getattr(lw, name).detach().clone().requires_grad_() for name in fields} for lw in layers]
+    copies = [{name: None if getattr(lw, name) is None else getattr(lw, name).detach().clone().requires_grad_()
+               for name in fields} for lw in layers]
     return (x.detach().clone().requires_grad_(), initial, mix.detach().clone().requires_grad_(),
             kv_weight.detach().clone().requires_grad_(),
             None if kv_bias is None else kv_bias.detach().clone().requires_grad_(),
             [recurrence.LayerWeights(**c) for c in copies])
 
 
-def run_and_grads(problem, n_layers, shared_kv, start, backend, calls=1):
-    """Output(s), caches and the gradient of every differentiable input (None where unused)."""
+def run_and_grads(problem, n_layers, shared_kv, start, backend, calls=1, seed=None, **options):
+    """Output(s), caches and the gradient of every differentiable input (None where
+    unused); ``seed`` seeds torch before each call (dropout's generator)."""
     x, initial, mix, kv_weight, kv_bias, layers = leaves(problem)
-    cfg = config(n_layers, shared_kv, start, backend)
+    cfg = config(n_layers, shared_kv, start, backend, **options)
     loss, outs = 0, []
     for call in range(calls):  # several forwards, one backward
+        if seed is not None:
+            torch.manual_seed(seed + call)
         out, kv = recurrence.run_recurrence(cfg, x * (call + 1), initial, mix, kv_weight, kv_bias, layers)
         loss = loss + (out.sin() * (call + 1)).sum()
         outs.append((out.detach(), kv))
     loss.backward()
     params = [x, mix, kv_weight, kv_bias, *(getattr(lw, n) for lw in layers for n in recurrence.LayerWeights.FIELDS)]
     return outs, [None if p is None else p.grad for p in params]
+
+
+@pytest.mark.parametrize("shared_kv", [True, False], ids=["kv", "plain"])
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+@pytest.mark.parametrize("activation", recurrence.ACTIVATION_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpp_loop_matches_python_loop_every_feed_forward_with_dropout(dtype, activation, gated, shared_kv):
+    """Every feed-forward variant and dropout site: the C++ loop and the Python loop
+    draw the same bits (same seed) and give the same outputs and gradients."""
+    problem = make_problem(6, 2, shared_kv, dtype, start=2, gated=gated)
+    options = dict(activation=activation, dropout_p=0.2, seed=5, calls=2)
+    got = run_and_grads(problem, 2, shared_kv, 2, "cpp", **options)
+    assert_same(got, run_and_grads(problem, 2, shared_kv, 2, "reference", **options), dtype)
 
 
 def assert_same(got, expected, dtype):
@@ -115,7 +135,8 @@ def op_args(problem, shared_kv, record=True):
     cfg = config(len(layers), shared_kv, 0, "cpp")
     kv = x.new_zeros((T, B, 2 * cfg.n_caches, HEADS, D_K))
     flat = [getattr(lw, name) for lw in layers for name in recurrence.LayerWeights.FIELDS]
-    layer_args = ([*flat], [eps for pair in cfg.norm_eps for eps in pair], HEADS, cfg.scale, shared_kv)
+    layer_args = ([*flat], [eps for pair in cfg.norm_eps for eps in pair], HEADS, cfg.scale, shared_kv, "gelu",
+                  [0.1, 0.2, 0.3] * len(layers), 3, 40)
     return (x, kv, 0, mix, kv_weight, kv_bias, *layer_args, record), layer_args
 
 
@@ -152,3 +173,15 @@ def test_bad_input_is_rejected():
     short_list[6] = args[6][:-1]
     with pytest.raises(RuntimeError, match="entries per layer"):
         forward(*short_list)
+    bad_activation = list(args)
+    bad_activation[11] = "tanh"
+    with pytest.raises(RuntimeError, match="activation must be relu, gelu"):
+        forward(*bad_activation)
+    bad_p = list(args)
+    bad_p[12] = [1.0] * len(args[12])
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\)"):
+        forward(*bad_p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        config(1, True, 0, "cpp", dropout_p=-0.5)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        config(1, True, 0, "cpp", activation="tanh")

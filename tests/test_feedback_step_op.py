@@ -71,7 +71,7 @@ def test_accumulating_backward_adds_used_rows_only(backend, dtype, request):
                torch.randn(steps + 5, H, dtype=dtype), torch.randn(H, d, dtype=dtype)]
     before = [b.clone() for b in buffers]
     _, accumulate = step_kernels(backend, grad.device)
-    grad_query = accumulate(grad, *args[:3], steps, *args[3:], 0.3, *buffers)
+    grad_query = accumulate(grad, *args[:3], steps, *args[3:], 0.3, 0.0, 0, 0, *buffers)
     tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad_query, expected[0], **tol)
     torch.testing.assert_close(buffers[0][:steps], before[0][:steps] + expected[1], **tol)
@@ -101,7 +101,7 @@ def test_bfloat16_step_accumulates_into_float32_buffers(backend, request):
     buffers = [grad_kv[:, :, 0], grad_kv[:, :, 1], torch.zeros(steps + 5, H, d), torch.zeros(steps + 5, H),
                torch.zeros(H, d)]
     _, accumulate = step_kernels(backend, grad.device)
-    grad_query = accumulate(grad, *args[:3], steps, *args[3:], 0.3, *buffers)
+    grad_query = accumulate(grad, *args[:3], steps, *args[3:], 0.3, 0.0, 0, 0, *buffers)
     assert grad_query.dtype == torch.bfloat16
     tol = dict(atol=1e-4, rtol=1e-4)  # float32 accuracy, far below bfloat16's 4e-3
     torch.testing.assert_close(buffers[0][:steps].double(), exact[1], **tol)
@@ -123,7 +123,7 @@ def test_accumulating_backward_rejects_other_buffer_dtypes(backend, request):
                torch.zeros(steps + 5, H, d, dtype=torch.float64), torch.zeros(steps + 5, H, dtype=torch.float64),
                torch.zeros(H, d, dtype=torch.float64)]
     with pytest.raises((RuntimeError, TypeError), match="gradient buffers must"):
-        accumulate(torch.randn(B, H, d), *args[:3], steps, *args[3:], 0.3, *buffers)
+        accumulate(torch.randn(B, H, d), *args[:3], steps, *args[3:], 0.3, 0.0, 0, 0, *buffers)
 
 @pytest.mark.parametrize("dtype", [torch.float64], ids=str)
 def test_opcheck(dtype):
@@ -138,7 +138,7 @@ def test_opcheck(dtype):
     opcheck(torch.ops.fastformers.feedback_attention_step_backward.default, (grad, *step_args))
     buffers = (torch.zeros_like(args[1]), torch.zeros_like(args[2]), torch.zeros_like(args[3]),
                torch.zeros_like(args[4]), torch.zeros_like(args[5]))
-    opcheck(torch.ops.fastformers.feedback_attention_step_backward_accumulate_.default, (grad, *step_args, *buffers))
+    opcheck(torch.ops.fastformers.feedback_attention_step_backward_accumulate_.default, (grad, *step_args, 0.0, 0, 0, *buffers))
 
 
 def test_torch_compile_fullgraph():

@@ -9,7 +9,6 @@ Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
 ``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P = 2**12``.
 """
 import dataclasses
-import logging
 import math
 from typing import Optional, Tuple
 
@@ -17,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._backend import resolve_backend
+from .._backend import available_backends, forced_backend, resolve_backend, warn_fallback
+from ..ops import _autocast
 from ..ops.feedback import recurrence
 from ._utils import clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention
@@ -182,30 +182,51 @@ class FeedbackState:
         return FeedbackState(self.cache, max_steps, self.offset + dropped, self._filled)
 
 
-logger = logging.getLogger("fastformers")
+# Feed-forward activations the fused recurrence implements, by module type.
+_FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+
+
+def _activation_name(activation: nn.Module) -> Optional[str]:
+    """The fused recurrence's name for ``activation``; None if it has no fused form."""
+    name = _FUSED_ACTIVATIONS.get(type(activation))
+    if name == "gelu" and activation.approximate != "none":
+        return None
+    return name
 
 
 def _fused_blocker(model: nn.Module, shared_kv: bool) -> Optional[str]:
-    """Why the fused recurrence cannot run this model (None if it can)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and module.p > 0 and module.training:
-            return f"dropout {name} is active (p={module.p}, training)"
-    if shared_kv and (model.key.linear.bias is not None or model.value.linear.bias is not None):
-        return "the shared key/value projections have a bias"
+    """Why the fused recurrence cannot run this model (None if it can): the layouts
+    it does not implement. Every dropout, labml feed-forward variant and bias is fused."""
+    first_ff = model.layers[0].feed_forward
     for index, layer in enumerate(model.layers):
         ff, attn = layer.feed_forward, layer.attn
-        if getattr(ff, "is_gated", False) or type(getattr(ff, "activation", None)) is not nn.ReLU:
-            return f"layer {index}: the feed-forward must be ungated ReLU"
-        if attn.query.linear.bias is not None:
-            return f"layer {index}: the query projection has a bias"
+        if not all(hasattr(ff, name) for name in ("layer1", "layer2", "activation", "dropout")):
+            return (f"layer {index}: the feed-forward {type(ff).__name__} is not a FeedForward "
+                    "(layer1, activation, dropout, layer2); use fastformers.nn.FeedForward")
+        if not all(isinstance(module, nn.Dropout) for module in (attn.dropout, layer.dropout, ff.dropout)):
+            return f"layer {index}: every dropout must be an nn.Dropout (the fused kernels draw its mask)"
+        if _activation_name(ff.activation) is None:
+            return (f"layer {index}: the feed-forward activation {ff.activation!r} has no fused form; use ReLU, "
+                    "GELU (exact), SiLU, Sigmoid or Identity")
+        if type(ff.activation) is not type(first_ff.activation) or \
+                getattr(ff, "is_gated", False) != getattr(first_ff, "is_gated", False):
+            return f"layer {index}: every layer's feed-forward must share layer 0's activation and gating"
         if (attn.key is None) != shared_kv:
             return f"layer {index}: attention is_kv_precomputed must be {shared_kv}"
-        if not shared_kv and attn.key.linear.bias is not None:
-            return f"layer {index}: the key projection has a bias"
         for norm in (layer.norm_self_attn, layer.norm_ff):
             if norm.weight is None or norm.bias is None:
-                return f"layer {index}: layer norms must have a weight and a bias"
+                return f"layer {index}: layer norms must have a weight and a bias (elementwise_affine=True)"
     return None
+
+
+def _dropout_probabilities(model: nn.Module) -> tuple:
+    """Per layer (attention probabilities, residual, feed-forward hidden) dropout
+    probabilities in effect (0 for a module in eval mode)."""
+    def active_p(dropout: nn.Dropout) -> float:
+        return dropout.p if dropout.training else 0.0
+
+    return tuple(p for layer in model.layers
+                 for p in (active_p(layer.attn.dropout), active_p(layer.dropout), active_p(layer.feed_forward.dropout)))
 
 
 def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights:
@@ -216,12 +237,24 @@ def _layer_weights(layer: "FeedbackTransformerLayer") -> recurrence.LayerWeights
     def first_rows(table):
         return table if table.shape[0] == attn.P else table[:attn.P]
 
+    gate = ff.linear_v if getattr(ff, "is_gated", False) else None
     return recurrence.LayerWeights(
         layer.norm_self_attn.weight, layer.norm_self_attn.bias, attn.query.linear.weight,
         first_rows(attn.key_pos_embeddings), first_rows(attn.key_pos_bias), attn.query_pos_bias, attn.output.weight,
         attn.output.bias, layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
-        ff.layer2.weight, ff.layer2.bias,
+        ff.layer2.weight, ff.layer2.bias, attn.query.linear.bias, None if gate is None else gate.weight,
+        None if gate is None else gate.bias,
     )
+
+
+def _stacked_projection(linears) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``linears``' weights stacked along the output axis, and their biases
+    (zeros for a linear without one; None if none has a bias)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    if all(linear.bias is None for linear in linears):
+        return weight, None
+    return weight, torch.cat([linear.weight.new_zeros(linear.out_features) if linear.bias is None else linear.bias
+                              for linear in linears])
 
 
 def _check_state(model, x_seq: torch.Tensor, state: Optional[FeedbackState], n_caches: int) -> int:
@@ -249,7 +282,31 @@ def _check_state(model, x_seq: torch.Tensor, state: Optional[FeedbackState], n_c
 def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str, shared_kv: bool,
                kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor]):
     """The model's recurrence on the fused path: outputs ``[T, B, D]`` (after the
-    final norm) and the state after the last step."""
+    final norm) and the state after the last step.
+
+    Under ``torch.autocast`` every floating input (weights, tables, biases, the
+    input) is rounded to the autocast dtype, as autocast rounds a linear
+    layer's weight; the cpp backend's C++ loops then compute in float32 (they
+    run sgemm/dgemm), the other backends in the autocast dtype with float32
+    accumulation. Outputs come back in the autocast dtype; the state holds the
+    compute dtype."""
+    device_type = x_seq.device.type
+    autocast_dtype = _autocast.dtype_for(device_type)
+    if autocast_dtype is None:
+        return _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, lambda t: t)
+    compute_dtype = torch.float32 if backend == "cpp" else autocast_dtype
+
+    def cast(t):
+        return None if t is None else t.to(autocast_dtype).to(compute_dtype)
+
+    with torch.autocast(device_type, enabled=False):
+        out, new_state = _run_fused_in(model, cast(x_seq), state, backend, shared_kv, cast(kv_weight), cast(kv_bias),
+                                       cast)
+    return out.to(autocast_dtype), new_state
+
+
+def _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, cast):
+    """:func:`_run_fused` with ``cast`` (None-preserving; identity outside autocast) applied to every parameter."""
     T, B, D = x_seq.shape
     first = model.layers[0].attn
     n_caches = 1 if shared_kv else len(model.layers)
@@ -258,12 +315,22 @@ def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backe
         n_layers=len(model.layers), heads=first.heads, d_k=first.d_k, shared_kv=shared_kv,
         norm_eps=[(layer.norm_self_attn.eps, layer.norm_ff.eps) for layer in model.layers], scale=first.scale,
         start=start, backend=backend, device=x_seq.device,
+        activation=_activation_name(model.layers[0].feed_forward.activation),
+        dropout_p=_dropout_probabilities(model),
     )
     layers = [_layer_weights(layer) for layer in model.layers]
+    layers = [recurrence.LayerWeights(*(cast(getattr(lw, name)) for name in recurrence.LayerWeights.FIELDS))
+              for lw in layers]
+    mix_weights = cast(model.weights)
+    norm = model.norm
+
+    def final_norm(out):
+        return nn.functional.layer_norm(out, norm.normalized_shape, cast(norm.weight), cast(norm.bias), norm.eps)
+
     if torch.is_grad_enabled():
         initial = None if state is None else state.rows()
-        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, model.weights, kv_weight, kv_bias, layers)
-        return model.norm(out), FeedbackState(kv, start + T, 0, [start + T])
+        out, kv = recurrence.run_recurrence(cfg, x_seq, initial, mix_weights, kv_weight, kv_bias, layers)
+        return final_norm(out), FeedbackState(kv, start + T, 0, [start + T])
     # Without autograd the new rows go straight into the state's buffer when it
     # ends at this state and has room; otherwise the valid rows are copied once
     # into a buffer of doubled capacity (amortised O(1) per generated token, also
@@ -277,10 +344,10 @@ def _run_fused(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backe
         if start:
             buffer[:start] = state.rows()
         offset, filled = 0, [start]
-    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], model.weights, kv_weight, kv_bias, layers,
+    out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], mix_weights, kv_weight, kv_bias, layers,
                                        write_in_place=True)
     filled[0] = offset + start + T
-    return model.norm(out), FeedbackState(buffer, start + T, offset, filled)
+    return final_norm(out), FeedbackState(buffer, start + T, offset, filled)
 
 
 def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str,
@@ -318,16 +385,37 @@ def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], back
     return out, FeedbackState(cache, start + x_seq.shape[0], 0, [cache.shape[0]])
 
 
+def _choose_backend(model, device: torch.device) -> Tuple[str, Optional[str], Optional[str]]:
+    """``(ops backend, path, reason)``: the ops' backend on ``device``, ``"fused"``
+    or ``"per-op"``, and why the automatic choice left the fused path (None when
+    it did not, or when the reference backend was asked for)."""
+    backend = resolve_backend(device, model.backend)
+    if backend == "reference":
+        if model.backend is not None or forced_backend() is not None:
+            return backend, "per-op", None
+        return backend, "per-op", (f"no fused backend for {device.type} tensors in this installation "
+                                   f"(available: {', '.join(available_backends())})")
+    reason = _fused_blocker(model, isinstance(model, FeedbackTransformerKV))
+    return backend, ("per-op" if reason else "fused"), reason
+
+
+def _fused_backend(model, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+    # Every dropout is fused, so train and eval mode take the same path.
+    backend, path, reason = _choose_backend(model, device)
+    if path == "fused":
+        return backend, None
+    return "reference", reason or ("backend 'reference' was requested (model.backend, fastformers.use_backend or "
+                                   "FASTFORMERS_BACKEND)")
+
+
 def _forward(model, x_seq: torch.Tensor, state: Optional[FeedbackState], want_state: bool):
     shared_kv = isinstance(model, FeedbackTransformerKV)
-    backend = model.last_backend = resolve_backend(x_seq.device, model.backend)
-    if backend != "reference":
-        reason = _fused_blocker(model, shared_kv)
-        if reason is None:
-            model.last_path = "fused"
-            return _run_fused(model, x_seq, state, backend, shared_kv, *model._kv_projection())
-        logger.debug("fastformers: %s runs op by op: %s", type(model).__name__, reason)
-    model.last_path = "per-op"
+    backend, path, reason = _choose_backend(model, x_seq.device)
+    model.last_backend, model.last_path = backend, path
+    if path == "fused":
+        return _run_fused(model, x_seq, state, backend, shared_kv, *model._kv_projection())
+    if reason is not None:
+        warn_fallback(model, reason)
     if shared_kv:
         projections = [(model.key, model.value)]
     else:
@@ -355,23 +443,26 @@ class FeedbackTransformer(nn.Module):
 
     def _kv_projection(self):
         """All layers' key/value projections stacked: weight ``[2 · n_layers · D, D]``, bias ``[2 · n_layers · D]``."""
-        weights, biases = [], []
-        for layer in self.layers:
-            key, value = layer.attn.key.linear, layer.attn.value.linear
-            weights += [key.weight, value.weight]
-            biases += [torch.zeros_like(value.bias) if value.bias is not None else None, value.bias]
-        bias = None if biases[1] is None else torch.cat(biases)
-        return torch.cat(weights), bias
+        return _stacked_projection([linear for layer in self.layers
+                                    for linear in (layer.attn.key.linear, layer.attn.value.linear)])
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
 
         Off the reference backend the whole recurrence runs as one fused
-        autograd function (``last_path == "fused"``) when the model allows it
-        (no active dropout, ungated ReLU feed-forward, no query/key biases);
-        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
+        autograd function (``last_path == "fused"``), dropout included, for
+        every labml layout (any of ReLU, exact GELU, SiLU, Sigmoid, Identity,
+        gated or not, with or without biases); otherwise op by op
+        (``last_path == "per-op"``, with a ``FallbackWarning`` that says why;
+        :meth:`fused_backend` tells it without running).
         """
         return _forward(self, x_seq, None, want_state=False)[0]
+
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """The backend :meth:`forward` would use on ``device`` (``"cpp"``/``"triton"``
+        for the fused recurrence, ``"reference"`` op by op) and, for ``"reference"``,
+        why; the same decision as forward, without running it."""
+        return _fused_backend(self, torch.device(device), training)
 
     def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
                            ) -> Tuple[torch.Tensor, FeedbackState]:
@@ -415,18 +506,26 @@ class FeedbackTransformerKV(nn.Module):
         self.last_path: Optional[str] = None
 
     def _kv_projection(self):
-        """The shared key and value projections stacked: ``[2 · D, D]``, no bias."""
-        return torch.cat((self.key.linear.weight, self.value.linear.weight)), None
+        """The shared key and value projections stacked: ``[2 · D, D]`` and their biases."""
+        return _stacked_projection([self.key.linear, self.value.linear])
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """``x_seq`` ``[T, B, D]`` -> normalised outputs ``[T, B, D]``.
 
         Off the reference backend the whole recurrence runs as one fused
-        autograd function (``last_path == "fused"``) when the model allows it
-        (no active dropout, ungated ReLU feed-forward, no query/key biases);
-        otherwise op by op (``last_path == "per-op"``, the reason logged at DEBUG).
+        autograd function (``last_path == "fused"``), dropout included, for
+        every labml layout (any of ReLU, exact GELU, SiLU, Sigmoid, Identity,
+        gated or not, with or without biases); otherwise op by op
+        (``last_path == "per-op"``, with a ``FallbackWarning`` that says why;
+        :meth:`fused_backend` tells it without running).
         """
         return _forward(self, x_seq, None, want_state=False)[0]
+
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """The backend :meth:`forward` would use on ``device`` (``"cpp"``/``"triton"``
+        for the fused recurrence, ``"reference"`` op by op) and, for ``"reference"``,
+        why; the same decision as forward, without running it."""
+        return _fused_backend(self, torch.device(device), training)
 
     def forward_with_state(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None
                            ) -> Tuple[torch.Tensor, FeedbackState]:

@@ -2,6 +2,8 @@
 the baseline of benchmarks."""
 import torch
 
+from ..dropout import naive as dropout_naive
+
 
 def feedback_memory(layer_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Softmax-weighted sum of layer outputs, ``m = Σ_l softmax(w)_l · x_l``.
@@ -30,6 +32,9 @@ def feedback_attention_step(
     key_pos_bias: torch.Tensor,
     query_pos_bias: torch.Tensor,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ) -> torch.Tensor:
     """One attention step of the Feedback Transformer over ``steps`` cached memory steps.
 
@@ -37,14 +42,31 @@ def feedback_attention_step(
     (entries ``0 .. steps-1`` are used); ``key_pos_embeddings`` ``[P, H, d]`` and
     ``key_pos_bias`` ``[P, H]`` (their last ``steps`` rows are used, the last row
     for the most recent step); ``query_pos_bias`` ``[H, d]``. Returns ``[B, H, d]``:
-    ``Σ_j softmax_j(((q + u)·K_j + q·R_j + S_j) · scale) V_j``.
+    ``Σ_j dropout(softmax_j(((q + u)·K_j + q·R_j + S_j) · scale)) V_j``.
+
+    Dropout of the probabilities (``dropout_p > 0``): probability ``(b, h, j)``
+    is element ``(b · H + h) · steps + j`` of the ``(seed, offset)`` stream
+    (mask layout ``[B, H, steps]``, see :func:`attention_keep_scale`).
     """
     key, value = key_cache[:steps], value_cache[:steps]
     pos_emb, pos_bias = key_pos_embeddings[-steps:], key_pos_bias[-steps:]
     scores = torch.einsum("bhd,jbhd->jbh", query + query_pos_bias, key)
     scores = scores + torch.einsum("bhd,jhd->jbh", query, pos_emb) + pos_bias[:, None, :]
     attn = torch.softmax(scores * scale, dim=0)
+    keep_scale = attention_keep_scale(query, steps, dropout_p, seed, offset)
+    if keep_scale is not None:
+        attn = attn * keep_scale
     return torch.einsum("jbh,jbhd->bhd", attn, value)
+
+
+def attention_keep_scale(query: torch.Tensor, steps: int, dropout_p: float, seed: int, offset: int):
+    """Multipliers ``[steps, B, H]`` (``1/(1-p)`` kept, 0 dropped) of one step's
+    probabilities from the ``[B, H, steps]`` mask; None without dropout."""
+    if dropout_p == 0:
+        return None
+    B, H, _ = query.shape
+    keep = dropout_naive.keep_mask(seed, offset, B * H * steps, dropout_p, query.device).view(B, H, steps)
+    return (keep.to(query.dtype) * (1.0 / (1.0 - dropout_p))).permute(2, 0, 1)
 
 
 def feedback_attention_step_backward(
@@ -57,6 +79,9 @@ def feedback_attention_step_backward(
     key_pos_bias: torch.Tensor,
     query_pos_bias: torch.Tensor,
     scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ):
     """Gradients of :func:`feedback_attention_step` for the rows it used:
     ``(query [B, H, d], key [steps, B, H, d], value [steps, B, H, d],
@@ -68,10 +93,15 @@ def feedback_attention_step_backward(
     scores = scores + torch.einsum("bhd,jhd->jbh", query, pos_emb) + pos_bias[:, None, :]
     attn = torch.softmax(scores * scale, dim=0)
     grad_attn = torch.einsum("bhd,jbhd->jbh", grad, value)
+    kept_attn = attn
+    keep_scale = attention_keep_scale(query, steps, dropout_p, seed, offset)
+    if keep_scale is not None:
+        grad_attn = grad_attn * keep_scale
+        kept_attn = attn * keep_scale
     grad_scores = attn * (grad_attn - (attn * grad_attn).sum(0, keepdim=True)) * scale
     grad_query = torch.einsum("jbh,jbhd->bhd", grad_scores, key) + torch.einsum("jbh,jhd->bhd", grad_scores, pos_emb)
     grad_key = torch.einsum("jbh,bhd->jbhd", grad_scores, shifted_query)
-    grad_value = torch.einsum("jbh,bhd->jbhd", attn, grad)
+    grad_value = torch.einsum("jbh,bhd->jbhd", kept_attn, grad)
     grad_pos_emb = torch.einsum("jbh,bhd->jhd", grad_scores, query)
     grad_pos_bias = grad_scores.sum(1)
     grad_query_pos_bias = torch.einsum("jbh,jbhd->hd", grad_scores, key)

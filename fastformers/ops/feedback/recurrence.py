@@ -1,8 +1,9 @@
 """The whole Feedback Transformer recurrence as one autograd function.
 
 Per token the model runs every layer (pre-norm attention over the memory, then
-a ReLU feed-forward), mixes the embedding and layer outputs into one memory
-vector ``m_t = Σ_l softmax(w)_l x_l`` and projects it to keys and values that
+a feed-forward: ReLU, GELU, SiLU, sigmoid or identity, optionally gated),
+mixes the embedding and layer outputs into one memory vector
+``m_t = Σ_l softmax(w)_l x_l`` and projects it to keys and values that
 are written in place into a preallocated cache ``[T_max, B, C, H, d]``
 (``C = 2`` caches for the shared-KV model, ``2 · n_layers`` for the original
 one). Autograd through that per-token loop is what makes the module slow
@@ -23,8 +24,22 @@ Python loops below write the same buffers, serve every other backend and dtype,
 and are those ops' registered reference.
 
 Keys and values live in buffers owned by each call, so several forwards may
-share one backward. Dropout is not part of the fused recurrence: the modules
-use it only when every dropout is inactive (p = 0 or eval mode).
+share one backward.
+
+Dropout (labml's three sites per layer: the attention probabilities, the
+residual branches ``x + dropout(attn)`` / ``x + dropout(ff)``, the
+feed-forward hidden ``layer2(dropout(act(layer1 x)))``) comes from ONE Philox
+stream ``(seed, offset)`` per call (:mod:`fastformers.ops.dropout`); masks are
+regenerated in backward, never stored. With ``S = max(start + T - 1, 0)`` (the
+most memory steps a token of the call attends to) the per-token sizes of the
+sites are (:data:`DROPOUT_SITES` order) attention ``B·H·S``, attention residual
+``B·D``, hidden ``B·F``, feed-forward residual ``B·D``; ``W`` is their sum.
+Element ``n`` of token ``i``, layer ``l``, site ``k`` is stream element
+``offset + T·(l·W + Σ_{k'<k} size_k') + i·size_k + n``: each (layer, site) owns
+a contiguous ``[T, size_k]`` range (what ``dropout.record()`` reports), each
+token a fixed stride inside it. Token ``i`` attends ``t = start + i`` steps and
+uses the first ``B·H·t`` elements of its attention range as the step op's
+``[B, H, t]`` mask; the others use the row-major ``[B, D]`` / ``[B, F]`` layouts.
 
 Shape letters: ``T`` tokens in this call, ``B`` batch, ``D`` = d_model,
 ``H`` heads, ``d`` = d_k, ``F`` = d_ff, ``P`` rows of the positional tables.
@@ -37,6 +52,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..._library import lib, qualname
+from .. import dropout
 from . import step_op
 from .op import feedback_memory as _feedback_memory_functional
 
@@ -59,11 +75,14 @@ class LayerWeights:
     ff1_bias: Optional[torch.Tensor]  # [F]
     ff2_weight: torch.Tensor  # [D, F]
     ff2_bias: Optional[torch.Tensor]  # [D]
+    query_bias: Optional[torch.Tensor] = None  # [D]
+    gate_weight: Optional[torch.Tensor] = None  # [F, D]: the gated feed-forward's linear_v
+    gate_bias: Optional[torch.Tensor] = None  # [F]
 
     FIELDS = (
         "norm_attn_weight", "norm_attn_bias", "query_weight", "key_pos_embeddings", "key_pos_bias",
         "query_pos_bias", "output_weight", "output_bias", "norm_ff_weight", "norm_ff_bias", "ff1_weight",
-        "ff1_bias", "ff2_weight", "ff2_bias",
+        "ff1_bias", "ff2_weight", "ff2_bias", "query_bias", "gate_weight", "gate_bias",
     )
 
 
@@ -81,10 +100,20 @@ class Config:
     forward_kernel: Callable
     backward_kernel: Callable
     memory_backend: str
+    activation: str = "relu"  # one of ACTIVATIONS_FUNCTIONS
+    dropout_p: tuple = ()  # per layer (attention, residual, hidden) probabilities; () = no dropout
+    seed: int = 0
+    offset: int = 0
 
     @property
     def n_caches(self) -> int:
         return 1 if self.shared_kv else self.n_layers
+
+    def p(self, layer: int, site: int) -> float:
+        return self.dropout_p[3 * layer + _P_INDEX[site]] if self.dropout_p else 0.0
+
+    def dropout_active(self) -> bool:
+        return any(p > 0 for p in self.dropout_p)
 
 
 # Layouts of the buffers one forward records and its backward fills; the C++
@@ -97,12 +126,38 @@ STATS = ("mean_attn", "rstd_attn", "mean_ff", "rstd_ff")  # stats [N, 4, T, B]
 # outputs, of the attention-branch output (the residual stream after
 # attention, zero at step 0) and of the query.
 ROW_GRADS = ("layer_out", "norm_ff", "attn_out", "query", "norm_attn")
+# hidden [N, 2 or 3, T, B, F]: the second linear's input (after activation,
+# gate and dropout), the first linear's output, the gate's output (gated only).
+HIDDEN = ("ff2_input", "ff1_output", "gate")
+# grad_hidden [N, 1 or 2, T, B, F]: gradients of the first linear's and the gate's outputs.
+GRAD_HIDDEN = ("ff1_output", "gate")
 _NORM_ATTN, _QUERY, _ATTENTION, _MID, _NORM_FF = range(5)
 _MEAN_ATTN, _RSTD_ATTN, _MEAN_FF, _RSTD_FF = range(4)
-_G_LAYER_OUT, _G_NORM_FF, _G_ATTN_OUT, _G_QUERY, _G_NORM_ATTN = range(5)
+_G_FF_OUT, _G_NORM_FF, _G_ATTN_OUT, _G_QUERY, _G_NORM_ATTN = range(5)
+_FF2_INPUT, _FF1_OUTPUT, _GATE = range(3)
+
+# Feed-forward activations the loops implement (the C++ loop's Activation enum).
+ACTIVATION_FUNCTIONS = ("relu", "gelu", "silu", "sigmoid", "identity")
+# Dropout sites of a layer in stream order, and which of the layer's three
+# probabilities (attention, residual, hidden) each uses.
+DROPOUT_SITES = ("attention", "attention_residual", "hidden", "ff_residual")
+_SITE_ATTENTION, _SITE_ATTN_RESIDUAL, _SITE_HIDDEN, _SITE_FF_RESIDUAL = range(4)
+_P_INDEX = (0, 1, 2, 1)
+
+
+def dropout_site_sizes(T: int, B: int, D: int, F: int, heads: int, start: int):
+    """Per-token element counts of the four dropout sites of one layer (module docstring)."""
+    steps = max(start + T - 1, 0)
+    return (B * heads * steps, B * D, B * F, B * D)
+
+
+def dropout_site_offset(cfg: "Config", sizes, T: int, token: int, layer: int, site: int) -> int:
+    """Stream element of ``(token, layer, site)``'s first mask element (module docstring)."""
+    return cfg.offset + T * (layer * sum(sizes) + sum(sizes[:site])) + token * sizes[site]
 
 _CACHE_ARGS = "Tensor kv, int start, Tensor mix_weights, Tensor kv_weight"
-_LAYER_ARGS = "Tensor?[] layer_params, float[] norm_eps, int heads, float scale, bool shared_kv"
+_LAYER_ARGS = ("Tensor?[] layer_params, float[] norm_eps, int heads, float scale, bool shared_kv, str activation, "
+               "float[] dropout_p, int seed, int offset")
 lib.define(
     f"feedback_recurrence_forward(Tensor x_seq, Tensor(a!) kv, int start, Tensor mix_weights, Tensor kv_weight, "
     f"Tensor? kv_bias, {_LAYER_ARGS}, bool record) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
@@ -119,17 +174,65 @@ def _cache_views(kv: torch.Tensor, layer: int, shared: bool):
     return kv[:, :, 2 * c], kv[:, :, 2 * c + 1]
 
 
+def _activate(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(x)
+    if name == "gelu":
+        return torch.nn.functional.gelu(x)
+    if name == "silu":
+        return torch.nn.functional.silu(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    return x
+
+
+def _activation_backward(name: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad · act'(x)``."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward(grad, x, 0)
+    if name == "gelu":
+        return aten.gelu_backward(grad, x)
+    if name == "silu":
+        return aten.silu_backward(grad, x)
+    if name == "sigmoid":
+        return aten.sigmoid_backward(grad, torch.sigmoid(x))
+    return grad
+
+
+class _Masks:
+    """Dropout multipliers (``1/(1-p)`` kept, 0 dropped) of one call's sites, from the
+    device's keep-mask kernel at the stream elements of the module docstring."""
+
+    def __init__(self, cfg: "Config", T: int, B: int, D: int, F: int):
+        self.cfg, self.T = cfg, T
+        self.sizes = dropout_site_sizes(T, B, D, F, cfg.heads, cfg.start)
+
+    def offset(self, token: int, layer: int, site: int) -> int:
+        return dropout_site_offset(self.cfg, self.sizes, self.T, token, layer, site)
+
+    def multipliers(self, token: int, layer: int, site: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Multipliers shaped like ``like``; None when the site's p is 0."""
+        p = self.cfg.p(layer, site)
+        if p == 0:
+            return None
+        keep = torch.ops.fastformers.dropout_keep_mask(like, self.cfg.seed, self.offset(token, layer, site), p)
+        return keep.to(like.dtype) * (1.0 / (1.0 - p))
+
+
 def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_weights: torch.Tensor,
          kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor], kv: torch.Tensor, record: bool):
     """Forward over ``x_seq [T, B, D]`` writing keys/values of steps ``start .. start+T-1``
     into ``kv``, one ATen call at a time. Returns ``(layer_outputs [T, N+1, B, D],
-    memories [T', B, D], activations [N, 5, T', B, D], hidden [N, T', B, F],
+    memories [T', B, D], activations [N, 5, T', B, D], hidden [N, 2|3, T', B, F],
     stats [N, 4, T', B])`` with ``T' = T`` if ``record`` else 1 (one reused slot)."""
     T, B, D = x_seq.shape
     H, d = cfg.heads, cfg.d_k
     N = cfg.n_layers
     F = layers[0].ff1_weight.shape[0]
+    gated = layers[0].gate_weight is not None
     slots = T if record else 1
+    masks = _Masks(cfg, T, B, D, F)
     kv_weight_t = kv_weight.t()
     prepared = [
         (lw, lw.query_weight.t(), lw.output_weight.t(), lw.ff1_weight.t(), lw.ff2_weight.t(),
@@ -140,7 +243,7 @@ def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_w
     layer_outputs[:, 0] = x_seq
     memories = x_seq.new_empty((slots, B, D))
     activations = x_seq.new_zeros((N, len(ACTIVATIONS), slots, B, D))
-    hidden = x_seq.new_empty((N, slots, B, F))
+    hidden = x_seq.new_empty((N, 3 if gated else 2, slots, B, F))
     stats = x_seq.new_zeros((N, len(STATS), slots, B))
     attend = cfg.forward_kernel
     for i in range(T):
@@ -155,35 +258,52 @@ def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_w
                 z, mean, rstd = torch.native_layer_norm(x, (D,), lw.norm_attn_weight, lw.norm_attn_bias, eps_attn)
                 act[_NORM_ATTN] = z
                 st[_MEAN_ATTN], st[_RSTD_ATTN] = mean.view(B), rstd.view(B)
-                q = torch.mm(z, wq_t, out=act[_QUERY]).view(B, H, d)
+                torch.mm(z, wq_t, out=act[_QUERY])
+                if lw.query_bias is not None:
+                    act[_QUERY] += lw.query_bias
+                q = act[_QUERY].view(B, H, d)
                 act[_ATTENTION] = attend(q, key_cache, value_cache, t, lw.key_pos_embeddings, lw.key_pos_bias,
-                                         lw.query_pos_bias, cfg.scale).view(B, D)
-                torch.addmm(x, act[_ATTENTION], wo_t, out=xm)
-                if lw.output_bias is not None:
-                    xm += lw.output_bias
+                                         lw.query_pos_bias, cfg.scale, cfg.p(l, _SITE_ATTENTION), cfg.seed,
+                                         masks.offset(i, l, _SITE_ATTENTION)).view(B, D)
+                _residual_add(x, act[_ATTENTION], wo_t, lw.output_bias, masks.multipliers(i, l, _SITE_ATTN_RESIDUAL, x),
+                              out=xm)
             else:
                 xm.copy_(x)
             z2, mean, rstd = torch.native_layer_norm(xm, (D,), lw.norm_ff_weight, lw.norm_ff_bias, eps_ff)
             act[_NORM_FF] = z2
             st[_MEAN_FF], st[_RSTD_FF] = mean.view(B), rstd.view(B)
-            h = hidden[l, s]
-            if lw.ff1_bias is None:
-                torch.mm(z2, w1_t, out=h)
-            else:
-                torch.addmm(lw.ff1_bias, z2, w1_t, out=h)
-            h.relu_()
+            h = hidden[l, :, s]
+            _linear(z2, w1_t, lw.ff1_bias, out=h[_FF1_OUTPUT])
+            ff2_input = _activate(cfg.activation, h[_FF1_OUTPUT])
+            if gated:
+                _linear(z2, lw.gate_weight.t(), lw.gate_bias, out=h[_GATE])
+                ff2_input = ff2_input * h[_GATE]
+            keep_hidden = masks.multipliers(i, l, _SITE_HIDDEN, h[_FF2_INPUT])
+            if keep_hidden is not None:
+                ff2_input = ff2_input * keep_hidden
+            h[_FF2_INPUT] = ff2_input
             x = layer_outputs[i, l + 1]
-            torch.addmm(xm, h, w2_t, out=x)
-            if lw.ff2_bias is not None:
-                x += lw.ff2_bias
+            _residual_add(xm, h[_FF2_INPUT], w2_t, lw.ff2_bias, masks.multipliers(i, l, _SITE_FF_RESIDUAL, xm), out=x)
         memory = memories[s]
         memory.copy_(_feedback_memory_functional(layer_outputs[i], mix_weights, backend=cfg.memory_backend))
-        kv_row = kv[t].view(B, -1)
-        if kv_bias is None:
-            torch.mm(memory, kv_weight_t, out=kv_row)
-        else:
-            torch.addmm(kv_bias, memory, kv_weight_t, out=kv_row)
+        _linear(memory, kv_weight_t, kv_bias, out=kv[t].view(B, -1))
     return layer_outputs, memories, activations, hidden, stats
+
+
+def _linear(x, weight_t, bias, *, out):
+    if bias is None:
+        return torch.mm(x, weight_t, out=out)
+    return torch.addmm(bias, x, weight_t, out=out)
+
+
+def _residual_add(x, branch_input, weight_t, bias, keep_scale, *, out):
+    """``out = x + dropout(branch_input @ weight_t + bias)`` (``keep_scale`` None: no dropout)."""
+    if keep_scale is None:
+        torch.addmm(x, branch_input, weight_t, out=out)
+        if bias is not None:
+            out += bias
+        return
+    torch.add(x, _linear(branch_input, weight_t, bias, out=torch.empty_like(out)) * keep_scale, out=out)
 
 
 def _layer_norm_input_grad(grad, x, mean, rstd, weight):
@@ -201,11 +321,14 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
                    layers):
     """The sequential part of backpropagation through time, one ATen call at a time.
     Returns ``(grad_x [T, B, D], grad_memories [T, B, D], row_grads [N, 5, T, B, D],
-    grad_hidden [N, T, B, F], grad_kv (like kv), grad_key_pos_embeddings [N, P, H, d],
+    grad_hidden [N, 1|2, T, B, F], grad_kv (like kv), grad_key_pos_embeddings [N, P, H, d],
     grad_key_pos_bias [N, P, H], grad_query_pos_bias [N, H, d])``."""
     T, N1, B, D = layer_outputs.shape
     N = cfg.n_layers
     H, d = cfg.heads, cfg.d_k
+    F = hidden.shape[-1]
+    gated = hidden.shape[1] == 3
+    masks = _Masks(cfg, T, B, D, F)
     grad_out = grad_out.contiguous()
     probs = torch.softmax(mix_weights.double(), 0).tolist()
     wide = _accumulate_dtype(kv.dtype)
@@ -214,7 +337,7 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
     grad_x = torch.empty_like(grad_out)
     grad_memories = torch.empty_like(grad_out)
     row_grads = grad_out.new_zeros((N, len(ROW_GRADS), T, B, D))
-    grad_hidden = torch.empty_like(hidden)
+    grad_hidden = hidden.new_empty((N, 2 if gated else 1, T, B, F))
     P = layers[0].key_pos_embeddings.shape[0]
     grad_pos_emb = grad_out.new_zeros((N, P, H, d), dtype=wide)
     grad_pos_bias = grad_out.new_zeros((N, P, H), dtype=wide)
@@ -228,19 +351,27 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
         g = torch.add(grad_out[i], gm, alpha=probs[N])
         for l in range(N - 1, -1, -1):
             lw, act, st, r = layers[l], activations[l, :, i], stats[l, :, i], row_grads[l, :, i]
-            r[_G_LAYER_OUT] = g
-            dh1 = grad_hidden[l, i]
-            dh1.copy_(torch.ops.aten.threshold_backward(torch.mm(g, lw.ff2_weight), hidden[l, i], 0))
-            torch.mm(dh1, lw.ff1_weight, out=r[_G_NORM_FF])
+            h, gh = hidden[l, :, i], grad_hidden[l, :, i]
+            r[_G_FF_OUT] = _masked(g, masks.multipliers(i, l, _SITE_FF_RESIDUAL, g))
+            grad_ff2_input = _masked(torch.mm(r[_G_FF_OUT], lw.ff2_weight),
+                                     masks.multipliers(i, l, _SITE_HIDDEN, h[_FF1_OUTPUT]))
+            if gated:
+                gh[1] = grad_ff2_input * _activate(cfg.activation, h[_FF1_OUTPUT])
+                grad_ff2_input = grad_ff2_input * h[_GATE]
+            gh[0] = _activation_backward(cfg.activation, grad_ff2_input, h[_FF1_OUTPUT])
+            torch.mm(gh[0], lw.ff1_weight, out=r[_G_NORM_FF])
+            if gated:
+                r[_G_NORM_FF] += torch.mm(gh[1], lw.gate_weight)
             gxm = _layer_norm_input_grad(r[_G_NORM_FF], act[_MID], st[_MEAN_FF].view(B, 1), st[_RSTD_FF].view(B, 1),
                                          lw.norm_ff_weight)
             gxm += g
             if t > 0:
-                r[_G_ATTN_OUT] = gxm
-                ga = torch.mm(gxm, lw.output_weight).view(B, H, d)
+                r[_G_ATTN_OUT] = _masked(gxm, masks.multipliers(i, l, _SITE_ATTN_RESIDUAL, gxm))
+                ga = torch.mm(r[_G_ATTN_OUT], lw.output_weight).view(B, H, d)
                 (key_cache, value_cache), (grad_key, grad_value) = views[l]
                 r[_G_QUERY] = accumulate(ga, act[_QUERY].view(B, H, d), key_cache, value_cache, t,
                                          lw.key_pos_embeddings, lw.key_pos_bias, lw.query_pos_bias, cfg.scale,
+                                         cfg.p(l, _SITE_ATTENTION), cfg.seed, masks.offset(i, l, _SITE_ATTENTION),
                                          grad_key, grad_value, grad_pos_emb[l], grad_pos_bias[l],
                                          grad_query_pos_bias[l]).view(B, D)
                 torch.mm(r[_G_QUERY], lw.query_weight, out=r[_G_NORM_ATTN])
@@ -254,23 +385,31 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
     return grad_x, grad_memories, row_grads, grad_hidden, grad_kv, grad_pos_emb, grad_pos_bias, grad_query_pos_bias
 
 
-def _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, x) -> Config:
+def _masked(x: torch.Tensor, keep_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if keep_scale is None else x * keep_scale
+
+
+def _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, activation, dropout_p, seed, offset,
+               x) -> Config:
     """The reference kernels' configuration for the registered ops' arguments."""
     n_layers = len(layer_params) // len(LayerWeights.FIELDS)
     eps = tuple(zip(norm_eps[0::2], norm_eps[1::2]))
     return make_config(n_layers=n_layers, heads=heads, d_k=x.shape[-1] // heads, shared_kv=shared_kv, norm_eps=eps,
-                       scale=scale, start=start, backend="reference", device=x.device)
+                       scale=scale, start=start, backend="reference", device=x.device, activation=activation,
+                       dropout_p=dropout_p, seed=seed, offset=offset)
 
 
 def _forward_reference(x_seq, kv, start, mix_weights, kv_weight, kv_bias, layer_params, norm_eps, heads, scale,
-                       shared_kv, record):
-    cfg = _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, x_seq)
+                       shared_kv, activation, dropout_p, seed, offset, record):
+    cfg = _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, activation, dropout_p, seed, offset,
+                     x_seq)
     return _run(cfg, x_seq, _unflatten(layer_params, cfg.n_layers), mix_weights, kv_weight, kv_bias, kv, record)
 
 
 def _backward_reference(grad_out, layer_outputs, activations, hidden, stats, kv, start, mix_weights, kv_weight,
-                        layer_params, norm_eps, heads, scale, shared_kv):
-    cfg = _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, grad_out)
+                        layer_params, norm_eps, heads, scale, shared_kv, activation, dropout_p, seed, offset):
+    cfg = _op_config(start, layer_params, norm_eps, heads, scale, shared_kv, activation, dropout_p, seed, offset,
+                     grad_out)
     return _backward_loop(cfg, grad_out, layer_outputs, activations, hidden, stats, kv, mix_weights, kv_weight,
                           _unflatten(layer_params, cfg.n_layers))
 
@@ -279,27 +418,32 @@ lib.impl("feedback_recurrence_forward", _forward_reference, "CompositeExplicitAu
 lib.impl("feedback_recurrence_backward", _backward_reference, "CompositeExplicitAutograd")
 
 
+def _hidden_slots(layer_params) -> int:
+    return 2 if layer_params[LayerWeights.FIELDS.index("gate_weight")] is None else 3
+
+
 @torch.library.register_fake(qualname("feedback_recurrence_forward"))
 def _forward_fake(x_seq, kv, start, mix_weights, kv_weight, kv_bias, layer_params, norm_eps, heads, scale, shared_kv,
-                  record):
+                  activation, dropout_p, seed, offset, record):
     T, B, D = x_seq.shape
     N = len(layer_params) // len(LayerWeights.FIELDS)
     F = layer_params[LayerWeights.FIELDS.index("ff1_weight")].shape[0]
     slots = T if record else 1
     new = x_seq.new_empty
-    return (new((T, N + 1, B, D)), new((slots, B, D)), new((N, len(ACTIVATIONS), slots, B, D)), new((N, slots, B, F)),
-            new((N, len(STATS), slots, B)))
+    return (new((T, N + 1, B, D)), new((slots, B, D)), new((N, len(ACTIVATIONS), slots, B, D)),
+            new((N, _hidden_slots(layer_params), slots, B, F)), new((N, len(STATS), slots, B)))
 
 
 @torch.library.register_fake(qualname("feedback_recurrence_backward"))
 def _backward_fake(grad_out, layer_outputs, activations, hidden, stats, kv, start, mix_weights, kv_weight,
-                   layer_params, norm_eps, heads, scale, shared_kv):
+                   layer_params, norm_eps, heads, scale, shared_kv, activation, dropout_p, seed, offset):
     T, B, D = grad_out.shape
     N = len(layer_params) // len(LayerWeights.FIELDS)
     P, H, d = layer_params[LayerWeights.FIELDS.index("key_pos_embeddings")].shape
     wide = _accumulate_dtype(kv.dtype)
     new = grad_out.new_empty
-    return (new((T, B, D)), new((T, B, D)), new((N, len(ROW_GRADS), T, B, D)), torch.empty_like(hidden),
+    grad_hidden_shape = (N, _hidden_slots(layer_params) - 1, *hidden.shape[2:])
+    return (new((T, B, D)), new((T, B, D)), new((N, len(ROW_GRADS), T, B, D)), hidden.new_empty(grad_hidden_shape),
             kv.new_empty(kv.shape, dtype=wide), new((N, P, H, d), dtype=wide), new((N, P, H), dtype=wide),
             new((N, H, d), dtype=wide))
 
@@ -311,7 +455,8 @@ def _uses_cpp_loop(cfg: Config, x: torch.Tensor) -> bool:
 
 
 def _op_layer_args(cfg: Config, flat_layers):
-    return (list(flat_layers), [eps for pair in cfg.norm_eps for eps in pair], cfg.heads, cfg.scale, cfg.shared_kv)
+    return (list(flat_layers), [eps for pair in cfg.norm_eps for eps in pair], cfg.heads, cfg.scale, cfg.shared_kv,
+            cfg.activation, list(cfg.dropout_p), cfg.seed, cfg.offset)
 
 
 def _forward_buffers(cfg: Config, x_seq, flat_layers, mix_weights, kv_weight, kv_bias, kv, record):
@@ -386,28 +531,32 @@ def _gradients(cfg: Config, rows, layer_outputs, memories, activations, hidden, 
     def norm_grads(grad, x, mean, rstd):
         return (grad * ((x - mean[..., None]) * rstd[..., None])).sum((0, 1)), grad.sum((0, 1))
 
+    def bias_grad(bias, grads):
+        return None if bias is None else grads.sum((0, 1))
+
     attended = cfg.start + T > 1  # some token of this call had memory to attend to
     layer_grads = []
     for l, lw in enumerate(layers):
-        act, st, r = activations[l], stats[l], row_grads[l]
+        act, st, r, h, gh = activations[l], stats[l], row_grads[l], hidden[l], grad_hidden[l]
         grad_norm_ff = norm_grads(r[_G_NORM_FF], act[_MID], st[_MEAN_FF], st[_RSTD_FF])
         if attended:
             grad_norm_attn = norm_grads(r[_G_NORM_ATTN], layer_outputs[:, l], st[_MEAN_ATTN], st[_RSTD_ATTN])
-            grad_output_b = None if lw.output_bias is None else r[_G_ATTN_OUT].sum((0, 1))
             attention_grads = [*grad_norm_attn, weight_grad(r[_G_QUERY], act[_NORM_ATTN]),
                                grad_pos_emb[l].to(lw.key_pos_embeddings.dtype),
                                grad_pos_bias[l].to(lw.key_pos_bias.dtype),
                                grad_query_pos_bias[l].to(lw.query_pos_bias.dtype),
-                               weight_grad(r[_G_ATTN_OUT], act[_ATTENTION]), grad_output_b]
+                               weight_grad(r[_G_ATTN_OUT], act[_ATTENTION]), bias_grad(lw.output_bias, r[_G_ATTN_OUT])]
+            query_bias_grad = bias_grad(lw.query_bias, r[_G_QUERY])
         else:
             # No token attended: like autograd, report these parameters as unused.
-            attention_grads = [None] * 8
+            attention_grads, query_bias_grad = [None] * 8, None
+        gated = lw.gate_weight is not None
         layer_grads += [
             *attention_grads,
-            *grad_norm_ff, weight_grad(grad_hidden[l], act[_NORM_FF]),
-            None if lw.ff1_bias is None else grad_hidden[l].sum((0, 1)),
-            weight_grad(r[_G_LAYER_OUT], hidden[l]),
-            None if lw.ff2_bias is None else r[_G_LAYER_OUT].sum((0, 1)),
+            *grad_norm_ff, weight_grad(gh[0], act[_NORM_FF]), bias_grad(lw.ff1_bias, gh[0]),
+            weight_grad(r[_G_FF_OUT], h[_FF2_INPUT]), bias_grad(lw.ff2_bias, r[_G_FF_OUT]),
+            query_bias_grad,
+            weight_grad(gh[1], act[_NORM_FF]) if gated else None, bias_grad(lw.gate_bias, gh[1]) if gated else None,
         ]
 
     if T == 1:
@@ -434,6 +583,7 @@ def run_recurrence(cfg: Config, x_seq: torch.Tensor, initial_kv: Optional[torch.
     ``initial_kv`` itself, which must hold ``start + T`` rows; generation then
     costs one step per token instead of a cache copy per token."""
     flat = [getattr(lw, name) for lw in layers for name in LayerWeights.FIELDS]
+    cfg = _draw_dropout(cfg, x_seq, layers)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_seq, mix_weights, kv_weight, kv_bias, *flat)
     )
@@ -445,10 +595,40 @@ def run_recurrence(cfg: Config, x_seq: torch.Tensor, initial_kv: Optional[torch.
     return layer_outputs[:, cfg.n_layers], kv
 
 
-def make_config(*, n_layers, heads, d_k, shared_kv, norm_eps, scale, start, backend, device) -> Config:
+def _draw_dropout(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights]) -> Config:
+    """``cfg`` with this call's ``(seed, offset)`` (torch's default generator) when
+    some dropout is active; each active (layer, site) is reported to ``dropout.record()``
+    as ``feedback_recurrence[layer l].site`` with mask shape ``[T, per-token size]``."""
+    if not cfg.dropout_active():
+        return cfg
+    T, B, D = x_seq.shape
+    sizes = dropout_site_sizes(T, B, D, layers[0].ff1_weight.shape[0], cfg.heads, cfg.start)
+    seed, offset = dropout.next_seed_offset(x_seq.device, cfg.n_layers * T * sum(sizes))
+    cfg = dataclasses.replace(cfg, seed=seed, offset=offset)
+    for layer in range(cfg.n_layers):
+        for site, name in enumerate(DROPOUT_SITES):
+            p = cfg.p(layer, site)
+            if p > 0 and sizes[site] > 0:
+                dropout.draw(f"feedback_recurrence[layer {layer}].{name}", p, (T, sizes[site]), x_seq.device,
+                             seed=seed, offset=dropout_site_offset(cfg, sizes, T, 0, layer, site))
+    return cfg
+
+
+def make_config(*, n_layers, heads, d_k, shared_kv, norm_eps, scale, start, backend, device, activation="relu",
+                dropout_p=(), seed=0, offset=0) -> Config:
+    """``dropout_p``: per layer (attention, residual, hidden) probabilities, or () for none;
+    ``seed``/``offset`` are drawn by :func:`run_recurrence` when some p > 0."""
+    if activation not in ACTIVATION_FUNCTIONS:
+        raise ValueError(f"activation must be one of {ACTIVATION_FUNCTIONS}, got {activation!r}")
+    dropout_p = tuple(dropout.check_p(p, "dropout_p") for p in dropout_p)
+    if dropout_p and len(dropout_p) != 3 * n_layers:
+        raise ValueError(f"dropout_p must hold 3 probabilities per layer ({3 * n_layers}), got {len(dropout_p)}")
+    if not any(dropout_p):
+        dropout_p = ()
     forward_kernel, backward_kernel = step_op.step_kernels(backend, device)
     return Config(n_layers, heads, d_k, shared_kv, tuple(norm_eps), float(scale), start, forward_kernel,
-                  backward_kernel, backend)
+                  backward_kernel, backend, activation, dropout_p, int(seed), int(offset))
 
 
-__all__ = ["Config", "LayerWeights", "FeedbackRecurrence", "make_config", "run_recurrence"]
+__all__ = ["Config", "LayerWeights", "FeedbackRecurrence", "make_config", "run_recurrence", "DROPOUT_SITES",
+           "dropout_site_sizes"]

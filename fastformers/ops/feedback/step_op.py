@@ -2,9 +2,16 @@
 
 ``feedback_attention_step(query [B, H, d], key_cache [T_max, B, H, d],
 value_cache [T_max, B, H, d], steps, key_pos_embeddings [P, H, d],
-key_pos_bias [P, H], query_pos_bias [H, d], scale) -> [B, H, d]``: the query
-attends to cache entries ``0 .. steps-1``; memory step ``j`` uses positional row
-``P - steps + j`` (the last row for the most recent step).
+key_pos_bias [P, H], query_pos_bias [H, d], scale, dropout_p, seed, offset)
+-> [B, H, d]``: the query attends to cache entries ``0 .. steps-1``; memory
+step ``j`` uses positional row ``P - steps + j`` (the last row for the most
+recent step).
+
+Dropout of the attention probabilities: probability ``(b, h, j)`` is kept iff
+element ``(b · H + h) · steps + j`` of the Philox stream ``(seed, offset)``
+is (mask layout ``[B, H, steps]``; :mod:`fastformers.ops.dropout`); the
+backward ops take the same three arguments and regenerate the bits.
+``dropout_p = 0`` is the plain step.
 
 Backward comes in two forms:
 
@@ -29,16 +36,20 @@ import torch
 
 from ... import _backend
 from ..._library import lib, qualname
+from .. import _autocast, dropout
 from . import naive
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ARGS = (
     "Tensor query, Tensor key_cache, Tensor value_cache, int steps, Tensor key_pos_embeddings, "
-    "Tensor key_pos_bias, Tensor query_pos_bias, float scale"
+    "Tensor key_pos_bias, Tensor query_pos_bias, float scale, float dropout_p, int seed, int offset"
 )
+_OPTIONAL_DROPOUT = "float dropout_p=0., int seed=0, int offset=0"
+_STEP_ARGS = _ARGS.replace("float dropout_p, int seed, int offset", _OPTIONAL_DROPOUT)
 
-lib.define(f"feedback_attention_step({_ARGS}) -> Tensor")
-lib.define(f"feedback_attention_step_backward(Tensor grad, {_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+lib.define(f"feedback_attention_step({_STEP_ARGS}) -> Tensor")
+lib.define(f"feedback_attention_step_backward(Tensor grad, {_STEP_ARGS}) -> "
+           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 lib.define(
     f"feedback_attention_step_backward_accumulate_(Tensor grad, {_ARGS}, Tensor(a!) grad_key_cache, "
     "Tensor(b!) grad_value_cache, Tensor(c!) grad_key_pos_embeddings, Tensor(d!) grad_key_pos_bias, "
@@ -47,10 +58,11 @@ lib.define(
 
 
 def _reference_accumulate(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                          query_pos_bias, scale, grad_key_cache, grad_value_cache, grad_key_pos_embeddings,
-                          grad_key_pos_bias, grad_query_pos_bias):
+                          query_pos_bias, scale, dropout_p, seed, offset, grad_key_cache, grad_value_cache,
+                          grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias):
     grads = naive.feedback_attention_step_backward(
-        grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale
+        grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale,
+        dropout_p, seed, offset,
     )
     grad_key_cache[:steps] += grads[1]
     grad_value_cache[:steps] += grads[2]
@@ -100,14 +112,15 @@ def check_inputs(query, key_cache, value_cache, steps, key_pos_embeddings, key_p
 
 
 @torch.library.register_fake(qualname("feedback_attention_step"))
-def _step_fake(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale):
+def _step_fake(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale,
+               dropout_p=0.0, seed=0, offset=0):
     check_inputs(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias)
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(qualname("feedback_attention_step_backward"))
 def _step_backward_fake(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                        query_pos_bias, scale):
+                        query_pos_bias, scale, dropout_p=0.0, seed=0, offset=0):
     B, H, d = query.shape
     new = query.new_empty
     return new(B, H, d), new(steps, B, H, d), new(steps, B, H, d), new(steps, H, d), new(steps, H), new(H, d)
@@ -119,9 +132,9 @@ def _step_accumulate_fake(grad, query, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale = inputs
+    query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, *scalars = inputs
     ctx.save_for_backward(query, key_cache, value_cache, key_pos_embeddings, key_pos_bias, query_pos_bias)
-    ctx.steps, ctx.scale = steps, scale
+    ctx.steps, ctx.scalars = steps, tuple(scalars)  # scale, dropout_p, seed, offset (trailing ones may be defaulted)
 
 
 def _scatter_rows(grads, key_cache, key_pos_embeddings, steps):
@@ -136,16 +149,16 @@ def _scatter_rows(grads, key_cache, key_pos_embeddings, steps):
     full_pos_emb[P - steps:] = grad_pos_emb
     full_pos_bias = grad_pos_bias.new_zeros((P, grad_pos_bias.shape[1]))
     full_pos_bias[P - steps:] = grad_pos_bias
-    return grad_query, full_key, full_value, None, full_pos_emb, full_pos_bias, grad_query_pos_bias, None
+    return grad_query, full_key, full_value, None, full_pos_emb, full_pos_bias, grad_query_pos_bias
 
 
 def _backward(ctx, grad):
     query, key_cache, value_cache, key_pos_embeddings, key_pos_bias, query_pos_bias = ctx.saved_tensors
     grads = torch.ops.fastformers.feedback_attention_step_backward(
         grad.contiguous(), query, key_cache, value_cache, ctx.steps, key_pos_embeddings, key_pos_bias,
-        query_pos_bias, ctx.scale,
+        query_pos_bias, *ctx.scalars,
     )
-    return _scatter_rows(grads, key_cache, key_pos_embeddings, ctx.steps)
+    return (*_scatter_rows(grads, key_cache, key_pos_embeddings, ctx.steps), *([None] * len(ctx.scalars)))
 
 
 def _no_double_backward(ctx, *grads):
@@ -153,6 +166,7 @@ def _no_double_backward(ctx, *grads):
 
 
 torch.library.register_autograd(qualname("feedback_attention_step"), _backward, setup_context=_setup_context)
+_autocast.register("feedback_attention_step")
 torch.library.register_autograd(
     qualname("feedback_attention_step_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
@@ -169,11 +183,11 @@ if _backend.triton_available():
 
         @staticmethod
         def forward(ctx, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias,
-                    scale):
+                    *scalars):
             ctx.save_for_backward(query, key_cache, value_cache, key_pos_embeddings, key_pos_bias, query_pos_bias)
-            ctx.steps, ctx.scale = steps, scale
+            ctx.steps, ctx.scalars = steps, scalars
             return step_triton.attention_step_forward(
-                query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale
+                query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, *scalars
             )
 
         @staticmethod
@@ -181,23 +195,34 @@ if _backend.triton_available():
             query, key_cache, value_cache, key_pos_embeddings, key_pos_bias, query_pos_bias = ctx.saved_tensors
             grads = step_triton.attention_step_backward(
                 grad.contiguous(), query, key_cache, value_cache, ctx.steps, key_pos_embeddings, key_pos_bias,
-                query_pos_bias, ctx.scale,
+                query_pos_bias, *ctx.scalars,
             )
-            return _scatter_rows(grads, key_cache, key_pos_embeddings, ctx.steps)
+            return (*_scatter_rows(grads, key_cache, key_pos_embeddings, ctx.steps), *([None] * len(ctx.scalars)))
 
 
 def feedback_attention_step(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias,
-                            scale, *, backend=None) -> torch.Tensor:
-    """``Σ_j softmax_j(((q + u)·K_j + q·R_{P-steps+j} + S_{P-steps+j}) · scale) V_j`` over ``j < steps``.
+                            scale, dropout_p=0.0, *, seed=None, backend=None) -> torch.Tensor:
+    """``Σ_j dropout(softmax_j(((q + u)·K_j + q·R_{P-steps+j} + S_{P-steps+j}) · scale)) V_j`` over ``j < steps``.
 
     ``query`` ``[B, H, d]``, ``key_cache``/``value_cache`` ``[T_max, B, H, d]``,
     ``key_pos_embeddings`` ``[P, H, d]``, ``key_pos_bias`` ``[P, H]``,
-    ``query_pos_bias`` ``[H, d]``; returns ``[B, H, d]``. ``backend`` overrides
-    the backend selection for this call.
+    ``query_pos_bias`` ``[H, d]``; returns ``[B, H, d]``. With ``dropout_p > 0``
+    the mask ``[B, H, steps]`` comes from ``seed`` (offset 0) or, when None,
+    from torch's default generator (:func:`fastformers.ops.dropout.draw`,
+    recorded by ``dropout.record()``). Under ``torch.autocast`` every floating
+    input is cast to the autocast dtype. ``backend`` overrides the backend
+    selection for this call.
     """
+    query, key_cache, value_cache, key_pos_embeddings, key_pos_bias, query_pos_bias = _autocast.cast(
+        query.device.type if isinstance(query, torch.Tensor) else "cpu", query, key_cache, value_cache,
+        key_pos_embeddings, key_pos_bias, query_pos_bias)
     check_inputs(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias)
+    dropout_p = dropout.check_p(dropout_p, "dropout_p")
+    B, H, _ = query.shape
+    seed, offset = dropout.draw("feedback_attention_step", dropout_p, (B, H, steps), query.device, seed)
     name = _backend.resolve_backend(query.device, backend)
-    args = (query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, float(scale))
+    args = (query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, float(scale),
+            dropout_p, seed, offset)
     if name == "reference":
         return naive.feedback_attention_step(*args)
     if name == "triton" and query.device.type == "cpu":

@@ -4,18 +4,24 @@ and the attention step over the key/value cache.
 Attention step: one program per (batch, head) streams the cache in blocks of
 ``BLOCK_T`` memory steps with an online softmax; the backward recomputes the
 scores (two passes: softmax statistics, then gradients) and adds into the
-cache-gradient rows it owns. Positional-table gradients are summed over the
+cache-gradient rows it owns. With ``DROPOUT`` the probability of step ``j`` of
+pair ``pid = b · H + h`` is kept iff element ``pid · steps + j`` of the Philox
+stream is (the ``[B, H, steps]`` mask of the C++ and reference steps). Positional-table gradients are summed over the
 batch by a second kernel, one program per (head, block of steps), so no two
 programs write the same row.
 
 Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from ...triton_utils import AotSpec
+from ..dropout import naive as dropout_naive
+from ..dropout.triton_kernel import keep
 
 BLOCK_N = 1024
 
@@ -158,7 +164,12 @@ def _aot_specs():
 _TILE_ELEMENTS = {4: 1024, 2: 1024, 8: 512}
 
 
-def _block_t(block_d: int, element_size: int) -> int:
+def _block_t(block_d: int, element_size: int, dropout: bool = False) -> int:
+    # The Philox rounds of a block's keep bits need registers of their own: with
+    # dropout the blocks are halved (the float32 d=32 and float64 d=128 backwards
+    # spilled on sm_80 at the plain sizes).
+    if dropout:
+        return max(_TILE_ELEMENTS[element_size] // (2 * block_d), 2)
     return max(_TILE_ELEMENTS[element_size] // block_d, 4)
 
 
@@ -174,9 +185,21 @@ def _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, 
 
 
 @triton.jit
+def _keep_multipliers(seed, offset, threshold, keep_scale, pair, steps, offs_j, DROPOUT: tl.constexpr):
+    """Dropout multipliers (``1/(1-p)`` kept, 0 dropped) of one block of memory steps; 1 without dropout."""
+    if DROPOUT:
+        kept = keep(seed, offset, pair.to(tl.int64) * steps + offs_j, threshold)
+        return tl.where(kept, keep_scale, 0.0)
+    else:
+        return tl.full(offs_j.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Online softmax over all ``steps``: running max, normaliser and weighted sum of values."""
+                  pair, seed, offset, threshold, keep_scale,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DROPOUT: tl.constexpr):
+    """Online softmax over all ``steps``: running max, normaliser (without dropout)
+    and the sum of values weighted by the kept probabilities."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
     m = tl.full([1], -float("inf"), ACC)
@@ -192,7 +215,8 @@ def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d
         v = tl.load(v_ptr + offs_j[:, None].to(tl.int64) * v_time + offs_d[None, :],
                     mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(ACC)
         norm = norm * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        kept_p = p * _keep_multipliers(seed, offset, threshold, keep_scale, pair, steps, offs_j, DROPOUT).to(ACC)
+        acc = acc * alpha + tl.sum(kept_p[:, None] * v, axis=0)
         m = m_new
     return m, norm, acc
 
@@ -207,9 +231,11 @@ def attention_step_fwd_kernel(
     u_ptr,  # [H, d]
     out_ptr,  # [B, H, d]
     steps, H, d, first_row, k_time, k_batch, v_time, v_batch, scale,
+    seed, offset, threshold, keep_scale,  # dropout of the probabilities (read only with DROPOUT)
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: float64 for float64 inputs, else float32
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -221,7 +247,7 @@ def attention_step_fwd_kernel(
     m, norm, acc = _softmax_pass(
         q, qu, k_ptr + b.to(tl.int64) * k_batch + h * d, v_ptr + b.to(tl.int64) * v_batch + h * d,
         r_ptr + first_row * H * d + h * d, s_ptr + first_row * H + h,
-        steps, k_time, v_time, H, d, scale, BLOCK_T, BLOCK_D, ACC,
+        steps, k_time, v_time, H, d, scale, pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT,
     )
     tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -236,9 +262,11 @@ def attention_step_bwd_kernel(
     gu_part_ptr,  # [B, H, d] in ACC: this (b, h)'s share of grad(query_pos_bias)
     ds_ptr,  # [steps, B * H] in ACC: gradients of the scaled scores
     steps, H, d, first_row, k_time, k_batch, v_time, v_batch, gk_time, gk_batch, gv_time, gv_batch, scale,
+    seed, offset, threshold, keep_scale,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_pairs = tl.num_programs(0)
@@ -256,9 +284,9 @@ def attention_step_bwd_kernel(
     gk_ptr += b.to(tl.int64) * gk_batch + h * d
     gv_ptr += b.to(tl.int64) * gv_batch + h * d
     m, norm, acc = _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
-                                 BLOCK_T, BLOCK_D, ACC)
+                                 pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT)
     log_norm = m + tl.log(norm)
-    # sum_j p_j (g . V_j) = g . out
+    # sum_j p_j m_j (g . V_j) = g . out (m_j the dropout multipliers)
     delta = tl.sum(g * acc, axis=0) / norm
     gq = tl.zeros([BLOCK_D], ACC)
     gu = tl.zeros([BLOCK_D], ACC)
@@ -270,14 +298,15 @@ def attention_step_bwd_kernel(
         p = tl.exp(s - log_norm)
         rows_j = offs_j[:, None].to(tl.int64)
         v = tl.load(v_ptr + rows_j * v_time + offs_d[None, :], mask=mask, other=0.0).to(ACC)
-        ds = tl.where(mask_j, p * (tl.sum(v * g[None, :], axis=1) - delta) * scale, 0.0)
+        multipliers = _keep_multipliers(seed, offset, threshold, keep_scale, pid, steps, offs_j, DROPOUT).to(ACC)
+        ds = tl.where(mask_j, p * (multipliers * tl.sum(v * g[None, :], axis=1) - delta) * scale, 0.0)
         gq += tl.sum(ds[:, None] * (k + r), axis=0)
         gu += tl.sum(ds[:, None] * k, axis=0)
         gk_rows = gk_ptr + rows_j * gk_time + offs_d[None, :]
         gk = tl.load(gk_rows, mask=mask, other=0.0).to(ACC) + ds[:, None] * qu[None, :]
         tl.store(gk_rows, gk.to(gk_ptr.dtype.element_ty), mask=mask)
         gv_rows = gv_ptr + rows_j * gv_time + offs_d[None, :]
-        gv = tl.load(gv_rows, mask=mask, other=0.0).to(ACC) + p[:, None] * g[None, :]
+        gv = tl.load(gv_rows, mask=mask, other=0.0).to(ACC) + (p * multipliers)[:, None] * g[None, :]
         tl.store(gv_rows, gv.to(gv_ptr.dtype.element_ty), mask=mask)
         tl.store(ds_ptr + offs_j.to(tl.int64) * n_pairs + pid, ds, mask=mask_j)
     tl.store(gq_ptr + pid * d + offs_d, gq.to(gq_ptr.dtype.element_ty), mask=mask_d)
@@ -326,8 +355,15 @@ def _inner_contiguous(cache: torch.Tensor) -> torch.Tensor:
     return cache if cache.stride(3) == 1 and cache.stride(2) == cache.shape[3] else cache.contiguous()
 
 
+def _dropout_args(dropout_p: float, seed: int, offset: int):
+    """Kernel arguments ``(seed, offset, threshold, keep_scale)`` and the ``DROPOUT`` flag."""
+    active = dropout_p > 0
+    keep_scale = 1.0 / (1.0 - dropout_p) if active else 1.0
+    return (int(seed), int(offset), dropout_naive.threshold(dropout_p), keep_scale), active
+
+
 def attention_step_forward(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias,
-                           scale):
+                           scale, dropout_p=0.0, seed=0, offset=0):
     """``query [B, H, d]`` over cache entries ``0 .. steps-1`` -> ``[B, H, d]``."""
     query = query.contiguous()
     key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
@@ -335,18 +371,21 @@ def attention_step_forward(query, key_cache, value_cache, steps, key_pos_embeddi
     B, H, d = query.shape
     out = torch.empty_like(query)
     block_d = _block_d(d)
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
     attention_step_fwd_kernel[(B * H,)](
         query, key_cache, value_cache, R, S, u, out,
         steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
-        value_cache.stride(0), value_cache.stride(1), float(scale),
-        BLOCK_T=_block_t(block_d, query.element_size()), BLOCK_D=block_d, ACC=_acc_dtype(query.dtype)[0],
+        value_cache.stride(0), value_cache.stride(1), float(scale), *dropout_args,
+        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d,
+        ACC=_acc_dtype(query.dtype)[0], DROPOUT=dropout_active,
     )
     return out
 
 
 def attention_step_backward_accumulate(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                                       query_pos_bias, scale, grad_key_cache, grad_value_cache,
-                                       grad_key_pos_embeddings, grad_key_pos_bias, grad_query_pos_bias):
+                                       query_pos_bias, scale, dropout_p, seed, offset, grad_key_cache,
+                                       grad_value_cache, grad_key_pos_embeddings, grad_key_pos_bias,
+                                       grad_query_pos_bias):
     """Adds this step's gradients into the buffers (cache rows ``0 .. steps-1``, the
     last ``steps`` table rows, all of ``grad_query_pos_bias``); returns grad(query)."""
     for name, buffer in (("grad_key_cache", grad_key_cache), ("grad_value_cache", grad_value_cache)):
@@ -371,12 +410,14 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
     score_grads = torch.empty((steps, B * H), dtype=acc_torch, device=query.device)
     block_d = _block_d(d)
     block_t = _block_t(block_d, query.element_size())
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
     attention_step_bwd_kernel[(B * H,)](
         grad, query, key_cache, value_cache, R, S, u, grad_query, grad_key_cache, grad_value_cache, gu_part,
         score_grads, steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
-        grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale),
-        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl,
+        grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale), *dropout_args,
+        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d, ACC=acc_tl,
+        DROPOUT=dropout_active,
     )
     attention_step_pos_grad_kernel[(H, triton.cdiv(steps, block_t))](
         score_grads, query, grad_key_pos_embeddings, grad_key_pos_bias,
@@ -389,7 +430,7 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
 
 
 def attention_step_backward(grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias,
-                            query_pos_bias, scale):
+                            query_pos_bias, scale, dropout_p=0.0, seed=0, offset=0):
     """Gradients of the rows the step used: query, key/value ``[steps, B, H, d]``,
     key_pos_embeddings ``[steps, H, d]``, key_pos_bias ``[steps, H]``, query_pos_bias."""
     B, H, d = query.shape
@@ -398,7 +439,7 @@ def attention_step_backward(grad, query, key_cache, value_cache, steps, key_pos_
     grad_pos_emb, grad_pos_bias, grad_query_pos_bias = zeros(steps, H, d), zeros(steps, H), zeros(H, d)
     grad_query = attention_step_backward_accumulate(
         grad, query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias, scale,
-        grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias,
+        dropout_p, seed, offset, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias,
     )
     return grad_query, grad_key, grad_value, grad_pos_emb, grad_pos_bias, grad_query_pos_bias
 
@@ -407,15 +448,17 @@ def _step_aot_specs():
     specs = []
     ints = ("steps", "H", "d", "first_row", "k_time", "k_batch", "v_time", "v_batch")
     for dtype, acc, element_size in (("fp32", "fp32", 4), ("bf16", "fp32", 2), ("fp64", "fp64", 8)):
-        for block_d in (32, 64, 128):
-            constexprs = {"BLOCK_T": _block_t(block_d, element_size), "BLOCK_D": block_d,
-                          "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])}
-            flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr"}
-            label = f"{dtype},d{block_d}"
+        for block_d, dropout in itertools.product((32, 64, 128), (False, True)):
+            constexprs = {"BLOCK_T": _block_t(block_d, element_size, dropout), "BLOCK_D": block_d,
+                          "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]), "DROPOUT": dropout}
+            flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr", "DROPOUT": "constexpr"}
+            dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
+            label = f"{dtype},d{block_d}" + (",dropout" if dropout else "")
             inputs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "r_ptr", "s_ptr", "u_ptr")}
             specs.append(AotSpec(
                 attention_step_fwd_kernel,
-                {**inputs, "out_ptr": f"*{dtype}", **{n: "i32" for n in ints}, "scale": "fp32", **flags},
+                {**inputs, "out_ptr": f"*{dtype}", **{n: "i32" for n in ints}, "scale": "fp32", **dropout_types,
+                 **flags},
                 constexprs, label=label,
             ))
             # bfloat16 steps also run with float32 gradient buffers, as the fused recurrence uses them.
@@ -426,17 +469,19 @@ def _step_aot_specs():
                     {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{dtype}", "gk_ptr": f"*{grad_dtype}",
                      "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
                      **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
-                     **flags},
+                     **dropout_types, **flags},
                     constexprs, label=grad_label,
                 ))
+                if dropout:  # the positional-gradient kernel reads score gradients only: no dropout flag
+                    continue
                 specs.append(AotSpec(
                     attention_step_pos_grad_kernel,
                     {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{grad_dtype}", "gs_ptr": f"*{grad_dtype}",
-                     **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")}, **flags},
-                    constexprs, label=grad_label,
+                     **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")},
+                     **{n: "constexpr" for n in ("BLOCK_T", "BLOCK_D", "ACC")}},
+                    {n: constexprs[n] for n in ("BLOCK_T", "BLOCK_D", "ACC")}, label=grad_label,
                 ))
     return specs
-
 
 
 AOT_SPECS = _aot_specs() + _step_aot_specs()
