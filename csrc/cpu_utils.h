@@ -17,11 +17,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <limits>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 // Fortran BLAS, exported by the BLAS torch links (MKL on x86-64 wheels). Weak:
 // when the symbol is absent gemm falls back to at::addmm on borrowed blobs.
@@ -182,6 +186,68 @@ class RepeatedRhs {
   std::unique_ptr<float, Free> packed_;
 };
 
+// Every cache of kernel buffers registers here, so that fastformers.empty_cache()
+// and fastformers.cache_info() (csrc/cache.cpp) reach all of them. A cache gives
+// a name, how many bytes it holds, and a release() that frees what it holds and
+// returns how many bytes that was. release() runs on the thread calling
+// empty_cache(), possibly while kernels run on other threads: it must take the
+// cache's own lock and free only buffers no running kernel uses. (Per-thread
+// scratch, such as switch.cpp's thread_local vectors, would register one entry
+// per thread from a thread_local object that unregisters in its destructor,
+// and guard the vectors with a mutex its kernels hold while using them.)
+class CacheRegistry {
+ public:
+  struct Entry {
+    std::string name;
+    std::function<size_t()> held_bytes;
+    std::function<size_t()> release;
+  };
+
+  // Returns an id for remove().
+  static size_t add(std::string name, std::function<size_t()> held_bytes, std::function<size_t()> release) {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    const size_t id = registry.next_id_++;
+    registry.entries_.emplace(id, Entry{std::move(name), std::move(held_bytes), std::move(release)});
+    return id;
+  }
+
+  static void remove(size_t id) {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    registry.entries_.erase(id);
+  }
+
+  // Frees what every cache holds; returns the bytes freed.
+  static size_t release_all() {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    size_t released = 0;
+    for (auto& [id, entry] : registry.entries_) released += entry.release();
+    return released;
+  }
+
+  // (name, bytes held) of every cache, caches of one name summed.
+  static std::map<std::string, size_t> held() {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    std::map<std::string, size_t> held;
+    for (auto& [id, entry] : registry.entries_) held[entry.name] += entry.held_bytes();
+    return held;
+  }
+
+ private:
+  // never destroyed: thread_local caches may unregister during static destruction
+  static CacheRegistry& instance() {
+    static CacheRegistry* registry = new CacheRegistry();
+    return *registry;
+  }
+
+  std::mutex mutex_;
+  std::map<size_t, Entry> entries_;
+  size_t next_id_ = 0;
+};
+
 // Large CPU buffers recycled across calls. A kernel that allocates the same
 // large outputs or temporaries every call otherwise gets fresh pages each
 // time (glibc returns big blocks to the kernel when they are freed) and pays a
@@ -194,57 +260,119 @@ class RepeatedRhs {
 // - the Feedback recurrence's saved activations and backward buffers: ~800K
 //   faults per fwd+bwd at labml's experiment size.
 // A block comes back here when its tensor dies and a later call asking for
-// the same size reuses it. The cache holds at most the largest working set a
-// caller declared with fit() (and at least kMinCachedBytes): the memory those
-// calls use every step anyway.
+// its size, or up to kMaxSlack less, reuses it (the most recently returned
+// one: its pages are the likeliest to be resident). The cache holds at most
+// its limit: by default the largest working set a caller declared with fit()
+// (and at least kMinCachedBytes), the memory those calls use every step
+// anyway; set_limit() (fastformers.set_cache_limit, FASTFORMERS_CACHE_LIMIT)
+// replaces it. A block that does not fit evicts the least recently returned
+// ones; release() (fastformers.empty_cache) frees them all.
 class RecycledBlocks {
  public:
+  struct Stats {
+    size_t held_bytes, held_blocks, lent_bytes, limit_bytes, hits, misses, evictions;
+  };
+
   // Lets the cache hold ``bytes`` in all (one call's blocks, as block_bytes counts them).
   static void fit(size_t bytes) {
     RecycledBlocks& blocks = instance();
     std::lock_guard<std::mutex> lock(blocks.mutex_);
-    blocks.max_cached_bytes_ = std::max(blocks.max_cached_bytes_, bytes);
+    blocks.fitted_bytes_ = std::max(blocks.fitted_bytes_, bytes);
   }
 
   static size_t block_bytes(int64_t numel, at::ScalarType dtype) {
+    TORCH_CHECK(numel >= 0 && static_cast<uint64_t>(numel) <= std::numeric_limits<size_t>::max() / 16,
+                "RecycledBlocks: a block of ", numel, " elements is too large");
     return std::max<size_t>((numel * c10::elementSize(dtype) + kAlignment - 1) / kAlignment, 1) * kAlignment;
   }
 
   static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
     const size_t bytes = block_bytes(c10::multiply_integers(shape), options.dtype().toScalarType());
-    void* data = instance().take(bytes);
+    RecycledBlocks& blocks = instance();
+    auto [data, size] = blocks.take(bytes);
     if (data == nullptr) {
       data = std::aligned_alloc(kAlignment, bytes);
       TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
+      size = bytes;
     }
-    return at::from_blob(data, shape, [bytes](void* block) { instance().give_back(block, bytes); }, options);
+    return at::from_blob(data, shape, [size](void* block) { instance().give_back(block, size); }, options);
+  }
+
+  // Frees every cached block (lent ones come back to the cache when their tensors die); returns the bytes freed.
+  static size_t release() {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    return blocks.evict_to(0, /*count_evictions=*/false);
+  }
+
+  // ``bytes`` < 0: back to the automatic limit. Evicts down to the new limit at once.
+  static void set_limit(int64_t bytes) {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    blocks.user_limit_ = bytes;
+    blocks.evict_to(blocks.limit(), /*count_evictions=*/true);
+  }
+
+  static Stats stats() {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    return {blocks.cached_bytes_, blocks.lru_.size(), blocks.lent_bytes_, blocks.limit(),
+            blocks.hits_,         blocks.misses_,     blocks.evictions_};
   }
 
  private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  using Lru = std::list<Block>;  // front: most recently returned
+
   static constexpr size_t kAlignment = 64;
   static constexpr size_t kMinCachedBytes = size_t(256) << 20;
+  static constexpr size_t kMaxSlackDivisor = 8;  // a block may be up to 1/8 larger than asked
 
   // never destroyed: tensors may outlive static destruction at exit
   static RecycledBlocks& instance() {
-    static RecycledBlocks* blocks = new RecycledBlocks();
+    static RecycledBlocks* blocks = [] {
+      auto* created = new RecycledBlocks();
+      CacheRegistry::add("recycled_blocks", [] { return stats().held_bytes; }, [] { return release(); });
+      return created;
+    }();
     return *blocks;
   }
 
-  void* take(size_t bytes) {
+  size_t limit() const {
+    return user_limit_ >= 0 ? static_cast<size_t>(user_limit_) : std::max(fitted_bytes_, kMinCachedBytes);
+  }
+
+  std::pair<void*, size_t> take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* data = it->second;
-    free_.erase(it);
-    cached_bytes_ -= bytes;
-    return data;
+    auto fit = by_size_.lower_bound(bytes);
+    if (fit == by_size_.end() || fit->first > bytes + bytes / kMaxSlackDivisor) {
+      ++misses_;
+      lent_bytes_ += bytes;
+      return {nullptr, 0};
+    }
+    // equal sizes keep insertion order: the last one of this size was returned most recently
+    auto newest = std::prev(by_size_.upper_bound(fit->first));
+    const Block block = *newest->second;
+    lru_.erase(newest->second);
+    by_size_.erase(newest);
+    cached_bytes_ -= block.bytes;
+    lent_bytes_ += block.bytes;
+    ++hits_;
+    return {block.data, block.bytes};
   }
 
   void give_back(void* data, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= max_cached_bytes_) {
-        free_.emplace(bytes, data);
+      lent_bytes_ -= bytes;
+      const size_t cap = limit();
+      if (bytes <= cap) {
+        evict_to(cap - bytes, /*count_evictions=*/true);
+        lru_.push_front({data, bytes});
+        by_size_.emplace(bytes, lru_.begin());
         cached_bytes_ += bytes;
         return;
       }
@@ -252,10 +380,35 @@ class RecycledBlocks {
     std::free(data);
   }
 
+  // Frees least recently returned blocks until at most ``bytes`` are cached; returns the bytes freed.
+  size_t evict_to(size_t bytes, bool count_evictions) {
+    size_t freed = 0;
+    while (cached_bytes_ > bytes) {
+      const Block block = lru_.back();
+      auto range = by_size_.equal_range(block.bytes);
+      for (auto it = range.first; it != range.second; ++it) {
+        if (it->second == std::prev(lru_.end())) {
+          by_size_.erase(it);
+          break;
+        }
+      }
+      lru_.pop_back();
+      std::free(block.data);
+      cached_bytes_ -= block.bytes;
+      freed += block.bytes;
+      evictions_ += count_evictions;
+    }
+    return freed;
+  }
+
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
+  Lru lru_;
+  std::multimap<size_t, Lru::iterator> by_size_;
   size_t cached_bytes_ = 0;
-  size_t max_cached_bytes_ = kMinCachedBytes;
+  size_t lent_bytes_ = 0;
+  size_t fitted_bytes_ = 0;
+  int64_t user_limit_ = -1;
+  size_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 }  // namespace fastformers::cpu
