@@ -54,6 +54,16 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace fastformers::cpu {
 
+// A GEMM size or leading dimension as the int the Fortran BLAS ABI takes; a
+// larger one (a huge tensor, or the stride of a view into one) is an error,
+// never a silently wrapped value.
+inline int blas_int(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int>::max(), "fastformers: GEMM ", name, " = ", value,
+              " does not fit the BLAS int (at most ", std::numeric_limits<int>::max(),
+              "); split the call into smaller tensors");
+  return static_cast<int>(value);
+}
+
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C with op(A) [m, k] and
 // op(B) [k, n]; lda/ldb/ldc are the row strides of A, B, C as stored.
 // beta = 0 ignores C's previous contents (NaN included), as BLAS does.
@@ -68,8 +78,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
   // Column-major BLAS sees a row-major X as X^T: C^T = op(B)^T op(A)^T.
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  const int im = blas_int(m, "m"), in = blas_int(n, "n"), ik = blas_int(k, "k");
+  const int ilda = blas_int(lda, "lda"), ildb = blas_int(ldb, "ldb"), ildc = blas_int(ldc, "ldc");
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
       sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
@@ -150,11 +160,13 @@ class RepeatedRhs {
       const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
                        cblas_sgemm_compute != nullptr;
       if (pack && mkl && m > 0 && n > 0 && k > 0) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
+        const size_t bytes =
+            cblas_sgemm_pack_get_size(kBMatrix, blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"));
         const size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
         packed_.reset(static_cast<float*>(std::aligned_alloc(kAlignment, padded)));
         TORCH_CHECK(packed_ != nullptr, "out of memory packing a ", k, " x ", n, " GEMM operand (", bytes, " bytes)");
-        cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, int(m), int(n), int(k), 1.0f, b, int(ldb), packed_.get());
+        cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, int(m), int(n), int(k), 1.0f, b, blas_int(ldb, "ldb"),
+                         packed_.get());
       }
     }
   }
@@ -166,8 +178,9 @@ class RepeatedRhs {
   void multiply(const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_ != nullptr) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(lda), packed_.get(),
-                            int(ldb_), beta, c, int(ldc));
+        // m_, n_, k_, ldb_ were checked when packing
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, blas_int(lda, "lda"),
+                            packed_.get(), int(ldb_), beta, c, blas_int(ldc, "ldc"));
         return;
       }
     }
