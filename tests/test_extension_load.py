@@ -29,14 +29,10 @@ def test_import_registers_the_cpp_kernels_before_the_first_call():
         import fastformers
         has = torch._C._dispatch_has_kernel_for_dispatch_key
         print(has("fastformers::rel_attention", "CPU"), has("fastformers::feedback_memory", "CPU"))
-        L, M, B, H, d = 3, 2, 2, 2, 4
-        q, k, v = torch.randn(L, B, H, d), torch.randn(L + M, B, H, d), torch.randn(L + M, B, H, d)
-        out, lse = torch.ops.fastformers.rel_attention(q, k, v, torch.randn(2 * L + M - 1, H, d),
-                                                       torch.randn(2 * L + M - 1, H), torch.randn(H, d),
-                                                       0.5, True, None)
-        print(tuple(out.shape))
+        # the first call of a raw op: C++ returns zeros for no layers, where the kernel used to give garbage
+        print(torch.ops.fastformers.feedback_memory(torch.randn(0, 2, 3), torch.randn(0)).abs().sum().item())
     """)
-    assert out.split("\n")[:2] == ["True True", "(3, 2, 2, 4)"]
+    assert out.split("\n")[:2] == ["True True", "0.0"]
 
 
 def test_a_failed_load_falls_back_and_warns_once():
