@@ -20,9 +20,9 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
 ]
 
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-DTYPES = st.sampled_from([torch.float64, torch.float32])
+DTYPES = st.sampled_from([torch.float64, torch.float32, torch.bfloat16])
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
 
 
