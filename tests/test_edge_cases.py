@@ -103,3 +103,18 @@ def test_transformer_xl_checks_its_memory():
         model(x, [torch.randn(4, 2, 8), torch.randn(4, 3, 8)], _mask(3, 4))
     with pytest.raises(ValueError, match="mem has 1 entries, expected one per layer"):
         model(x, [torch.randn(4, 2, 8)], _mask(3, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rel_attention_fully_masked_row_is_nan_on_every_backend(backend):
+    # labml_nn's softmax over no visible key gives NaN; every backend keeps that behaviour
+    L, M, B, H, d = 3, 2, 2, 2, 4
+    K = L + M
+    inputs = (torch.randn(L, B, H, d), torch.randn(K, B, H, d), torch.randn(K, B, H, d),
+              torch.randn(K + L - 1, H, d), torch.randn(K + L - 1, H), torch.randn(H, d))
+    mask = torch.ones(L, K, B, dtype=torch.bool)
+    mask[1] = False
+    out = fastformers.ops.rel_attention(*inputs, 0.5, causal=True, mask=mask, backend=backend)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
