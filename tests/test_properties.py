@@ -132,3 +132,14 @@ def test_feedback_memory_triton(inputs):
 @given(conv_compress_inputs(bias_layout="contiguous"))
 def test_conv_compress_triton(inputs):
     check_conv_compress("triton", *inputs)
+
+
+@needs_triton
+@settings(SETTINGS, max_examples=6)
+@given(rel_attention_inputs(), st.sampled_from([torch.float32, torch.float64]))
+def test_rel_attention_triton(case, dtype):
+    # the Triton kernel's own cases (causal, no explicit mask); others run the reference by design
+    inputs, scale, _, _ = case
+    inputs = tuple(t.to(dtype) for t in inputs)
+    assert_parity(lambda *x: fastformers.ops.rel_attention(*x, scale, causal=True, backend="triton"),
+                  lambda *x: xl_naive.rel_attention(*x, scale, causal=True), inputs)
