@@ -149,7 +149,7 @@ def _check_configs(model: str, train_options: dict, model_options: dict) -> None
 
 def _run_training(args: argparse.Namespace, rank: int) -> int:
     from . import distributed
-    from .data import DataError
+    from .data import DataError, check_text_file
     from .models import ModelConfig
     from .train import (CHECKPOINT_NAME, CheckpointError, OutputDirError, OutputLock, Trainer, TrainConfig,
                         TrainingDiverged, default_train_config, prepare_output_dir)
@@ -164,6 +164,8 @@ def _run_training(args: argparse.Namespace, rank: int) -> int:
         if args.resume and any(value is not None for value in model_options.values()):
             raise UsageError(f"{who}: --resume continues the saved model; drop the model flags")
         _check_configs(args.model, train_options, model_options)
+        if args.data is not None:
+            check_text_file(args.data)
         lock = contextlib.nullcontext()
         if rank == 0:
             prepare_output_dir(out)
