@@ -17,11 +17,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <limits>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 // Fortran BLAS, exported by the BLAS torch links (MKL on x86-64 wheels). Weak:
 // when the symbol is absent gemm falls back to at::addmm on borrowed blobs.
@@ -50,6 +54,16 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace fastformers::cpu {
 
+// A GEMM size or leading dimension as the int the Fortran BLAS ABI takes; a
+// larger one (a huge tensor, or the stride of a view into one) is an error,
+// never a silently wrapped value.
+inline int blas_int(int64_t value, const char* name) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int>::max(), "fastformers: GEMM ", name, " = ", value,
+              " does not fit the BLAS int (at most ", std::numeric_limits<int>::max(),
+              "); split the call into smaller tensors");
+  return static_cast<int>(value);
+}
+
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C with op(A) [m, k] and
 // op(B) [k, n]; lda/ldb/ldc are the row strides of A, B, C as stored.
 // beta = 0 ignores C's previous contents (NaN included), as BLAS does.
@@ -64,8 +78,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
   // Column-major BLAS sees a row-major X as X^T: C^T = op(B)^T op(A)^T.
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+  const int im = blas_int(m, "m"), in = blas_int(n, "n"), ik = blas_int(k, "k");
+  const int ilda = blas_int(lda, "lda"), ildb = blas_int(ldb, "ldb"), ildc = blas_int(ldc, "ldc");
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
       sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
@@ -146,11 +160,13 @@ class RepeatedRhs {
       const bool mkl = cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
                        cblas_sgemm_compute != nullptr;
       if (pack && mkl && m > 0 && n > 0 && k > 0) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
+        const size_t bytes =
+            cblas_sgemm_pack_get_size(kBMatrix, blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"));
         const size_t padded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
         packed_.reset(static_cast<float*>(std::aligned_alloc(kAlignment, padded)));
         TORCH_CHECK(packed_ != nullptr, "out of memory packing a ", k, " x ", n, " GEMM operand (", bytes, " bytes)");
-        cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, int(m), int(n), int(k), 1.0f, b, int(ldb), packed_.get());
+        cblas_sgemm_pack(kRowMajor, kBMatrix, kNoTrans, int(m), int(n), int(k), 1.0f, b, blas_int(ldb, "ldb"),
+                         packed_.get());
       }
     }
   }
@@ -162,8 +178,9 @@ class RepeatedRhs {
   void multiply(const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_ != nullptr) {
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(lda), packed_.get(),
-                            int(ldb_), beta, c, int(ldc));
+        // m_, n_, k_, ldb_ were checked when packing
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, blas_int(lda, "lda"),
+                            packed_.get(), int(ldb_), beta, c, blas_int(ldc, "ldc"));
         return;
       }
     }
@@ -182,6 +199,68 @@ class RepeatedRhs {
   std::unique_ptr<float, Free> packed_;
 };
 
+// Every cache of kernel buffers registers here, so that fastformers.empty_cache()
+// and fastformers.cache_info() (csrc/cache.cpp) reach all of them. A cache gives
+// a name, how many bytes it holds, and a release() that frees what it holds and
+// returns how many bytes that was. release() runs on the thread calling
+// empty_cache(), possibly while kernels run on other threads: it must take the
+// cache's own lock and free only buffers no running kernel uses. (Per-thread
+// scratch, such as switch.cpp's thread_local vectors, would register one entry
+// per thread from a thread_local object that unregisters in its destructor,
+// and guard the vectors with a mutex its kernels hold while using them.)
+class CacheRegistry {
+ public:
+  struct Entry {
+    std::string name;
+    std::function<size_t()> held_bytes;
+    std::function<size_t()> release;
+  };
+
+  // Returns an id for remove().
+  static size_t add(std::string name, std::function<size_t()> held_bytes, std::function<size_t()> release) {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    const size_t id = registry.next_id_++;
+    registry.entries_.emplace(id, Entry{std::move(name), std::move(held_bytes), std::move(release)});
+    return id;
+  }
+
+  static void remove(size_t id) {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    registry.entries_.erase(id);
+  }
+
+  // Frees what every cache holds; returns the bytes freed.
+  static size_t release_all() {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    size_t released = 0;
+    for (auto& [id, entry] : registry.entries_) released += entry.release();
+    return released;
+  }
+
+  // (name, bytes held) of every cache, caches of one name summed.
+  static std::map<std::string, size_t> held() {
+    CacheRegistry& registry = instance();
+    std::lock_guard<std::mutex> lock(registry.mutex_);
+    std::map<std::string, size_t> held;
+    for (auto& [id, entry] : registry.entries_) held[entry.name] += entry.held_bytes();
+    return held;
+  }
+
+ private:
+  // never destroyed: thread_local caches may unregister during static destruction
+  static CacheRegistry& instance() {
+    static CacheRegistry* registry = new CacheRegistry();
+    return *registry;
+  }
+
+  std::mutex mutex_;
+  std::map<size_t, Entry> entries_;
+  size_t next_id_ = 0;
+};
+
 // Large CPU buffers recycled across calls. A kernel that allocates the same
 // large outputs or temporaries every call otherwise gets fresh pages each
 // time (glibc returns big blocks to the kernel when they are freed) and pays a
@@ -194,57 +273,119 @@ class RepeatedRhs {
 // - the Feedback recurrence's saved activations and backward buffers: ~800K
 //   faults per fwd+bwd at labml's experiment size.
 // A block comes back here when its tensor dies and a later call asking for
-// the same size reuses it. The cache holds at most the largest working set a
-// caller declared with fit() (and at least kMinCachedBytes): the memory those
-// calls use every step anyway.
+// its size, or up to kMaxSlack less, reuses it (the most recently returned
+// one: its pages are the likeliest to be resident). The cache holds at most
+// its limit: by default the largest working set a caller declared with fit()
+// (and at least kMinCachedBytes), the memory those calls use every step
+// anyway; set_limit() (fastformers.set_cache_limit, FASTFORMERS_CACHE_LIMIT)
+// replaces it. A block that does not fit evicts the least recently returned
+// ones; release() (fastformers.empty_cache) frees them all.
 class RecycledBlocks {
  public:
+  struct Stats {
+    size_t held_bytes, held_blocks, lent_bytes, limit_bytes, hits, misses, evictions;
+  };
+
   // Lets the cache hold ``bytes`` in all (one call's blocks, as block_bytes counts them).
   static void fit(size_t bytes) {
     RecycledBlocks& blocks = instance();
     std::lock_guard<std::mutex> lock(blocks.mutex_);
-    blocks.max_cached_bytes_ = std::max(blocks.max_cached_bytes_, bytes);
+    blocks.fitted_bytes_ = std::max(blocks.fitted_bytes_, bytes);
   }
 
   static size_t block_bytes(int64_t numel, at::ScalarType dtype) {
+    TORCH_CHECK(numel >= 0 && static_cast<uint64_t>(numel) <= std::numeric_limits<size_t>::max() / 16,
+                "RecycledBlocks: a block of ", numel, " elements is too large");
     return std::max<size_t>((numel * c10::elementSize(dtype) + kAlignment - 1) / kAlignment, 1) * kAlignment;
   }
 
   static at::Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
     const size_t bytes = block_bytes(c10::multiply_integers(shape), options.dtype().toScalarType());
-    void* data = instance().take(bytes);
+    RecycledBlocks& blocks = instance();
+    auto [data, size] = blocks.take(bytes);
     if (data == nullptr) {
       data = std::aligned_alloc(kAlignment, bytes);
       TORCH_CHECK(data != nullptr, "out of memory allocating ", bytes, " bytes");
+      size = bytes;
     }
-    return at::from_blob(data, shape, [bytes](void* block) { instance().give_back(block, bytes); }, options);
+    return at::from_blob(data, shape, [size](void* block) { instance().give_back(block, size); }, options);
+  }
+
+  // Frees every cached block (lent ones come back to the cache when their tensors die); returns the bytes freed.
+  static size_t release() {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    return blocks.evict_to(0, /*count_evictions=*/false);
+  }
+
+  // ``bytes`` < 0: back to the automatic limit. Evicts down to the new limit at once.
+  static void set_limit(int64_t bytes) {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    blocks.user_limit_ = bytes;
+    blocks.evict_to(blocks.limit(), /*count_evictions=*/true);
+  }
+
+  static Stats stats() {
+    RecycledBlocks& blocks = instance();
+    std::lock_guard<std::mutex> lock(blocks.mutex_);
+    return {blocks.cached_bytes_, blocks.lru_.size(), blocks.lent_bytes_, blocks.limit(),
+            blocks.hits_,         blocks.misses_,     blocks.evictions_};
   }
 
  private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+  using Lru = std::list<Block>;  // front: most recently returned
+
   static constexpr size_t kAlignment = 64;
   static constexpr size_t kMinCachedBytes = size_t(256) << 20;
+  static constexpr size_t kMaxSlackDivisor = 8;  // a block may be up to 1/8 larger than asked
 
   // never destroyed: tensors may outlive static destruction at exit
   static RecycledBlocks& instance() {
-    static RecycledBlocks* blocks = new RecycledBlocks();
+    static RecycledBlocks* blocks = [] {
+      auto* created = new RecycledBlocks();
+      CacheRegistry::add("recycled_blocks", [] { return stats().held_bytes; }, [] { return release(); });
+      return created;
+    }();
     return *blocks;
   }
 
-  void* take(size_t bytes) {
+  size_t limit() const {
+    return user_limit_ >= 0 ? static_cast<size_t>(user_limit_) : std::max(fitted_bytes_, kMinCachedBytes);
+  }
+
+  std::pair<void*, size_t> take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it == free_.end()) return nullptr;
-    void* data = it->second;
-    free_.erase(it);
-    cached_bytes_ -= bytes;
-    return data;
+    auto fit = by_size_.lower_bound(bytes);
+    if (fit == by_size_.end() || fit->first > bytes + bytes / kMaxSlackDivisor) {
+      ++misses_;
+      lent_bytes_ += bytes;
+      return {nullptr, 0};
+    }
+    // equal sizes keep insertion order: the last one of this size was returned most recently
+    auto newest = std::prev(by_size_.upper_bound(fit->first));
+    const Block block = *newest->second;
+    lru_.erase(newest->second);
+    by_size_.erase(newest);
+    cached_bytes_ -= block.bytes;
+    lent_bytes_ += block.bytes;
+    ++hits_;
+    return {block.data, block.bytes};
   }
 
   void give_back(void* data, size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= max_cached_bytes_) {
-        free_.emplace(bytes, data);
+      lent_bytes_ -= bytes;
+      const size_t cap = limit();
+      if (bytes <= cap) {
+        evict_to(cap - bytes, /*count_evictions=*/true);
+        lru_.push_front({data, bytes});
+        by_size_.emplace(bytes, lru_.begin());
         cached_bytes_ += bytes;
         return;
       }
@@ -252,10 +393,35 @@ class RecycledBlocks {
     std::free(data);
   }
 
+  // Frees least recently returned blocks until at most ``bytes`` are cached; returns the bytes freed.
+  size_t evict_to(size_t bytes, bool count_evictions) {
+    size_t freed = 0;
+    while (cached_bytes_ > bytes) {
+      const Block block = lru_.back();
+      auto range = by_size_.equal_range(block.bytes);
+      for (auto it = range.first; it != range.second; ++it) {
+        if (it->second == std::prev(lru_.end())) {
+          by_size_.erase(it);
+          break;
+        }
+      }
+      lru_.pop_back();
+      std::free(block.data);
+      cached_bytes_ -= block.bytes;
+      freed += block.bytes;
+      evictions_ += count_evictions;
+    }
+    return freed;
+  }
+
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
+  Lru lru_;
+  std::multimap<size_t, Lru::iterator> by_size_;
   size_t cached_bytes_ = 0;
-  size_t max_cached_bytes_ = kMinCachedBytes;
+  size_t lent_bytes_ = 0;
+  size_t fitted_bytes_ = 0;
+  int64_t user_limit_ = -1;
+  size_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 }  // namespace fastformers::cpu

@@ -97,6 +97,8 @@ at::Tensor feedback_memory_cpu(const at::Tensor& layer_outputs_, const at::Tenso
   const int64_t L = layer_outputs.size(0);
   const int64_t N = layer_outputs.numel() / std::max<int64_t>(L, 1);
   at::Tensor out = at::empty(layer_outputs.sizes().slice(1), layer_outputs.options());
+  // a sum over no layers, as the reference gives (the loop below starts from layer 0)
+  if (L == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, layer_outputs.scalar_type(), "feedback_memory_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto probs = softmax<acc_t>(weights.data_ptr<scalar_t>(), L);

@@ -28,7 +28,8 @@ _extension_loaded = False
 _warned_missing_extension = False
 
 
-def _load_extension() -> bool:
+def load_extension() -> bool:
+    """Import ``fastformers._C`` (once; a failure is kept in ``_extension_error``); True when loaded."""
     global _extension_loaded, _extension_error
     if _extension_loaded or _extension_error is not None:
         return _extension_loaded
@@ -42,7 +43,7 @@ def _load_extension() -> bool:
 
 def extension_available() -> bool:
     """True when the C++ CPU kernels (``fastformers._C``) are importable."""
-    return _load_extension()
+    return load_extension()
 
 
 def triton_available() -> bool:

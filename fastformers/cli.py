@@ -2,12 +2,50 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import sys
+from typing import Callable
 
 import torch
+
+
+class UsageError(Exception):
+    """A command-line argument is invalid: reported in one line, exit code 2, before any work."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage dump) through :class:`UsageError`."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _number(kind: Callable, low=None, strict: bool = False, what: str = "") -> Callable[[str], object]:
+    """argparse ``type`` parsing a finite ``kind`` (int or float) ``>= low`` (``> low`` if strict)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if low is not None and (value < low or (strict and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}{what}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonnegative_int = _number(int, 0)
+finite_float = _number(float)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -105,7 +143,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None)
+            # ranges are the dataclasses' own checks, run before any work (_check_configs)
+            parser.add_argument(flag, type={"int": _number(int), "float": finite_float}.get(kind, str), default=None)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -127,34 +166,66 @@ def _train(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _check_configs(model: str, train_options: dict, model_options: dict) -> None:
+    """The training and model configurations the flags give, checked before any data is read
+    (the vocabulary size is not known yet: a stand-in of 1 is checked)."""
+    from .models import default_model_config
+    from .train import default_train_config
+
+    try:
+        default_train_config(model, **train_options)
+        default_model_config(model, 1, **model_options)
+    except ValueError as error:
+        raise UsageError(f"fastformers train: {error}") from None
+    for name, low, high in (("dropout", 0.0, 1.0),):
+        value = model_options.get(name)
+        if value is not None and not low <= value < high:
+            raise UsageError(f"fastformers train: --{name} must be in [{low:g}, {high:g}), got {value}")
+    for name in ("capacity_factor", "load_balancing_coef"):
+        value = model_options.get(name)
+        if value is not None and value < 0:
+            raise UsageError(f"fastformers train: --{name.replace('_', '-')} must be >= 0, got {value}")
+
+
 def _run_training(args: argparse.Namespace, rank: int) -> int:
     from . import distributed
-    from .data import DataError
+    from .data import DataError, check_text_file
     from .models import ModelConfig
-    from .train import CHECKPOINT_NAME, CheckpointError, Trainer, TrainConfig, default_train_config
+    from .train import (CHECKPOINT_NAME, CheckpointError, OutputDirError, OutputLock, Trainer, TrainConfig,
+                        TrainingDiverged, default_train_config, prepare_output_dir)
 
     who = f"fastformers train (rank {rank})" if distributed.launched_by_torchrun() else "fastformers train"
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"model", "n_tokens"}
     train_options = {name: getattr(args, name) for name in train_fields}
     model_options = {name: getattr(args, name) for name in model_fields}
+    out = args.out or f"runs/{args.model}"
     try:
-        if args.resume:
-            if any(value is not None for value in model_options.values()):
-                print(f"{who}: --resume continues the saved model; drop the model flags", file=sys.stderr)
-                return 2
-            out = args.out or f"runs/{args.model}"
-            trainer = Trainer.resume(f"{out}/{CHECKPOINT_NAME}", **train_options)
-            if trainer.config.model != args.model:
-                print(f"{who}: the checkpoint in {out} is a {trainer.config.model} model, "
-                      f"not {args.model}", file=sys.stderr)
-                return 2
-            if rank == 0:
-                print(f"resuming {out}/{CHECKPOINT_NAME} at step {trainer.step}")
-        else:
-            trainer = Trainer.start(default_train_config(args.model, **train_options), **model_options)
-        trainer.run()
-    except (DataError, CheckpointError, ValueError, distributed.CollectiveError) as error:
+        if args.resume and any(value is not None for value in model_options.values()):
+            raise UsageError(f"{who}: --resume continues the saved model; drop the model flags")
+        _check_configs(args.model, train_options, model_options)
+        if args.data is not None:
+            check_text_file(args.data)
+        lock = contextlib.nullcontext()
+        if rank == 0:
+            prepare_output_dir(out)
+            lock = OutputLock(out)
+        with lock:
+            if args.resume:
+                trainer = Trainer.resume(f"{out}/{CHECKPOINT_NAME}", **train_options)
+                if trainer.config.model != args.model:
+                    raise UsageError(f"{who}: the checkpoint in {out} is a {trainer.config.model} model, "
+                                     f"not {args.model}")
+                if rank == 0:
+                    print(f"resuming {out}/{CHECKPOINT_NAME} at step {trainer.step}")
+            else:
+                trainer = Trainer.start(default_train_config(args.model, **train_options), **model_options)
+            trainer.run()
+    except (UsageError, OutputDirError) as error:
+        message = str(error)
+        print(message if message.startswith(who) else f"{who}: {message}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, ValueError, TrainingDiverged, distributed.CollectiveError) as error:
         print(f"{who}: {error}", file=sys.stderr)
         return 1
     return 0
@@ -166,6 +237,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.prompt:
+        print("fastformers generate: --prompt must have at least one character", file=sys.stderr)
+        return 2
     try:
         sys.stdout.write(args.prompt)
         for char in generate(args.checkpoint, args.prompt, args.tokens, args.temperature, args.top_k,
@@ -180,16 +254,27 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastformers")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """Run the command line ``argv``; returns the exit code (2: a bad argument, reported in one line)."""
+    try:
+        args = _parser().parse_args(argv)
+        return args.handler(args)
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastformers")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     bench = commands.add_parser("bench", help="time the fused ops against their references")
     bench.add_argument("ops", nargs="*", help="ops to time (default: every op); 'train' and 'generate' "
                        "time the language models (training and generation tokens/s); 'training' times each model's "
                        "forward+backward against labml_nn with dropout 0/0.1 in float32 and bf16 autocast")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
-    bench.add_argument("--min-time", type=float, default=0.2, help="seconds spent timing each case and backend")
-    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    bench.add_argument("--min-time", type=_number(float, 0, strict=True), default=0.2,
+                       help="seconds spent timing each case and backend")
+    bench.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--large", action="store_true",
                        help="the full comparison: add the heavy shapes (e.g. rel_attention L=M=512, switch T=4096 "
@@ -208,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                     "labml_nn's experiment defaults for MODEL. Writes OUT/checkpoint.pt and OUT/loss.png.")
     train.add_argument("model", choices=MODEL_NAMES)
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
-    train.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     _add_dataclass_flags(train, TrainConfig, skip={"model", "optimizer", "backend", "time_limit"})
     train.add_argument("--optimizer", choices=["noam", "adamw"], default=None)
     train.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                        help="fused: fastest available kernels (default); reference: plain PyTorch")
-    train.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+    train.add_argument("--time-limit", type=_number(float, 0, strict=True), default=None, metavar="MINUTES",
                        help="stop (validate, save) after this many minutes")
     _add_dataclass_flags(train, ModelConfig, skip={"model", "n_tokens"})
     train.set_defaults(handler=_train)
@@ -221,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="sample text from a trained checkpoint")
     gen.add_argument("checkpoint")
     gen.add_argument("--prompt", default="It is")
-    gen.add_argument("--tokens", type=int, default=200, help="characters to generate")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = always the most likely character")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--tokens", type=positive_int, default=200, help="characters to generate")
+    gen.add_argument("--temperature", type=_number(float, 0), default=1.0,
+                     help="0 = always the most likely character")
+    gen.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k most likely (0 = all)")
+    gen.add_argument("--seed", type=_number(int, 0), default=None)
     gen.add_argument("--backend", choices=BACKEND_CHOICES, default="fused")
     gen.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    gen.add_argument("--threads", type=int, default=None)
+    gen.add_argument("--threads", type=positive_int, default=None)
     gen.set_defaults(handler=_generate)
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -149,19 +149,29 @@ def _swap(module: nn.Module, target: Type[nn.Module], backend: Optional[str]) ->
     return new
 
 
-def _convert(module: nn.Module, path: str, backend: Optional[str], done: Dict[int, nn.Module]) -> nn.Module:
+def _validate_tree(module: nn.Module, path: str, seen: set) -> None:
+    """Every module :func:`_convert` would swap, checked before any is: a failure leaves the model as it was."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for name, child in module._modules.items():
+        if child is not None:
+            _validate_tree(child, f"{path}.{name}", seen)
+    target = _target(module)
+    if target is not None:
+        _validate(module, target, path)
+
+
+def _convert(module: nn.Module, backend: Optional[str], done: Dict[int, nn.Module]) -> nn.Module:
     if id(module) in done:
         return done[id(module)]
     for name, child in list(module._modules.items()):
         if child is not None:
-            new_child = _convert(child, f"{path}.{name}", backend, done)
+            new_child = _convert(child, backend, done)
             if new_child is not child:
                 module._modules[name] = new_child
     target = _target(module)
-    new = module
-    if target is not None:
-        _validate(module, target, path)
-        new = _swap(module, target, backend)
+    new = module if target is None else _swap(module, target, backend)
     done[id(module)] = new
     return new
 
@@ -188,13 +198,16 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
 
     Raises TypeError if ``model`` is not an ``nn.Module``, ValueError for an
     invalid ``backend`` or a module whose structure does not match its class
-    (the message names the module path, ``model`` being the root).
+    (the message names the module path, ``model`` being the root). The whole
+    tree is checked before anything is replaced, so after an error the model
+    is exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    return _convert(model, "model", backend, {})
+    _validate_tree(model, "model", set())
+    return _convert(model, backend, {})
 
 
 def labml_counterpart(module: nn.Module) -> Optional[Type[nn.Module]]:

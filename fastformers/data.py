@@ -64,13 +64,22 @@ def download_tiny_shakespeare(url: Optional[str] = None, directory: Optional[Pat
     return path
 
 
-def read_text(path: os.PathLike | str) -> str:
-    """The whole UTF-8 file at ``path``; :class:`DataError` if missing, unreadable, not UTF-8 or empty."""
+def check_text_file(path: os.PathLike | str) -> Path:
+    """:class:`DataError` if ``path`` is missing, not a regular file or empty, without reading it
+    (the command line checks ``--data`` so before it creates anything)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"--data {path}: no such file")
     if not path.is_file():
         raise DataError(f"--data {path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(f"--data {path}: the file is empty")
+    return path
+
+
+def read_text(path: os.PathLike | str) -> str:
+    """The whole UTF-8 file at ``path``; :class:`DataError` if missing, unreadable, not UTF-8 or empty."""
+    path = check_text_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -7,6 +7,7 @@ Switch: its per-layer attention inputs).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator, Optional
 
@@ -17,6 +18,16 @@ from .models import LanguageModel
 from .train import backend_context, load_checkpoint, model_from_checkpoint
 
 
+def check_sampling(temperature: float, top_k: int, tokens: int = 1) -> None:
+    """ValueError naming ``temperature`` (finite, >= 0), ``top_k`` (>= 0) or ``tokens`` (>= 1)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if tokens < 1:
+        raise ValueError(f"tokens must be at least 1, got {tokens}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Token ids ``[B]`` drawn from ``logits`` ``[B, V]``.
@@ -24,10 +35,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int,
     ``temperature`` 0 picks the most likely token; otherwise the logits are
     divided by it and, if ``top_k`` > 0, restricted to the ``top_k`` largest.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -55,6 +63,7 @@ def generate(checkpoint: os.PathLike | str, prompt: str, tokens: int, temperatur
              top_k: int = 0, seed: Optional[int] = None, backend: str = "fused",
              device: Optional[str] = None) -> Iterator[str]:
     """Yield the characters sampled after ``prompt`` from the model in ``checkpoint``."""
+    check_sampling(temperature, top_k, tokens)
     payload = load_checkpoint(checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model_from_checkpoint(payload, device)

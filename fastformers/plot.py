@@ -95,10 +95,14 @@ def _label(value: float) -> str:
 
 def line_chart_png(series: Dict[str, Sequence[Tuple[float, float]]], x_label: str, y_label: str,
                    width: int = 640, height: int = 400) -> bytes:
-    """PNG bytes of ``series`` (name -> (x, y) points) drawn as lines on shared axes."""
+    """PNG bytes of ``series`` (name -> (x, y) points) drawn as lines on shared axes.
+
+    Points with a NaN or infinite coordinate (a diverged or skipped training step) are left out."""
+    series = {name: [(x, y) for x, y in values if math.isfinite(x) and math.isfinite(y)]
+              for name, values in series.items()}
     points = [p for values in series.values() for p in values]
     if not points:
-        raise ValueError("line_chart_png needs at least one point")
+        raise ValueError("line_chart_png needs at least one finite point")
     x_low, x_high = min(p[0] for p in points), max(p[0] for p in points)
     y_low, y_high = min(p[1] for p in points), max(p[1] for p in points)
     if x_high == x_low:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import math
 import os
 import pickle
@@ -34,7 +35,14 @@ from .plot import line_chart_png
 CHECKPOINT_FORMAT = "fastformers-lm-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_CHECKPOINT_NAME = "best.pt"
+LOSS_CURVE_NAME = "loss.png"
+LOCK_NAME = ".fastformers-train.lock"
 BACKEND_CHOICES = ("fused", "reference")
+# What :meth:`Trainer.save` writes and :meth:`Trainer.resume` reads ("world_size" and "ranks"
+# came later and have defaults).
+CHECKPOINT_KEYS = ("train_config", "model_config", "vocab", "model", "optimizer", "scheduler", "data", "memory",
+                   "step", "history", "rng")
 
 
 @dataclasses.dataclass
@@ -56,6 +64,8 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 10
     checkpoint_interval: int = 500
+    # consecutive steps with a non-finite loss or gradient norm (each skipped) before the run stops
+    max_bad_steps: int = 10
     seed: int = 0
     backend: str = "fused"
     device: Optional[str] = None
@@ -68,11 +78,17 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
-        for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval"):
+        for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval",
+                     "warmup", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 1:
-            raise ValueError(f"warmup must be at least 1, got {self.warmup}")
+        for name, low, strict in (("lr", 0.0, True), ("grad_clip", 0.0, True), ("weight_decay", 0.0, False),
+                                  ("time_limit", 0.0, True)):
+            value = getattr(self, name)
+            if value is None and name == "time_limit":
+                continue
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
         if self.expert_parallel and self.model != "switch":
             raise ValueError(f"--expert-parallel shards Switch experts; {self.model} has none")
         if self.dist_timeout <= 0:
@@ -100,6 +116,74 @@ def default_train_config(model: str, **overrides) -> TrainConfig:
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not belong to this kind of run."""
+
+
+class OutputDirError(ValueError):
+    """``--out`` cannot hold the run: not a directory, not writable, or in use by another run."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm; the last good checkpoint is kept."""
+
+
+def prepare_output_dir(out: os.PathLike | str) -> Path:
+    """Create ``out`` (and its parents) and check that files can be created in it, so that a bad
+    ``--out`` is reported before the first step instead of at the first checkpoint."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise OutputDirError(f"--out {out}: {error.filename} exists and is not a directory") from error
+    except NotADirectoryError as error:
+        raise OutputDirError(f"--out {out}: a parent of it is a regular file, not a directory") from error
+    except OSError as error:
+        raise OutputDirError(f"--out {out}: cannot create it ({error.strerror})") from error
+    if not out.is_dir():
+        raise OutputDirError(f"--out {out}: exists and is not a directory")
+    probe = out / f".fastformers-probe.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputDirError(f"--out {out}: cannot write files in it ({error.strerror})") from error
+    return out
+
+
+class OutputLock:
+    """An exclusive lock on ``out`` held while a run writes there, so that two runs never write
+    into one directory. ``flock`` locks die with their process, so a crashed run leaves no stale
+    lock. Re-entrant within a process (the command line takes it before building the run and
+    :meth:`Trainer.run` takes it again)."""
+
+    _held: Dict[Path, list] = {}  # resolved directory -> [file descriptor, depth]
+
+    def __init__(self, out: os.PathLike | str):
+        self.path = Path(out).resolve() / LOCK_NAME
+
+    def __enter__(self) -> "OutputLock":
+        held = self._held.get(self.path)
+        if held is not None:
+            held[1] += 1
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputDirError(f"--out {self.path.parent} is in use by another training run (pid {owner}); "
+                                 "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._held[self.path] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        held = self._held[self.path]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.path]
+            os.close(held[0])  # releases the flock; the file stays (removing it would race a new run)
 
 
 def backend_context(backend: str):
@@ -152,19 +236,36 @@ def _memory_from_saved(saved, model: LanguageModel, device):
     return [m.to(device) for m in saved]
 
 
-def atomic_save(payload: dict, path: Path) -> None:
-    """Write ``payload`` with ``torch.save`` to a temporary file beside ``path``, then rename it over
-    ``path``: a crash at any moment leaves either the old checkpoint or the new one, never half of one."""
+def atomic_write(path: Path, write: Callable) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``:
+    a crash at any moment leaves either the old file or the new one, never half of one. The file
+    and then its directory are fsynced, so after a power loss the rename is not lost either."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """``torch.save(payload)`` to ``path`` with :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> List[str]:
+    """Names of the parameters of ``model`` holding a NaN or an infinity."""
+    return [name for name, parameter in model.named_parameters()
+            if not bool(torch.isfinite(parameter.detach()).all())]
 
 
 def load_checkpoint(path: os.PathLike | str) -> dict:
@@ -190,12 +291,29 @@ def load_checkpoint(path: os.PathLike | str) -> dict:
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')}, "
                               f"this fastformers reads version {CHECKPOINT_VERSION}")
+    for key in CHECKPOINT_KEYS:
+        if key not in payload:
+            raise CheckpointError(f"checkpoint {path} lacks the key {key!r}: it is damaged or was not written "
+                                  "by fastformers train. Use an earlier checkpoint or start a new run.")
+    for key in ("train_config", "model_config", "model", "history", "rng"):
+        if not isinstance(payload[key], dict):
+            raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(payload[key]).__name__}, not a dict")
+    payload["path"] = str(path)
     return payload
 
 
 def model_from_checkpoint(payload: dict, device: str | torch.device = "cpu") -> LanguageModel:
-    model = build_model(ModelConfig(**payload["model_config"])).to(device)
-    model.load_state_dict(payload["model"])
+    """The language model saved in ``payload`` (from :func:`load_checkpoint`) on ``device``."""
+    where = payload.get("path", "the checkpoint")
+    try:
+        model = build_model(ModelConfig(**payload["model_config"])).to(device)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {where}: invalid model_config ({error})") from error
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {where}: its weights do not fit its model_config "
+                              f"({str(error).splitlines()[0]})") from error
     return model
 
 
@@ -223,6 +341,8 @@ class Trainer:
                              f"torchrun --nproc_per_node N -m fastformers.cli train {config.model} --expert-parallel")
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(config.out or f"runs/{config.model}")
+        if self.rank == 0:
+            prepare_output_dir(self.out)
         self.model = build_model(model_config).to(self.device)
         self.expert_group, self.expert_names = None, []
         # the module that trains: the model itself, or its DistributedDataParallel wrapper
@@ -239,7 +359,10 @@ class Trainer:
         SequentialBatches(corpus.valid, config.batch_size, config.seq_len)
         self.memory = None
         self.step = 0
-        self.history: Dict[str, List] = {"train": [], "valid": []}
+        # "train": each step's loss (NaN for a skipped step); "valid": (step, loss) pairs;
+        # "skipped": the steps whose update was skipped for a non-finite loss or gradient norm
+        self.history: Dict[str, List] = {"train": [], "valid": [], "skipped": []}
+        self.consecutive_bad_steps = 0
 
     def _distribute(self) -> DistributedDataParallel:
         """Check that every rank runs the same configuration, shard the experts (expert
@@ -301,16 +424,25 @@ class Trainer:
         trainer.batches.load_state_dict(payload["data"])
         trainer.memory = _memory_from_saved(rank_state["memory"], trainer.model, trainer.device)
         trainer.step = payload["step"]
-        trainer.history = payload["history"]
+        trainer.history = {"skipped": [], **payload["history"]}
         torch.set_rng_state(rank_state["rng"]["torch"])
         random.setstate(rank_state["rng"]["python"])
         if rank_state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rank_state["rng"]["cuda"])
         return trainer
 
+    @property
+    def best_valid(self) -> float:
+        """The lowest finite validation loss so far (inf before any), the one ``best.pt`` holds."""
+        return min((loss for _, loss in self.history["valid"] if math.isfinite(loss)), default=math.inf)
+
     def train_step(self) -> float:
         """One optimizer step on the next batch; returns its cross-entropy (nats), averaged over
-        the ranks when distributed."""
+        the ranks when distributed.
+
+        A step whose loss or gradient norm is not finite changes nothing (no update, no
+        schedule step, the carried memory dropped): it is recorded in ``history["skipped"]``,
+        and after ``max_bad_steps`` such steps in a row :class:`TrainingDiverged` is raised."""
         self.model.train()
         epoch = self.batches.epoch
         inputs, targets = next(self.batches)
@@ -330,16 +462,37 @@ class Trainer:
             for name, parameter in self.model.named_parameters():
                 if name in experts and parameter.grad is not None:
                     parameter.grad.div_(self.world_size)
-            distributed.clip_grad_norm_(self.model, self.config.grad_clip, self.expert_names, self.expert_group)
+            grad_norm = distributed.clip_grad_norm_(self.model, self.config.grad_clip, self.expert_names,
+                                                    self.expert_group)
         else:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.config.grad_clip)
+        # Both are equal on every rank (the loss is averaged, the gradients all-reduced), so every
+        # rank takes the same decision.
+        mean_loss = self._sum_over_ranks(loss.item()) / self.world_size if self.distributed else loss.item()
+        self.step += 1
+        if not (math.isfinite(mean_loss) and math.isfinite(float(grad_norm))):
+            self._skip_bad_step(mean_loss, float(grad_norm))
+            return mean_loss
+        self.consecutive_bad_steps = 0
         self.optimizer.step()
         self.scheduler.step()
         self.memory = output.memory
-        self.step += 1
-        if self.distributed:
-            return self._sum_over_ranks(loss.item()) / self.world_size
-        return loss.item()
+        return mean_loss
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        # the memory came from the same forward: it may hold the non-finite values too
+        self.memory = None
+        self.history["skipped"].append(self.step)
+        self.consecutive_bad_steps += 1
+        self.log(f"step {self.step}: loss {loss}, gradient norm {grad_norm}: not finite, update skipped "
+                 f"({self.consecutive_bad_steps} in a row, {len(self.history['skipped'])} in all)")
+        if self.consecutive_bad_steps >= self.config.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.consecutive_bad_steps} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradient norm; stopped. The last good checkpoint is {self.out / CHECKPOINT_NAME} (best by "
+                f"validation: {self.out / BEST_CHECKPOINT_NAME}). Lower --lr, raise --warmup or lower --grad-clip, "
+                "or allow more with --max-bad-steps.")
 
     def _sum_over_ranks(self, value: float) -> float:
         total = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -374,11 +527,22 @@ class Trainer:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def save(self, path: Optional[Path] = None) -> Path:
+    def save(self, path: Optional[Path] = None) -> Optional[Path]:
         """Write the run to ``path`` atomically. Distributed: collective, rank 0 writes one file
         holding the model in the single-process layout (experts gathered) and each rank's
-        RNG states, carried memory and, expert parallel, optimizer state."""
+        RNG states, carried memory and, expert parallel, optimizer state.
+
+        Never writes non-finite weights: then nothing is written (the previous file stays),
+        the reason is logged and None is returned."""
         path = path or self.out / CHECKPOINT_NAME
+        bad = nonfinite_parameters(self.model)
+        if self.distributed:
+            # expert shards differ between ranks: refuse everywhere when any rank has a bad one
+            bad = bad if self._sum_over_ranks(float(bool(bad))) == 0 else bad or ["(another rank's experts)"]
+        if bad:
+            self.log(f"step {self.step}: not writing {path}: non-finite values in {', '.join(bad[:3])}"
+                     f"{' ...' if len(bad) > 3 else ''}; the previous file is kept")
+            return None
         model_state = self.model.state_dict()
         rank_state = {"rng": self._rng_state(), "memory": _memory_to_save(self.memory)}
         ranks = None
@@ -419,23 +583,30 @@ class Trainer:
         """PNG of train (mean over each evaluation interval) and validation bits per character by step."""
         if not self.history["valid"]:
             return None
-        path = path or self.out / "loss.png"
+        path = path or self.out / LOSS_CURVE_NAME
         per_bit = 1 / math.log(2)
         interval = self.config.eval_interval
         train = self.history["train"]
-        train_points = [
-            (min(start + interval, len(train)), per_bit * sum(train[start:start + interval]) / len(train[start:start + interval]))
-            for start in range(0, len(train), interval)
-        ]
-        valid_points = [(step, per_bit * nats) for step, nats in self.history["valid"]]
+        train_points = []
+        for start in range(0, len(train), interval):
+            finite = [loss for loss in train[start:start + interval] if math.isfinite(loss)]
+            if finite:  # an interval of skipped steps only has no mean to draw
+                train_points.append((min(start + interval, len(train)), per_bit * sum(finite) / len(finite)))
+        valid_points = [(step, per_bit * nats) for step, nats in self.history["valid"] if math.isfinite(nats)]
+        if not train_points and not valid_points:
+            return None
         png = line_chart_png({"train": train_points, "valid": valid_points}, "step", "bits/char")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(png)
+        atomic_write(path, lambda handle: handle.write(png))
         return path
 
     def run(self, progress: bool = True) -> Dict[str, List]:
-        """Train until ``steps`` (or ``time_limit``), validating, checkpointing and
-        drawing the loss curve; returns the history."""
+        """Train until ``steps`` (or ``time_limit``), validating, checkpointing (``checkpoint.pt``,
+        and ``best.pt`` whenever the validation loss improves) and drawing the loss curve; returns
+        the history. Holds the lock of ``out`` throughout (rank 0)."""
+        with OutputLock(self.out) if self.rank == 0 else contextlib.nullcontext():
+            return self._run(progress)
+
+    def _run(self, progress: bool) -> Dict[str, List]:
         config = self.config
         deadline = time.monotonic() + 60 * config.time_limit if config.time_limit else math.inf
         tokens_per_step = config.seq_len * config.batch_size * self.world_size
@@ -463,8 +634,11 @@ class Trainer:
                 sys.stderr.flush()
             last = self.step == config.steps or self._out_of_time(deadline)
             if self.step % config.eval_interval == 0 or last:
+                best = self.best_valid
                 valid = self.evaluate()
                 self.history["valid"].append((self.step, valid))
+                if valid < best:
+                    self.save(self.out / BEST_CHECKPOINT_NAME)
                 if live:
                     sys.stderr.write("\n")
                 self.log(f"step {self.step}: train loss {loss:.4f}, valid loss {valid:.4f} nats = "

@@ -84,7 +84,8 @@ def test_interrupted_save_leaves_the_previous_checkpoint(text_path, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         trainer.save()
     assert checkpoint.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "loss.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fastformers-train.lock", "best.pt", "checkpoint.pt",
+                                                          "loss.png"]
     assert load_checkpoint(checkpoint)["step"] == 2
 
 

@@ -32,7 +32,29 @@ class TransformerXLLayer(nn.Module):
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``mask``
         ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``). Returns ``[L, B, D]``."""
+        check_segment(x, [] if mem is None else [mem], self.size)
         return attend_over_history(self, x, () if mem is None else (mem,), mask)
+
+
+def check_segment(x: torch.Tensor, mem: List[torch.Tensor], d_model: int) -> None:
+    """ValueError/TypeError naming the argument and dimension for a segment ``x`` ``[L, B, D]``
+    and memories ``[M, B, D]`` that no backend can take (L = 0 or B = 0 included: the attention
+    over an empty segment or batch is not defined the same way by every backend)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [seq_len, batch, d_model] (rank 3), got shape {tuple(x.shape)}")
+    seq_len, batch, features = x.shape
+    for name, size in (("seq_len", seq_len), ("batch", batch)):
+        if size == 0:
+            raise ValueError(f"x has {name} 0 (shape {tuple(x.shape)}): a segment needs at least one position "
+                             "and one sequence")
+    if features != d_model:
+        raise ValueError(f"x has d_model {features}, the layer was built for {d_model}")
+    for i, m in enumerate(mem):
+        if not isinstance(m, torch.Tensor) or m.dim() != 3 or tuple(m.shape[1:]) != (batch, d_model):
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"mem[{i}] must be [mem_len, batch = {batch}, d_model = {d_model}], got {shape}")
 
 
 def attend_over_history(layer: nn.Module, x: torch.Tensor, history: Tuple[torch.Tensor, ...],
@@ -66,6 +88,9 @@ class TransformerXL(nn.Module):
         Returns the normalised output ``[L, B, D]`` and the new memory: each
         layer's (detached) input ``[L, B, D]``.
         """
+        check_segment(x, list(mem), self.layers[0].size)
+        if mem and len(mem) != len(self.layers):
+            raise ValueError(f"mem has {len(mem)} entries, expected one per layer ({len(self.layers)}) or none")
         new_mem = []
         for i, layer in enumerate(self.layers):
             new_mem.append(x.detach())
