@@ -115,7 +115,8 @@ class SwitchFeedForward(nn.Module):
         out = tokens.new_zeros(tokens.shape)
         for e, expert in enumerate(self.experts):
             rows = routing.order[starts[e]:starts[e] + kept[e]]
-            out[rows, :] = expert(tokens[rows, :])
+            # under autocast the experts compute in the autocast dtype; out keeps the dtype of x
+            out[rows, :] = expert(tokens[rows, :]).to(out.dtype)
         if routing.n_dropped:
             dropped = torch.cat([routing.order[starts[e] + kept[e]:starts[e + 1]] for e in range(self.n_experts)])
             out[dropped, :] = tokens[dropped, :]
