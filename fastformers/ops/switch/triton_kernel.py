@@ -22,13 +22,17 @@ Forward, two grouped GEMMs:
   as it is loaded, the bias, scale and scatter to the token's row in the
   epilogue; dropped rows write ``scale · x``.
 
-Dropout (``DROPOUT``) keeps hidden element ``(t, f)`` of token row ``t`` by
-Philox bit ``t · d_ff + f`` of the call's ``(seed, offset)`` (mask layout
-``[T, d_ff]`` by token row, as the reference and the C++ kernel); the three
-kernels that read the activations regenerate it, nothing is stored. The
-multiplier ``1 / (1 - p)`` is read from a one-element tensor of the
-accumulator dtype: a float argument would reach the kernel as float32, too
-coarse for float64 parity.
+Dropout (``threshold`` > 0) keeps hidden element ``(t, f)`` of token row
+``t`` by Philox bit ``t · d_ff + f`` of the call's ``(seed, offset)`` (mask
+layout ``[T, d_ff]`` by token row, as the reference and the C++ kernel); the
+three kernels that read the activations regenerate it, nothing is stored. It
+is a branch on the runtime ``threshold`` (uniform over the grid), not a
+constexpr: a DROPOUT constexpr doubled these kernels' builds to 180, which
+took the AOT check of the package past its time limit on a 2-core machine;
+the p = 0 path skips the Philox rounds all the same (the gradient kernel
+multiplies by an exact 1.0 instead). The multiplier ``1 / (1 - p)`` is read
+from a one-element tensor of the accumulator dtype: a float argument would
+reach the kernel as float32, too coarse for float64 parity.
 
 Backward, four kernels: ``switch_grad_hidden_kernel`` (``G = grad_y · W2[e]``
 per position, then the activation's backward into ``grad_hidden`` and the
@@ -189,18 +193,17 @@ def switch_out_kernel(
     b2_ptr,  # [E, d]
     scale_ptr,  # [T]
     y_ptr,  # [T, d] out, token layout
-    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with DROPOUT only
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     d,
     d_ff,
     seed,
     offset,
-    threshold,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
 ):
@@ -209,15 +212,13 @@ def switch_out_kernel(
     col_ok = cols < d
     tokens = tl.load(order_ptr + rows, mask=in_segment, other=0)
     w_ptr = w2_ptr + expert * d * d_ff
-    if DROPOUT:
-        keep_scale = tl.load(keep_scale_ptr)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k in range(0, tl.where(any_kept, d_ff, 0), BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < d_ff
         a, _, _, _ = _activated(hidden_ptr, rows, ks, kept[:, None] & k_ok[None, :], d_ff, ACTIVATION, GATED)
-        if DROPOUT:
-            a = a * _keep_scale(tokens, ks, d_ff, seed, offset, threshold, keep_scale)
+        if threshold > 0:
+            a = a * _keep_scale(tokens, ks, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d_ff + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc += _dot(a.to(w.dtype), w, ACC, UPCAST_DOTS)
@@ -242,19 +243,18 @@ def switch_grad_hidden_kernel(
     scale_ptr,  # [T]
     grad_hidden_ptr,  # [T, n_halves * d_ff] out, order layout: grads of h (and v)
     partial_ptr,  # [cdiv(d_ff, BLOCK_N), T] out, ACC: this column block's share of grad(scale)
-    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with DROPOUT only
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     n_tokens,
     d,
     d_ff,
     seed,
     offset,
-    threshold,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
 ):
@@ -286,15 +286,14 @@ def switch_grad_hidden_kernel(
         rest += tl.sum(gy * tl.where(kept[:, None], b2[None, :], passed), axis=1)
     mask = kept[:, None] & col_ok[None, :]
     a, act, slope, v = _activated(hidden_ptr, rows, cols, mask, d_ff, ACTIVATION, GATED)
-    a = a.to(ACC)
-    if DROPOUT:
-        # G is the gradient of the activations after dropout: the mask scales a for grad(scale), and G
+    # G is the gradient of the activations after dropout: the mask scales a (for grad(scale)) and G
+    if threshold > 0:
         multiplier = _keep_scale(tokens, cols, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
-        a *= multiplier
+    else:
+        multiplier = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
+    a = a.to(ACC) * multiplier
     tl.store(partial_ptr + col_block * n_tokens + tokens, tl.sum(g * a, axis=1) + rest, mask=in_segment)
-    g *= tl.load(scale_ptr + tokens, mask=in_segment, other=0.0).to(ACC)[:, None]
-    if DROPOUT:
-        g *= multiplier
+    g *= tl.load(scale_ptr + tokens, mask=in_segment, other=0.0).to(ACC)[:, None] * multiplier
     width = 2 * d_ff if GATED else d_ff
     out = grad_hidden_ptr + rows[:, None].to(tl.int64) * width + cols[None, :]
     store_mask = in_segment[:, None] & col_ok[None, :]
@@ -419,24 +418,21 @@ def switch_grad_w_out_kernel(
     scale_ptr,  # [T]
     grad_w2_ptr,  # [E, d, d_ff] out
     grad_b2_ptr,  # [E, d] out
-    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with DROPOUT only
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     d,
     d_ff,
     seed,
     offset,
-    threshold,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
-    DROPOUT: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
 ):
     expert, begin, end = _kept_range(offsets_ptr, kept_ptr)
-    if DROPOUT:
-        keep_scale = tl.load(keep_scale_ptr)
     outs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     out_ok = outs < d
     feats = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -451,8 +447,8 @@ def switch_grad_w_out_kernel(
         gy = tl.load(grad_y_ptr + tokens[None, :] * d + outs[:, None], mask=out_ok[:, None] & p_ok[None, :], other=0.0)
         gy = gy.to(ACC) * scale[None, :]
         a, _, _, _ = _activated(hidden_ptr, ps, feats, p_ok[:, None] & feat_ok[None, :], d_ff, ACTIVATION, GATED)
-        if DROPOUT:
-            a = a * _keep_scale(tokens, feats, d_ff, seed, offset, threshold, keep_scale)
+        if threshold > 0:
+            a = a * _keep_scale(tokens, feats, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         acc += _dot(gy.to(grad_y_ptr.dtype.element_ty), a.to(grad_y_ptr.dtype.element_ty), ACC, UPCAST_DOTS)
         bias += tl.sum(gy, axis=1)
     _store_weight_grad(grad_w2_ptr, grad_b2_ptr, expert, outs, feats, d, d_ff, acc, bias)
@@ -472,11 +468,11 @@ _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp
 # registers: 64 x 64 tiles spilled in every kernel but the first GEMM.
 _TILES = {
     "switch_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
-    "switch_out_kernel": {8: (32, 32, 8, 4), 4: (64, 32, 16, 4)},
-    "switch_grad_hidden_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 16, 8)},
+    "switch_out_kernel": {8: (32, 32, 8, 8), 4: (64, 32, 16, 8)},
+    "switch_grad_hidden_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 32, 8)},
     "switch_grad_x_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 16, 4)},
     "switch_grad_w_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
-    "switch_grad_w_out_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 16, 4)},
+    "switch_grad_w_out_kernel": {8: (32, 32, 16, 8), 4: (64, 64, 16, 8)},
 }
 _NUM_STAGES = 2
 _INTERPRETER_BLOCK = 64
@@ -567,13 +563,12 @@ def _check_activation(activation: str) -> None:
 
 
 def _dropout_arguments(dropout_p: float, seed: int, offset: int, hidden: torch.Tensor) -> dict:
-    """The dropout arguments of the kernels that read the activations: with
-    p = 0 the DROPOUT = False build, which never reads them."""
+    """The dropout arguments of the kernels that read the activations; with
+    p = 0, threshold 0 and an unread pointer (hidden, of the same dtype)."""
     if dropout_p == 0:
-        return dict(keep_scale_ptr=hidden, seed=0, offset=0, threshold=0, DROPOUT=False)
+        return dict(keep_scale_ptr=hidden, seed=0, offset=0, threshold=0)
     keep_scale = torch.full((1,), 1.0 / (1.0 - dropout_p), dtype=hidden.dtype, device=hidden.device)
-    return dict(keep_scale_ptr=keep_scale, seed=seed, offset=offset, threshold=dropout_naive.threshold(dropout_p),
-                DROPOUT=True)
+    return dict(keep_scale_ptr=keep_scale, seed=seed, offset=offset, threshold=dropout_naive.threshold(dropout_p))
 
 
 def switch_mlp_forward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation: str,
@@ -691,8 +686,7 @@ def _aot_specs():
         switch_grad_x_kernel: [dict(GATED=False), dict(GATED=True)],
     }
     for kernel in (switch_out_kernel, switch_grad_hidden_kernel, switch_grad_w_out_kernel):
-        variants[kernel] = [dict(ACTIVATION=a, GATED=g, DROPOUT=p) for a in ACTIVATIONS.values()
-                            for g in (False, True) for p in (False, True)]
+        variants[kernel] = [dict(ACTIVATION=a, GATED=g) for a in ACTIVATIONS.values() for g in (False, True)]
     specs = []
     for torch_dtype, dtype in _GPU_DTYPES.items():
         acc = "fp64" if dtype == "fp64" else "fp32"
