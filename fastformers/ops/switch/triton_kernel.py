@@ -465,7 +465,10 @@ _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp
 # AOT_SPECS, measured with ``python -m fastformers.gpu_report`` to compile
 # without spills on sm_80 and sm_90. The gathered A operands (64-bit pointers
 # per element) and float32 "ieee" dots on CUDA cores are what run out of
-# registers: 64 x 64 tiles spilled in every kernel but the first GEMM.
+# registers: 64 x 64 tiles spilled in every kernel but the first GEMM. The
+# three kernels that regenerate the dropout mask run 8 warps (and grad_hidden
+# a K step of 32): with the Philox rounds their 4-warp tiles spilled 8-24 B
+# of stack per thread.
 _TILES = {
     "switch_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
     "switch_out_kernel": {8: (32, 32, 8, 8), 4: (64, 32, 16, 8)},
