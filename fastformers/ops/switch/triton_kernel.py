@@ -472,7 +472,7 @@ _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp
 _TILES = {
     "switch_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
     "switch_out_kernel": {8: (32, 32, 8, 8), 4: (64, 32, 16, 8)},
-    "switch_grad_hidden_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 32, 8)},
+    "switch_grad_hidden_kernel": {8: (32, 32, 16, 8), 4: (64, 32, 32, 8)},
     "switch_grad_x_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 16, 4)},
     "switch_grad_w_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
     "switch_grad_w_out_kernel": {8: (32, 32, 16, 8), 4: (64, 64, 16, 8)},
