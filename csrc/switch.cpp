@@ -339,7 +339,7 @@ void gather_rows(const In* x, const int64_t* tokens, int64_t n, int64_t d, T* bl
 template <typename T>
 const T* keep_scale_row(const philox::Dropout& dropout, int64_t t, int64_t d_ff) {
   T* multipliers = scratch<T>(kKeepScale, d_ff);
-  philox::keep_scale<T>(dropout, t * d_ff, d_ff, scratch<uint8_t>(0, d_ff), multipliers);
+  philox::keep_scale<T>(dropout, t * d_ff, d_ff, scratch<uint8_t>(kKeepScale, d_ff), multipliers);
   return multipliers;
 }
 
