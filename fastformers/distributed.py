@@ -203,7 +203,7 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
             activation, weights = self._fused_weights()
             unit = received.new_ones(received.shape[0])
             expert_out = switch_mlp_on(backend, received, received_routing, *weights[:4], unit, activation,
-                                       *weights[4:])
+                                       *weights[4:], dropout_p=self.hidden_dropout_p(self.training))
         returned = _AllToAll.apply(expert_out, send_splits, receive_splits, self.process_group,
                                    "the expert-parallel all-to-all of the results")
         # dropped tokens keep x, as in the single-process module

@@ -1,11 +1,14 @@
 """fastformers.nn.SwitchFeedForward on the fused backend against its reference
 backend and labml_nn: outputs, router statistics, dropped tokens and every
 gradient; backend choice, load-balancing loss, state_dict and convert."""
+import re
+
 import pytest
 import torch
 from torch import nn
 
 import fastformers
+from fastformers._backend import FallbackWarning
 from fastformers.convert import convert
 from fastformers.nn import FeedForward, SwitchFeedForward, load_balancing_loss
 
@@ -74,7 +77,9 @@ def test_fused_matches_reference(dtype, policy, n_experts, capacity_factor, drop
 
 
 @pytest.mark.parametrize("activation,is_gated,bias", [(nn.GELU(), False, True), (nn.ReLU(), True, True),
-                                                      (nn.GELU(), True, False)])
+                                                      (nn.GELU(), True, False), (nn.SiLU(), True, False),
+                                                      (nn.Sigmoid(), True, True), (nn.Identity(), True, False),
+                                                      (nn.SiLU(), False, True)])
 def test_fused_expert_variants(activation, is_gated, bias):
     module = make_switch(activation=activation, is_gated=is_gated, bias=bias)
     x = torch.randn(6, 4, D, dtype=torch.float64)
@@ -145,25 +150,40 @@ def test_backend_choice_is_visible_and_never_silent():
     x = torch.randn(3, 2, D, dtype=torch.float64)
     module.backend = None
     module(x)
-    assert module.last_backend == ("cpp" if "cpp" in fastformers.available_backends() else "reference")
-    # active expert dropout is outside the fused op: automatic choice is the reference
+    fused = "cpp" if "cpp" in fastformers.available_backends() else "reference"
+    assert module.last_backend == fused
+    # active expert dropout with one p for all experts runs fused
     for expert in module.experts:
         expert.dropout.p = 0.1
     module.train()
     module(x)
+    assert module.last_backend == fused
+    assert module.fused_backend(x.device, training=True) == (fused, None)
+    # experts with different p: the automatic choice is the reference, with a warning that says why
+    module.experts[1].dropout.p = 0.2
+    reason = "the experts' dropout probabilities differ (training mode); give them all the same p"
+    assert module.fused_backend(x.device, training=True) == ("reference", reason)
+    assert module.fused_backend(x.device, training=False) == (fused, None)
+    with pytest.warns(FallbackWarning, match=re.escape(reason)):
+        module(x)
     assert module.last_backend == "reference"
     module.backend = "cpp"
-    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run these experts: expert dropout p=0.1"):
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run these experts: the experts' dropout"):
         module(x)
+    with pytest.raises(ValueError, match=r"backend 'cpp' cannot run these experts"):
+        module.fused_backend(x.device, training=True)
     module.eval()
     module(x)
     assert module.last_backend == "cpp"
-    module.experts[0].activation = nn.SiLU()
-    with pytest.raises(ValueError, match="neither nn.ReLU nor exact nn.GELU"):
+    module.experts[0].activation = nn.Tanh()
+    with pytest.raises(ValueError, match="activation Tanh\\(\\) has no fused kernel; use nn.ReLU"):
         module(x)
     module.backend = None
-    module(x)
+    with pytest.warns(FallbackWarning, match="has no fused kernel"):
+        module(x)
     assert module.last_backend == "reference"
+    module.backend = "reference"
+    assert module.fused_backend(x.device, training=False) == ("reference", "backend 'reference' was requested")
     module.drop_policy = "random"
     with pytest.raises(ValueError, match="drop_policy must be one of"):
         module(x)

@@ -70,7 +70,7 @@ def random_problem(n_tokens, n_experts, d_model, d_ff, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", list(naive.ACTIVATIONS))
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("biases", [True, False], ids=["bias", "nobias"])
 def test_ffn_variants(dtype, activation, gated, biases):
@@ -210,18 +210,21 @@ def test_labml_policy_with_generator_is_reproducible():
         assert sorted(first.order[start:end].tolist()) == sorted(other.order[start:end].tolist())
 
 
-def op_arguments(dtype, gated=True, capacity_factor=0.8):
+def op_arguments(dtype, gated=True, capacity_factor=0.8, dropout_p=0.0, activation="gelu"):
+    """The op's arguments up to the activation, and the dropout's ``(dropout_p, seed, offset)``."""
     x = torch.randn(17, 8, dtype=dtype)
     routing = route(torch.randn(17, 3, dtype=dtype), capacity_factor, True, "deterministic")
     groups = expert_lists(*make_weights(3, 8, 12, dtype, gated=gated))
     scale = routing.route_prob_max
-    return (x, routing.order, routing.offsets, routing.kept, *groups, scale, "gelu")
+    return (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation), (dropout_p, 1234, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_opcheck(dtype, gated):
-    args = op_arguments(dtype, gated)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck(dtype, gated, dropout_p):
+    args, dropout_args = op_arguments(dtype, gated, dropout_p=dropout_p)
+    args = (*args, *dropout_args)
     def leaves(arg, grad):
         if isinstance(arg, list):
             return [leaves(a, grad) for a in arg]
@@ -233,35 +236,39 @@ def test_opcheck(dtype, gated):
     y, hidden = torch.ops.fastformers.switch_mlp(*args)
     grad_y = torch.randn_like(y)
     plain = [leaves(a, False) for a in args]
-    opcheck(torch.ops.fastformers.switch_mlp_backward.default, (grad_y, *plain[:-1], hidden.detach(), plain[-1]))
+    opcheck(torch.ops.fastformers.switch_mlp_backward.default, (grad_y, *plain[:-4], hidden.detach(), *plain[-4:]))
 
 
-def test_torch_compile_fullgraph():
-    x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, _ = op_arguments(torch.float32)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_torch_compile_fullgraph(dropout_p):
+    (x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, _), dropout_args = op_arguments(
+        torch.float32, dropout_p=dropout_p)
     w1 = torch.stack(w1).requires_grad_()
     x.requires_grad_()
+    weights = torch.randn_like(x)
 
     @torch.compile(fullgraph=True)
     def step(x, w1):
         y, _ = torch.ops.fastformers.switch_mlp(x * 2, order, offsets, kept, list(w1.unbind(0)), b1, w2, b2, w_gate,
-                                                b_gate, scale, "gelu")
-        return y.sum()
+                                                b_gate, scale, "gelu", *dropout_args)
+        return (y * weights).sum()
 
     compiled = step(x, w1)
     compiled.backward()
     compiled_grads = x.grad.clone(), w1.grad.clone()
     x.grad = w1.grad = None
     expected, _ = naive.switch_mlp(x * 2, order, offsets, kept, w1.unbind(0), b1, w2, b2, w_gate, b_gate, scale,
-                                   "gelu")
-    expected.sum().backward()
-    torch.testing.assert_close(compiled, expected.sum())
+                                   "gelu", *dropout_args)
+    expected = (expected * weights).sum()
+    expected.backward()
+    torch.testing.assert_close(compiled, expected)
     torch.testing.assert_close(compiled_grads, (x.grad, w1.grad))
 
 
 def test_double_backward_raises():
-    args = list(op_arguments(torch.float64))
+    args, dropout_args = op_arguments(torch.float64)
     args[0].requires_grad_()
-    y, _ = torch.ops.fastformers.switch_mlp(*args)
+    y, _ = torch.ops.fastformers.switch_mlp(*args, *dropout_args)
     (grad,) = torch.autograd.grad(y.sum(), args[0], create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         grad.sum().backward()
@@ -345,7 +352,8 @@ def test_route_bad_input():
 
 
 def test_cpp_kernel_checks_routing():
-    args = list(op_arguments(torch.float32))
+    args, dropout_args = op_arguments(torch.float32)
+    args = [*args, *dropout_args]
     bad_order = args[1].clone()
     bad_order[0] = bad_order[1]
     with pytest.raises(RuntimeError, match="order must be a permutation"):
@@ -355,8 +363,10 @@ def test_cpp_kernel_checks_routing():
         torch.ops.fastformers.switch_mlp(*args[:3], bad_kept, *args[4:])
     with pytest.raises(RuntimeError, match="offsets must start at 0 and end at T=17"):
         torch.ops.fastformers.switch_mlp(*args[:2], args[2] + 1, *args[3:])
-    with pytest.raises(RuntimeError, match="activation must be 'relu' or 'gelu'"):
-        torch.ops.fastformers.switch_mlp(*args[:-1], "tanh")
+    with pytest.raises(ValueError, match="activation must be one of 'relu', 'gelu', 'silu', 'sigmoid', 'identity'"):
+        torch.ops.fastformers.switch_mlp(*args[:-4], "tanh", *dropout_args)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1"):
+        torch.ops.fastformers.switch_mlp(*args[:-3], 1.0, 0, 0)
     y, hidden = torch.ops.fastformers.switch_mlp(*args)
     with pytest.raises(RuntimeError, match="hidden must be"):
-        torch.ops.fastformers.switch_mlp_backward(torch.ones_like(y), *args[:-1], hidden[:, :3], "gelu")
+        torch.ops.fastformers.switch_mlp_backward(torch.ones_like(y), *args[:-4], hidden[:, :3], *args[-4:])

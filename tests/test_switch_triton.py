@@ -33,13 +33,14 @@ def test_matches_reference(dtype, shape):
     check_parity(*random_problem(*shape, shape[-1] + 8, dtype), backend="triton")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", list(naive.ACTIVATIONS))
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("biases", [True, False], ids=["bias", "nobias"])
-def test_ffn_variants(activation, gated, biases):
-    x = torch.randn(40, 24, dtype=torch.float64)
-    routing = route(torch.randn(40, 4, dtype=torch.float64), 0.8, True, "deterministic")
-    check_parity(x, routing, make_weights(4, 24, 40, torch.float64, biases=biases, gated=gated), activation, "triton")
+def test_ffn_variants(dtype, activation, gated, biases):
+    x = torch.randn(40, 24, dtype=dtype)
+    routing = route(torch.randn(40, 4, dtype=dtype), 0.8, True, "deterministic")
+    check_parity(x, routing, make_weights(4, 24, 40, dtype, biases=biases, gated=gated), activation, "triton")
 
 
 def test_gated_gelu_bfloat16():

@@ -42,10 +42,17 @@ class SwitchFeedForward(nn.Module):
     ``backend`` (settable; None = automatic) selects the implementation:
     ``"cpp"``/``"triton"`` run routing plus one grouped expert-FFN op
     (:func:`fastformers.ops.switch.switch_mlp`), ``"reference"`` loops over
-    the expert modules as labml does. The fused op covers experts with ReLU or
-    exact GELU, optional gate and biases, and no active dropout (dropout 0 or
-    eval mode); for other experts the automatic choice is the reference, and
-    an explicitly requested fused backend raises. The Triton kernels take the
+    the expert modules as labml does. The fused op covers every labml
+    FeedForward: ReLU, exact GELU, SiLU, Sigmoid or Identity, gated or not,
+    with or without biases, and the hidden-activation dropout in training
+    (drawn by the kernel from torch's default generator, mask ``[N, d_ff]``
+    by token; tokens over capacity get none, they pass x through) when every
+    expert has the same dropout probability. For other experts the automatic
+    choice is the reference, with a :class:`fastformers._backend.FallbackWarning` that
+    says why (:meth:`fused_backend` tells it without running), and an
+    explicitly requested fused backend raises. Under ``torch.autocast`` the
+    fused op runs in the autocast dtype (float32 accumulation) and the output
+    has the dtype of ``x``, as labml's. The Triton kernels take the
     expert weights stacked, so on CUDA each forward and backward stacks the
     ``nn.Linear`` parameters (a copy of every expert weight; see
     :mod:`fastformers.ops.switch.triton_kernel`). ``last_backend`` records the backend the last forward used.
@@ -96,7 +103,8 @@ class SwitchFeedForward(nn.Module):
             out = self._experts_one_by_one(tokens, routing) * scale.view(-1, 1)
         else:
             activation, weights = self._fused_weights()
-            out = switch_mlp_on(backend, tokens, routing, *weights[:4], scale, activation, *weights[4:])
+            out = switch_mlp_on(backend, tokens, routing, *weights[:4], scale, activation, *weights[4:],
+                                dropout_p=self.hidden_dropout_p(self.training)).to(tokens.dtype)
         counts = routing.counts.to(x.dtype)
         return out.view(seq_len, batch_size, d_model), counts, routing.probs.sum(0), routing.n_dropped, p_max
 
@@ -107,40 +115,58 @@ class SwitchFeedForward(nn.Module):
         out = tokens.new_zeros(tokens.shape)
         for e, expert in enumerate(self.experts):
             rows = routing.order[starts[e]:starts[e] + kept[e]]
-            out[rows, :] = expert(tokens[rows, :])
+            # under autocast the experts compute in the autocast dtype; out keeps the dtype of x
+            out[rows, :] = expert(tokens[rows, :]).to(out.dtype)
         if routing.n_dropped:
             dropped = torch.cat([routing.order[starts[e] + kept[e]:starts[e + 1]] for e in range(self.n_experts)])
             out[dropped, :] = tokens[dropped, :]
         return out
 
-    def _choose_backend(self, device: torch.device) -> str:
+    def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """The backend :meth:`forward` would use on ``device`` in training
+        (``training=True``) or eval mode, without running it, and why when that
+        is ``"reference"`` (None otherwise). Raises the ValueError forward
+        raises when a fused backend is requested for experts it cannot run."""
         requested = self.backend if self.backend is not None else _backend.forced_backend()
         name = _backend.resolve_backend(device, requested, implemented=SWITCH_KERNELS)
         if name == "reference":
-            return name
-        reason = self._unfusable_reason()
-        if requested is None and reason is not None:
-            # automatic choice: the fused op cannot express these experts; last_backend shows it
-            _backend.logger.debug("fastformers: SwitchFeedForward runs the reference (%s)", reason)
-            return "reference"
-        if reason is not None:
+            if requested == "reference":
+                return name, "backend 'reference' was requested"
+            return name, (f"no fused switch kernel for {device.type} tensors in this installation (backends: "
+                          f"{', '.join(_backend.available_backends())})")
+        reason = self._unfusable_reason(training)
+        if reason is None:
+            return name, None
+        if requested is not None:
             raise ValueError(f"SwitchFeedForward backend {name!r} cannot run these experts: {reason}")
+        return "reference", reason
+
+    def _choose_backend(self, device: torch.device) -> str:
+        """:meth:`fused_backend` for this forward, warning when the automatic choice is the reference."""
+        name, reason = self.fused_backend(device, self.training)
+        if name == "reference" and self.backend is None and _backend.forced_backend() is None:
+            _backend.warn_fallback(self, reason)
         return name
 
-    def _unfusable_reason(self) -> Optional[str]:
+    def hidden_dropout_p(self, training: bool) -> float:
+        """The experts' hidden-activation dropout probability in training (0 in eval mode)."""
+        return float(_member(self.experts[0], "dropout").p) if training else 0.0
+
+    def _unfusable_reason(self, training: bool) -> Optional[str]:
         first = self.experts[0]
         if not all(hasattr(first, name) for name in ("layer1", "layer2", "activation", "dropout", "is_gated")):
-            return "the experts are not FeedForward modules"
+            return "the experts are not FeedForward modules (layer1, activation, dropout, layer2); use labml's"
         activation = _activation_name(first.activation)
         if activation is None:
-            return f"activation {first.activation!r} is neither nn.ReLU nor exact nn.GELU"
+            return (f"activation {first.activation!r} has no fused kernel; use nn.ReLU, exact nn.GELU, nn.SiLU, "
+                    "nn.Sigmoid or nn.Identity")
         layout = _expert_layout(first)
+        dropout_p = _member(first, "dropout").p
         for expert in self.experts:
             if _expert_layout(expert) != layout or _activation_name(_member(expert, "activation")) != activation:
-                return "the experts differ in activation, gating or biases"
-            dropout = _member(expert, "dropout")
-            if expert.training and dropout.p > 0:
-                return f"expert dropout p={dropout.p} is active (training mode)"
+                return "the experts differ in activation, gating or biases; give them all the same"
+            if training and _member(expert, "dropout").p != dropout_p:
+                return "the experts' dropout probabilities differ (training mode); give them all the same p"
         return None
 
     def _fused_weights(self) -> Tuple[str, List[Optional[List[torch.Tensor]]]]:
@@ -167,12 +193,15 @@ def _member(module: nn.Module, name: str):
     return getattr(module, name)
 
 
+# labml_nn's FeedForward configurations: FFN_ReLU / FFN_GELU and the GLU
+# variants (SwiGLU: SiLU, GLU: Sigmoid, Bilinear: Identity), gated or not
+_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+
+
 def _activation_name(activation: nn.Module) -> Optional[str]:
-    if type(activation) is nn.ReLU:
-        return "relu"
-    if type(activation) is nn.GELU and activation.approximate == "none":
-        return "gelu"
-    return None
+    if type(activation) is nn.GELU:
+        return "gelu" if activation.approximate == "none" else None
+    return _ACTIVATION_NAMES.get(type(activation))
 
 
 def _expert_layout(expert: nn.Module) -> tuple:

@@ -9,7 +9,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+from ..dropout import naive as dropout_naive
+
+# labml_nn's FeedForward configurations: ReLU / GELU FFNs and their gated
+# forms, SwiGLU (silu), GLU (sigmoid) and bilinear (identity)
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
 
 
 def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,6 +34,9 @@ def switch_mlp(
     b_gate: Sequence[torch.Tensor],
     scale: torch.Tensor,
     activation: str,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ):
     """Every token through its expert's FFN, one expert at a time, as labml does.
 
@@ -39,6 +46,14 @@ def switch_mlp(
     each: w1 ``[d_ff, d]``, b1 ``[d_ff]``, w2 ``[d, d_ff]``, b2 ``[d]``,
     w_gate ``[d_ff, d]``, b_gate ``[d_ff]``; an empty list means absent (no
     bias, no gate). scale: ``[T]``.
+
+    Dropout on the hidden activations (labml's ``layer2(dropout(act(layer1 x)
+    [· linear_v x]))``): element ``(t, f)`` of the activation of token row
+    ``t`` of x is kept iff element ``t · d_ff + f`` of
+    ``dropout.naive.keep_mask(seed, offset, T · d_ff, dropout_p)`` is (mask
+    layout ``[T, d_ff]`` by token row, so every backend draws the same mask),
+    and kept elements are scaled by ``1 / (1 - dropout_p)``. ``dropout_p = 0``
+    is the computation without dropout.
 
     Returns ``y [T, d]`` with ``y[t] = scale[t] · FFN_e(x[t])`` for kept tokens
     and ``scale[t] · x[t]`` for dropped ones, and ``hidden [T, n · d_ff]``
@@ -51,6 +66,7 @@ def switch_mlp(
     gated = len(w_gate) > 0
     starts = offsets.tolist()
     kept_per_expert = kept.tolist()
+    keep = hidden_keep_mask(x.shape[0], d_ff, dropout_p, seed, offset, x.device)
     kept_rows, kept_outputs = [], []
     hidden = x.new_zeros(x.shape[0], (2 if gated else 1) * d_ff, dtype=hidden_dtype(x.dtype))
     for expert in range(n_experts):
@@ -64,6 +80,8 @@ def switch_mlp(
             gate = F.linear(tokens, w_gate[expert], b_gate[expert] if b_gate else None)
             activated = activated * gate
             saved.append(gate)
+        if keep is not None:
+            activated = dropout_naive.apply(activated, keep[rows], dropout_p)
         out = F.linear(activated, w2[expert], b2[expert] if b2 else None)
         kept_rows.append(rows)
         kept_outputs.append(out)
@@ -71,6 +89,14 @@ def switch_mlp(
     # dropped tokens pass x through
     unscaled = x.index_copy(0, torch.cat(kept_rows), torch.cat(kept_outputs))
     return unscaled * scale.unsqueeze(1), hidden
+
+
+def hidden_keep_mask(n_tokens: int, d_ff: int, dropout_p: float, seed: int, offset: int,
+                     device=None) -> Optional[torch.Tensor]:
+    """Bool ``[T, d_ff]`` keep mask of the hidden activations by token row; None when ``dropout_p == 0``."""
+    if dropout_p == 0:
+        return None
+    return dropout_naive.keep_mask(seed, offset, n_tokens * d_ff, dropout_p, device).view(n_tokens, d_ff)
 
 
 def switch_mlp_backward(
@@ -88,6 +114,9 @@ def switch_mlp_backward(
     scale: torch.Tensor,
     hidden: torch.Tensor,
     activation: str,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
 ):
     """Gradients of :func:`switch_mlp` for x, w1, b1, w2, b2, w_gate, b_gate
     (lists like the inputs, empty where the input is) and scale, by autograd
@@ -96,7 +125,7 @@ def switch_mlp_backward(
     groups = [[w.detach().requires_grad_() for w in group] for group in (w1, b1, w2, b2, w_gate, b_gate)]
     leaves = [x_, *[w for group in groups for w in group], scale_]
     with torch.enable_grad():
-        y, _ = switch_mlp(x_, order, offsets, kept, *groups, scale_, activation)
+        y, _ = switch_mlp(x_, order, offsets, kept, *groups, scale_, activation, dropout_p, seed, offset)
         grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
     # an input no kept token reaches (e.g. every token dropped) gets a zero gradient
     grads = iter([_zeros_if_none(grad, leaf) for grad, leaf in zip(grads, leaves)])

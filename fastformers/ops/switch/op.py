@@ -2,9 +2,11 @@
 FFN registered in ``torch.ops.fastformers``.
 
 ``switch_mlp(x [T, d], order [T], offsets [E + 1], kept [E], w1 [E, d_ff, d],
-b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation) -> (y [T, d],
-hidden [T, n · d_ff])`` (weights as lists of per-expert tensors, see
-:func:`naive.switch_mlp`) and its ``switch_mlp_backward``: CPU kernels come from
+b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation, dropout_p,
+seed, offset) -> (y [T, d], hidden [T, n · d_ff])`` (weights as lists of
+per-expert tensors, dropout mask ``[T, d_ff]`` by token row, see
+:func:`naive.switch_mlp`) and its ``switch_mlp_backward``, which regenerates
+the mask from ``(seed, offset)``: CPU kernels come from
 ``csrc/switch.cpp``, CUDA kernels from :mod:`.triton_kernel`, every other
 device (and CPU without the extension) from :mod:`.naive`.
 """
@@ -14,6 +16,7 @@ import torch
 
 from ... import _backend
 from ..._library import lib, qualname
+from .. import _autocast, dropout
 from . import naive
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -28,12 +31,14 @@ KERNELS = ("reference", "cpp", "triton")
 
 lib.define(
     "switch_mlp(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, Tensor[] b1, Tensor[] w2, "
-    "Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, str activation) -> (Tensor, Tensor)"
+    "Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, str activation, float dropout_p, int seed, "
+    "int offset) -> (Tensor, Tensor)"
 )
 lib.define(
     "switch_mlp_backward(Tensor grad_y, Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor[] w1, "
     "Tensor[] b1, Tensor[] w2, Tensor[] b2, Tensor[] w_gate, Tensor[] b_gate, Tensor scale, Tensor hidden, "
-    "str activation) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)"
+    "str activation, float dropout_p, int seed, int offset) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], "
+    "Tensor[], Tensor[], Tensor)"
 )
 
 lib.impl("switch_mlp", naive.switch_mlp, "CompositeExplicitAutograd")
@@ -146,7 +151,7 @@ def expert_lists(w1, b1, w2, b2, w_gate, b_gate) -> tuple:
     )
 
 
-def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) -> None:
+def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate, dropout_p=0.0) -> None:
     """Raise a clear TypeError/ValueError for inputs the kernels cannot take.
 
     Each weight is a stacked tensor ``[E, ...]`` or a sequence of E per-expert
@@ -163,6 +168,7 @@ def check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate) 
         raise ValueError(f"activation must be one of {tuple(naive.ACTIVATIONS)}, got {activation!r}")
     if w_gate is None and b_gate is not None:
         raise ValueError("b_gate is given without w_gate")
+    dropout.check_p(dropout_p, "dropout_p")
     n_tokens, d_model = x.shape
     first_w1 = w1 if isinstance(w1, torch.Tensor) else (w1[0] if len(w1) else None)
     w1_dims = 3 if isinstance(w1, torch.Tensor) else 2
@@ -223,7 +229,8 @@ def _describe(value) -> str:
 
 
 @torch.library.register_fake(qualname("switch_mlp"))
-def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation):
+def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p, seed,
+                     offset):
     n_hidden = 2 if w_gate else 1
     hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype))
     return x.new_empty(x.shape), hidden
@@ -231,19 +238,19 @@ def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, sc
 
 @torch.library.register_fake(qualname("switch_mlp_backward"))
 def _switch_mlp_backward_fake(
-    grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden, activation
+    grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden, activation, dropout_p, seed, offset
 ):
     groups = [[torch.empty_like(w) for w in group] for group in (w1, b1, w2, b2, w_gate, b_gate)]
     return (torch.empty_like(x), *groups, torch.empty_like(scale))
 
 
 def _setup_context(ctx, inputs, output):
-    x, order, offsets, kept, *groups, scale, activation = inputs
+    x, order, offsets, kept, *groups, scale, activation, dropout_p, seed, offset = inputs
     _, hidden = output
     ctx.mark_non_differentiable(hidden)
     # otherwise autograd fills a zero [T, d_ff] gradient for hidden every backward
     ctx.set_materialize_grads(False)
-    ctx.activation = activation
+    ctx.activation, ctx.dropout = activation, (dropout_p, seed, offset)
     ctx.group_sizes = [len(group) for group in groups]
     ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *[w for group in groups for w in group])
 
@@ -262,9 +269,9 @@ def _backward(ctx, grad_y, _grad_hidden):
         grad_y = torch.zeros_like(x)
     grad_x, *grad_groups, grad_scale = torch.ops.fastformers.switch_mlp_backward(
         grad_y.contiguous(), x, order, offsets, kept, *_split_groups(flat, ctx.group_sizes), scale, hidden,
-        ctx.activation
+        ctx.activation, *ctx.dropout
     )
-    return (grad_x, None, None, None, *grad_groups, grad_scale, None)
+    return (grad_x, None, None, None, *grad_groups, grad_scale, None, None, None, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -275,6 +282,9 @@ torch.library.register_autograd(qualname("switch_mlp"), _backward, setup_context
 torch.library.register_autograd(
     qualname("switch_mlp_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
+# the backward is not registered: autograd runs it on the forward's dtypes (its
+# saved hidden stays float32 for bfloat16 inputs)
+_autocast.register("switch_mlp")
 
 
 if _backend.triton_available():
@@ -297,11 +307,11 @@ class _FlatSwitchMLP(torch.autograd.Function):
     (which the ops' CPU dispatch would send to the C++ kernels)."""
 
     @staticmethod
-    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, group_sizes, *flat_weights):
+    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, dropout_args, group_sizes, *flat_weights):
         groups = _split_groups(flat_weights, group_sizes)
-        y, hidden = kernels[0](x, order, offsets, kept, *groups, scale, activation)
+        y, hidden = kernels[0](x, order, offsets, kept, *groups, scale, activation, *dropout_args)
         ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *flat_weights)
-        ctx.kernels, ctx.activation, ctx.group_sizes = kernels, activation, group_sizes
+        ctx.kernels, ctx.activation, ctx.dropout_args, ctx.group_sizes = kernels, activation, dropout_args, group_sizes
         return y
 
     @staticmethod
@@ -310,9 +320,9 @@ class _FlatSwitchMLP(torch.autograd.Function):
         x, order, offsets, kept, scale, hidden, *flat_weights = ctx.saved_tensors
         grad_x, *grad_groups, grad_scale = ctx.kernels[1](
             grad_y.contiguous(), x, order, offsets, kept, *_split_groups(flat_weights, ctx.group_sizes), scale,
-            hidden, ctx.activation
+            hidden, ctx.activation, *ctx.dropout_args
         )
-        return (None, grad_x, None, None, None, grad_scale, None, None,
+        return (None, grad_x, None, None, None, grad_scale, None, None, None,
                 *[grad for group in grad_groups for grad in group])
 
 
@@ -334,6 +344,8 @@ def switch_mlp(
     w_gate: Optional[Weights] = None,
     b_gate: Optional[Weights] = None,
     *,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Each token through the FFN of the expert ``routing`` chose, times ``scale``.
@@ -343,30 +355,54 @@ def switch_mlp(
     (``layer1`` / ``layer2`` of labml's FeedForward stacked over experts;
     biases may be None); optional gate ``w_gate [E, d_ff, d]``, ``b_gate
     [E, d_ff]`` (``linear_v``, for ``is_gated``); scale: ``[T]`` (``p_max``, or
-    ``p_max / p_max.detach()``); activation: ``"relu"`` or ``"gelu"`` (exact).
+    ``p_max / p_max.detach()``); activation: one of ``naive.ACTIVATIONS``
+    (``"relu"``, exact ``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"identity"``:
+    with a gate, ReGLU, GEGLU, SwiGLU, GLU and bilinear).
     Every weight may instead be a sequence of E per-expert tensors (``w1[e]``
     ``[d_ff, d]``, ...), e.g. the parameters of one ``nn.Linear`` per expert:
     they are used in place, without stacking, by the reference and C++
     kernels (the Triton launchers stack lists that are not already views of
     one ``[E, ...]`` buffer: see :mod:`.triton_kernel`).
 
-    Returns ``y [T, d]``: ``scale[t] · layer2(act(layer1(x[t])) [· linear_v(x[t])])``
-    for kept tokens, ``scale[t] · x[t]`` for dropped ones. ``backend``
-    overrides the backend selection for this call.
+    Returns ``y [T, d]``: ``scale[t] · layer2(dropout(act(layer1(x[t])) [·
+    linear_v(x[t])]))`` for kept tokens, ``scale[t] · x[t]`` for dropped ones
+    (no dropout on them). The dropout mask (``dropout_p`` > 0) is ``[T, d_ff]``
+    by token row (see :func:`naive.switch_mlp`); its ``(seed, offset)`` come from
+    :func:`fastformers.ops.dropout.draw` (torch's default generator, unless
+    ``seed`` is given), and ``dropout.record()`` gives the mask back.
+    Under ``torch.autocast`` every floating input is cast to the autocast
+    dtype (the kernels accumulate in float32). ``backend`` overrides the
+    backend selection for this call.
     """
-    check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate)
+    x, scale, w1, b1, w2, b2, w_gate, b_gate = _autocast_inputs(x, scale, w1, b1, w2, b2, w_gate, b_gate)
+    check_inputs(x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate, dropout_p)
     name = _backend.resolve_backend(x.device, backend, implemented=KERNELS)
-    return switch_mlp_on(name, x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate)
+    return switch_mlp_on(name, x, routing, w1, b1, w2, b2, scale, activation, w_gate, b_gate, dropout_p=dropout_p,
+                         seed=seed)
 
 
-def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w_gate=None, b_gate=None):
+def _autocast_inputs(x, scale, *weights):
+    """x, scale and the weight groups cast to the active autocast dtype (unchanged without autocast)."""
+    if not isinstance(x, torch.Tensor):
+        return (x, scale, *weights)
+    return _autocast.cast(x.device.type, x, scale, *weights)
+
+
+def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w_gate=None, b_gate=None, *,
+                  dropout_p: float = 0.0, seed: Optional[int] = None):
     """:func:`switch_mlp` on the resolved ``backend`` without its Python input
     checks, for callers whose inputs are valid by construction
     (``SwitchFeedForward``, whose router made ``routing``): with E = 64 the
     checks visit 256 weight tensors per call. The C++ kernel still checks
-    every tensor's shape, dtype and device; the Triton launchers trust them."""
+    every tensor's shape, dtype and device; the Triton launchers trust them.
+    Follows autocast and draws the dropout's ``(seed, offset)`` as
+    :func:`switch_mlp` does."""
     groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
-    args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation)
+    x, scale, *groups = _autocast.cast(x.device.type, x, scale, *groups)
+    d_ff = groups[0][0].shape[0]
+    seed, offset = dropout.draw("switch_mlp", dropout_p, (x.shape[0], d_ff), x.device, seed=seed)
+    dropout_args = (dropout_p, seed, offset)
+    args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation, *dropout_args)
     if backend == "reference":
         return naive.switch_mlp(*args)[0]
     groups = [[w.contiguous() for w in group] for group in groups]
@@ -375,9 +411,10 @@ def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w
         if kernels[0] is not torch.ops.fastformers.switch_mlp:
             raise NotImplementedError("the Triton switch kernels run on CPU tensors (interpreter) only in eager mode")
         return torch.ops.fastformers.switch_mlp(
-            x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation
+            x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation,
+            *dropout_args
         )[0]
     return _FlatSwitchMLP.apply(
         kernels, x.contiguous(), routing.order, routing.offsets, routing.kept, scale.contiguous(), activation,
-        [len(group) for group in groups], *[w for group in groups for w in group]
+        dropout_args, [len(group) for group in groups], *[w for group in groups for w in group]
     )

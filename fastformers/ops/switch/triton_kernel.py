@@ -17,10 +17,22 @@ Forward, two grouped GEMMs:
   gate ``x · Wgᵀ + bg`` in the second half of the row), the rows of x gathered
   by index inside the loads; zero on dropped rows. ``hidden`` (order layout) is
   the op's saved pre-activation.
-- ``switch_out_kernel``: ``y[order[p]] = scale · (act(h) [· v]) · W2[e]ᵀ + b2[e]``,
-  the activation applied in registers to the A operand as it is loaded, the
-  bias, scale and scatter to the token's row in the epilogue; dropped rows
-  write ``scale · x``.
+- ``switch_out_kernel``: ``y[order[p]] = scale · dropout(act(h) [· v]) · W2[e]ᵀ + b2[e]``,
+  the activation (and the dropout mask) applied in registers to the A operand
+  as it is loaded, the bias, scale and scatter to the token's row in the
+  epilogue; dropped rows write ``scale · x``.
+
+Dropout (``threshold`` > 0) keeps hidden element ``(t, f)`` of token row
+``t`` by Philox bit ``t · d_ff + f`` of the call's ``(seed, offset)`` (mask
+layout ``[T, d_ff]`` by token row, as the reference and the C++ kernel); the
+three kernels that read the activations regenerate it, nothing is stored. It
+is a branch on the runtime ``threshold`` (uniform over the grid), not a
+constexpr: a DROPOUT constexpr doubled these kernels' builds to 180, which
+took the AOT check of the package past its time limit on a 2-core machine;
+the p = 0 path skips the Philox rounds all the same (the gradient kernel
+multiplies by an exact 1.0 instead). The multiplier ``1 / (1 - p)`` is read
+from a one-element tensor of the accumulator dtype: a float argument would
+reach the kernel as float32, too coarse for float64 parity.
 
 Backward, four kernels: ``switch_grad_hidden_kernel`` (``G = grad_y · W2[e]``
 per position, then the activation's backward into ``grad_hidden`` and the
@@ -60,21 +72,44 @@ import triton
 import triton.language as tl
 
 from ...triton_utils import AotSpec, interpreter_enabled
+from ..dropout import naive as dropout_naive
+from ..dropout.triton_kernel import keep
 from ..xl.triton_kernel import _dot
 from .naive import hidden_dtype
 
-ACTIVATIONS = {"relu": 0, "gelu": 1}
+ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "sigmoid": 3, "identity": 4}
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
 def _activate(h, ACTIVATION: tl.constexpr):
-    """``act(h)`` and ``act'(h)``: ReLU (0) or exact GELU (1)."""
+    """``act(h)`` and ``act'(h)``: ReLU (0), exact GELU (1), SiLU (2), sigmoid (3) or identity (4)."""
     if ACTIVATION == 0:
-        return tl.maximum(h, 0.0), tl.where(h > 0, 1.0, 0.0).to(h.dtype)
-    cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
-    return h * cdf, cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+        value = tl.maximum(h, 0.0)
+        slope = tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
+        value = h * cdf
+        slope = cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    elif ACTIVATION == 2:
+        sig = 1.0 / (1.0 + tl.exp(-h))
+        value = h * sig
+        slope = sig * (1.0 + h * (1.0 - sig))
+    elif ACTIVATION == 3:
+        value = 1.0 / (1.0 + tl.exp(-h))
+        slope = value * (1.0 - value)
+    else:
+        value = h
+        slope = tl.zeros_like(h) + 1.0
+    return value, slope
+
+
+@triton.jit
+def _keep_scale(tokens, feats, d_ff, seed, offset, threshold, keep_scale):
+    """Dropout multipliers (``keep_scale`` or 0) of hidden elements ``tokens × feats`` (mask ``[T, d_ff]``)."""
+    index = tokens[:, None].to(tl.int64) * d_ff + feats[None, :]
+    return tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0)
 
 
 @triton.jit
@@ -158,8 +193,12 @@ def switch_out_kernel(
     b2_ptr,  # [E, d]
     scale_ptr,  # [T]
     y_ptr,  # [T, d] out, token layout
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     d,
     d_ff,
+    seed,
+    offset,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -178,6 +217,8 @@ def switch_out_kernel(
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < d_ff
         a, _, _, _ = _activated(hidden_ptr, rows, ks, kept[:, None] & k_ok[None, :], d_ff, ACTIVATION, GATED)
+        if threshold > 0:
+            a = a * _keep_scale(tokens, ks, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d_ff + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc += _dot(a.to(w.dtype), w, ACC, UPCAST_DOTS)
@@ -202,9 +243,13 @@ def switch_grad_hidden_kernel(
     scale_ptr,  # [T]
     grad_hidden_ptr,  # [T, n_halves * d_ff] out, order layout: grads of h (and v)
     partial_ptr,  # [cdiv(d_ff, BLOCK_N), T] out, ACC: this column block's share of grad(scale)
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     n_tokens,
     d,
     d_ff,
+    seed,
+    offset,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -241,9 +286,14 @@ def switch_grad_hidden_kernel(
         rest += tl.sum(gy * tl.where(kept[:, None], b2[None, :], passed), axis=1)
     mask = kept[:, None] & col_ok[None, :]
     a, act, slope, v = _activated(hidden_ptr, rows, cols, mask, d_ff, ACTIVATION, GATED)
-    a = a.to(ACC)
+    # G is the gradient of the activations after dropout: the mask scales a (for grad(scale)) and G
+    if threshold > 0:
+        multiplier = _keep_scale(tokens, cols, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
+    else:
+        multiplier = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
+    a = a.to(ACC) * multiplier
     tl.store(partial_ptr + col_block * n_tokens + tokens, tl.sum(g * a, axis=1) + rest, mask=in_segment)
-    g *= tl.load(scale_ptr + tokens, mask=in_segment, other=0.0).to(ACC)[:, None]
+    g *= tl.load(scale_ptr + tokens, mask=in_segment, other=0.0).to(ACC)[:, None] * multiplier
     width = 2 * d_ff if GATED else d_ff
     out = grad_hidden_ptr + rows[:, None].to(tl.int64) * width + cols[None, :]
     store_mask = in_segment[:, None] & col_ok[None, :]
@@ -368,8 +418,12 @@ def switch_grad_w_out_kernel(
     scale_ptr,  # [T]
     grad_w2_ptr,  # [E, d, d_ff] out
     grad_b2_ptr,  # [E, d] out
+    keep_scale_ptr,  # [1] ACC: 1 / (1 - p), read with dropout only
     d,
     d_ff,
+    seed,
+    offset,
+    threshold,  # dropout_naive.threshold(p): 0 without dropout
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -393,6 +447,8 @@ def switch_grad_w_out_kernel(
         gy = tl.load(grad_y_ptr + tokens[None, :] * d + outs[:, None], mask=out_ok[:, None] & p_ok[None, :], other=0.0)
         gy = gy.to(ACC) * scale[None, :]
         a, _, _, _ = _activated(hidden_ptr, ps, feats, p_ok[:, None] & feat_ok[None, :], d_ff, ACTIVATION, GATED)
+        if threshold > 0:
+            a = a * _keep_scale(tokens, feats, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         acc += _dot(gy.to(grad_y_ptr.dtype.element_ty), a.to(grad_y_ptr.dtype.element_ty), ACC, UPCAST_DOTS)
         bias += tl.sum(gy, axis=1)
     _store_weight_grad(grad_w2_ptr, grad_b2_ptr, expert, outs, feats, d, d_ff, acc, bias)
@@ -409,14 +465,17 @@ _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp
 # AOT_SPECS, measured with ``python -m fastformers.gpu_report`` to compile
 # without spills on sm_80 and sm_90. The gathered A operands (64-bit pointers
 # per element) and float32 "ieee" dots on CUDA cores are what run out of
-# registers: 64 x 64 tiles spilled in every kernel but the first GEMM.
+# registers: 64 x 64 tiles spilled in every kernel but the first GEMM. The
+# three kernels that regenerate the dropout mask run 8 warps (and grad_hidden
+# a K step of 32): with the Philox rounds their 4-warp tiles spilled 8-24 B
+# of stack per thread.
 _TILES = {
     "switch_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
-    "switch_out_kernel": {8: (32, 32, 8, 4), 4: (64, 32, 16, 4)},
-    "switch_grad_hidden_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 16, 8)},
+    "switch_out_kernel": {8: (32, 32, 8, 8), 4: (64, 32, 16, 8)},
+    "switch_grad_hidden_kernel": {8: (32, 32, 16, 8), 4: (64, 32, 32, 8)},
     "switch_grad_x_kernel": {8: (32, 32, 16, 4), 4: (64, 32, 16, 4)},
     "switch_grad_w_in_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 32, 4)},
-    "switch_grad_w_out_kernel": {8: (32, 32, 16, 4), 4: (64, 64, 16, 4)},
+    "switch_grad_w_out_kernel": {8: (32, 32, 16, 8), 4: (64, 64, 16, 8)},
 }
 _NUM_STAGES = 2
 _INTERPRETER_BLOCK = 64
@@ -506,7 +565,17 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
 
 
-def switch_mlp_forward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation: str):
+def _dropout_arguments(dropout_p: float, seed: int, offset: int, hidden: torch.Tensor) -> dict:
+    """The dropout arguments of the kernels that read the activations; with
+    p = 0, threshold 0 and an unread pointer (hidden, of the same dtype)."""
+    if dropout_p == 0:
+        return dict(keep_scale_ptr=hidden, seed=0, offset=0, threshold=0)
+    keep_scale = torch.full((1,), 1.0 / (1.0 - dropout_p), dtype=hidden.dtype, device=hidden.device)
+    return dict(keep_scale_ptr=keep_scale, seed=seed, offset=offset, threshold=dropout_naive.threshold(dropout_p))
+
+
+def switch_mlp_forward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation: str,
+                       dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
     """The op ``switch_mlp`` (shapes in :func:`fastformers.ops.switch.naive.switch_mlp`):
     ``y [T, d]`` and the pre-activations ``hidden [T, n · d_ff]`` in order layout."""
     _check_activation(activation)
@@ -525,14 +594,15 @@ def switch_mlp_forward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, 
         _bias(b_gate, E, d_ff, x) if w_gate else x, hidden, d, d_ff, n_halves * d_ff, n_col_blocks, **in_config
     )
     switch_out_kernel[(schedule(out_config).shape[0], triton.cdiv(d, out_config["BLOCK_N"]))](
-        x, order, schedule(out_config), hidden, stacked(w2), _bias(b2, E, d, x), scale, y, d, d_ff,
-        ACTIVATION=ACTIVATIONS[activation], GATED=bool(w_gate), **out_config
+        x, order, schedule(out_config), hidden, stacked(w2), _bias(b2, E, d, x), scale, y, d=d, d_ff=d_ff,
+        ACTIVATION=ACTIVATIONS[activation], GATED=bool(w_gate), **_dropout_arguments(dropout_p, seed, offset, hidden),
+        **out_config
     )
     return y, hidden
 
 
 def switch_mlp_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden,
-                        activation: str):
+                        activation: str, dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
     """The op ``switch_mlp_backward``: grads of x, w1, b1, w2, b2, w_gate,
     b_gate (per-expert lists, empty where the input is) and scale. The
     weight gradients of a group are views of one ``[E, ...]`` buffer."""
@@ -544,8 +614,8 @@ def switch_mlp_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate,
     configs = {kernel: _config(kernel, x.dtype) for kernel in (
         switch_grad_hidden_kernel, switch_grad_x_kernel, switch_grad_w_in_kernel, switch_grad_w_out_kernel)}
     gated = bool(w_gate)
-    flags = dict(ACTIVATION=ACTIVATIONS[activation], GATED=gated)
     grad_y, x, scale, hidden = grad_y.contiguous(), x.contiguous(), scale.contiguous(), hidden.contiguous()
+    flags = dict(ACTIVATION=ACTIVATIONS[activation], GATED=gated, **_dropout_arguments(dropout_p, seed, offset, hidden))
     w1s = stacked(w1)
     grad_x = torch.empty_like(x)
     grad_hidden = x.new_empty((T, n_halves * d_ff))
@@ -560,7 +630,7 @@ def switch_mlp_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate,
         schedule = _Schedules(offsets, kept, T)
         switch_grad_hidden_kernel[(schedule(config).shape[0], n_col_blocks)](
             grad_y, x, order, schedule(config), hidden, stacked(w2), _bias(b2, E, d, x), scale, grad_hidden, partial,
-            T, d, d_ff, **flags, **config
+            n_tokens=T, d=d, d_ff=d_ff, **flags, **config
         )
         config = configs[switch_grad_x_kernel]
         switch_grad_x_kernel[(schedule(config).shape[0], triton.cdiv(d, config["BLOCK_N"]))](
@@ -575,7 +645,7 @@ def switch_mlp_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate,
     )
     config = configs[switch_grad_w_out_kernel]
     switch_grad_w_out_kernel[(E, triton.cdiv(d, config["BLOCK_M"]), triton.cdiv(d_ff, config["BLOCK_N"]))](
-        grad_y, order, offsets, kept, hidden, scale, grad_w2, grad_b2, d, d_ff, **flags, **config
+        grad_y, order, offsets, kept, hidden, scale, grad_w2, grad_b2, d=d, d_ff=d_ff, **flags, **config
     )
 
     def per_expert(buffer: torch.Tensor, present) -> List[torch.Tensor]:
@@ -589,9 +659,10 @@ def switch_mlp_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate,
 # ---------------------------------------------------------------- AOT specs
 
 def _signature(kernel, dtype: str, acc: str) -> dict:
-    """Pointers in ``dtype`` except the int indices and ACC buffers; i32 scalars."""
+    """Pointers in ``dtype`` except the int indices and ACC buffers; i32 scalars but the dropout's i64."""
     index_pointers = {"order_ptr": "*i64", "offsets_ptr": "*i64", "kept_ptr": "*i64", "sched_ptr": "*i32",
-                      "partial_ptr": f"*{acc}"}
+                      "partial_ptr": f"*{acc}", "keep_scale_ptr": f"*{acc}"}
+    dropout_scalars = ("seed", "offset", "threshold")
     hidden = acc if dtype == "bf16" else dtype
     signature = {}
     for name in kernel.arg_names:
@@ -603,6 +674,8 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
             signature[name] = f"*{dtype}"
         elif name.isupper():
             signature[name] = "constexpr"
+        elif name in dropout_scalars:
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
     return signature
