@@ -272,8 +272,8 @@ def _parser() -> argparse.ArgumentParser:
                        "forward+backward against labml_nn with dropout 0/0.1 in float32 and bf16 autocast")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
-    bench.add_argument("--min-time", type=_number(float, 0, strict=True), default=0.2,
-                       help="seconds spent timing each case and backend")
+    bench.add_argument("--min-time", type=_number(float, 0), default=0.2,
+                       help="seconds spent timing each case and backend (0: the minimum number of repeats)")
     bench.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--large", action="store_true",

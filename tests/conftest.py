@@ -55,6 +55,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings(monkeypatch):
+    """Each test sees the warn-once FallbackWarnings afresh, whatever ran before it."""
+    from fastformers import _backend
+
+    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
+
+
 @pytest.fixture
 def one_thread():
     """For modules of tiny tensors and many ops (``pytestmark = pytest.mark.usefixtures("one_thread")``):

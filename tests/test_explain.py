@@ -92,9 +92,6 @@ def test_explain_lists_unconverted_labml_modules(capsys):
 
 
 def test_fallback_warns_once_with_its_reason_and_explain_shows_it():
-    from fastformers import _backend
-
-    _backend._warned_fallbacks.clear()  # other tests of this session may have warned already
     expert = labml_feed_forward.FeedForward(D, D_FF, activation=nn.Tanh())
     module = fastformers.convert(_switch_ffn(expert))
     plan, = [p for p in fastformers.explain(module, show=False) if p.cls == "SwitchFeedForward"]

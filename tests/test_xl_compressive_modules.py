@@ -27,12 +27,6 @@ FUSED = [name for name in BACKENDS if name != "reference"]
 D, H = 32, 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_fallback_warnings(monkeypatch):
-    """Each test sees the warn-once FallbackWarnings afresh."""
-    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
-
-
 def use_backend(model, backend):
     for module in model.modules():
         if hasattr(module, "last_backend"):
