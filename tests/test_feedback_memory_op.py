@@ -149,3 +149,16 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("backend", [b for b in fastformers.available_backends() if b != "triton"])
+def test_autocast_casts_weights_to_the_compute_dtype(backend):
+    layer_outputs = torch.randn(4, 3, 8)
+    weights = torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped = fastformers.ops.feedback_memory(layer_outputs, weights, backend=backend)
+        dispatched = torch.ops.fastformers.feedback_memory(layer_outputs, weights)
+    expected = fastformers.ops.feedback_memory(layer_outputs.bfloat16(), weights.bfloat16(), backend="reference")
+    assert wrapped.dtype == dispatched.dtype == torch.bfloat16
+    torch.testing.assert_close(wrapped, expected)
+    torch.testing.assert_close(dispatched, expected)

@@ -9,6 +9,7 @@ import torch
 
 from ... import _backend
 from ..._library import lib, qualname
+from .. import _autocast
 from . import naive
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -20,6 +21,7 @@ lib.define(
 
 lib.impl("feedback_memory", naive.feedback_memory, "CompositeExplicitAutograd")
 lib.impl("feedback_memory_backward", naive.feedback_memory_backward, "CompositeExplicitAutograd")
+_autocast.register("feedback_memory")
 
 
 def check_inputs(layer_outputs: torch.Tensor, weights: torch.Tensor) -> None:
@@ -104,6 +106,8 @@ def feedback_memory(layer_outputs: torch.Tensor, weights: torch.Tensor, *, backe
     layer_outputs: ``[L, B, D]`` (L = n_layers + 1), weights: ``[L]``; returns
     ``[B, D]``. ``backend`` overrides the backend selection for this call.
     """
+    if isinstance(layer_outputs, torch.Tensor):
+        layer_outputs, weights = _autocast.cast(layer_outputs.device.type, layer_outputs, weights)
     check_inputs(layer_outputs, weights)
     name = _backend.resolve_backend(layer_outputs.device, backend)
     if name == "reference":
