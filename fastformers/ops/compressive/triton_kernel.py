@@ -188,8 +188,10 @@ def conv_compress_bwd_weight_kernel(
         r_ok = offs_r < r_end
         g = (offs_r // B).to(tl.int64)
         b = (offs_r % B).to(tl.int64)
+        # The int32 part is a feature offset (< D_out · stride_g_o); one int64
+        # sum of both made ptxas give the float64 sm_80 build an 8 B stack frame.
         grad_t = tl.load(
-            grad_ptr + (offs_o[:, None] * stride_g_o + (g * stride_g_g + b * stride_g_b)[None, :]),
+            grad_ptr + offs_o[:, None] * stride_g_o + (g * stride_g_g + b * stride_g_b)[None, :],
             mask=o_ok[:, None] & r_ok[None, :],
             other=0.0,
         )
