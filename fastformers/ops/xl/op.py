@@ -12,11 +12,10 @@ probabilities from it and regenerates the dropout bits (mask layout
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
 (causal or unmasked only: calls with an explicit ``mask`` run the reference
-formulas below on the GPU, and say so in the log); every other device, and
+formulas below on the GPU, with a ``FallbackWarning`` once per reason); every other device, and
 CPU without the extension, from the reference formulas.
 """
 import importlib
-import logging
 from typing import Optional
 
 import torch
@@ -25,8 +24,6 @@ from ... import _backend
 from ..._library import lib, qualname
 from .. import _autocast, dropout
 from . import naive
-
-logger = logging.getLogger("fastformers")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -246,7 +243,7 @@ def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, c
     args = (query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
     reason = _cuda_reference_reason(query, mask)
     if reason is not None:
-        logger.info("fastformers: rel_attention runs the reference: %s", reason)
+        _backend.warn_op_fallback("rel_attention", reason)
         return reference_forward(*args, mask, dropout_p, seed, offset)
     return _triton_kernel().rel_attention_forward(*args, dropout_p, seed, offset)
 
