@@ -120,23 +120,18 @@ def test_rel_attention_fully_masked_row_is_nan_on_every_backend(backend):
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
 
 
-# Found by tests/test_properties.py; the Triton kernels are outside this change. Strict: when a
-# kernel is fixed the xfail fails, so that the case moves back into the property tests.
-triton_bug = pytest.mark.xfail(strict=True, raises=(AssertionError, IndexError))
-
-
-@triton_bug
 @pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
 @pytest.mark.usefixtures("triton_interpreter")
 def test_feedback_memory_triton_zero_layers_gives_zeros():
+    # found by tests/test_properties.py (an IndexError once)
     out = feedback_memory(torch.randn(0, 2, 3), torch.randn(0), backend="triton")
     assert torch.equal(out, torch.zeros(2, 3))
 
 
-@triton_bug
 @pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
 @pytest.mark.usefixtures("triton_interpreter")
 def test_conv_compress_triton_reads_a_strided_bias_by_its_stride():
+    # found by tests/test_properties.py (the bias was read as contiguous once)
     from fastformers.ops import conv_compress
     from fastformers.ops.compressive import naive
 
@@ -144,3 +139,11 @@ def test_conv_compress_triton_reads_a_strided_bias_by_its_stride():
     bias = torch.randn(8, dtype=torch.float64)[::2]
     torch.testing.assert_close(conv_compress(mem, weight, bias, backend="triton"),
                                naive.conv_compress(mem, weight, bias))
+
+
+@pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
+@pytest.mark.usefixtures("triton_interpreter")
+def test_feedback_memory_triton_zero_layers_backward():
+    x, w = torch.randn(0, 2, 3, requires_grad=True), torch.randn(0, requires_grad=True)
+    feedback_memory(x, w, backend="triton").sum().backward()
+    assert x.grad.shape == (0, 2, 3) and w.grad.shape == (0,)

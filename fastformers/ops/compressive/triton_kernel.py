@@ -59,6 +59,7 @@ def conv_compress_fwd_kernel(
     stride_w_k,
     stride_w_i,
     stride_w_o,
+    stride_bias,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -89,7 +90,7 @@ def conv_compress_fwd_kernel(
             )
             acc += _dot(a, w, ACC, UPCAST_DOTS)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC)[None, :]
+        acc += tl.load(bias_ptr + offs_o * stride_bias, mask=o_ok, other=0.0).to(ACC)[None, :]
     out = out_ptr + (offs_r.to(tl.int64)[:, None] * D_out + offs_o[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
 
@@ -472,7 +473,7 @@ def conv_compress_forward(mem: torch.Tensor, weight: torch.Tensor, bias: Optiona
     grid = (triton.cdiv(G * B, config["BLOCK_R"]), triton.cdiv(d_out, config["BLOCK_O"]))
     conv_compress_fwd_kernel[grid](
         mem, taps, taps if bias is None else bias, out,
-        G * B, B, D, d_out, rate, *mem.stride(), *taps.stride(),
+        G * B, B, D, d_out, rate, *mem.stride(), *taps.stride(), 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, ACC=_acc_dtype(mem.dtype)[0], **_interpreter_options(mem.dtype), **config,
     )  # fmt: skip
     return out

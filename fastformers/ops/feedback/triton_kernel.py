@@ -99,6 +99,8 @@ def feedback_memory_forward(layer_outputs: torch.Tensor, weights: torch.Tensor) 
     layer_outputs = layer_outputs.contiguous()
     weights = weights.contiguous()
     L = layer_outputs.shape[0]
+    if L == 0:  # the sum over no layers (the kernel's softmax of nothing would be NaN)
+        return layer_outputs.new_zeros(layer_outputs.shape[1:])
     N = layer_outputs[0].numel()
     out = layer_outputs.new_empty(layer_outputs.shape[1:])
     grid = (triton.cdiv(N, BLOCK_N),)
@@ -114,6 +116,8 @@ def feedback_memory_backward(grad: torch.Tensor, layer_outputs: torch.Tensor, we
     layer_outputs = layer_outputs.contiguous()
     weights = weights.contiguous()
     L = layer_outputs.shape[0]
+    if L == 0:
+        return torch.empty_like(layer_outputs), torch.empty_like(weights)
     N = layer_outputs[0].numel()
     n_blocks = triton.cdiv(N, BLOCK_N)
     grad_layer_outputs = torch.empty_like(layer_outputs)
