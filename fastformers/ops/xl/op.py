@@ -9,6 +9,9 @@ for float64 inputs and float32 otherwise; backward recomputes the
 probabilities from it and regenerates the dropout bits (mask layout
 ``[B, H, L, K]``, see :mod:`.naive`). ``rel_attention`` follows
 ``torch.autocast`` (every floating input cast to the autocast dtype).
+A query row with no visible key (every key masked) has an undefined softmax: its
+``out`` row is NaN, its ``lse`` -inf and the gradients it reaches NaN, on every backend (labml_nn's
+behaviour, kept).
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
 (causal or unmasked only: calls with an explicit ``mask`` run the reference
@@ -306,7 +309,9 @@ def rel_attention(
     the window :func:`naive.position_window` cuts from the ``[2P, ...]``
     tables; query_pos_bias ``[H, d]``. ``causal`` lets query ``i`` see keys
     ``j <= M + i``; ``mask`` (bool ``[L or 1, K, B or 1]``, True = visible) is
-    applied as well. Rows with no visible key give NaN, as softmax does.
+    applied as well. A query row with no visible key gives NaN, as softmax
+    over nothing does (labml_nn's behaviour), on every backend, and so do the
+    gradients that flow through that row.
 
     ``dropout_p`` drops attention probabilities inside the kernels (mask
     layout ``[B, H, L, K]``, bits from :func:`fastformers.ops.dropout.draw`:
