@@ -204,10 +204,10 @@ class RepeatedRhs {
 // a name, how many bytes it holds, and a release() that frees what it holds and
 // returns how many bytes that was. release() runs on the thread calling
 // empty_cache(), possibly while kernels run on other threads: it must take the
-// cache's own lock and free only buffers no running kernel uses. (Per-thread
-// scratch, such as switch.cpp's thread_local vectors, would register one entry
-// per thread from a thread_local object that unregisters in its destructor,
-// and guard the vectors with a mutex its kernels hold while using them.)
+// cache's own lock and free only buffers no running kernel uses. Per-thread
+// scratch (switch.cpp's ThreadScratch) registers one entry per thread from a
+// thread_local object that unregisters in its destructor, and guards its
+// buffers with a mutex its kernels hold while using them.
 class CacheRegistry {
  public:
   struct Entry {

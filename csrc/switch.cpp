@@ -15,9 +15,15 @@
 #include "cpu_utils.h"
 #include "philox.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <typeindex>
+#include <utility>
 #include <vector>
 
 namespace fastformers {
@@ -233,13 +239,55 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
 }
 
 // Per-thread scratch, reused across experts and calls: it grows to the largest
-// block the thread has needed, so steady-state calls allocate nothing per expert.
+// block the thread has needed, so steady-state calls allocate nothing per
+// expert. Each thread's registers with cpu::CacheRegistry, so that
+// fastformers.empty_cache() frees it: for_each_expert holds the thread's
+// `in_use` lock while its kernels use the buffers, and release() frees only
+// the scratch of threads not inside a kernel (try_lock: it never waits on one).
+class ThreadScratch {
+ public:
+  static ThreadScratch& mine() {
+    thread_local ThreadScratch scratch;
+    return scratch;
+  }
+
+  // Buffer `slot` of element type T with room for `elements`; the caller holds in_use.
+  template <typename T>
+  T* get(size_t slot, int64_t elements) {
+    std::vector<std::max_align_t>& buffer = buffers_[{std::type_index(typeid(T)), slot}];
+    const size_t words = (static_cast<size_t>(elements) * sizeof(T) + sizeof(std::max_align_t) - 1) /
+                         sizeof(std::max_align_t);
+    if (buffer.size() < words) {
+      held_bytes_ -= buffer.capacity() * sizeof(std::max_align_t);
+      buffer.resize(words);
+      held_bytes_ += buffer.capacity() * sizeof(std::max_align_t);
+    }
+    return reinterpret_cast<T*>(buffer.data());
+  }
+
+  std::mutex in_use;
+
+ private:
+  ThreadScratch()
+      : registry_id_(cpu::CacheRegistry::add(
+            "switch_scratch", [this] { return held_bytes_.load(); }, [this] { return release(); })) {}
+  ~ThreadScratch() { cpu::CacheRegistry::remove(registry_id_); }
+
+  size_t release() {
+    std::unique_lock<std::mutex> lock(in_use, std::try_to_lock);
+    if (!lock.owns_lock()) return 0;
+    buffers_.clear();
+    return held_bytes_.exchange(0);
+  }
+
+  std::map<std::pair<std::type_index, size_t>, std::vector<std::max_align_t>> buffers_;
+  std::atomic<size_t> held_bytes_{0};
+  const size_t registry_id_;
+};
+
 template <typename T>
 T* scratch(size_t slot, int64_t elements) {
-  thread_local std::vector<std::vector<T>> buffers;
-  if (buffers.size() <= slot) buffers.resize(slot + 1);
-  if (static_cast<int64_t>(buffers[slot].size()) < elements) buffers[slot].resize(elements);
-  return buffers[slot].data();
+  return ThreadScratch::mine().get<T>(slot, elements);
 }
 
 // The scratch slots of one thread's expert: each buffer of a forward or
@@ -314,6 +362,7 @@ void for_each_expert(const Problem& p, const Body& body) {
     // worker threads do not inherit the dispatcher state of the calling kernel
     // (matters only for the at::addmm fallback of cpu::gemm)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::lock_guard<std::mutex> scratch_in_use(ThreadScratch::mine().in_use);
     for (int64_t e = begin; e < end; ++e) body(e);
   };
   if (threads > 1 && p.n_experts >= threads && p.max_kept * threads <= total_kept) {

@@ -162,7 +162,16 @@ _warned_lock = threading.Lock()
 
 
 class FallbackWarning(UserWarning):
-    """A module ran its reference path instead of its fused kernels."""
+    """A module or op ran its reference path instead of its fused kernels."""
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    with _warned_lock:
+        if key in _warned_fallbacks:
+            return
+        _warned_fallbacks.add(key)
+    # stacklevel 4: the caller of the module or op that fell back
+    warnings.warn(message, FallbackWarning, stacklevel=4)
 
 
 def warn_fallback(module: object, reason: str) -> None:
@@ -171,10 +180,12 @@ def warn_fallback(module: object, reason: str) -> None:
     ``reason`` says why and what to change; it is also what
     :func:`fastformers.explain` reports.
     """
-    key = (type(module).__qualname__, reason)
-    with _warned_lock:
-        if key in _warned_fallbacks:
-            return
-        _warned_fallbacks.add(key)
-    warnings.warn(f"fastformers: {type(module).__name__} runs the reference path: {reason}", FallbackWarning,
-                  stacklevel=3)
+    _warn_once((type(module).__qualname__, reason),
+               f"fastformers: {type(module).__name__} runs the reference path: {reason}")
+
+
+def warn_op_fallback(op_name: str, reason: str) -> None:
+    """Warn once per (op, reason) that op ``op_name`` ran its reference
+    implementation on a device whose kernels do not take the call (``reason``
+    says why and what to change); shares :func:`warn_fallback`'s registry."""
+    _warn_once(("op", op_name, reason), f"fastformers: op {op_name} runs the reference path: {reason}")

@@ -1,13 +1,13 @@
 """The Triton kernels of the Compressive Transformer ops under the interpreter,
 against the reference: conv_compress (output and the memory, weight and bias
 gradients) and the attention-reconstruction loss (loss and the c_mem gradient)."""
-import logging
 import math
 
 import pytest
 import torch
 
 import fastformers
+from fastformers import _backend
 from fastformers.ops.compressive import naive
 from fastformers.ops.compressive import op as compressive_op
 import test_compressive_ops as cpu_tests
@@ -159,21 +159,24 @@ def test_cuda_implementations_keep_the_op_contract():
                                naive.attention_reconstruction_loss_backward(*backward_args))
 
 
-def test_cuda_implementations_route_unchecked_configurations_to_the_reference(caplog):
+def test_cuda_implementations_route_unchecked_configurations_to_the_reference(monkeypatch):
+    """Each reason warns once (FallbackWarning), for the forward and backward alike."""
+    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
     mem, weight, bias = conv_inputs(2, 4, 1, 8, torch.float16)
-    with caplog.at_level(logging.INFO, logger="fastformers"):
+    with pytest.warns(_backend.FallbackWarning, match="op conv_compress runs the reference path") as record:
         out = compressive_op._cuda_conv_compress(mem, weight, bias)
+        compressive_op._cuda_conv_compress_backward(torch.ones_like(out), mem, weight, True)
     torch.testing.assert_close(out, naive.conv_compress(mem, weight, bias))
-    assert "float16" in caplog.text and "runs the reference" in caplog.text
+    assert len(record) == 1 and "float16" in str(record[0].message)
 
-    caplog.clear()
     h, mem, c_mem, ln_w, ln_b, wq, wk, wv, bv = loss_inputs(2, 4, 2, 1, 256, torch.float32)
     args = (h, mem, c_mem, ln_w, ln_b, 1e-5, wq, None, wk, None, wv, bv, 1, 1 / 16)
-    with caplog.at_level(logging.INFO, logger="fastformers"):
+    with pytest.warns(_backend.FallbackWarning, match="op attention_reconstruction_loss runs the reference") as record:
         got = compressive_op._cuda_loss(*args)
+        compressive_op._cuda_loss(*args)
     for a, b in zip(got, naive.attention_reconstruction_loss_forward(*args)):
         torch.testing.assert_close(a, b)
-    assert "d_k <= 128" in caplog.text and "d_k=256" in caplog.text and "runs the reference" in caplog.text
+    assert len(record) == 1 and "d_k <= 128" in str(record[0].message) and "d_k=256" in str(record[0].message)
 
 
 def test_half_precision_is_refused():

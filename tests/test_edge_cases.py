@@ -120,23 +120,18 @@ def test_rel_attention_fully_masked_row_is_nan_on_every_backend(backend):
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
 
 
-# Found by tests/test_properties.py; the Triton kernels are outside this change. Strict: when a
-# kernel is fixed the xfail fails, so that the case moves back into the property tests.
-triton_bug = pytest.mark.xfail(strict=True, raises=(AssertionError, IndexError))
-
-
-@triton_bug
 @pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
 @pytest.mark.usefixtures("triton_interpreter")
 def test_feedback_memory_triton_zero_layers_gives_zeros():
+    # found by tests/test_properties.py (an IndexError once)
     out = feedback_memory(torch.randn(0, 2, 3), torch.randn(0), backend="triton")
     assert torch.equal(out, torch.zeros(2, 3))
 
 
-@triton_bug
 @pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
 @pytest.mark.usefixtures("triton_interpreter")
 def test_conv_compress_triton_reads_a_strided_bias_by_its_stride():
+    # found by tests/test_properties.py (the bias was read as contiguous once)
     from fastformers.ops import conv_compress
     from fastformers.ops.compressive import naive
 
@@ -144,3 +139,57 @@ def test_conv_compress_triton_reads_a_strided_bias_by_its_stride():
     bias = torch.randn(8, dtype=torch.float64)[::2]
     torch.testing.assert_close(conv_compress(mem, weight, bias, backend="triton"),
                                naive.conv_compress(mem, weight, bias))
+
+
+@pytest.mark.skipif("triton" not in fastformers.available_backends(), reason="needs triton")
+@pytest.mark.usefixtures("triton_interpreter")
+def test_feedback_memory_triton_zero_layers_backward():
+    x, w = torch.randn(0, 2, 3, requires_grad=True), torch.randn(0, requires_grad=True)
+    feedback_memory(x, w, backend="triton").sum().backward()
+    assert x.grad.shape == (0, 2, 3) and w.grad.shape == (0,)
+
+
+def _feedback_kv(d=8, heads=2):
+    layer = ffnn.FeedbackTransformerLayer(d_model=d, attn=ffnn.FeedbackAttention(heads, d, 0.0, is_kv_precomputed=True),
+                                         feed_forward=ffnn.FeedForward(d, 2 * d, 0.0), dropout_prob=0.0)
+    return ffnn.FeedbackTransformerKV(layer, 2, d, heads)
+
+
+FEEDBACK_MODELS = {"FeedbackTransformer": lambda: ffnn.FeedbackTransformer(_layer(), 2),
+                   "FeedbackTransformerKV": _feedback_kv}
+UNUSABLE_SEQUENCES = [((0, 2, 8), "seq_len 0"), ((3, 0, 8), "batch 0"),
+                      ((3, 8), r"rank 3\), got shape \(3, 8\)"), ((3, 2, 6), "d_model 6")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", FEEDBACK_MODELS)
+@pytest.mark.parametrize("shape, message", UNUSABLE_SEQUENCES)
+def test_feedback_refuses_empty_sequences_the_same_way_on_every_backend(backend, model, shape, message):
+    # the reference raised a `stack` error for T = 0 or B = 0 where cpp returned an empty output
+    module = FEEDBACK_MODELS[model]()
+    with fastformers.use_backend(backend), pytest.raises(ValueError, match=message):
+        module(torch.randn(shape))
+    with fastformers.use_backend(backend), pytest.raises(ValueError, match=message):
+        module.forward_with_state(torch.randn(shape))
+
+
+def _compressive(d=8, heads=2, rate=2):
+    layer = ffnn.CompressiveTransformerLayer(
+        d_model=d, self_attn=ffnn.RelativeMultiHeadAttention(heads, d, 0.0),
+        feed_forward=ffnn.FeedForward(d, 2 * d, 0.0), dropout_prob=0.0,
+        compress=ffnn.Conv1dCompression(rate, d))
+    return ffnn.CompressiveTransformer(layer, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, message", UNUSABLE_SEQUENCES)
+def test_compressive_refuses_unusable_segments_the_same_way_on_every_backend(backend, shape, message):
+    model = _compressive()
+    mask = _mask(max(shape[0], 1), 0)
+    with fastformers.use_backend(backend), pytest.raises(ValueError, match=message):
+        model(torch.randn(shape), [], [], mask)
+    with fastformers.use_backend(backend), pytest.raises(ValueError, match=message):
+        model.layers[0](x=torch.randn(shape), mem=None, c_mem=None, mask=mask)
+    loss = ffnn.AttentionReconstructionLoss(model.layers)
+    with fastformers.use_backend(backend), pytest.raises(ValueError, match=message.replace("x", "h")):
+        loss([torch.randn(shape)] * 2, [torch.randn(4, 2, 8)] * 2)

@@ -3,12 +3,12 @@ launcher at shapes whose index products pass 2^31 elements, and at a grid
 past CUDA's 65535 blocks on axis 1, read from the launches themselves (meta
 tensors) and from each kernel's Triton IR (which offsets are i32).
 
-Issue 17 item 5 (int64 offsets, B·H on grid axis 0) is the kernel owners'
-work: the ops that fail the check today are marked xfail(strict=True), so the
-fix turns them into XPASS failures and the marker must then go. The IR verdict
-is conservative: it flags every i32 offset added to a pointer whose tensor
-passes 2^31, so the fix it accepts computes those offsets in int64 (cast the
-index to tl.int64 before it meets a stride)."""
+Issue 17 item 5: every kernel computes the offsets that can pass 2^31 in
+int64 and puts B·H on grid axis 0. The IR verdict is conservative: it flags
+every i32 offset added to a pointer whose tensor passes 2^31, so the kernels
+add one int64 offset per element to such pointers (the index cast to
+tl.int64 before it meets a stride, the int32 feature part added to it before
+the pointer)."""
 import json
 import os
 import subprocess
@@ -17,16 +17,6 @@ import sys
 import pytest
 
 from fastformers.testing import launch_check
-
-KERNEL_OWNERS = "issue 17 item 5, left to the kernel owners: "
-TODAY = {
-    "rel_attention": KERNEL_OWNERS + "B*H on grid axis 1 (limit 65535) and i32 offsets into key/value past 2^31",
-    "feedback_memory": KERNEL_OWNERS + "x_ptr + l * N is computed in i32 (wraps once L*N passes 2^31)",
-    "feedback_attention_step": KERNEL_OWNERS + "i32 offsets into the key/value caches past 2^31",
-    "conv_compress": KERNEL_OWNERS + "i32 offsets into mem / grad_mem past 2^31",
-    "switch": KERNEL_OWNERS + "i32 offsets into hidden / grad_hidden past 2^31",
-}
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -40,8 +30,7 @@ def report(tmp_path_factory):
     return json.loads(path.read_text()), process.stdout
 
 
-@pytest.mark.parametrize("op", [pytest.param(op, marks=pytest.mark.xfail(strict=True, reason=TODAY[op]))
-                                if op in TODAY else op for op in launch_check.STRESS_SHAPES])
+@pytest.mark.parametrize("op", list(launch_check.STRESS_SHAPES))
 def test_launches_stay_within_int32_offsets_and_grid_limits(report, op):
     checks, text = report
     for check in (c for c in checks if c["op"] == op):
@@ -61,9 +50,11 @@ def test_every_launcher_is_traced(report):
 
 
 def test_flags_a_grid_past_the_axis_limit():
-    # B*H = 131072 query-tile rows on axis 1; the interpreter's launch configuration has the same grid shape.
+    # No launcher puts B·H on axis 1 any more (the stress shape B·H = 131072 passes above): a launch that would.
+    launch = launch_check.Launch("k", (2, 131072, 1), [], kernel_uses_int64=True)
+    assert launch.verdict == "GRID TOO LARGE (axis 1: 131072 > 65535)"
     check = launch_check.check("rel_attention", (64, 64, 8192, 16, 64))
-    assert check.launches and all("GRID TOO LARGE (axis 1: 131072 > 65535)" in launch.verdict
+    assert check.launches and all(launch.grid[0] == 8192 * 16 and launch.verdict == "ok"
                                   for launch in check.launches), launch_check.format_report([check])
 
 

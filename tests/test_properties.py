@@ -42,9 +42,9 @@ def tensor(draw, shape, dtype, layout=None):
 
 
 @st.composite
-def feedback_memory_inputs(draw, min_layers=0):
+def feedback_memory_inputs(draw):
     dtype = draw(DTYPES)
-    L, B, D = draw(st.integers(min_layers, 7)), draw(st.integers(0, 5)), draw(st.integers(1, 37))
+    L, B, D = draw(st.integers(0, 7)), draw(st.integers(0, 5)), draw(st.integers(1, 37))
     return tensor(draw, (L, B, D), dtype), tensor(draw, (L,), dtype)
 
 
@@ -56,13 +56,13 @@ def test_feedback_memory(inputs):
 
 
 @st.composite
-def conv_compress_inputs(draw, bias_layout=None):
+def conv_compress_inputs(draw):
     dtype = draw(DTYPES)
     rate, groups = draw(st.integers(1, 4)), draw(st.integers(1, 5))
     B, D, D_out = draw(st.integers(1, 4)), draw(st.integers(1, 33)), draw(st.integers(1, 33))
     mem = tensor(draw, (rate * groups, B, D), dtype)
     weight = tensor(draw, (D_out, D, rate), dtype)
-    bias = tensor(draw, (D_out,), dtype, bias_layout) if draw(st.booleans()) else None
+    bias = tensor(draw, (D_out,), dtype) if draw(st.booleans()) else None
     return mem, weight, bias
 
 
@@ -111,8 +111,6 @@ def test_rel_attention(case):
 
 
 # The Triton kernels through the interpreter: a few small cases each (interpreted kernels are slow).
-# Two bugs these found are excluded here and kept as strict xfails in test_edge_cases.py: zero
-# layers in feedback_memory (IndexError) and a strided conv_compress bias (read as contiguous).
 TRITON_SETTINGS = settings(SETTINGS, max_examples=8)
 def needs_triton(test):
     test = pytest.mark.usefixtures("triton_interpreter")(test)
@@ -121,7 +119,7 @@ def needs_triton(test):
 
 @needs_triton
 @TRITON_SETTINGS
-@given(feedback_memory_inputs(min_layers=1))
+@given(feedback_memory_inputs())
 def test_feedback_memory_triton(inputs):
     assert_parity(lambda x, w: fastformers.ops.feedback_memory(x, w, backend="triton"),
                   feedback_naive.feedback_memory, inputs)
@@ -129,7 +127,7 @@ def test_feedback_memory_triton(inputs):
 
 @needs_triton
 @TRITON_SETTINGS
-@given(conv_compress_inputs(bias_layout="contiguous"))
+@given(conv_compress_inputs())
 def test_conv_compress_triton(inputs):
     check_conv_compress("triton", *inputs)
 

@@ -1,6 +1,8 @@
 """Relative-position attention (Transformer-XL): the C++ kernels and the op's
 reference formulas against the reference. The Triton backend of this op is
 tested beside its kernels (tests/test_rel_attention_triton.py)."""
+import warnings
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -270,3 +272,26 @@ def test_transformer_xl_cpp_matches_labml_float32():
     torch.testing.assert_close(our_xgrad, ref_xgrad, atol=1e-4, rtol=1e-4)
     for name, expected in ref_grads.items():
         torch.testing.assert_close(our_grads[name], expected, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,d,masked,expected", [
+    (torch.float64, 24, True, "explicit (non-causal) mask"),
+    (torch.float16, 24, False, "float16"),
+    (torch.float32, 96, False, "d=96"),
+], ids=["mask", "float16", "float32-d96"])
+def test_cuda_reference_route_warns_once_per_reason(monkeypatch, dtype, d, masked, expected):
+    """The function registered for CUDA runs the reference for calls the
+    kernels do not take (run here on CPU tensors: the route needs no GPU) and
+    says so with one FallbackWarning per reason, not a log line."""
+    from fastformers import _backend
+
+    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
+    inputs = make_inputs(3, 2, 1, 2, d, dtype=dtype)
+    mask = torch.ones(3, 5, 1, dtype=torch.bool) if masked else None
+    with pytest.warns(_backend.FallbackWarning, match="op rel_attention runs the reference path") as record:
+        out, _ = op._cuda_forward(*inputs, 0.3, True, mask)
+    assert len(record) == 1 and expected in str(record[0].message)
+    torch.testing.assert_close(out, op.reference_forward(*inputs, 0.3, True, mask)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op._cuda_forward(*inputs, 0.3, True, mask)

@@ -96,7 +96,7 @@ class MultiHeadAttention(nn.Module):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query`` ``[L, B, D]``, ``key`` and ``value`` ``[K, B, D]``; ``mask``
         ``[L or 1, K, B or 1]``, nonzero where query ``i`` may attend key ``j``.
-        Returns ``[L, B, D]``."""
+        Returns ``[L, B, D]``; a query with no visible key gives NaN (softmax over nothing)."""
         seq_len, batch_size, _ = query.shape
         if mask is not None:
             mask = self.prepare_mask(mask, query.shape, key.shape)
@@ -140,6 +140,9 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     explicit non-causal mask on ``triton``; on a GPU a dtype or head size the
     Triton kernels do not take; no kernel for the device): such a forward
     warns once with a :class:`fastformers._backend.FallbackWarning`.
+
+    A query whose every key is masked gets NaN (softmax over no key, as in
+    labml_nn) on every backend, and NaN gradients through it.
 
     Gradient of the positional tables: the op differentiates only the window of
     ``K + L - 1`` rows it reads, but autograd hands a dense Parameter a gradient
@@ -227,7 +230,8 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``query`` ``[L, B, D]``, ``key`` and ``value`` ``[K, B, D]``; ``mask``
         ``[L or 1, K, B or 1]``, nonzero where query ``i`` may attend key ``j``.
-        Returns ``[L, B, D]``."""
+        Returns ``[L, B, D]``; a query with no visible key gives NaN (softmax
+        over nothing, labml_nn's behaviour) on every backend."""
         q_len, batch_size, _ = query.shape
         k_len = key.shape[0]
         self._check_lengths(q_len, k_len)

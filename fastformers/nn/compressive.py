@@ -15,7 +15,7 @@ from torch import nn
 from .. import _backend, ops
 from ..ops import _autocast
 from ..ops.compressive.op import KERNELS as COMPRESSIVE_KERNELS
-from ._utils import clone_module_list, init_pre_norm_layer
+from ._utils import check_sequence, clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention, RelativeMultiHeadAttention, resolve_fused_backend
 
 
@@ -111,7 +111,9 @@ class CompressiveTransformerLayer(nn.Module):
                 c_mem: Optional[torch.Tensor],
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``c_mem`` ``[N, B, D]``
-        or None, ``mask`` ``[L, N + M + L, B or 1]``. Returns ``[L, B, D]``."""
+        or None, ``mask`` ``[L, N + M + L, B or 1]`` (a query that sees no key
+        gives NaN, as in labml_nn). Returns ``[L, B, D]``."""
+        check_sequence(x, self.size)
         # The keys of concat_memory, built by one cat and one LayerNorm.
         return attend_over_history(self, x, _history(mem, c_mem), mask)
 
@@ -135,7 +137,8 @@ class CompressiveTransformer(nn.Module):
     def forward(self, x: torch.Tensor, mem: List[torch.Tensor], c_mem: List[torch.Tensor],
                 mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``x`` ``[L, B, D]``; ``mem`` one ``[M, B, D]`` and ``c_mem`` one
-        ``[N, B, D]`` per layer (empty lists for none); ``mask`` ``[L, N + M + L, B or 1]``.
+        ``[N, B, D]`` per layer (empty lists for none); ``mask`` ``[L, N + M + L, B or 1]``
+        (a query that sees no key gives NaN, as in labml_nn).
 
         Returns the normalised output ``[L, B, D]`` and the new memory: each
         layer's (detached) input ``[L, B, D]``.
@@ -149,6 +152,7 @@ class CompressiveTransformer(nn.Module):
         (``histories[i]``, each ``[*, B, D]``, oldest first, e.g.
         :meth:`CompressiveMemory.history`): the one ``cat`` that builds a
         layer's keys assembles them, so ring buffers that wrap cost no extra copy."""
+        check_sequence(x, self.layers[0].size)
         new_mem = []
         for layer, history in zip(self.layers, histories):
             new_mem.append(x.detach())
@@ -216,6 +220,7 @@ class AttentionReconstructionLoss:
     def calc_loss(self, layer: CompressiveTransformerLayer, h: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
         """Loss of one layer: ``h`` ``[L, B, D]`` its input, ``mem`` ``[M, B, D]``
         the memory it compresses (``M`` a multiple of ``c``)."""
+        check_sequence(h, layer.size, "h")
         backend = _choose(self, mem.device, *self._choice_args())
         compress = layer.compress
         if compress.backend is None:

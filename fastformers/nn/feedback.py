@@ -19,7 +19,7 @@ from .. import ops
 from .._backend import available_backends, forced_backend, resolve_backend, warn_fallback
 from ..ops import _autocast
 from ..ops.feedback import recurrence
-from ._utils import clone_module_list, init_pre_norm_layer
+from ._utils import check_sequence, clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention
 
 
@@ -409,6 +409,9 @@ def _fused_backend(model, device: torch.device, training: bool) -> Tuple[str, Op
 
 
 def _forward(model, x_seq: torch.Tensor, state: Optional[FeedbackState], want_state: bool):
+    # T = 0 or B = 0 is refused before any backend is chosen: the reference's
+    # stack of no steps fails where the fused recurrence would return nothing.
+    check_sequence(x_seq, model.layers[0].size, "x_seq")
     shared_kv = isinstance(model, FeedbackTransformerKV)
     backend, path, reason = _choose_backend(model, x_seq.device)
     model.last_backend, model.last_path = backend, path

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._utils import clone_module_list, init_pre_norm_layer
+from ._utils import check_sequence, clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, RelativeMultiHeadAttention
 
 
@@ -31,7 +31,8 @@ class TransformerXLLayer(nn.Module):
                 mem: Optional[torch.Tensor],
                 mask: torch.Tensor) -> torch.Tensor:
         """``x`` ``[L, B, D]``, ``mem`` ``[M, B, D]`` or None, ``mask``
-        ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``). Returns ``[L, B, D]``."""
+        ``[L, M + L, B or 1]`` (true where query ``i`` sees key ``j``; a query that
+        sees no key gives NaN, as in labml_nn). Returns ``[L, B, D]``."""
         check_segment(x, [] if mem is None else [mem], self.size)
         return attend_over_history(self, x, () if mem is None else (mem,), mask)
 
@@ -40,17 +41,8 @@ def check_segment(x: torch.Tensor, mem: List[torch.Tensor], d_model: int) -> Non
     """ValueError/TypeError naming the argument and dimension for a segment ``x`` ``[L, B, D]``
     and memories ``[M, B, D]`` that no backend can take (L = 0 or B = 0 included: the attention
     over an empty segment or batch is not defined the same way by every backend)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be [seq_len, batch, d_model] (rank 3), got shape {tuple(x.shape)}")
-    seq_len, batch, features = x.shape
-    for name, size in (("seq_len", seq_len), ("batch", batch)):
-        if size == 0:
-            raise ValueError(f"x has {name} 0 (shape {tuple(x.shape)}): a segment needs at least one position "
-                             "and one sequence")
-    if features != d_model:
-        raise ValueError(f"x has d_model {features}, the layer was built for {d_model}")
+    check_sequence(x, d_model)
+    batch = x.shape[1]
     for i, m in enumerate(mem):
         if not isinstance(m, torch.Tensor) or m.dim() != 3 or tuple(m.shape[1:]) != (batch, d_model):
             shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
@@ -83,7 +75,8 @@ class TransformerXL(nn.Module):
     def forward(self, x: torch.Tensor, mem: List[torch.Tensor],
                 mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``x`` ``[L, B, D]``; ``mem`` one ``[M, B, D]`` per layer, or an empty
-        list for no memory; ``mask`` ``[L, M + L, B or 1]``.
+        list for no memory; ``mask`` ``[L, M + L, B or 1]`` (a query that sees no
+        key gives NaN, as in labml_nn).
 
         Returns the normalised output ``[L, B, D]`` and the new memory: each
         layer's (detached) input ``[L, B, D]``.

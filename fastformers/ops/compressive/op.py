@@ -7,13 +7,12 @@ returning the loss and the residuals its backward reads, and
 ``attention_reconstruction_loss_backward`` (gradient of ``c_mem`` only).
 CPU kernels come from ``csrc/compressive.cpp``, CUDA kernels from
 :mod:`.triton_kernel` (float32, float64 and bfloat16; other dtypes, and loss
-heads wider than the checked tiles, run the reference on the GPU and say so
-in the log), every other device (and CPU without the extension) from
+heads wider than the checked tiles, run the reference on the GPU with a
+``FallbackWarning`` once per reason), every other device (and CPU without the extension) from
 :mod:`.naive`. ``conv_compress`` (and its backward) and
 ``attention_reconstruction_loss`` follow ``torch.autocast``: every floating
 input (weights, biases, norm parameters too) is cast to the autocast dtype.
 """
-import logging
 from typing import Optional
 
 import torch
@@ -22,8 +21,6 @@ from ... import _backend
 from ..._library import lib, qualname
 from .. import _autocast
 from . import naive
-
-logger = logging.getLogger("fastformers")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -225,10 +222,11 @@ for _name in ("conv_compress", "conv_compress_backward", "attention_reconstructi
 
 
 def _reference_on_gpu(op: str, dtype: torch.dtype, d_k: int = 0) -> bool:
-    """Whether ``op`` runs the reference on the GPU (logged): no checked Triton configuration takes it."""
+    """Whether ``op`` runs the reference on the GPU (warned once per reason): no
+    checked Triton configuration takes it."""
     reason = triton_kernel.gpu_unsupported_reason(op, dtype, d_k)
     if reason is not None:
-        logger.info("fastformers: %s; it runs the reference", reason)
+        _backend.warn_op_fallback(op, reason)
     return reason is not None
 
 

@@ -59,6 +59,7 @@ def conv_compress_fwd_kernel(
     stride_w_k,
     stride_w_i,
     stride_w_o,
+    stride_bias,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -78,7 +79,7 @@ def conv_compress_fwd_kernel(
             offs_i = i_start + tl.arange(0, BLOCK_I)
             i_ok = offs_i < D
             a = tl.load(
-                mem_ptr + (row_base + k * stride_m_t)[:, None] + offs_i[None, :] * stride_m_d,
+                mem_ptr + ((row_base + k * stride_m_t)[:, None] + offs_i[None, :] * stride_m_d),
                 mask=r_ok[:, None] & i_ok[None, :],
                 other=0.0,
             )
@@ -89,8 +90,8 @@ def conv_compress_fwd_kernel(
             )
             acc += _dot(a, w, ACC, UPCAST_DOTS)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(ACC)[None, :]
-    out = out_ptr + offs_r.to(tl.int64)[:, None] * D_out + offs_o[None, :]
+        acc += tl.load(bias_ptr + offs_o * stride_bias, mask=o_ok, other=0.0).to(ACC)[None, :]
+    out = out_ptr + (offs_r.to(tl.int64)[:, None] * D_out + offs_o[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & o_ok[None, :])
 
 
@@ -130,7 +131,7 @@ def conv_compress_bwd_mem_kernel(
         offs_o = o_start + tl.arange(0, BLOCK_O)
         o_ok = offs_o < D_out
         grad = tl.load(
-            grad_ptr + grad_rows[:, None] + offs_o[None, :] * stride_g_o,
+            grad_ptr + (grad_rows[:, None] + offs_o[None, :] * stride_g_o),
             mask=r_ok[:, None] & o_ok[None, :],
             other=0.0,
         )
@@ -141,7 +142,7 @@ def conv_compress_bwd_mem_kernel(
         )
         acc += _dot(grad, w_t, ACC, UPCAST_DOTS)
     mem_rows = (g * rate + k).to(tl.int64) * B + b
-    out = grad_mem_ptr + mem_rows[:, None] * D + offs_i[None, :]
+    out = grad_mem_ptr + (mem_rows[:, None] * D + offs_i[None, :])
     tl.store(out, acc.to(grad_mem_ptr.dtype.element_ty), mask=r_ok[:, None] & i_ok[None, :])
 
 
@@ -188,25 +189,27 @@ def conv_compress_bwd_weight_kernel(
         r_ok = offs_r < r_end
         g = (offs_r // B).to(tl.int64)
         b = (offs_r % B).to(tl.int64)
+        # The int32 part is a feature offset (< D_out · stride_g_o); one int64
+        # sum of both made ptxas give the float64 sm_80 build an 8 B stack frame.
         grad_t = tl.load(
             grad_ptr + offs_o[:, None] * stride_g_o + (g * stride_g_g + b * stride_g_b)[None, :],
             mask=o_ok[:, None] & r_ok[None, :],
             other=0.0,
         )
         mem = tl.load(
-            mem_ptr + ((g * rate + k) * stride_m_t + b * stride_m_b)[:, None] + offs_i[None, :] * stride_m_d,
+            mem_ptr + (((g * rate + k) * stride_m_t + b * stride_m_b)[:, None] + offs_i[None, :] * stride_m_d),
             mask=r_ok[:, None] & i_ok[None, :],
             other=0.0,
         )
         acc += _dot(grad_t, mem, ACC, UPCAST_DOTS)
         if HAS_BIAS:
             bias_acc += tl.sum(grad_t.to(ACC), axis=1)
-    partial = grad_taps_partial_ptr + ((split * rate + k).to(tl.int64) * D_out + offs_o[:, None]) * D + offs_i[None, :]
+    partial = grad_taps_partial_ptr + (((split * rate + k).to(tl.int64) * D_out + offs_o[:, None]) * D + offs_i[None, :])
     tl.store(partial, acc, mask=o_ok[:, None] & i_ok[None, :])
     if HAS_BIAS:
         # Every (tap, feature tile) program summed the same grad rows: one of them stores.
         if (k == 0) & (tl.program_id(1) == 0):
-            tl.store(grad_bias_partial_ptr + split.to(tl.int64) * D_out + offs_o, bias_acc, mask=o_ok)
+            tl.store(grad_bias_partial_ptr + (split.to(tl.int64) * D_out + offs_o), bias_acc, mask=o_ok)
 
 
 # ------------------------------------------------- attention_reconstruction_loss
@@ -241,8 +244,9 @@ def _attend(q, key_head, value_head, n_keys, stride_row, offs_d, d_ok,
 @triton.jit
 def _head(B, H, d_k):
     """This program's (batch, head) of a ``[rows, B, H · d_k]`` tensor: the
-    head's offset, the row stride, and b, h (from program axis 1)."""
-    batch_head = tl.program_id(1)
+    head's offset, the row stride, and b, h (from program axis 0: axes 1 and
+    2 of a CUDA grid stop at 65535 blocks)."""
+    batch_head = tl.program_id(0)
     b = batch_head // H
     h = batch_head % H
     return (b * H * d_k + h * d_k).to(tl.int64), B * H * d_k, b, h
@@ -270,7 +274,7 @@ def reconstruction_loss_fwd_kernel(
     ACC: tl.constexpr,
 ):
     head, stride_row, b, h = _head(B, H, d_k)
-    offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     i_ok = offs_i < L
     d_ok = offs_d < d_k
@@ -285,7 +289,7 @@ def reconstruction_loss_fwd_kernel(
     stat = (offs_i.to(tl.int64) * B + b) * H + h
     tl.store(stats_ptr + stat, lse_c, mask=i_ok)
     tl.store(stats_ptr + L * B * H + stat, tl.sum(diff * attn_c, axis=1), mask=i_ok)
-    tl.store(partial_ptr + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0), tl.sum(diff * diff))
+    tl.store(partial_ptr + (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)), tl.sum(diff * diff))
 
 
 @triton.jit
@@ -313,7 +317,7 @@ def reconstruction_loss_bwd_kernel(
     # (key rows, query columns), with the query-side tiles loaded transposed,
     # so that no register tile is transposed (which spilled for float32).
     head, stride_row, b, h = _head(B, H, d_k)
-    offs_j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d_k
     kv_mask = (offs_j < N)[:, None] & d_ok[None, :]
@@ -469,7 +473,7 @@ def conv_compress_forward(mem: torch.Tensor, weight: torch.Tensor, bias: Optiona
     grid = (triton.cdiv(G * B, config["BLOCK_R"]), triton.cdiv(d_out, config["BLOCK_O"]))
     conv_compress_fwd_kernel[grid](
         mem, taps, taps if bias is None else bias, out,
-        G * B, B, D, d_out, rate, *mem.stride(), *taps.stride(),
+        G * B, B, D, d_out, rate, *mem.stride(), *taps.stride(), 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, ACC=_acc_dtype(mem.dtype)[0], **_interpreter_options(mem.dtype), **config,
     )  # fmt: skip
     return out
@@ -543,7 +547,7 @@ def attention_reconstruction_loss_forward(
     config = _loss_config("fwd", acc, d_k)
     query_tiles = triton.cdiv(L, config["BLOCK_M"])
     partial = torch.empty((B * heads, query_tiles), dtype=acc, device=h.device)
-    reconstruction_loss_fwd_kernel[(query_tiles, B * heads)](
+    reconstruction_loss_fwd_kernel[(B * heads, query_tiles)](
         query, key_m, value_m, key_c, value_c, diff, stats, partial,
         L, M, N, B, heads, d_k, ACC=acc_tl, **config,
     )  # fmt: skip
@@ -570,7 +574,7 @@ def attention_reconstruction_loss_backward(
     grad_key = torch.empty((N, B, E), dtype=acc, device=h.device)
     grad_value = torch.empty((N, B, E), dtype=acc, device=h.device)
     config = _loss_config("bwd", acc, d_k)
-    reconstruction_loss_bwd_kernel[(triton.cdiv(N, config["BLOCK_N"]), B * heads)](
+    reconstruction_loss_bwd_kernel[(B * heads, triton.cdiv(N, config["BLOCK_N"]))](
         query, key_c, value_c, diff.to(acc).contiguous(), stats.to(acc).contiguous(), coef, grad_key, grad_value,
         L, N, B, heads, d_k, ACC=acc_tl, **config,
     )  # fmt: skip

@@ -50,10 +50,12 @@ def feedback_memory_fwd_kernel(
     offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     w_max, denom = _softmax_stats(w_ptr, L, BLOCK_L, ACC)
+    # l * N passes 2^31 on large inputs: the row stride is int64.
+    row_stride = N.to(tl.int64)
     acc = tl.zeros([BLOCK_N], dtype=ACC)
     for l in range(L):
         p = tl.exp(tl.load(w_ptr + l).to(ACC) - w_max) / denom
-        x = tl.load(x_ptr + l * N + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + (l * row_stride + offs), mask=mask, other=0.0).to(ACC)
         acc += p * x
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -76,10 +78,11 @@ def feedback_memory_bwd_kernel(
     mask = offs < N
     w_max, denom = _softmax_stats(w_ptr, L, BLOCK_L, ACC)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC)
+    row_stride = N.to(tl.int64)
     for l in range(L):
         p = tl.exp(tl.load(w_ptr + l).to(ACC) - w_max) / denom
-        x = tl.load(x_ptr + l * N + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(grad_x_ptr + l * N + offs, (p * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + (l * row_stride + offs), mask=mask, other=0.0).to(ACC)
+        tl.store(grad_x_ptr + (l * row_stride + offs), (p * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
         tl.store(partial_ptr + pid * L + l, tl.sum(g * x, axis=0))
 
 
@@ -96,6 +99,8 @@ def feedback_memory_forward(layer_outputs: torch.Tensor, weights: torch.Tensor) 
     layer_outputs = layer_outputs.contiguous()
     weights = weights.contiguous()
     L = layer_outputs.shape[0]
+    if L == 0:  # the sum over no layers (the kernel's softmax of nothing would be NaN)
+        return layer_outputs.new_zeros(layer_outputs.shape[1:])
     N = layer_outputs[0].numel()
     out = layer_outputs.new_empty(layer_outputs.shape[1:])
     grid = (triton.cdiv(N, BLOCK_N),)
@@ -111,6 +116,8 @@ def feedback_memory_backward(grad: torch.Tensor, layer_outputs: torch.Tensor, we
     layer_outputs = layer_outputs.contiguous()
     weights = weights.contiguous()
     L = layer_outputs.shape[0]
+    if L == 0:
+        return torch.empty_like(layer_outputs), torch.empty_like(weights)
     N = layer_outputs[0].numel()
     n_blocks = triton.cdiv(N, BLOCK_N)
     grad_layer_outputs = torch.empty_like(layer_outputs)
@@ -177,7 +184,8 @@ def _block_t(block_d: int, element_size: int, dropout: bool = False) -> int:
 def _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC: tl.constexpr):
     """Scaled scores of one block of memory steps (-inf beyond ``steps``) and the keys."""
     mask = mask_j[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + offs_j[:, None].to(tl.int64) * k_time + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+    # A cache passes 2^31 elements on large inputs: time offsets are int64.
+    k = tl.load(k_ptr + (offs_j[:, None].to(tl.int64) * k_time + offs_d[None, :]), mask=mask, other=0.0).to(ACC)
     r = tl.load(r_ptr + offs_j[:, None].to(tl.int64) * (H * d) + offs_d[None, :], mask=mask, other=0.0).to(ACC)
     bias = tl.load(s_ptr + offs_j * H, mask=mask_j, other=0.0).to(ACC)
     s = (tl.sum(k * qu[None, :], axis=1) + tl.sum(r * q[None, :], axis=1) + bias) * scale
@@ -212,7 +220,7 @@ def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        v = tl.load(v_ptr + offs_j[:, None].to(tl.int64) * v_time + offs_d[None, :],
+        v = tl.load(v_ptr + (offs_j[:, None].to(tl.int64) * v_time + offs_d[None, :]),
                     mask=mask_j[:, None] & mask_d[None, :], other=0.0).to(ACC)
         norm = norm * alpha + tl.sum(p, axis=0)
         kept_p = p * _keep_multipliers(seed, offset, threshold, keep_scale, pair, steps, offs_j, DROPOUT).to(ACC)
@@ -245,7 +253,7 @@ def attention_step_fwd_kernel(
     q = tl.load(q_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
     qu = q + tl.load(u_ptr + h * d + offs_d, mask=mask_d, other=0.0).to(ACC)
     m, norm, acc = _softmax_pass(
-        q, qu, k_ptr + b.to(tl.int64) * k_batch + h * d, v_ptr + b.to(tl.int64) * v_batch + h * d,
+        q, qu, k_ptr + (b.to(tl.int64) * k_batch + h * d), v_ptr + (b.to(tl.int64) * v_batch + h * d),
         r_ptr + first_row * H * d + h * d, s_ptr + first_row * H + h,
         steps, k_time, v_time, H, d, scale, pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT,
     )
@@ -297,18 +305,18 @@ def attention_step_bwd_kernel(
         s, k, r = _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC)
         p = tl.exp(s - log_norm)
         rows_j = offs_j[:, None].to(tl.int64)
-        v = tl.load(v_ptr + rows_j * v_time + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + (rows_j * v_time + offs_d[None, :]), mask=mask, other=0.0).to(ACC)
         multipliers = _keep_multipliers(seed, offset, threshold, keep_scale, pid, steps, offs_j, DROPOUT).to(ACC)
         ds = tl.where(mask_j, p * (multipliers * tl.sum(v * g[None, :], axis=1) - delta) * scale, 0.0)
         gq += tl.sum(ds[:, None] * (k + r), axis=0)
         gu += tl.sum(ds[:, None] * k, axis=0)
-        gk_rows = gk_ptr + rows_j * gk_time + offs_d[None, :]
+        gk_rows = gk_ptr + (rows_j * gk_time + offs_d[None, :])
         gk = tl.load(gk_rows, mask=mask, other=0.0).to(ACC) + ds[:, None] * qu[None, :]
         tl.store(gk_rows, gk.to(gk_ptr.dtype.element_ty), mask=mask)
-        gv_rows = gv_ptr + rows_j * gv_time + offs_d[None, :]
+        gv_rows = gv_ptr + (rows_j * gv_time + offs_d[None, :])
         gv = tl.load(gv_rows, mask=mask, other=0.0).to(ACC) + (p * multipliers)[:, None] * g[None, :]
         tl.store(gv_rows, gv.to(gv_ptr.dtype.element_ty), mask=mask)
-        tl.store(ds_ptr + offs_j.to(tl.int64) * n_pairs + pid, ds, mask=mask_j)
+        tl.store(ds_ptr + (offs_j.to(tl.int64) * n_pairs + pid), ds, mask=mask_j)
     tl.store(gq_ptr + pid * d + offs_d, gq.to(gq_ptr.dtype.element_ty), mask=mask_d)
     tl.store(gu_part_ptr + pid * d + offs_d, gu, mask=mask_d)
 
@@ -333,15 +341,15 @@ def attention_step_pos_grad_kernel(
     acc_r = tl.zeros([BLOCK_T, BLOCK_D], ACC)
     acc_s = tl.zeros([BLOCK_T], ACC)
     for b in range(B):
-        ds = tl.load(ds_ptr + offs_j.to(tl.int64) * (B * H) + b * H + h, mask=mask_j, other=0.0)
+        ds = tl.load(ds_ptr + (offs_j.to(tl.int64) * (B * H) + b * H + h), mask=mask_j, other=0.0)
         q = tl.load(q_ptr + (b * H + h) * d + offs_d, mask=mask_d, other=0.0).to(ACC)
         acc_r += ds[:, None] * q[None, :]
         acc_s += ds
     rows = (first_row + offs_j).to(tl.int64)
-    gr_rows = gr_ptr + rows[:, None] * (H * d) + h * d + offs_d[None, :]
+    gr_rows = gr_ptr + (rows[:, None] * (H * d) + h * d + offs_d[None, :])
     gr = tl.load(gr_rows, mask=mask, other=0.0).to(ACC) + acc_r
     tl.store(gr_rows, gr.to(gr_ptr.dtype.element_ty), mask=mask)
-    gs_rows = gs_ptr + rows * H + h
+    gs_rows = gs_ptr + (rows * H + h)
     gs = tl.load(gs_rows, mask=mask_j, other=0.0).to(ACC) + acc_s
     tl.store(gs_rows, gs.to(gs_ptr.dtype.element_ty), mask=mask_j)
 

@@ -160,12 +160,13 @@ def switch_in_kernel(
     for k in range(0, tl.where(any_kept, d, 0), BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < d
-        a = tl.load(x_ptr + tokens[:, None] * d + ks[None, :], mask=kept[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + (tokens[:, None] * d + ks[None, :]), mask=kept[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (cols[None, :].to(tl.int64) * d + ks[:, None]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc += _dot(a, w, ACC, UPCAST_DOTS)
     acc += tl.load(b_ptr + expert * d_ff + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     acc = tl.where(kept[:, None], acc, 0.0)
-    out = hidden_ptr + rows[:, None].to(tl.int64) * width + half * d_ff + cols[None, :]
+    # hidden passes 2^31 elements on large inputs: one int64 offset per element.
+    out = hidden_ptr + (rows[:, None].to(tl.int64) * width + half * d_ff + cols[None, :])
     tl.store(out, acc.to(hidden_ptr.dtype.element_ty), mask=in_segment[:, None] & col_ok[None, :])
 
 
@@ -174,11 +175,11 @@ def _activated(hidden_ptr, rows, ks, mask, d_ff, ACTIVATION: tl.constexpr, GATED
     """``act(h) [· v]`` of the saved pre-activations at positions ``rows``, features ``ks``; then
     ``act(h)``, ``act'(h)`` and ``v`` (``act(h)`` again without a gate)."""
     width = 2 * d_ff if GATED else d_ff
-    at = hidden_ptr + rows[:, None].to(tl.int64) * width + ks[None, :]
-    h = tl.load(at, mask=mask, other=0.0)
+    at = rows[:, None].to(tl.int64) * width + ks[None, :]
+    h = tl.load(hidden_ptr + at, mask=mask, other=0.0)
     a, slope = _activate(h, ACTIVATION)
     if GATED:
-        v = tl.load(at + d_ff, mask=mask, other=0.0)
+        v = tl.load(hidden_ptr + (at + d_ff), mask=mask, other=0.0)
         return a * v, a, slope, v
     return a, a, slope, a
 
@@ -219,7 +220,7 @@ def switch_out_kernel(
         a, _, _, _ = _activated(hidden_ptr, rows, ks, kept[:, None] & k_ok[None, :], d_ff, ACTIVATION, GATED)
         if threshold > 0:
             a = a * _keep_scale(tokens, ks, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
-        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d_ff + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
+        w = tl.load(w_ptr + (cols[None, :].to(tl.int64) * d_ff + ks[:, None]), mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         acc += _dot(a.to(w.dtype), w, ACC, UPCAST_DOTS)
     acc += tl.load(b2_ptr + expert * d + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
@@ -269,8 +270,8 @@ def switch_grad_hidden_kernel(
     for k in range(0, tl.where(any_kept, d, 0), BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_ok = ks < d
-        gy = tl.load(grad_y_ptr + tokens[:, None] * d + ks[None, :], mask=kept[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None].to(tl.int64) * d_ff + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+        gy = tl.load(grad_y_ptr + (tokens[:, None] * d + ks[None, :]), mask=kept[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (ks[:, None].to(tl.int64) * d_ff + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
         g += _dot(gy, w, ACC, UPCAST_DOTS)
     # the rest of grad(scale), once per row: grad_y · b2 for kept rows, grad_y · x for dropped ones
@@ -292,16 +293,17 @@ def switch_grad_hidden_kernel(
     else:
         multiplier = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
     a = a.to(ACC) * multiplier
-    tl.store(partial_ptr + col_block * n_tokens + tokens, tl.sum(g * a, axis=1) + rest, mask=in_segment)
+    tl.store(partial_ptr + (col_block.to(tl.int64) * n_tokens + tokens), tl.sum(g * a, axis=1) + rest, mask=in_segment)
     g *= tl.load(scale_ptr + tokens, mask=in_segment, other=0.0).to(ACC)[:, None] * multiplier
     width = 2 * d_ff if GATED else d_ff
-    out = grad_hidden_ptr + rows[:, None].to(tl.int64) * width + cols[None, :]
+    out = rows[:, None].to(tl.int64) * width + cols[None, :]
     store_mask = in_segment[:, None] & col_ok[None, :]
     if GATED:
-        tl.store(out, (g * v.to(ACC) * slope.to(ACC)).to(grad_hidden_ptr.dtype.element_ty), mask=store_mask)
-        tl.store(out + d_ff, (g * act.to(ACC)).to(grad_hidden_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(grad_hidden_ptr + out, (g * v.to(ACC) * slope.to(ACC)).to(grad_hidden_ptr.dtype.element_ty),
+                 mask=store_mask)
+        tl.store(grad_hidden_ptr + (out + d_ff), (g * act.to(ACC)).to(grad_hidden_ptr.dtype.element_ty), mask=store_mask)
     else:
-        tl.store(out, (g * slope.to(ACC)).to(grad_hidden_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(grad_hidden_ptr + out, (g * slope.to(ACC)).to(grad_hidden_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
@@ -328,7 +330,7 @@ def switch_grad_x_kernel(
     col_ok = cols < d
     tokens = tl.load(order_ptr + rows, mask=in_segment, other=0)
     width = 2 * d_ff if GATED else d_ff
-    gh_rows = grad_hidden_ptr + rows[:, None].to(tl.int64) * width
+    gh_rows = rows[:, None].to(tl.int64) * width
     weights = expert * d_ff * d
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for k in range(0, tl.where(any_kept, d_ff, 0), BLOCK_K):
@@ -337,10 +339,10 @@ def switch_grad_x_kernel(
         a_mask = kept[:, None] & k_ok[None, :]
         w_at = weights + ks[:, None].to(tl.int64) * d + cols[None, :]
         w_mask = k_ok[:, None] & col_ok[None, :]
-        gh = tl.load(gh_rows + ks[None, :], mask=a_mask, other=0.0)
+        gh = tl.load(grad_hidden_ptr + (gh_rows + ks[None, :]), mask=a_mask, other=0.0)
         acc += _dot(gh, tl.load(w1_ptr + w_at, mask=w_mask, other=0.0), ACC, UPCAST_DOTS)
         if GATED:
-            gv = tl.load(gh_rows + d_ff + ks[None, :], mask=a_mask, other=0.0)
+            gv = tl.load(grad_hidden_ptr + (gh_rows + d_ff + ks[None, :]), mask=a_mask, other=0.0)
             acc += _dot(gv, tl.load(wg_ptr + w_at, mask=w_mask, other=0.0), ACC, UPCAST_DOTS)
     at = tokens[:, None] * d + cols[None, :]
     mask = in_segment[:, None] & col_ok[None, :]
@@ -400,9 +402,9 @@ def switch_grad_w_in_kernel(
         ps = p + tl.arange(0, BLOCK_K)
         p_ok = ps < end
         tokens = tl.load(order_ptr + ps, mask=p_ok, other=0)
-        gh = tl.load(grad_hidden_ptr + ps[None, :] * width + half * d_ff + feats[:, None],
+        gh = tl.load(grad_hidden_ptr + (ps[None, :] * width + half * d_ff + feats[:, None]),
                      mask=feat_ok[:, None] & p_ok[None, :], other=0.0)
-        xs = tl.load(x_ptr + tokens[:, None] * d + cols[None, :], mask=p_ok[:, None] & col_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + (tokens[:, None] * d + cols[None, :]), mask=p_ok[:, None] & col_ok[None, :], other=0.0)
         acc += _dot(gh, xs, ACC, UPCAST_DOTS)
         bias += tl.sum(gh.to(ACC), axis=1)
     _store_weight_grad(grad_w_ptr, grad_b_ptr, half * n_experts + expert, feats, cols, d_ff, d, acc, bias)
@@ -444,7 +446,7 @@ def switch_grad_w_out_kernel(
         p_ok = ps < end
         tokens = tl.load(order_ptr + ps, mask=p_ok, other=0)
         scale = tl.load(scale_ptr + tokens, mask=p_ok, other=0.0).to(ACC)
-        gy = tl.load(grad_y_ptr + tokens[None, :] * d + outs[:, None], mask=out_ok[:, None] & p_ok[None, :], other=0.0)
+        gy = tl.load(grad_y_ptr + (tokens[None, :] * d + outs[:, None]), mask=out_ok[:, None] & p_ok[None, :], other=0.0)
         gy = gy.to(ACC) * scale[None, :]
         a, _, _, _ = _activated(hidden_ptr, ps, feats, p_ok[:, None] & feat_ok[None, :], d_ff, ACTIVATION, GATED)
         if threshold > 0:

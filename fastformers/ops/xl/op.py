@@ -9,14 +9,16 @@ for float64 inputs and float32 otherwise; backward recomputes the
 probabilities from it and regenerates the dropout bits (mask layout
 ``[B, H, L, K]``, see :mod:`.naive`). ``rel_attention`` follows
 ``torch.autocast`` (every floating input cast to the autocast dtype).
+A query row with no visible key (every key masked) has an undefined softmax: its
+``out`` row is NaN, its ``lse`` -inf and the gradients it reaches NaN, on every backend (labml_nn's
+behaviour, kept).
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
 (causal or unmasked only: calls with an explicit ``mask`` run the reference
-formulas below on the GPU, and say so in the log); every other device, and
+formulas below on the GPU, with a ``FallbackWarning`` once per reason); every other device, and
 CPU without the extension, from the reference formulas.
 """
 import importlib
-import logging
 from typing import Optional
 
 import torch
@@ -25,8 +27,6 @@ from ... import _backend
 from ..._library import lib, qualname
 from .. import _autocast, dropout
 from . import naive
-
-logger = logging.getLogger("fastformers")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -246,7 +246,7 @@ def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, c
     args = (query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
     reason = _cuda_reference_reason(query, mask)
     if reason is not None:
-        logger.info("fastformers: rel_attention runs the reference: %s", reason)
+        _backend.warn_op_fallback("rel_attention", reason)
         return reference_forward(*args, mask, dropout_p, seed, offset)
     return _triton_kernel().rel_attention_forward(*args, dropout_p, seed, offset)
 
@@ -309,7 +309,9 @@ def rel_attention(
     the window :func:`naive.position_window` cuts from the ``[2P, ...]``
     tables; query_pos_bias ``[H, d]``. ``causal`` lets query ``i`` see keys
     ``j <= M + i``; ``mask`` (bool ``[L or 1, K, B or 1]``, True = visible) is
-    applied as well. Rows with no visible key give NaN, as softmax does.
+    applied as well. A query row with no visible key gives NaN, as softmax
+    over nothing does (labml_nn's behaviour), on every backend, and so do the
+    gradients that flow through that row.
 
     ``dropout_p`` drops attention probabilities inside the kernels (mask
     layout ``[B, H, L, K]``, bits from :func:`fastformers.ops.dropout.draw`:

@@ -57,6 +57,15 @@ def _dot(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(rows, stride_rows, cols, stride_cols):
+    """Element offsets of a ``[rows, cols]`` tile of a ``[seq, B, H, d]``
+    tensor from its (batch, head) base: the sequence part in int64, since
+    ``rows * stride_rows`` passes 2^31 on large inputs (stride_rows is
+    ``B·H·d`` when contiguous); the feature part stays int32."""
+    return rows.to(tl.int64)[:, None] * stride_rows + (cols * stride_cols)[None, :]
+
+
+@triton.jit
 def _positional_scores(
     q_head,  # query of this (batch, head)
     pe_head,  # pos_emb of this head
@@ -90,7 +99,7 @@ def _positional_scores(
         offs_c = chunk + tl.arange(0, D_CHUNK)
         c_ok = offs_c < d
         q = tl.load(
-            q_head + offs_i[:, None] * stride_q_l + offs_c[None, :] * stride_q_d,
+            q_head + _tile_offsets(offs_i, stride_q_l, offs_c, stride_q_d),
             mask=(offs_i < L)[:, None] & c_ok[None, :],
             other=0.0,
         ).to(ACC)
@@ -210,8 +219,9 @@ def rel_attention_fwd_kernel(
     UPCAST_DOTS: tl.constexpr,  # bf16 under the interpreter, see _dot
     DROPOUT: tl.constexpr,  # dropout_p > 0
 ):
-    m_start = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    # B·H on axis 0: axes 1 and 2 of a CUDA grid stop at 65535 blocks.
+    batch_head = tl.program_id(0)
+    m_start = tl.program_id(1) * BLOCK_M
     b = (batch_head // H).to(tl.int64)
     h = (batch_head % H).to(tl.int64)
     offs_i = m_start + tl.arange(0, BLOCK_M)
@@ -221,7 +231,7 @@ def rel_attention_fwd_kernel(
 
     q_head = q_ptr + b * stride_q_b + h * stride_q_h
     q = tl.load(
-        q_head + offs_i[:, None] * stride_q_l + offs_d[None, :] * stride_q_d,
+        q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
         mask=i_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -242,8 +252,8 @@ def rel_attention_fwd_kernel(
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + offs_j[:, None] * stride_k_l + offs_d[None, :] * stride_k_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_j[:, None] * stride_v_l + offs_d[None, :] * stride_v_d, mask=kv_mask, other=0.0)
+        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
+        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
         scores = _tile_scores(
             qu, k, q_head, pe_head, pb_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, stride_pb_r,
             m_start, n_start, L, K, d, scale, causal,
@@ -260,9 +270,9 @@ def rel_attention_fwd_kernel(
         row_max = new_max
 
     out = acc / row_sum[:, None]
-    out_tile = out_ptr + b * stride_o_b + h * stride_o_h + offs_i[:, None] * stride_o_l + offs_d[None, :] * stride_o_d
+    out_tile = out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d)
     tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + batch_head.to(tl.int64) * L + offs_i, row_max + tl.log(row_sum), mask=i_ok)
+    tl.store(lse_ptr + (batch_head.to(tl.int64) * L + offs_i), row_max + tl.log(row_sum), mask=i_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -327,8 +337,9 @@ def rel_attention_bwd_dq_kernel(
     UPCAST_DOTS: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    m_start = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    # B·H on axis 0: axes 1 and 2 of a CUDA grid stop at 65535 blocks.
+    batch_head = tl.program_id(0)
+    m_start = tl.program_id(1) * BLOCK_M
     b = (batch_head // H).to(tl.int64)
     h = (batch_head % H).to(tl.int64)
     offs_i = m_start + tl.arange(0, BLOCK_M)
@@ -340,19 +351,19 @@ def rel_attention_bwd_dq_kernel(
 
     q_head = q_ptr + b * stride_q_b + h * stride_q_h
     q = tl.load(
-        q_head + offs_i[:, None] * stride_q_l + offs_d[None, :] * stride_q_d,
+        q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
         mask=tile_mask,
         other=0.0,
     )
     u = tl.load(u_ptr + h * stride_u_h + offs_d * stride_u_d, mask=d_ok, other=0.0)
     qu = (q.to(ACC) + u.to(ACC)[None, :]).to(q.dtype)
     do = tl.load(
-        do_ptr + b * stride_do_b + h * stride_do_h + offs_i[:, None] * stride_do_l + offs_d[None, :] * stride_do_d,
+        do_ptr + b * stride_do_b + h * stride_do_h + _tile_offsets(offs_i, stride_do_l, offs_d, stride_do_d),
         mask=tile_mask,
         other=0.0,
     )
     out = tl.load(
-        out_ptr + b * stride_o_b + h * stride_o_h + offs_i[:, None] * stride_o_l + offs_d[None, :] * stride_o_d,
+        out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
         mask=tile_mask,
         other=0.0,
     )
@@ -377,8 +388,8 @@ def rel_attention_bwd_dq_kernel(
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + offs_j[:, None] * stride_k_l + offs_d[None, :] * stride_k_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + offs_j[:, None] * stride_v_l + offs_d[None, :] * stride_v_d, mask=kv_mask, other=0.0)
+        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
+        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
         scores = _tile_scores(
             qu, k, q_head, pe_head, pb_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, stride_pb_r,
             m_start, n_start, L, K, d, scale, causal,
@@ -414,7 +425,7 @@ def rel_attention_bwd_dq_kernel(
         )
         tl.atomic_add(grad_pb_ptr + rows * H + h, tl.sum(grad_band_scores, axis=0), mask=row_ok, sem="relaxed")
 
-    dq_tile = dq_ptr + ((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :]
+    dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
     tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -474,8 +485,8 @@ def rel_attention_bwd_dkdv_kernel(
     UPCAST_DOTS: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    n_start = tl.program_id(0) * BLOCK_N
-    batch_head = tl.program_id(1)
+    batch_head = tl.program_id(0)
+    n_start = tl.program_id(1) * BLOCK_N
     b = (batch_head // H).to(tl.int64)
     h = (batch_head % H).to(tl.int64)
     offs_j = n_start + tl.arange(0, BLOCK_N)
@@ -484,12 +495,12 @@ def rel_attention_bwd_dkdv_kernel(
     kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
 
     k = tl.load(
-        k_ptr + b * stride_k_b + h * stride_k_h + offs_j[:, None] * stride_k_l + offs_d[None, :] * stride_k_d,
+        k_ptr + b * stride_k_b + h * stride_k_h + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d),
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        v_ptr + b * stride_v_b + h * stride_v_h + offs_j[:, None] * stride_v_l + offs_d[None, :] * stride_v_d,
+        v_ptr + b * stride_v_b + h * stride_v_h + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d),
         mask=kv_mask,
         other=0.0,
     )
@@ -512,10 +523,10 @@ def rel_attention_bwd_dkdv_kernel(
         offs_i = m_start + tl.arange(0, BLOCK_M)
         i_ok = offs_i < L
         tile_mask = i_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_head + offs_i[:, None] * stride_q_l + offs_d[None, :] * stride_q_d, mask=tile_mask, other=0.0)
+        q = tl.load(q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d), mask=tile_mask, other=0.0)
         qu = (q.to(ACC) + u.to(ACC)[None, :]).to(q.dtype)
         do = tl.load(
-            do_head + offs_i[:, None] * stride_do_l + offs_d[None, :] * stride_do_d, mask=tile_mask, other=0.0
+            do_head + _tile_offsets(offs_i, stride_do_l, offs_d, stride_do_d), mask=tile_mask, other=0.0
         )
         stats_offset = batch_head.to(tl.int64) * L + offs_i
         lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
@@ -540,9 +551,9 @@ def rel_attention_bwd_dkdv_kernel(
     out_offset = ((offs_j[:, None] * B + b) * H + h) * d + offs_d[None, :]
     tl.store(dk_ptr + out_offset, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offset, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    n_key_tiles = tl.num_programs(0)
+    n_key_tiles = tl.num_programs(1)
     tl.store(
-        grad_u_partial_ptr + (batch_head.to(tl.int64) * n_key_tiles + tl.program_id(0)) * d + offs_d,
+        grad_u_partial_ptr + ((batch_head.to(tl.int64) * n_key_tiles + tl.program_id(1)) * d + offs_d),
         tl.sum(grad_scores_colsum[:, None] * k.to(ACC), axis=0),
         mask=d_ok,
     )
@@ -679,7 +690,7 @@ def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, 
     lse = torch.empty((B, H, L), dtype=acc_torch, device=query.device)
     config = _block_config("fwd", query)
     dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
-    grid = (triton.cdiv(L, config["BLOCK_M"]), B * H)
+    grid = (B * H, triton.cdiv(L, config["BLOCK_M"]))
     rel_attention_fwd_kernel[grid](
         query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
         *_strides4(query), *_strides4(key), *_strides4(value),
@@ -726,14 +737,14 @@ def rel_attention_backward(
         *_strides4(query), *_strides4(key), *_strides4(value),
         *pos_emb.stride(), *pos_bias.stride(), *query_pos_bias.stride(),
     )  # fmt: skip
-    rel_attention_bwd_dq_kernel[(n_query_tiles, B * H)](
+    rel_attention_bwd_dq_kernel[(B * H, n_query_tiles)](
         query, key, value, pos_emb, pos_bias, query_pos_bias, out, grad_out, lse, delta,
         grad_query, grad_pos_emb, grad_pos_bias,
         *common_strides, *_strides4(out), *_strides4(grad_out),
         L, K, B, H, d, float(scale), int(causal), *dropout_args,
         ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **dq_config,
     )  # fmt: skip
-    rel_attention_bwd_dkdv_kernel[(n_key_tiles, B * H)](
+    rel_attention_bwd_dkdv_kernel[(B * H, n_key_tiles)](
         query, key, value, pos_emb, pos_bias, query_pos_bias, grad_out, lse, delta,
         grad_key, grad_value, grad_u_partial,
         *common_strides, *_strides4(grad_out),
