@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from torch import nn
 
-from . import nn as ffnn
+from . import hf, nn as ffnn
 from ._backend import BACKENDS
 
 _LABML_CLASSES: Dict[str, Type[nn.Module]] = {
@@ -174,6 +174,11 @@ def _validate_tree(module: nn.Module, path: str, seen: set, stacked_experts: boo
     target = _target(module)
     if target is not None:
         _validate(module, target, path, stacked_experts)
+    elif hf.is_hf_sparse_mlp(module):
+        problems = hf.check_hf_sparse_mlp(module)
+        if problems:
+            raise ValueError(f"cannot convert {path} ({type(module).__module__}.{type(module).__qualname__}): "
+                             f"{'; '.join(problems)}")
 
 
 def _convert(module: nn.Module, backend: Optional[str], stacked_experts: bool, done: Dict[int, nn.Module]
@@ -186,7 +191,12 @@ def _convert(module: nn.Module, backend: Optional[str], stacked_experts: bool, d
             if new_child is not child:
                 module._modules[name] = new_child
     target = _target(module)
-    new = module if target is None else _swap(module, target, backend, stacked_experts)
+    if target is not None:
+        new = _swap(module, target, backend, stacked_experts)
+    elif hf.is_hf_sparse_mlp(module):
+        new = hf.FusedSwitchSparseMLP.from_hf(module, backend)
+    else:
+        new = module
     done[id(module)] = new
     return new
 
@@ -201,6 +211,12 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, stacked_experts:
     Parameter and buffer objects, so ``state_dict`` keys and values are
     unchanged; modules that already are :mod:`fastformers.nn` ones are kept.
 
+    Hugging Face: every ``transformers`` ``SwitchTransformersSparseMLP``
+    (matched by class name; ``transformers`` is not imported) becomes a
+    :class:`fastformers.hf.FusedSwitchSparseMLP` with HF's semantics (its
+    router object kept, its experts copied into stacked weights, HF's
+    ``state_dict`` keys).
+
     Switch experts: with ``stacked_experts`` (default) every
     ``SwitchFeedForward``'s experts are copied into its stacked layout (one
     Parameter per tensor kind, see :class:`fastformers.nn.SwitchFeedForward`;
@@ -213,7 +229,8 @@ def convert(model: nn.Module, backend: Optional[str] = None, *, stacked_experts:
 
     ``backend`` (None for automatic, or one of ``'reference'``, ``'cpp'``,
     ``'triton'``) is set on every converted module that has a ``backend``
-    attribute (the feedback transformers and ``SwitchFeedForward``).
+    attribute (the feedback transformers, ``SwitchFeedForward`` and the HF
+    sparse MLP).
 
     Returns the converted model: ``model`` itself, or its replacement when the
     root is one of the converted classes (the old root object must then no
