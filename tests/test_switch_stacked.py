@@ -164,3 +164,26 @@ def test_one_autograd_input_per_tensor_kind_whatever_e():
 
     assert weight_leaves(4) == sorted([(4, 24, D), (4, 24), (4, D, 24), (4, D), (4, D), (4,)])
     assert len(weight_leaves(32)) == len(weight_leaves(4))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_both_layouts_give_the_same_training_step(autocast):
+    """Dropout (same seed, same mask), activations and autocast in the stacked and the per-expert layout."""
+    stacked = convert(labml_module(activation=nn.SiLU(), is_gated=True)).float()
+    per_expert = convert(labml_module(activation=nn.SiLU(), is_gated=True), stacked_experts=False).float()
+    for module in (stacked, per_expert):
+        for expert in module.experts:
+            expert.dropout.p = 0.2
+        module.backend = "cpp"
+        module.train()
+    x = torch.randn(6, 4, D)
+    results = []
+    for module in (stacked, per_expert):
+        assert module.fused_backend(x.device, training=True) == ("cpp", None)
+        torch.manual_seed(9)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)[0]
+        out.float().square().sum().backward()
+        results.append([out, *labml_layout_grads(module)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -23,10 +23,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DROP_POLICIES = ("labml", "deterministic")
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-# Expert weights are lists of per-expert tensors (an empty list: no bias / no
-# gate) so that modules holding one nn.Linear per expert pass their parameters
-# as they are: no stacking copy per call on CPU, and each gradient lands in its
-# own tensor (the Triton launchers stack them, see triton_kernel).
+# The op's expert weights are lists of per-expert tensors (an empty list: no
+# bias / no gate) so that modules holding one nn.Linear per expert pass their
+# parameters as they are: no stacking copy per call on CPU, and each gradient
+# lands in its own tensor (the Triton launchers stack them, see triton_kernel).
+# Stacked [E, ...] weights reach the kernels as their E row views and enter
+# autograd once (see _FlatSwitchMLP).
 KERNELS = ("reference", "cpp", "triton")
 
 lib.define(
