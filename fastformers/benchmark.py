@@ -891,6 +891,111 @@ def switch_cases(device: str = "cpu", dtype: torch.dtype = torch.float32, large:
     return cases
 
 
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# switch-base-8's widths; fewer layers (one sparse layer in the encoder and one in the decoder) for a CPU run
+SWITCH_BASE_8 = dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_experts=8, expert_capacity=64,
+                     vocab_size=32128, num_layers=2, num_decoder_layers=2, encoder_sparse_step=2,
+                     decoder_sparse_step=2, decoder_start_token_id=0, pad_token_id=0)
+
+
+class _HFSwitch:
+    """Hugging Face ``SwitchTransformersForConditionalGeneration`` from a config
+    with switch-base-8's widths (random weights) and the same model after
+    :func:`fastformers.convert`; implementation ``"hf"`` is HF's, a fused
+    backend name the converted one on that backend. ``sparse_mlp`` times the
+    first sparse MLP alone on ``[batch, seq, d_model]`` activations instead
+    of the whole model. One implementation's model is alive at a time."""
+
+    def __init__(self, device: str, dtype: torch.dtype, batch: int, seq_len: int, target_len: int,
+                 sparse_mlp: bool):
+        self.device, self.dtype = device, dtype
+        self.batch, self.seq_len, self.target_len, self.sparse_mlp = batch, seq_len, target_len, sparse_mlp
+        self.current: Optional[tuple] = None
+
+    def label(self) -> str:
+        config = SWITCH_BASE_8
+        what = "sparse MLP" if self.sparse_mlp else (f"{config['num_layers']}+{config['num_decoder_layers']} layers, "
+                                                     f"target {self.target_len}")
+        return (f"B={self.batch} S={self.seq_len} d={config['d_model']} d_ff={config['d_ff']} "
+                f"E={config['num_experts']} ({what})")
+
+    def _build(self, implementation: str) -> tuple:
+        import transformers
+
+        from . import convert
+
+        torch.manual_seed(0)
+        model = transformers.SwitchTransformersForConditionalGeneration(
+            transformers.SwitchTransformersConfig(**SWITCH_BASE_8)).to(self.device, self.dtype)
+        if self.sparse_mlp:
+            model = next(m for m in model.modules() if type(m).__name__ == "SwitchTransformersSparseMLP")
+        if implementation != "hf":
+            model = convert(model, backend=implementation)
+        # built after convert, which gives the experts new Parameters
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return model, optimizer
+
+    def _state(self, implementation: str) -> tuple:
+        if self.current is None or self.current[0] != implementation:
+            self.current = None
+            self.current = (implementation, *self._build(implementation))
+        return self.current[1:]
+
+    def make_inputs(self) -> tuple:
+        generator = torch.Generator().manual_seed(1)
+        if self.sparse_mlp:
+            x = torch.randn(self.batch, self.seq_len, SWITCH_BASE_8["d_model"], generator=generator)
+            return (x.to(self.device, self.dtype).requires_grad_(),)
+        vocab = SWITCH_BASE_8["vocab_size"]
+        return (torch.randint(1, vocab, (self.batch, self.seq_len), generator=generator).to(self.device),
+                torch.randint(1, vocab, (self.batch, self.target_len), generator=generator).to(self.device))
+
+    def run(self, inputs: tuple, implementation: str) -> torch.Tensor:
+        model, _ = self._state(implementation)
+        if self.sparse_mlp:
+            # the router jitters its float32 input in place, which a leaf cannot take
+            return model.train()(inputs[0].clone())
+        # timed without gradients ("fwd"): the eval forward; with them ("fwd+bwd"): a training step
+        model.train(torch.is_grad_enabled())
+        return model(input_ids=inputs[0], labels=inputs[1], output_router_logits=True).loss
+
+    def zero_grad(self, implementation: str) -> None:
+        self._state(implementation)[0].zero_grad(set_to_none=True)
+
+    def update(self, implementation: str) -> None:
+        model, optimizer = self._state(implementation)
+        if not self.sparse_mlp:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def switch_hf_cases(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    """Hugging Face Switch Transformers (switch-base-8 widths: d_model 768,
+    d_ff 3072, 8 experts, capacity 64, dropout 0.1, jitter 0.01) against the
+    same model after :func:`fastformers.convert`, in the same run: the sparse
+    MLP alone (forward, forward+backward, training mode), and the whole
+    ``SwitchTransformersForConditionalGeneration`` with two encoder and two
+    decoder layers, where "fwd" is the eval forward and "fwd+bwd" one
+    training step (forward with the router losses, backward, AdamW). Empty
+    without ``transformers``."""
+    if not transformers_available():
+        return []
+    cases = []
+    for sparse_mlp in (True, False):
+        impl = _HFSwitch(device, dtype, batch=4, seq_len=128, target_len=32, sparse_mlp=sparse_mlp)
+        op = "HF SwitchTransformersSparseMLP" if sparse_mlp else "HF Switch model (fwd: eval, fwd+bwd: train step)"
+        cases.append(Case(op, impl.label(), impl.make_inputs, impl.run, dtype, baseline="hf",
+                          zero_grad=impl.zero_grad, update=impl.update))
+    return cases
+
+
 def quick_cases(cases: list[Case]) -> list[Case]:
     """``cases`` without the heavy shapes and the compiled peers (torch.compile of
     the reference, FlexAttention: compilation alone takes tens of seconds): the
@@ -911,5 +1016,6 @@ ALL_CASES = {
     "rel_attention": rel_attention_cases,
     "compressive_model": compressive_model_cases,
     "switch": switch_cases,
+    "switch_hf": switch_hf_cases,
 }
 

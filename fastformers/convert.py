@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from torch import nn
 
-from . import nn as ffnn
+from . import hf, nn as ffnn
 from ._backend import BACKENDS
 
 _LABML_CLASSES: Dict[str, Type[nn.Module]] = {
@@ -102,6 +102,16 @@ def _check_switch(m: nn.Module) -> List[str]:
     return []
 
 
+def _check_stackable(m: nn.Module) -> List[str]:
+    if isinstance(m, ffnn.SwitchFeedForward) and m.stacked:
+        return []
+    try:
+        ffnn.switch.ExpertSpec.of(m.experts)
+    except ValueError as error:
+        return [str(error)]
+    return []
+
+
 _CHECKS: Dict[Type[nn.Module], Callable[[nn.Module], List[str]]] = {
     ffnn.RelativeMultiHeadAttention: lambda m: _check_pos_tables(m, 2 * m.P),
     ffnn.FeedbackAttention: lambda m: _check_pos_tables(m, m.P),
@@ -119,18 +129,20 @@ def _target(module: nn.Module) -> Optional[Type[nn.Module]]:
     return _LABML_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
-def _validate(module: nn.Module, target: Type[nn.Module], path: str) -> None:
+def _validate(module: nn.Module, target: Type[nn.Module], path: str, stacked_experts: bool) -> None:
     kind = f"{type(module).__module__}.{type(module).__qualname__}"
     missing = [name for name in _REQUIRED[target] if not hasattr(module, name)]
     if missing:
         raise ValueError(f"cannot convert {path} ({kind}): missing attribute(s) {', '.join(missing)}")
     check = _CHECKS.get(target)
     problems = check(module) if check is not None else []
+    if not problems and stacked_experts and target is ffnn.SwitchFeedForward:
+        problems = _check_stackable(module)
     if problems:
         raise ValueError(f"cannot convert {path} ({kind}): {'; '.join(problems)}")
 
 
-def _swap(module: nn.Module, target: Type[nn.Module], backend: Optional[str]) -> nn.Module:
+def _swap(module: nn.Module, target: Type[nn.Module], backend: Optional[str], stacked_experts: bool) -> nn.Module:
     if type(module) is target:
         new = module
     else:
@@ -146,37 +158,50 @@ def _swap(module: nn.Module, target: Type[nn.Module], backend: Optional[str]) ->
             new.__dict__.setdefault(name, value)
     if "backend" in _EXTRA.get(target, {}):
         new.backend = backend
+    if stacked_experts and target is ffnn.SwitchFeedForward:
+        new.stack_experts_()
     return new
 
 
-def _validate_tree(module: nn.Module, path: str, seen: set) -> None:
+def _validate_tree(module: nn.Module, path: str, seen: set, stacked_experts: bool) -> None:
     """Every module :func:`_convert` would swap, checked before any is: a failure leaves the model as it was."""
     if id(module) in seen:
         return
     seen.add(id(module))
     for name, child in module._modules.items():
         if child is not None:
-            _validate_tree(child, f"{path}.{name}", seen)
+            _validate_tree(child, f"{path}.{name}", seen, stacked_experts)
     target = _target(module)
     if target is not None:
-        _validate(module, target, path)
+        _validate(module, target, path, stacked_experts)
+    elif hf.is_hf_sparse_mlp(module):
+        problems = hf.check_hf_sparse_mlp(module)
+        if problems:
+            raise ValueError(f"cannot convert {path} ({type(module).__module__}.{type(module).__qualname__}): "
+                             f"{'; '.join(problems)}")
 
 
-def _convert(module: nn.Module, backend: Optional[str], done: Dict[int, nn.Module]) -> nn.Module:
+def _convert(module: nn.Module, backend: Optional[str], stacked_experts: bool, done: Dict[int, nn.Module]
+             ) -> nn.Module:
     if id(module) in done:
         return done[id(module)]
     for name, child in list(module._modules.items()):
         if child is not None:
-            new_child = _convert(child, backend, done)
+            new_child = _convert(child, backend, stacked_experts, done)
             if new_child is not child:
                 module._modules[name] = new_child
     target = _target(module)
-    new = module if target is None else _swap(module, target, backend)
+    if target is not None:
+        new = _swap(module, target, backend, stacked_experts)
+    elif hf.is_hf_sparse_mlp(module):
+        new = hf.FusedSwitchSparseMLP.from_hf(module, backend)
+    else:
+        new = module
     done[id(module)] = new
     return new
 
 
-def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def convert(model: nn.Module, backend: Optional[str] = None, *, stacked_experts: bool = True) -> nn.Module:
     """Replace labml_nn 0.5.1 transformer modules in ``model`` by :mod:`fastformers.nn` ones.
 
     Walks ``model`` and all its submodules, children first. Every instance of
@@ -185,12 +210,27 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     its parent by an instance of the equivalent class sharing the same
     Parameter and buffer objects, so ``state_dict`` keys and values are
     unchanged; modules that already are :mod:`fastformers.nn` ones are kept.
+
+    Hugging Face: every ``transformers`` ``SwitchTransformersSparseMLP``
+    (matched by class name; ``transformers`` is not imported) becomes a
+    :class:`fastformers.hf.FusedSwitchSparseMLP` with HF's semantics (its
+    router object kept, its experts copied into stacked weights, HF's
+    ``state_dict`` keys).
+
+    Switch experts: with ``stacked_experts`` (default) every
+    ``SwitchFeedForward``'s experts are copied into its stacked layout (one
+    Parameter per tensor kind, see :class:`fastformers.nn.SwitchFeedForward`;
+    ``state_dict`` keys stay labml's). Those Parameters are new objects:
+    **build the optimizer after convert** (an optimizer built before keeps
+    updating the old, unused expert tensors). ``stacked_experts=False`` keeps
+    the per-expert modules and shares their Parameters.
     Other modules, including other labml_nn classes such as experiment
     wrappers, are left as they are, with their children converted.
 
     ``backend`` (None for automatic, or one of ``'reference'``, ``'cpp'``,
     ``'triton'``) is set on every converted module that has a ``backend``
-    attribute (the feedback transformers and ``SwitchFeedForward``).
+    attribute (the feedback transformers, ``SwitchFeedForward`` and the HF
+    sparse MLP).
 
     Returns the converted model: ``model`` itself, or its replacement when the
     root is one of the converted classes (the old root object must then no
@@ -206,8 +246,8 @@ def convert(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         raise TypeError(f"convert() expects a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
-    _validate_tree(model, "model", set())
-    return _convert(model, backend, {})
+    _validate_tree(model, "model", set(), stacked_experts)
+    return _convert(model, backend, stacked_experts, {})
 
 
 def labml_counterpart(module: nn.Module) -> Optional[Type[nn.Module]]:

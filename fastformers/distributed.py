@@ -137,6 +137,9 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
     ``drop_tokens`` and ``is_scale_prob``.
     """
 
+    # the rank's experts stay separate modules (a slice of the global experts)
+    stacked_experts = False
+
     def __init__(self, *,
                  capacity_factor: float,
                  drop_tokens: bool,
@@ -170,13 +173,17 @@ class ExpertParallelSwitchFeedForward(SwitchFeedForward):
     @classmethod
     def from_switch(cls, module: SwitchFeedForward, process_group=None) -> "ExpertParallelSwitchFeedForward":
         """The expert-parallel version of ``module`` on this rank: shares its router and the
-        experts this rank owns (the parameters themselves, not copies)."""
+        experts this rank owns (the parameters themselves, not copies; experts of a stacked
+        ``module`` are copied into FeedForward modules: build the optimizer afterwards)."""
+        experts = module.experts
+        if module.stacked:
+            experts = [expert.as_feed_forward() for expert in experts]
         parallel = cls(capacity_factor=module.capacity_factor, drop_tokens=module.drop_tokens,
-                       is_scale_prob=module.is_scale_prob, n_experts=module.n_experts, expert=module.experts[0],
+                       is_scale_prob=module.is_scale_prob, n_experts=module.n_experts, expert=experts[0],
                        d_model=module.switch.in_features, process_group=process_group)
         parallel.switch = module.switch
         owned = range(parallel.first_expert, parallel.first_expert + parallel.n_local_experts)
-        parallel.experts = nn.ModuleList(module.experts[e] for e in owned)
+        parallel.experts = nn.ModuleList(experts[e] for e in owned)
         parallel.drop_policy, parallel.generator, parallel.backend = (
             module.drop_policy, module.generator, module.backend)
         return parallel

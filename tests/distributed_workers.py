@@ -90,14 +90,16 @@ def equivalence(n_experts_options, backends):
                 torch.testing.assert_close(parallel.switch.weight.grad, single.switch.weight.grad, rtol=1e-12,
                                            atol=1e-12, msg=f"{label}: router gradient")
                 # an owned expert's gradient is the sum over ranks of the single-process ones
-                for expert in single.experts:
-                    for parameter in expert.parameters():
+                # (single stores its experts stacked: row e of each stacked gradient)
+                for param_name, parameter in single.named_parameters():
+                    if not param_name.startswith("switch."):
                         dist.all_reduce(parameter.grad)
+                stacked_grads = [p.grad for n, p in single.named_parameters() if not n.startswith("switch.")]
                 for local, expert in enumerate(parallel.experts):
-                    reference = single.experts[parallel.first_expert + local]
-                    for (param_name, have), want in zip(expert.named_parameters(), reference.parameters()):
-                        torch.testing.assert_close(have.grad, want.grad, rtol=1e-12, atol=1e-12,
-                                                   msg=f"{label}: expert {parallel.first_expert + local} {param_name}")
+                    e = parallel.first_expert + local
+                    for (param_name, have), want in zip(expert.named_parameters(), stacked_grads):
+                        torch.testing.assert_close(have.grad, want[e], rtol=1e-12, atol=1e-12,
+                                                   msg=f"{label}: expert {e} {param_name}")
                 # what rank s sent to rank r is what r received from s
                 sent = torch.tensor(parallel.last_send_splits)
                 received = torch.empty_like(sent)

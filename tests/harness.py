@@ -86,3 +86,42 @@ def assert_parity(
             continue
         assert got is not None, f"{name}: fused gives no gradient"
         torch.testing.assert_close(got, ref, **tolerance, msg=lambda m, name=name: f"{name} ({dtype}): {m}")
+
+
+def labml_layout(module: torch.nn.Module, tensors: dict) -> dict:
+    """``tensors`` keyed by ``module``'s parameter names, re-keyed (and split per
+    expert) as labml's ``state_dict`` lays out a SwitchFeedForward's parameters,
+    in labml's order: stacked experts' ``w1 [E, ...]`` becomes
+    ``experts.{e}.layer1.weight``; a module without stacked experts is unchanged."""
+    from fastformers.nn.switch import _save_experts_as_labml
+
+    laid_out = dict(tensors)
+    if getattr(module, "stacked", False):
+        _save_experts_as_labml(module, laid_out, "", None)
+    return laid_out
+
+
+def named_grads_in_labml_layout(model: torch.nn.Module) -> dict:
+    """``{name: gradient or None}`` of every parameter of ``model``, the
+    stacked experts of each SwitchFeedForward inside it split per expert under
+    labml's names (``...experts.{e}.layer1.weight``), in ``named_parameters`` order."""
+    from fastformers.nn.switch import _STACKED_TENSORS
+
+    labml_names = {name: f"{layer}.{kind}" for name, layer, kind in _STACKED_TENSORS}
+    stacked = {prefix for prefix, m in model.named_modules() if getattr(m, "stacked", False)}
+    grads = {}
+    for name, p in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix not in stacked or leaf not in labml_names:
+            grads[name] = p.grad
+            continue
+        for e in range(p.shape[0]):
+            grads[f"{prefix + '.' if prefix else ''}experts.{e}.{labml_names[leaf]}"] = \
+                None if p.grad is None else p.grad[e]
+    return grads
+
+
+def labml_layout_grads(module: torch.nn.Module) -> list:
+    """Every parameter's gradient (zeros where None) in labml's parameter order (see :func:`labml_layout`)."""
+    grads = {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in module.named_parameters()}
+    return list(labml_layout(module, grads).values())

@@ -10,6 +10,7 @@ from torch import nn
 from fastformers.convert import convert
 from fastformers.nn import SwitchFeedForward
 from fastformers.ops.switch import route, switch_mlp
+from harness import labml_layout
 from test_switch_ops import make_weights
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter", "one_thread")
@@ -134,6 +135,8 @@ def test_every_labml_feed_forward_runs_fused(activation, is_gated, bias):
     assert module.last_backend == "cpp"
     assert module.fused_backend(x.device, training=True) == ("cpp", None)
     grads = torch.autograd.grad(out.square().sum(), [x, *module.parameters()])
+    grads = [grads[0], *labml_layout(module, dict(zip(dict(module.named_parameters()), grads[1:]))).values()]
+    assert len(grads) == len(expected_grads)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-9)
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)

@@ -11,6 +11,7 @@ import fastformers
 from fastformers._backend import FallbackWarning
 from fastformers.convert import convert
 from fastformers.nn import FeedForward, SwitchFeedForward, load_balancing_loss
+from harness import labml_layout, labml_layout_grads
 
 D = 24
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -20,12 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_switch(n_experts=4, capacity_factor=0.5, *, drop_tokens=True, is_scale_prob=True, d_ff=2 * D,
-                activation=None, is_gated=False, bias=True, dtype=torch.float64, seed=0):
+                activation=None, is_gated=False, bias=True, dtype=torch.float64, seed=0, stacked_experts=True):
     torch.manual_seed(seed)
     expert = FeedForward(D, d_ff, 0.0, activation=activation or nn.ReLU(), is_gated=is_gated, bias1=bias,
                          bias2=bias, bias_gate=bias)
     module = SwitchFeedForward(capacity_factor=capacity_factor, drop_tokens=drop_tokens, is_scale_prob=is_scale_prob,
                                n_experts=n_experts, expert=expert, d_model=D)
+    if not stacked_experts:
+        module.unstack_experts_()
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -45,7 +48,7 @@ def run_backend(module, backend, x, seed=3):
     assert module.last_backend == backend
     torch.manual_seed(11)
     (out * torch.randn_like(out)).sum().backward()
-    grads = [x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
+    grads = [x.grad] + labml_layout_grads(module)
     return (out, counts, route_prob_sum, p_max), n_dropped, grads
 
 
@@ -116,6 +119,7 @@ def test_fused_matches_labml_with_dropping(is_scale_prob):
     assert n_dropped == labml_dropped > 0
     assert_same(fused, (out, counts, route_prob_sum, p_max), torch.float64, "outputs")
     labml_grads = [x_labml.grad] + [p.grad for p in labml.parameters()]
+    assert len(labml_grads) == len(fused_grads)
     assert_same(fused_grads, labml_grads, torch.float64, "grads")
 
 
@@ -146,7 +150,8 @@ def test_deterministic_policy_keeps_the_first_tokens():
 
 
 def test_backend_choice_is_visible_and_never_silent():
-    module = make_switch(d_ff=8)
+    # per-expert modules, so that experts can differ
+    module = make_switch(d_ff=8, stacked_experts=False)
     x = torch.randn(3, 2, D, dtype=torch.float64)
     module.backend = None
     module(x)
@@ -222,16 +227,24 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(other(x)[0], expected, rtol=0, atol=0)
 
 
-def test_convert_labml_module_runs_fused():
+@pytest.mark.parametrize("stacked_experts", [True, False])
+def test_convert_labml_module_runs_fused(stacked_experts):
     labml, ours = labml_pair(capacity_factor=0.6)
     params = dict(labml.named_parameters())
     x = torch.randn(5, 3, D, dtype=torch.float64)
     torch.manual_seed(2)
     expected = labml(x)
-    converted = convert(labml, backend="cpp")
-    assert type(converted) is SwitchFeedForward
+    converted = convert(labml, backend="cpp", stacked_experts=stacked_experts)
+    assert type(converted) is SwitchFeedForward and converted.stacked == stacked_experts
     assert converted.drop_policy == "labml" and converted.generator is None and converted.backend == "cpp"
-    assert all(p is params[name] for name, p in converted.named_parameters())
+    if stacked_experts:
+        # copies in the stacked layout, under labml's keys
+        assert converted.switch.weight is params["switch.weight"] and converted.w1.shape == (4, 2 * D, D)
+        assert list(converted.state_dict()) == list(params)
+        for name, value in converted.state_dict().items():
+            assert torch.equal(value, params[name]), name
+    else:
+        assert all(p is params[name] for name, p in converted.named_parameters())
     torch.manual_seed(2)
     got = converted(x)
     assert converted.last_backend == "cpp"

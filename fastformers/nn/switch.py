@@ -4,9 +4,10 @@ FFNs and a router that sends every token to exactly one of them.
 Shape letters: ``L`` sequence length, ``B`` batch, ``N = L * B`` tokens,
 ``E`` experts, ``D`` = ``d_model``.
 """
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
@@ -36,9 +37,27 @@ class SwitchFeedForward(nn.Module):
     The output is scaled by ``p_max`` when ``is_scale_prob``; otherwise by
     ``p_max / p_max.detach()`` (value 1) so the router still gets gradients.
 
-    The experts stay ``n_experts`` separate :class:`FeedForward` modules (same
-    ``state_dict`` keys as labml, ``experts.{e}.layer1.weight``, ...); the
-    fused backends read their parameters in place, without stacking them.
+    Expert storage (stacked unless the class attribute ``stacked_experts`` is
+    False, as in a subclass; labml's constructor signature is kept): one Parameter per
+    tensor kind, ``w1 [E, d_ff, D]``, ``b1 [E, d_ff]``, ``w2 [E, D, d_ff]``,
+    ``b2 [E, D]`` and for gated experts ``w_gate [E, d_ff, D]``, ``b_gate
+    [E, d_ff]`` (absent biases are None), so a step costs one autograd node
+    and one gradient per kind whatever E. ``state_dict`` still has labml's
+    keys (``experts.{e}.layer1.weight``, ...), and ``load_state_dict`` takes
+    them (a labml checkpoint loads as is); ``experts[e]`` reads expert ``e``
+    as a labml-shaped view (``experts[e].layer1.weight`` is ``w1[e]``,
+    writable in place). Unstacked (``unstack_experts_()``, or
+    ``fastformers.convert(labml_model, stacked_experts=False)``) the experts
+    are ``n_experts`` separate :class:`FeedForward` modules, as in labml, and
+    the fused backends read their parameters in place; ``stack_experts_()``
+    and ``unstack_experts_()`` switch layouts with new Parameter objects
+    (build the optimizer afterwards). Cost: the C++ backward returns one
+    gradient tensor per expert, which the stacked layout copies into its
+    ``[E, ...]`` gradients (one pass over the expert weights per step; at
+    T 4096, d 512, d_ff 2048, E 64 that makes a step slower than with
+    per-expert modules) until ``switch_mlp_backward`` can write stacked
+    gradients (:func:`fastformers.ops.switch.op.restack` then returns them
+    without a copy).
     ``backend`` (settable; None = automatic) selects the implementation:
     ``"cpp"``/``"triton"`` run routing plus one grouped expert-FFN op
     (:func:`fastformers.ops.switch.switch_mlp`), ``"reference"`` loops over
@@ -57,6 +76,9 @@ class SwitchFeedForward(nn.Module):
     ``nn.Linear`` parameters (a copy of every expert weight; see
     :mod:`fastformers.ops.switch.triton_kernel`). ``last_backend`` records the backend the last forward used.
     """
+
+    # whether the constructor stacks the experts (labml's constructor signature is kept)
+    stacked_experts = True
 
     def __init__(self, *,
                  capacity_factor: float,
@@ -78,6 +100,64 @@ class SwitchFeedForward(nn.Module):
         self.generator: Optional[torch.Generator] = None
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
+        if self.stacked_experts:
+            self.stack_experts_()
+
+    @property
+    def stacked(self) -> bool:
+        """Whether the experts are stored stacked (see the class docstring)."""
+        return "experts" not in self._modules
+
+    @property
+    def experts(self):
+        """The experts: the ``ModuleList`` of :class:`FeedForward` (unstacked
+        layout) or a sequence of labml-shaped :class:`StackedExpert` views."""
+        if "experts" in self._modules:
+            return self._modules["experts"]
+        return StackedExperts(self)
+
+    def stack_experts_(self) -> "SwitchFeedForward":
+        """Move the experts into the stacked layout, in place (new Parameter
+        objects: build the optimizer afterwards). Raises ValueError naming the
+        first expert whose structure differs from expert 0. Returns ``self``."""
+        if self.stacked:
+            return self
+        experts = self._modules["experts"]
+        self.expert_spec = ExpertSpec.of(experts)
+        del self._modules["experts"]
+        for name, layer, kind in _STACKED_TENSORS:
+            tensors = [_member(_member(e, layer), kind) for e in experts] if hasattr(experts[0], layer) else [None]
+            if tensors[0] is None:
+                self.register_parameter(name, None)
+            else:
+                stacked = torch.stack([t.detach() for t in tensors])
+                self.register_parameter(name, nn.Parameter(stacked, requires_grad=tensors[0].requires_grad))
+        if not getattr(self, "_labml_key_hooks", False):
+            # the hooks do nothing while the experts are unstacked
+            self.register_state_dict_post_hook(_save_experts_as_labml)
+            self.register_load_state_dict_pre_hook(_load_labml_experts)
+            self._labml_key_hooks = True
+        return self
+
+    def unstack_experts_(self) -> "SwitchFeedForward":
+        """Move the experts into ``n_experts`` separate :class:`FeedForward`
+        modules, in place (new Parameters: build the optimizer afterwards).
+        Returns ``self``."""
+        if not self.stacked:
+            return self
+        experts = nn.ModuleList(expert.as_feed_forward() for expert in self.experts)
+        for name, _, _ in _STACKED_TENSORS:
+            del self._parameters[name]
+        del self.expert_spec
+        self._modules["experts"] = experts
+        return self
+
+    def extra_repr(self) -> str:
+        if not self.stacked:
+            return ""
+        spec = self.expert_spec
+        return (f"n_experts={self.n_experts}, d_ff={self.w1.shape[1]}, activation={spec.activation!r}, "
+                f"is_gated={spec.is_gated}, dropout={spec.dropout.p} (stacked experts)")
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """``x`` ``[L, B, D]``. Returns
@@ -150,27 +230,36 @@ class SwitchFeedForward(nn.Module):
 
     def hidden_dropout_p(self, training: bool) -> float:
         """The experts' hidden-activation dropout probability in training (0 in eval mode)."""
-        return float(_member(self.experts[0], "dropout").p) if training else 0.0
+        if not training:
+            return 0.0
+        return float(self.expert_spec.dropout.p if self.stacked else _member(self.experts[0], "dropout").p)
 
     def _unfusable_reason(self, training: bool) -> Optional[str]:
+        if self.stacked:
+            # one activation and one dropout for all experts by construction
+            return _activation_reason(self.expert_spec.activation)
         first = self.experts[0]
         if not all(hasattr(first, name) for name in ("layer1", "layer2", "activation", "dropout", "is_gated")):
             return "the experts are not FeedForward modules (layer1, activation, dropout, layer2); use labml's"
+        reason = _activation_reason(first.activation)
+        if reason is not None:
+            return reason
         activation = _activation_name(first.activation)
-        if activation is None:
-            return (f"activation {first.activation!r} has no fused kernel; use nn.ReLU, exact nn.GELU, nn.SiLU, "
-                    "nn.Sigmoid or nn.Identity")
         layout = _expert_layout(first)
         dropout_p = _member(first, "dropout").p
         for expert in self.experts:
             if _expert_layout(expert) != layout or _activation_name(_member(expert, "activation")) != activation:
-                return "the experts differ in activation, gating or biases; give them all the same"
+                return "the experts differ in activation, gating, biases or shapes; give them all the same"
             if training and _member(expert, "dropout").p != dropout_p:
                 return "the experts' dropout probabilities differ (training mode); give them all the same p"
         return None
 
-    def _fused_weights(self) -> Tuple[str, List[Optional[List[torch.Tensor]]]]:
-        """Activation name and the per-expert ``w1, b1, w2, b2, w_gate, b_gate`` lists (None when absent)."""
+    def _fused_weights(self) -> Tuple[str, list]:
+        """Activation name and ``w1, b1, w2, b2, w_gate, b_gate``: stacked
+        Parameters, or per-expert lists (None when absent)."""
+        if self.stacked:
+            return (_activation_name(self.expert_spec.activation),
+                    [self._parameters[name] for name, _, _ in _STACKED_TENSORS])
         first = self.experts[0]
         linears = [("layer1", "weight"), ("layer1", "bias"), ("layer2", "weight"), ("layer2", "bias")]
         if first.is_gated:
@@ -181,6 +270,151 @@ class SwitchFeedForward(nn.Module):
             weights.append([_member(_member(e, layer), name) for e in self.experts] if present else None)
         weights += [None] * (6 - len(weights))
         return _activation_name(first.activation), weights
+
+
+# stacked Parameter name, labml FeedForward submodule and its tensor
+_STACKED_TENSORS = (("w1", "layer1", "weight"), ("b1", "layer1", "bias"), ("w2", "layer2", "weight"),
+                    ("b2", "layer2", "bias"), ("w_gate", "linear_v", "weight"), ("b_gate", "linear_v", "bias"))
+
+
+class ExpertSpec:
+    """What the stacked experts share besides their weights: activation, dropout and gating."""
+
+    def __init__(self, activation: nn.Module, dropout: nn.Module, is_gated: bool):
+        self.activation, self.dropout, self.is_gated = activation, dropout, is_gated
+
+    @classmethod
+    def of(cls, experts) -> "ExpertSpec":
+        """The spec of ``experts`` (labml FeedForward modules); ValueError naming
+        the first expert that cannot share one stacked layout with expert 0."""
+        first = experts[0]
+        missing = [n for n in ("layer1", "layer2", "activation", "dropout", "is_gated") if not hasattr(first, n)]
+        if missing:
+            raise ValueError(f"cannot stack the experts: expert 0 is not a FeedForward (no {', '.join(missing)})")
+        if first.is_gated and not hasattr(first, "linear_v"):
+            raise ValueError("cannot stack the experts: expert 0 is gated but has no linear_v")
+        shapes = _tensor_shapes(first)
+        for index, expert in enumerate(experts):
+            problem = None
+            if _tensor_shapes(expert) != shapes:
+                problem = f"tensor shapes {_tensor_shapes(expert)} differ from expert 0's {shapes}"
+            elif type(expert.activation) is not type(first.activation) or \
+                    getattr(expert.activation, "approximate", None) != getattr(first.activation, "approximate", None):
+                problem = f"activation {expert.activation!r} differs from expert 0's {first.activation!r}"
+            elif expert.dropout.p != first.dropout.p:
+                problem = f"dropout p={expert.dropout.p} differs from expert 0's p={first.dropout.p}"
+            if problem is not None:
+                raise ValueError(f"cannot stack the experts: expert {index}'s {problem}; stacked experts share "
+                                 "one layout (or convert with stacked_experts=False)")
+        return cls(first.activation, first.dropout, bool(first.is_gated))
+
+
+def _tensor_shapes(expert: nn.Module) -> dict:
+    shapes = {}
+    for _, layer, kind in _STACKED_TENSORS:
+        if layer == "linear_v" and not expert.is_gated:
+            continue
+        tensor = _member(_member(expert, layer), kind)
+        shapes[f"{layer}.{kind}"] = None if tensor is None else tuple(tensor.shape)
+    return shapes
+
+
+class _ExpertLinear:
+    """``weight`` and ``bias`` of one expert's linear layer, views into the stacked Parameters."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class StackedExpert:
+    """Expert ``e`` of a stacked :class:`SwitchFeedForward`, shaped like labml's
+    FeedForward: ``layer1``, ``layer2`` (and ``linear_v`` when gated) with
+    ``weight``/``bias`` views of the stacked Parameters (in-place writes reach
+    them), ``activation``, ``dropout``, ``is_gated``; calling it runs that
+    expert's FFN (dropout follows the owning module's training mode)."""
+
+    def __init__(self, owner: SwitchFeedForward, e: int):
+        p = owner._parameters
+        row = lambda name: None if p[name] is None else p[name][e]  # noqa: E731
+        spec = owner.expert_spec
+        self.training = owner.training
+        self.activation, self.dropout, self.is_gated = spec.activation, spec.dropout, spec.is_gated
+        self.layer1 = _ExpertLinear(row("w1"), row("b1"))
+        self.layer2 = _ExpertLinear(row("w2"), row("b2"))
+        if spec.is_gated:
+            self.linear_v = _ExpertLinear(row("w_gate"), row("b_gate"))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation(self.layer1(x))
+        if self.is_gated:
+            hidden = hidden * self.linear_v(x)
+        return self.layer2(F.dropout(hidden, self.dropout.p, self.training))
+
+    def as_feed_forward(self) -> FeedForward:
+        """A :class:`FeedForward` module holding a copy of this expert's weights (new Parameters)."""
+        layer1, layer2 = self.layer1, self.layer2
+        gate = getattr(self, "linear_v", None)
+        module = FeedForward(layer1.in_features, layer1.out_features, self.dropout.p, activation=self.activation,
+                             is_gated=self.is_gated, bias1=layer1.bias is not None, bias2=layer2.bias is not None,
+                             bias_gate=gate is not None and gate.bias is not None)
+        module = module.to(device=layer1.weight.device, dtype=layer1.weight.dtype)
+        with torch.no_grad():
+            for name, source in (("layer1", layer1), ("layer2", layer2), ("linear_v", gate)):
+                if source is not None:
+                    getattr(module, name).weight.copy_(source.weight)
+                    if source.bias is not None:
+                        getattr(module, name).bias.copy_(source.bias)
+        return module
+
+
+class StackedExperts:
+    """``module.experts`` of a stacked :class:`SwitchFeedForward`: a read-only
+    sequence of :class:`StackedExpert` views."""
+
+    def __init__(self, owner: SwitchFeedForward):
+        self._owner = owner
+
+    def __len__(self) -> int:
+        return self._owner.w1.shape[0]
+
+    def __getitem__(self, index: int) -> StackedExpert:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"expert index {index} out of range for {len(self)} experts")
+        return StackedExpert(self._owner, index % len(self))
+
+    def __iter__(self) -> Iterator[StackedExpert]:
+        return (self[e] for e in range(len(self)))
+
+
+def _save_experts_as_labml(module: SwitchFeedForward, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the stacked Parameters saved under labml's keys, in labml's order."""
+    if not module.stacked:
+        return
+    own = [key for key in state_dict if key.startswith(prefix) and key[len(prefix):].split(".")[0] in
+           {"switch", *[name for name, _, _ in _STACKED_TENSORS]}]
+    values = {key: state_dict.pop(key) for key in own}
+    for e in range(module.n_experts):
+        for name, layer, kind in _STACKED_TENSORS:
+            if prefix + name in values:
+                state_dict[f"{prefix}experts.{e}.{layer}.{kind}"] = values[prefix + name][e]
+    for key, value in values.items():
+        if key[len(prefix):].startswith("switch."):
+            state_dict[key] = value
+
+
+def _load_labml_experts(module: SwitchFeedForward, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: labml's per-expert entries stacked into the Parameters' keys."""
+    if not module.stacked:
+        return
+    for name, layer, kind in _STACKED_TENSORS:
+        keys = [f"{prefix}experts.{e}.{layer}.{kind}" for e in range(module.n_experts)]
+        if module._parameters.get(name) is not None and all(key in state_dict for key in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
 
 
 def _member(module: nn.Module, name: str):
@@ -198,6 +432,13 @@ def _member(module: nn.Module, name: str):
 _ACTIVATION_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
 
 
+def _activation_reason(activation: nn.Module) -> Optional[str]:
+    if _activation_name(activation) is None:
+        return (f"activation {activation!r} has no fused kernel; use nn.ReLU, exact nn.GELU, nn.SiLU, "
+                "nn.Sigmoid or nn.Identity")
+    return None
+
+
 def _activation_name(activation: nn.Module) -> Optional[str]:
     if type(activation) is nn.GELU:
         return "gelu" if activation.approximate == "none" else None
@@ -205,10 +446,8 @@ def _activation_name(activation: nn.Module) -> Optional[str]:
 
 
 def _expert_layout(expert: nn.Module) -> tuple:
-    gate = getattr(expert, "linear_v", None) if expert.is_gated else None
-    return (expert.is_gated, _member(_member(expert, "layer1"), "bias") is not None,
-            _member(_member(expert, "layer2"), "bias") is not None,
-            gate is not None and _member(gate, "bias") is not None)
+    """Gating, and each tensor's shape (None for an absent bias)."""
+    return (expert.is_gated, *_tensor_shapes(expert).values())
 
 
 def load_balancing_loss(counts: torch.Tensor, route_prob_sum: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -23,10 +23,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DROP_POLICIES = ("labml", "deterministic")
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-# Expert weights are lists of per-expert tensors (an empty list: no bias / no
-# gate) so that modules holding one nn.Linear per expert pass their parameters
-# as they are: no stacking copy per call on CPU, and each gradient lands in its
-# own tensor (the Triton launchers stack them, see triton_kernel).
+# The op's expert weights are lists of per-expert tensors (an empty list: no
+# bias / no gate) so that modules holding one nn.Linear per expert pass their
+# parameters as they are: no stacking copy per call on CPU, and each gradient
+# lands in its own tensor (the Triton launchers stack them, see triton_kernel).
+# Stacked [E, ...] weights reach the kernels as their E row views and enter
+# autograd once (see _FlatSwitchMLP).
 KERNELS = ("reference", "cpp", "triton")
 
 lib.define(
@@ -302,16 +304,22 @@ class _FlatSwitchMLP(torch.autograd.Function):
     as one flat argument tuple. Under torch.compile the registered autograd is
     used (see :func:`switch_mlp`).
 
+    ``layout`` says how each of the six weight groups sits in ``flat_weights``:
+    ``STACKED`` (one ``[E, ...]`` tensor, e.g. a stacked Parameter: the node
+    has one input per tensor kind whatever E, the kernels get its E row views
+    and the E gradients come back as one ``[E, ...]`` tensor) or the number of
+    per-expert tensors (0 when absent).
+
     ``kernels`` is the (forward, backward) pair to run: the registered ops, or
     the Triton launchers themselves for CPU tensors under the interpreter
     (which the ops' CPU dispatch would send to the C++ kernels)."""
 
     @staticmethod
-    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, dropout_args, group_sizes, *flat_weights):
-        groups = _split_groups(flat_weights, group_sizes)
+    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, dropout_args, layout, *flat_weights):
+        groups = _expand_groups(flat_weights, layout)
         y, hidden = kernels[0](x, order, offsets, kept, *groups, scale, activation, *dropout_args)
         ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *flat_weights)
-        ctx.kernels, ctx.activation, ctx.dropout_args, ctx.group_sizes = kernels, activation, dropout_args, group_sizes
+        ctx.kernels, ctx.activation, ctx.dropout_args, ctx.layout = kernels, activation, dropout_args, layout
         return y
 
     @staticmethod
@@ -319,11 +327,46 @@ class _FlatSwitchMLP(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, order, offsets, kept, scale, hidden, *flat_weights = ctx.saved_tensors
         grad_x, *grad_groups, grad_scale = ctx.kernels[1](
-            grad_y.contiguous(), x, order, offsets, kept, *_split_groups(flat_weights, ctx.group_sizes), scale,
+            grad_y.contiguous(), x, order, offsets, kept, *_expand_groups(flat_weights, ctx.layout), scale,
             hidden, ctx.activation, *ctx.dropout_args
         )
-        return (None, grad_x, None, None, None, grad_scale, None, None, None,
-                *[grad for group in grad_groups for grad in group])
+        grad_weights = []
+        for size, grads in zip(ctx.layout, grad_groups):
+            grad_weights += [restack(grads)] if size == STACKED else list(grads)
+        return (None, grad_x, None, None, None, grad_scale, None, None, None, *grad_weights)
+
+
+STACKED = -1
+
+
+def _expand_groups(flat: Sequence[torch.Tensor], layout: Sequence[int]) -> list:
+    """The six weight groups as lists of per-expert tensors, from ``flat`` laid out as ``layout`` says."""
+    groups, start = [], 0
+    for size in layout:
+        if size == STACKED:
+            groups.append(list(flat[start].unbind(0)))
+            start += 1
+        else:
+            groups.append(list(flat[start : start + size]))
+            start += size
+    return groups
+
+
+def restack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, without the copy when they already are the
+    consecutive ``[E, ...]`` rows of one contiguous buffer (kernels that
+    allocate their per-expert gradients in one block)."""
+    first = tensors[0]
+    step = first.numel()
+    contiguous_rows = all(
+        t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() == first.storage_offset() + i * step
+        for i, t in enumerate(tensors)
+    )
+    if first.is_contiguous() and contiguous_rows:
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack(list(tensors))
 
 
 def _kernels(backend: str, device: torch.device) -> tuple:
@@ -397,24 +440,35 @@ def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w
     every tensor's shape, dtype and device; the Triton launchers trust them.
     Follows autocast and draws the dropout's ``(seed, offset)`` as
     :func:`switch_mlp` does."""
-    groups = expert_lists(w1, b1, w2, b2, w_gate, b_gate)
-    x, scale, *groups = _autocast.cast(x.device.type, x, scale, *groups)
-    d_ff = groups[0][0].shape[0]
+    weights = (w1, b1, w2, b2, w_gate, b_gate)
+    x, scale, *weights = _autocast.cast(x.device.type, x, scale, *weights)
+    d_ff = w1.shape[-2] if isinstance(w1, torch.Tensor) else w1[0].shape[0]
     seed, offset = dropout.draw("switch_mlp", dropout_p, (x.shape[0], d_ff), x.device, seed=seed)
     dropout_args = (dropout_p, seed, offset)
-    args = (x, routing.order, routing.offsets, routing.kept, *groups, scale, activation, *dropout_args)
     if backend == "reference":
-        return naive.switch_mlp(*args)[0]
-    groups = [[w.contiguous() for w in group] for group in groups]
+        return naive.switch_mlp(x, routing.order, routing.offsets, routing.kept, *expert_lists(*weights), scale,
+                                activation, *dropout_args)[0]
     kernels = _kernels(backend, x.device)
     if torch.compiler.is_compiling():
         if kernels[0] is not torch.ops.fastformers.switch_mlp:
             raise NotImplementedError("the Triton switch kernels run on CPU tensors (interpreter) only in eager mode")
+        groups = [[w.contiguous() for w in group] for group in expert_lists(*weights)]
         return torch.ops.fastformers.switch_mlp(
             x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation,
             *dropout_args
         )[0]
+    # stacked weights enter the autograd node as they are (one input per tensor
+    # kind, gradients come back stacked); lists as their tensors
+    layout, flat = [], []
+    for group in weights:
+        if isinstance(group, torch.Tensor):
+            layout.append(STACKED)
+            flat.append(group.contiguous())
+        else:
+            group = [] if group is None else [w.contiguous() for w in group]
+            layout.append(len(group))
+            flat += group
     return _FlatSwitchMLP.apply(
         kernels, x.contiguous(), routing.order, routing.offsets, routing.kept, scale.contiguous(), activation,
-        dropout_args, [len(group) for group in groups], *[w for group in groups for w in group]
+        dropout_args, tuple(layout), *flat
     )
