@@ -361,9 +361,8 @@ def training_results(device: str, min_time: float, dry_run: bool = False) -> Lis
     """``fastformers bench training``'s measurement (labml_nn against the
     converted model, alternating, dropout 0/0.1, float32/bf16 autocast) with
     the TFLOP/s of labml_nn's step, counted by torch's FlopCounterMode once per
-    size. Each configuration that raises is recorded with its error and the
-    others still run (``training_benchmark.training_results`` would stop at
-    the first). The dry run times one tiny Transformer-XL."""
+    size. Each configuration that raises, on either side, is recorded with its
+    error and the others still run. The dry run times one tiny Transformer-XL."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = []
@@ -374,8 +373,8 @@ def training_results(device: str, min_time: float, dry_run: bool = False) -> Lis
             for precision in training_benchmark.PRECISIONS:
                 row = dict(model=size.model, size=label, dropout=dropout, precision=precision)
                 try:
-                    labml, fused = training_benchmark._models(size, dropout, device)
-                    steps = [training_benchmark._step_fn(model, size, precision, device) for model in (labml, fused)]
+                    labml, fused = training_benchmark.models(size, dropout, device)
+                    steps = [training_benchmark.step_fn(model, size, precision, device) for model in (labml, fused)]
                     if flops is None:
                         with FlopCounterMode(display=False) as counter:
                             steps[0]()
