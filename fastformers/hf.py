@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend
-from .ops.switch.op import KERNELS as SWITCH_KERNELS, Routing, switch_mlp_on
+from .nn.switch import choose_switch_backend, switch_backend
+from .ops.switch.op import Routing, switch_mlp_on
 
 HF_SPARSE_MLP = "SwitchTransformersSparseMLP"
 
@@ -182,26 +182,16 @@ class FusedSwitchSparseMLP(nn.Module):
         """The backend :meth:`forward` would use on ``device`` (in training or
         eval mode: the same here), and why when that is ``"reference"``. Raises
         ValueError when a fused backend is requested for an activation without kernel."""
-        requested = self.backend if self.backend is not None else _backend.forced_backend()
-        name = _backend.resolve_backend(device, requested, implemented=SWITCH_KERNELS)
-        if name == "reference":
-            if requested == "reference":
-                return name, "backend 'reference' was requested"
-            return name, (f"no fused switch kernel for {device.type} tensors in this installation (backends: "
-                          f"{', '.join(_backend.available_backends())})")
-        if _activation_name(self.act) is None:
-            reason = (f"activation {type(self.act).__name__} has no fused kernel; use dense_act_fn 'relu', 'gelu', "
-                      "'silu', 'swish', 'sigmoid' or 'linear'")
-            if requested is not None:
-                raise ValueError(f"FusedSwitchSparseMLP backend {name!r} cannot run these experts: {reason}")
-            return "reference", reason
-        return name, None
+        def unfusable_reason() -> Optional[str]:
+            if _activation_name(self.act) is not None:
+                return None
+            return (f"activation {type(self.act).__name__} has no fused kernel; use dense_act_fn 'relu', 'gelu', "
+                    "'silu', 'swish', 'sigmoid' or 'linear'")
+
+        return switch_backend(self, device, unfusable_reason)
 
     def _choose_backend(self, device: torch.device) -> str:
-        name, reason = self.fused_backend(device, self.training)
-        if name == "reference" and self.backend is None and _backend.forced_backend() is None:
-            _backend.warn_fallback(self, reason)
-        return name
+        return choose_switch_backend(self, device)
 
 
 def _routing(selected: torch.Tensor, routing_weights: torch.Tensor) -> Tuple[Routing, torch.Tensor]:

@@ -4,7 +4,7 @@ FFNs and a router that sends every token to exactly one of them.
 Shape letters: ``L`` sequence length, ``B`` batch, ``N = L * B`` tokens,
 ``E`` experts, ``D`` = ``d_model``.
 """
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -207,26 +207,10 @@ class SwitchFeedForward(nn.Module):
         (``training=True``) or eval mode, without running it, and why when that
         is ``"reference"`` (None otherwise). Raises the ValueError forward
         raises when a fused backend is requested for experts it cannot run."""
-        requested = self.backend if self.backend is not None else _backend.forced_backend()
-        name = _backend.resolve_backend(device, requested, implemented=SWITCH_KERNELS)
-        if name == "reference":
-            if requested == "reference":
-                return name, "backend 'reference' was requested"
-            return name, (f"no fused switch kernel for {device.type} tensors in this installation (backends: "
-                          f"{', '.join(_backend.available_backends())})")
-        reason = self._unfusable_reason(training)
-        if reason is None:
-            return name, None
-        if requested is not None:
-            raise ValueError(f"SwitchFeedForward backend {name!r} cannot run these experts: {reason}")
-        return "reference", reason
+        return switch_backend(self, device, lambda: self._unfusable_reason(training))
 
     def _choose_backend(self, device: torch.device) -> str:
-        """:meth:`fused_backend` for this forward, warning when the automatic choice is the reference."""
-        name, reason = self.fused_backend(device, self.training)
-        if name == "reference" and self.backend is None and _backend.forced_backend() is None:
-            _backend.warn_fallback(self, reason)
-        return name
+        return choose_switch_backend(self, device)
 
     def hidden_dropout_p(self, training: bool) -> float:
         """The experts' hidden-activation dropout probability in training (0 in eval mode)."""
@@ -415,6 +399,36 @@ def _load_labml_experts(module: SwitchFeedForward, state_dict, prefix, local_met
         keys = [f"{prefix}experts.{e}.{layer}.{kind}" for e in range(module.n_experts)]
         if module._parameters.get(name) is not None and all(key in state_dict for key in keys):
             state_dict[prefix + name] = torch.stack([state_dict.pop(key) for key in keys])
+
+
+def switch_backend(module: nn.Module, device: torch.device,
+                   unfusable_reason: Callable[[], Optional[str]]) -> Tuple[str, Optional[str]]:
+    """``(backend, reason)`` of a Switch module (``SwitchFeedForward`` or the
+    Hugging Face drop-in) whose ``backend`` attribute is ``module.backend``:
+    the resolved backend, or the reference with why (``unfusable_reason()``
+    for experts the kernels cannot run). A fused backend requested for such
+    experts raises ValueError."""
+    requested = module.backend if module.backend is not None else _backend.forced_backend()
+    name = _backend.resolve_backend(device, requested, implemented=SWITCH_KERNELS)
+    if name == "reference":
+        if requested == "reference":
+            return name, "backend 'reference' was requested"
+        return name, (f"no fused switch kernel for {device.type} tensors in this installation (backends: "
+                      f"{', '.join(_backend.available_backends())})")
+    reason = unfusable_reason()
+    if reason is None:
+        return name, None
+    if requested is not None:
+        raise ValueError(f"{type(module).__name__} backend {name!r} cannot run these experts: {reason}")
+    return "reference", reason
+
+
+def choose_switch_backend(module: nn.Module, device: torch.device) -> str:
+    """``module.fused_backend`` for its next forward, warning once when the automatic choice is the reference."""
+    name, reason = module.fused_backend(device, module.training)
+    if name == "reference" and module.backend is None and _backend.forced_backend() is None:
+        _backend.warn_fallback(module, reason)
+    return name
 
 
 def _member(module: nn.Module, name: str):
