@@ -23,9 +23,11 @@
 
 #include <array>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
+#include "activations.h"
 #include "feedback_step.h"
 #include "philox.h"
 
@@ -51,9 +53,7 @@ constexpr const char* kFieldNames[kNumFields] = {
 constexpr bool kOptionalField[kNumFields] = {false, false, false, false, false, false, false, true, false,
                                              false, false, true,  false, true,  true,  true,  true};
 
-// recurrence.ACTIVATION_FUNCTIONS
-enum class FFActivation { kReLU, kGELU, kSiLU, kSigmoid, kIdentity };
-constexpr const char* kActivationNames[] = {"relu", "gelu", "silu", "sigmoid", "identity"};
+using FFActivation = activations::Activation;
 
 template <typename T>
 struct LayerPtrs {
@@ -112,58 +112,20 @@ void apply_dropout(const philox::Dropout& drop, T* x, int64_t len, uint8_t* keep
   for (int64_t k = 0; k < len; ++k) x[k] = keep[k] ? x[k] * scale : T(0);
 }
 
-// out = act(x) over len elements (the switch outside the loops, so each vectorises).
+// out = act(x) over len elements (the dispatch outside the loop, so it vectorises).
 template <typename T>
 void activate(FFActivation a, const T* x, T* out, int64_t len) {
-  switch (a) {
-    case FFActivation::kReLU:
-      for (int64_t k = 0; k < len; ++k) out[k] = x[k] > T(0) ? x[k] : T(0);
-      break;
-    case FFActivation::kGELU:
-      for (int64_t k = 0; k < len; ++k) out[k] = T(0.5) * x[k] * (T(1) + std::erf(x[k] * T(M_SQRT1_2)));
-      break;
-    case FFActivation::kSiLU:
-      for (int64_t k = 0; k < len; ++k) out[k] = x[k] / (T(1) + std::exp(-x[k]));
-      break;
-    case FFActivation::kSigmoid:
-      for (int64_t k = 0; k < len; ++k) out[k] = T(1) / (T(1) + std::exp(-x[k]));
-      break;
-    case FFActivation::kIdentity:
-      if (out != x) std::memcpy(out, x, len * sizeof(T));
-      break;
-  }
+  activations::dispatch(a, [&](auto act) {
+    for (int64_t k = 0; k < len; ++k) out[k] = activations::activate<decltype(act)::value>(x[k]);
+  });
 }
 
 // grad[k] *= act'(x[k]).
 template <typename T>
 void activation_backward(FFActivation a, const T* x, T* grad, int64_t len) {
-  switch (a) {
-    case FFActivation::kReLU:
-      for (int64_t k = 0; k < len; ++k) grad[k] = x[k] > T(0) ? grad[k] : T(0);
-      break;
-    case FFActivation::kGELU: {
-      const T inv_sqrt_2pi = T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-      for (int64_t k = 0; k < len; ++k) {
-        const T cdf = T(0.5) * (T(1) + std::erf(x[k] * T(M_SQRT1_2)));
-        grad[k] *= cdf + x[k] * inv_sqrt_2pi * std::exp(T(-0.5) * x[k] * x[k]);
-      }
-      break;
-    }
-    case FFActivation::kSiLU:
-      for (int64_t k = 0; k < len; ++k) {
-        const T sig = T(1) / (T(1) + std::exp(-x[k]));
-        grad[k] *= sig * (T(1) + x[k] * (T(1) - sig));
-      }
-      break;
-    case FFActivation::kSigmoid:
-      for (int64_t k = 0; k < len; ++k) {
-        const T sig = T(1) / (T(1) + std::exp(-x[k]));
-        grad[k] *= sig * (T(1) - sig);
-      }
-      break;
-    case FFActivation::kIdentity:
-      break;
-  }
+  activations::dispatch(a, [&](auto act) {
+    for (int64_t k = 0; k < len; ++k) grad[k] = activations::activation_grad<decltype(act)::value>(x[k], grad[k]);
+  });
 }
 
 // The parameter at `index`, undefined when None (List::get returns a copy).
@@ -207,14 +169,9 @@ Dims check_common(const char* op, const at::Tensor& x_like, const at::Tensor& kv
   n.F = first_w1.size(0);
   n.P = first_pos_emb.size(0);
   n.gated = param_at(params, kGateWeight).defined();
-  bool known_activation = false;
-  for (int64_t a = 0; a < 5; ++a) {
-    if (activation == kActivationNames[a]) {
-      n.activation = static_cast<FFActivation>(a);
-      known_activation = true;
-    }
-  }
-  TORCH_CHECK(known_activation, op, ": activation must be relu, gelu, silu, sigmoid or identity, got ", activation);
+  const std::optional<FFActivation> known = activations::find(activation);
+  TORCH_CHECK(known.has_value(), op, ": activation must be relu, gelu, silu, sigmoid or identity, got ", activation);
+  n.activation = *known;
   TORCH_CHECK(dropout_p.empty() || static_cast<int64_t>(dropout_p.size()) == 3 * n.N, op,
               ": dropout_p must be empty or hold 3 per layer (", 3 * n.N, "), got ", dropout_p.size());
   for (double p : dropout_p) TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1), got ", p);

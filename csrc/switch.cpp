@@ -12,6 +12,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "activations.h"
 #include "cpu_utils.h"
 #include "philox.h"
 
@@ -29,79 +30,21 @@
 namespace fastformers {
 namespace {
 
-enum class Activation { kRelu, kGelu, kSilu, kSigmoid, kIdentity };
-
-Activation parse_activation(c10::string_view name) {
-  if (name == "relu") return Activation::kRelu;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "silu") return Activation::kSilu;
-  if (name == "sigmoid") return Activation::kSigmoid;
-  if (name == "identity") return Activation::kIdentity;
-  TORCH_CHECK_VALUE(false, "switch_mlp: activation must be one of 'relu', 'gelu', 'silu', 'sigmoid', 'identity', got '",
-                    std::string(name), "'");
-}
-
-template <typename T>
-inline T sigmoid(T h) {
-  return T(1) / (T(1) + cpu::exp_of(-h));
-}
-
-template <Activation A, typename T>
-inline T activate(T h) {
-  if constexpr (A == Activation::kRelu) {
-    return h > T(0) ? h : T(0);
-  } else if constexpr (A == Activation::kGelu) {
-    return T(0.5) * h * (T(1) + std::erf(h * T(M_SQRT1_2)));
-  } else if constexpr (A == Activation::kSilu) {
-    return h * sigmoid(h);
-  } else if constexpr (A == Activation::kSigmoid) {
-    return sigmoid(h);
-  } else {
-    return h;
-  }
-}
-
-template <Activation A, typename T>
-inline T activate_derivative(T h) {
-  if constexpr (A == Activation::kRelu) {
-    return h > T(0) ? T(1) : T(0);  // 0 at h = 0, as torch's relu backward
-  } else if constexpr (A == Activation::kGelu) {
-    const T inv_sqrt_2pi = T(0.5 * M_2_SQRTPI * M_SQRT1_2);
-    return T(0.5) * (T(1) + std::erf(h * T(M_SQRT1_2))) + h * inv_sqrt_2pi * std::exp(T(-0.5) * h * h);
-  } else if constexpr (A == Activation::kSilu) {
-    const T s = sigmoid(h);
-    return s * (T(1) + h * (T(1) - s));
-  } else if constexpr (A == Activation::kSigmoid) {
-    const T s = sigmoid(h);
-    return s * (T(1) - s);
-  } else {
-    return T(1);
-  }
-}
+using activations::Activation;
+using activations::activate;
+using activations::activation_grad;
 
 // Calls body(activation, gated) with both as compile-time constants, so the
 // elementwise loops carry no per-element branch.
 template <typename Body>
 void with_activation(Activation activation, bool gated, const Body& body) {
-  auto with_gate = [&](auto act) {
+  activations::dispatch(activation, [&](auto act) {
     if (gated) {
       body(act, std::true_type{});
     } else {
       body(act, std::false_type{});
     }
-  };
-  switch (activation) {
-    case Activation::kRelu:
-      return with_gate(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kGelu:
-      return with_gate(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kSilu:
-      return with_gate(std::integral_constant<Activation, Activation::kSilu>{});
-    case Activation::kSigmoid:
-      return with_gate(std::integral_constant<Activation, Activation::kSigmoid>{});
-    case Activation::kIdentity:
-      return with_gate(std::integral_constant<Activation, Activation::kIdentity>{});
-  }
+  });
 }
 
 void check_tensor(const at::Tensor& tensor, const char* name, int64_t expert, at::IntArrayRef shape,
@@ -213,7 +156,10 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
   check_inputs(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "switch_mlp: dropout_p must be in [0, 1), got ", dropout_p);
   Problem p;
-  p.activation = parse_activation(activation);
+  const std::optional<Activation> known = activations::find(activation);
+  TORCH_CHECK_VALUE(known.has_value(), "switch_mlp: activation must be one of 'relu', 'gelu', 'silu', 'sigmoid', "
+                    "'identity', got '", std::string(activation), "'");
+  p.activation = *known;
   p.dropout = philox::Dropout{dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
   p.x = x.contiguous();
   p.scale = scale.to(at::toOpMathType(x.scalar_type())).contiguous();
@@ -565,11 +511,11 @@ FASTFORMERS_VECTOR_CLONES void activation_backward_rows(const T* __restrict__ hi
         a[j] = act * v;
         dot += grad_activated * act * v;
         grad_gate[i * d_ff + j] = s * grad_activated * act;
-        gp[j] = s * grad_activated * v * activate_derivative<A>(h[j]);
+        gp[j] = activation_grad<A>(h[j], s * grad_activated * v);
       } else {
         a[j] = act;
         dot += grad_activated * act;
-        gp[j] = s * grad_activated * activate_derivative<A>(h[j]);
+        gp[j] = activation_grad<A>(h[j], s * grad_activated);
       }
     }
     if (keep) multiply_row(a, keep, d_ff);
