@@ -64,6 +64,16 @@ inline int blas_int(int64_t value, const char* name) {
   return static_cast<int>(value);
 }
 
+// The sizes and leading dimensions of one GEMM call, each checked by blas_int.
+struct BlasDims {
+  int m, n, k, lda, ldb, ldc;
+};
+
+inline BlasDims blas_dims(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  return {blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), blas_int(lda, "lda"), blas_int(ldb, "ldb"),
+          blas_int(ldc, "ldc")};
+}
+
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C with op(A) [m, k] and
 // op(B) [k, n]; lda/ldb/ldc are the row strides of A, B, C as stored.
 // beta = 0 ignores C's previous contents (NaN included), as BLAS does.
@@ -78,16 +88,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
   // Column-major BLAS sees a row-major X as X^T: C^T = op(B)^T op(A)^T.
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int im = blas_int(m, "m"), in = blas_int(n, "n"), ik = blas_int(k, "k");
-  const int ilda = blas_int(lda, "lda"), ildb = blas_int(ldb, "ldb"), ildc = blas_int(ldc, "ldc");
+  const BlasDims d = blas_dims(m, n, k, lda, ldb, ldc);
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
-      sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      sgemm_(&tb, &ta, &d.n, &d.m, &d.k, &alpha, b, &d.ldb, a, &d.lda, &beta, c, &d.ldc);
       return;
     }
   } else {
     if (dgemm_ != nullptr) {
-      dgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+      dgemm_(&tb, &ta, &d.n, &d.m, &d.k, &alpha, b, &d.ldb, a, &d.lda, &beta, c, &d.ldc);
       return;
     }
   }

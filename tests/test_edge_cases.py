@@ -193,3 +193,24 @@ def test_compressive_refuses_unusable_segments_the_same_way_on_every_backend(bac
     loss = ffnn.AttentionReconstructionLoss(model.layers)
     with fastformers.use_backend(backend), pytest.raises(ValueError, match=message.replace("x", "h")):
         loss([torch.randn(shape)] * 2, [torch.randn(4, 2, 8)] * 2)
+
+
+BLAS_DIM_NAMES = ("m", "n", "k", "lda", "ldb", "ldc")
+
+
+@pytest.mark.skipif("cpp" not in fastformers.available_backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize("name", BLAS_DIM_NAMES)
+@pytest.mark.parametrize("value", [2**31, 2**40, -1])
+def test_every_gemm_size_and_stride_is_checked_before_narrowing_to_int(name, value):
+    # every C++ GEMM passes its sizes and row strides through this check; a
+    # tensor (or a view's stride) past 2^31 cannot be allocated in a test
+    dims = dict(zip(BLAS_DIM_NAMES, (3, 4, 5, 6, 7, 8)))
+    assert torch.ops.fastformers._blas_dims(*dims.values()) == list(dims.values())
+    dims[name] = value
+    with pytest.raises(RuntimeError, match=rf"GEMM {name} = {value} does not fit the BLAS int"):
+        torch.ops.fastformers._blas_dims(*dims.values())
+
+
+@pytest.mark.skipif("cpp" not in fastformers.available_backends(), reason="needs the C++ extension")
+def test_the_largest_blas_int_is_accepted():
+    assert torch.ops.fastformers._blas_dims(2**31 - 1, 1, 1, 1, 1, 1)[0] == 2**31 - 1
