@@ -49,9 +49,8 @@ finite_float = _number(float)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import _backend, benchmark
-
-    from . import lm_benchmark, training_benchmark
+    from . import _backend, benchmarks
+    from .benchmarks import lm, timing, training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,8 +58,8 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if device == "cuda" or args.dry_run:
         return _bench_cuda(args, dtype)
-    ops = args.ops or sorted(benchmark.ALL_CASES)
-    choices = sorted(benchmark.ALL_CASES) + sorted(lm_benchmark.LM_FAMILIES) + ["training"]
+    ops = args.ops or sorted(benchmarks.ALL_CASES)
+    choices = sorted(benchmarks.ALL_CASES) + sorted(lm.LM_FAMILIES) + ["training"]
     unknown = [op for op in ops if op not in choices]
     if unknown:
         print(f"unknown op(s) {unknown}; choose from {choices}", file=sys.stderr)
@@ -73,27 +72,27 @@ def _bench(args: argparse.Namespace) -> int:
     results = []
     for op in ops:
         if op == "training":
-            print(f"training: {training_benchmark.__doc__.splitlines()[0]}")
-            training = training_benchmark.training_results(device, min_time=max(args.min_time, 1.0),
-                                                          large=args.large)
-            print(training_benchmark.format_training_table(training) + "\n", flush=True)
-            results += training
+            print(f"training: {training.__doc__.splitlines()[0]}")
+            training_rows = training.training_results(device, min_time=max(args.min_time, 1.0),
+                                                      large=args.large)
+            print(training.format_training_table(training_rows) + "\n", flush=True)
+            results += training_rows
             continue
-        if op in lm_benchmark.LM_FAMILIES:
-            print(f"{op}: {lm_benchmark.describe()}")
-            lm_results = lm_benchmark.LM_FAMILIES[op](device, min_time=max(args.min_time, 1.0))
-            print(lm_benchmark.format_lm_table(lm_results) + "\n", flush=True)
+        if op in lm.LM_FAMILIES:
+            print(f"{op}: {lm.describe()}")
+            lm_results = lm.LM_FAMILIES[op](device, min_time=max(args.min_time, 1.0))
+            print(lm.format_lm_table(lm_results) + "\n", flush=True)
             results += lm_results
             continue
-        make_cases = benchmark.ALL_CASES[op]
+        make_cases = benchmarks.ALL_CASES[op]
         options = {"large": True} if args.large and "large" in inspect.signature(make_cases).parameters else {}
         cases = make_cases(device, dtype, **options)
         if not args.large:
-            cases = benchmark.quick_cases(cases)
-        op_results = benchmark.run(cases, device, min_time=args.min_time)
-        print(benchmark.format_table(op_results) + "\n", flush=True)
+            cases = timing.quick_cases(cases)
+        op_results = timing.run(cases, device, min_time=args.min_time)
+        print(timing.format_table(op_results) + "\n", flush=True)
         if op == "feedback_model":
-            print(benchmark.feedback_model_report(op_results, dtype) + "\n", flush=True)
+            print(benchmarks.feedback.feedback_model_report(op_results, dtype) + "\n", flush=True)
         results += op_results
     if args.json:
         with open(args.json, "w") as handle:
@@ -103,7 +102,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_cuda(args: argparse.Namespace, dtype: torch.dtype) -> int:
-    from . import gpu_bench
+    from .benchmarks import gpu
     from .triton_utils import interpreter_enabled
 
     if args.dry_run and args.device != "cuda":
@@ -116,18 +115,18 @@ def _bench_cuda(args: argparse.Namespace, dtype: torch.dtype) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("fastformers bench --device cuda: no CUDA GPU here (--dry-run rehearses it on CPU)", file=sys.stderr)
         return 2
-    ops = args.ops or list(gpu_bench.DEFAULT_ORDER)
+    ops = args.ops or list(gpu.DEFAULT_ORDER)
     try:
-        gpu_bench.check_ops(ops)
+        gpu.check_ops(ops)
     except ValueError as error:
         print(f"fastformers bench: {error}", file=sys.stderr)
         return 2
-    environment = ", ".join(f"{key} {value}" for key, value in gpu_bench.environment().items() if value)
+    environment = ", ".join(f"{key} {value}" for key, value in gpu.environment().items() if value)
     print(f"fastformers bench --device cuda{' (dry run: CPU, Triton interpreter, tiny shapes)' if args.dry_run else ''}: "
           f"{environment}")
     print("times are medians in one run; x: the first row's time / this row's; TFLOP/s from analytic FLOPs "
-          "(fastformers.gpu_bench.work)\n", flush=True)
-    gpu_bench.bench(ops, dtype, args.min_time, dry_run=args.dry_run, json_path=args.json)
+          "(fastformers.benchmarks.gpu.work)\n", flush=True)
+    gpu.bench(ops, dtype, args.min_time, dry_run=args.dry_run, json_path=args.json)
     if args.json:
         print(f"wrote {args.json}")
     return 0
