@@ -146,8 +146,12 @@ def _bench_cuda(args: argparse.Namespace, dtype: torch.dtype) -> int:
 @functools.cache
 def field_docs(cls) -> Dict[str, str]:
     """Each field's documentation in the source of dataclass ``cls``: the comment lines right
-    above the field, else the comment at the end of its line."""
-    lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    above the field, else the comment at the end of its line (none without the source: an
+    install of bytecode only)."""
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    except OSError:
+        return {}
     docs = {}
     for node in ast.parse("\n".join(lines)).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
@@ -172,15 +176,15 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: set[str],
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = str(field.type).replace("Optional[", "").rstrip("]")
-        help = field_docs(cls)[field.name]
+        documentation = field_docs(cls).get(field.name)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=documentation)
         elif field.name in (choices or {}):
-            parser.add_argument(flag, choices=choices[field.name], default=None, help=help)
+            parser.add_argument(flag, choices=choices[field.name], default=None, help=documentation)
         else:
             # ranges are the dataclasses' own checks, run before any work (_check_configs)
             parser.add_argument(flag, type={"int": _number(int), "float": finite_float}.get(kind, str), default=None,
-                                help=help)
+                                help=documentation)
 
 
 def _train(args: argparse.Namespace) -> int:
