@@ -735,12 +735,13 @@ class RunReport:
         self.window_losses: List[float] = []
         self.window_start = time.perf_counter()
         self.metrics = self.tensorboard = self.bar = None
-        self.log = trainer.log
+        self.trainer_log = trainer.log
         if trainer.rank != 0:
             return
-        self.metrics = _open_metrics(trainer.out / METRICS_NAME, trainer.step)
         if config.tensorboard:
             require_tensorboard()
+        self.metrics = _open_metrics(trainer.out / METRICS_NAME, trainer.step)
+        if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run overwrites what the interrupted one logged past its checkpoint
@@ -753,7 +754,7 @@ class RunReport:
         try:
             from tqdm import tqdm
         except ImportError:
-            self.log(f"no progress bar: tqdm is not installed ({plot.INSTALL_HINT})")
+            self.trainer_log(f"no progress bar: tqdm is not installed ({plot.INSTALL_HINT})")
             return None
         return tqdm(total=self.trainer.config.steps, initial=self.trainer.step, unit="step", file=sys.stderr,
                     dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
@@ -769,7 +770,7 @@ class RunReport:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.trainer.log = self.log
+        self.trainer.log = self.trainer_log
         for resource in (self.bar, self.tensorboard, self.metrics):
             if resource is not None:
                 resource.close()

@@ -264,3 +264,22 @@ def test_without_matplotlib_the_run_says_why_there_is_no_curve(text_path, tmp_pa
     trainer.run(progress=False)
     assert not (tmp_path / "loss.png").exists()
     assert any("matplotlib is not installed" in line and "fastformers[train]" in line for line in lines)
+
+
+def test_without_tqdm_a_terminal_run_says_why_there_is_no_bar(text_path, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_tqdm(name, *args, **kwargs):
+        if name == "tqdm":
+            raise ImportError("No module named 'tqdm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_tqdm)
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    lines = []
+    trainer = tiny_trainer("xl", text_path, tmp_path, steps=1)
+    trainer.log = lines.append
+    trainer.run(progress=True)
+    assert any("tqdm is not installed" in line for line in lines) and sys.stderr.getvalue() == ""
