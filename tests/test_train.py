@@ -178,6 +178,8 @@ def test_bad_precision_and_device_are_rejected():
         default_train_config("xl", precision="fp8")
     with pytest.raises(ValueError, match="device"):
         default_train_config("xl", device="tpu")
+    with pytest.raises(ValueError, match="log_interval"):
+        default_train_config("xl", log_interval=0)
 
 
 def test_metrics_jsonl_every_log_step_and_resume_appends(text_path, tmp_path):
