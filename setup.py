@@ -7,6 +7,8 @@ builds with AddressSanitizer and UndefinedBehaviorSanitizer (see the README's
 """
 import glob
 import os
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -31,6 +33,17 @@ if os.environ.get("FASTFORMERS_BUILD_EXT", "1") != "0":
             py_limited_api=False,
         )
     )
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+
+    class BuildExtensionInBuildDir(BuildExtension.with_options(use_ninja=True)):
+        """Compiles in build/temp.PLATFORM-PYTHON, setuptools' usual place, for every kind of build.
+        pip's editable install would compile in a temporary directory it then deletes; a fixed one
+        lets every later build (a non-editable install, a wheel, ``build_ext --inplace``) recompile
+        only what changed, since ninja is incremental."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+    cmdclass["build_ext"] = BuildExtensionInBuildDir
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -56,7 +56,7 @@ timeout -s INT -k 15 "$bench_limit" "$python" -m fastformers.cli bench --device 
 bench_exit=$?
 
 echo "== report"
-"$python" -m fastformers.gpu_bench report "$out/gpu_check.json" "$out/cuda_suite.xml" "$out/bench.json" \
+"$python" -m fastformers.benchmarks.gpu report "$out/gpu_check.json" "$out/cuda_suite.xml" "$out/bench.json" \
     "$suite_exit" "$bench_exit"
 echo "gpu_check JSON: $out/gpu_check.json"
 [ "$suite_exit" = 0 ] && [ "$bench_exit" = 0 ]

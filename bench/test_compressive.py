@@ -5,11 +5,11 @@ labml's experiment configuration, ours vs labml_nn."""
 import pytest
 import torch
 
-from fastformers import benchmark as bench_cases
+from fastformers.benchmarks import compressive, timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = bench_cases.conv_compress_cases(DEVICE) + bench_cases.attention_reconstruction_loss_cases(DEVICE)
-BACKENDS = ["reference", *bench_cases.fused_backends(DEVICE), bench_cases.COMPILED_REFERENCE]
+CASES = compressive.conv_compress_cases(DEVICE) + compressive.attention_reconstruction_loss_cases(DEVICE)
+BACKENDS = ["reference", *timing.fused_backends(DEVICE), timing.COMPILED_REFERENCE]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -27,13 +27,13 @@ def test_forward_backward(benchmark, case, backend):
     benchmark(forward_backward)
 
 
-FUSED = bench_cases.fused_backends(DEVICE)
-STEP_IMPLEMENTATIONS = ["labml_nn", *FUSED, *map(bench_cases.CompressiveTrainingStep.without_rel_attention, FUSED)]
+FUSED = timing.fused_backends(DEVICE)
+STEP_IMPLEMENTATIONS = ["labml_nn", *FUSED, *map(compressive.CompressiveTrainingStep.without_rel_attention, FUSED)]
 
 
 @pytest.mark.parametrize("implementation", STEP_IMPLEMENTATIONS)
 def test_compressive_training_step(benchmark, implementation):
     pytest.importorskip("labml_nn")
-    step = bench_cases.compressive_training_step(implementation, DEVICE)
-    benchmark.group = f"Compressive training step {bench_cases.CompressiveTrainingStep().label()}"
+    step = compressive.compressive_training_step(implementation, DEVICE)
+    benchmark.group = f"Compressive training step {compressive.CompressiveTrainingStep().label()}"
     benchmark.pedantic(step, rounds=5, warmup_rounds=2)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from fastformers import benchmark
+from fastformers.benchmarks import feedback, timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = benchmark.feedback_memory_cases(DEVICE)
-BACKENDS = ["reference", *benchmark.fused_backends(DEVICE)]
+CASES = feedback.feedback_memory_cases(DEVICE)
+BACKENDS = ["reference", *timing.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

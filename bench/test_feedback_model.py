@@ -4,14 +4,14 @@ FASTFORMERS_BENCH_LARGE=1 (about 30 s per labml forward+backward)."""
 import pytest
 import torch
 
-from fastformers import benchmark as cases
+from fastformers.benchmarks import feedback, timing
 
 pytest.importorskip("labml_nn")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = cases.feedback_model_cases(DEVICE) + cases.feedback_attention_step_cases(DEVICE)
+CASES = feedback.feedback_model_cases(DEVICE) + feedback.feedback_attention_step_cases(DEVICE)
 # The baseline (labml_nn's module, or the op's reference) then the fused backends.
-RUNS = [(case, backend) for case in CASES for backend in (case.baseline, *cases.fused_backends(DEVICE))]
+RUNS = [(case, backend) for case in CASES for backend in (case.baseline, *timing.fused_backends(DEVICE))]
 
 
 @pytest.mark.parametrize("case,backend", RUNS,
@@ -33,7 +33,5 @@ def test_forward_backward(benchmark, case, backend):
 
 def test_cached_generation(benchmark):
     """256 new tokens, ours cached vs labml_nn recomputing the prefix; tokens/s in extra_info."""
-    from fastformers.benchmark import generation_tokens_per_s
-
-    gen = benchmark.pedantic(generation_tokens_per_s, rounds=1)
+    gen = benchmark.pedantic(feedback.generation_tokens_per_s, rounds=1)
     benchmark.extra_info.update(gen)

@@ -3,11 +3,11 @@ backends; plus one TransformerXL training step, ours vs labml_nn."""
 import pytest
 import torch
 
-from fastformers import benchmark as bench_cases
+from fastformers.benchmarks import timing, xl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = bench_cases.rel_attention_cases(DEVICE)
-BACKENDS = ["reference", bench_cases.COMPILED_REFERENCE, *bench_cases.fused_backends(DEVICE)]
+CASES = xl.rel_attention_cases(DEVICE)
+BACKENDS = ["reference", timing.COMPILED_REFERENCE, *timing.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -23,15 +23,15 @@ def test_forward_backward(benchmark, case, backend):
     benchmark.pedantic(forward_backward, rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("implementation", ["labml_nn", *bench_cases.fused_backends(DEVICE)])
+@pytest.mark.parametrize("implementation", ["labml_nn", *timing.fused_backends(DEVICE)])
 def test_transformer_xl_training_step(benchmark, implementation):
     pytest.importorskip("labml_nn")
-    step = bench_cases.transformer_xl_step(implementation, DEVICE)
+    step = xl.transformer_xl_step(implementation, DEVICE)
     benchmark.group = "TransformerXL training step L=128 M=128 B=32 d_model=128 H=4 layers=6"
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", *bench_cases.fused_backends(DEVICE),
+@pytest.mark.parametrize("backend", ["reference", *timing.fused_backends(DEVICE),
                                      *CASES[0].forward_only_peers])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.shape.replace(" ", ","))
 def test_forward(benchmark, case, backend):

@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from fastformers import benchmark
+from fastformers.benchmarks import switch, timing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = benchmark.switch_cases(DEVICE, large=os.environ.get("FASTFORMERS_BENCH_LARGE") == "1")
-IMPLEMENTATIONS = [CASES[0].baseline, *CASES[0].peers, *benchmark.fused_backends(DEVICE)]
+CASES = switch.switch_cases(DEVICE, large=os.environ.get("FASTFORMERS_BENCH_LARGE") == "1")
+IMPLEMENTATIONS = [CASES[0].baseline, *CASES[0].peers, *timing.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

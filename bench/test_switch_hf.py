@@ -2,18 +2,18 @@
 ``fastformers.convert`` (switch-base-8 widths, random weights, nothing
 downloaded): the sparse MLP alone forward+backward, and the whole
 ``SwitchTransformersForConditionalGeneration`` eval forward and training step
-(see :func:`fastformers.benchmark.switch_hf_cases`). The Switch FFN against
+(see :func:`fastformers.benchmarks.switch.switch_hf_cases`). The Switch FFN against
 the dense FFN, ``grouped_mm`` and labml_nn is ``bench/test_switch.py``."""
 import pytest
 import torch
 
-from fastformers import benchmark
+from fastformers.benchmarks import switch, timing
 
 pytest.importorskip("transformers")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = benchmark.switch_hf_cases(DEVICE)
-IMPLEMENTATIONS = ["hf", *benchmark.fused_backends(DEVICE)]
+CASES = switch.switch_hf_cases(DEVICE)
+IMPLEMENTATIONS = ["hf", *timing.fused_backends(DEVICE)]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

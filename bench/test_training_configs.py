@@ -1,13 +1,13 @@
 """Each model's training forward+backward, labml_nn against fastformers.convert
 of it, with dropout 0 and 0.1, in float32 and under bfloat16 autocast, under
 pytest-benchmark (``fastformers bench training`` prints the same comparison
-with its ratios). Sizes: :data:`fastformers.training_benchmark.SIZES`."""
+with its ratios). Sizes: :data:`fastformers.benchmarks.training.SIZES`."""
 import pytest
 import torch
 
-from fastformers import lm_benchmark, training_benchmark as tb
+from fastformers.benchmarks import lm, training as tb
 
-pytestmark = pytest.mark.skipif(not lm_benchmark.labml_available(), reason="needs labml_nn")
+pytestmark = pytest.mark.skipif(not lm.labml_available(), reason="needs labml_nn")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [size for size in tb.SIZES if not size.large]

@@ -7,7 +7,7 @@
    mma.sync, HGMMA = Hopper wgmma), atomics (RED/REDG/ATOM/ATOMG/ATOMS) and
    CUDA-core FMAs (FFMA, DFMA).
 2. A roofline MODEL of every ``fastformers bench --device cuda`` shape: analytic
-   FLOPs and bytes (``fastformers.gpu_bench.work``) and the ideal H100 time at
+   FLOPs and bytes (``fastformers.benchmarks.gpu.work``) and the ideal H100 time at
    its peaks. Computed, not measured.
 
 Exits 1 if any kernel fails to compile, spills registers or exceeds the shared
@@ -78,19 +78,19 @@ _PEAK_OF_DTYPE = {"bfloat16": "bf16_tensor_tflops", "float32": "fp32_tflops"}
 
 def roofline() -> list[dict]:
     """One modelled line per (op, GPU benchmark shape, dtype, pass)."""
-    from . import gpu_bench
+    from .benchmarks import gpu
 
     lines = []
-    for op, shapes in gpu_bench.SHAPES.items():
+    for op, shapes in gpu.SHAPES.items():
         for shape in shapes:
             for dtype, element_bytes in (("bfloat16", 2), ("float32", 4)):
-                model = gpu_bench.work(op, shape, element_bytes)
-                peak = gpu_bench.H100_PEAKS[_PEAK_OF_DTYPE[dtype]]
+                model = gpu.work(op, shape, element_bytes)
+                peak = gpu.H100_PEAKS[_PEAK_OF_DTYPE[dtype]]
                 for name, flops, moved in (("fwd", model.forward_flops, model.forward_bytes),
                                            ("fwd+bwd", model.forward_backward_flops, model.forward_backward_bytes)):
                     compute_s = flops / (peak * 1e12)
-                    memory_s = moved / (gpu_bench.H100_PEAKS["hbm_tb_s"] * 1e12)
-                    lines.append(dict(op=op, shape=gpu_bench._label(op, shape), dtype=dtype, passes=name,
+                    memory_s = moved / (gpu.H100_PEAKS["hbm_tb_s"] * 1e12)
+                    lines.append(dict(op=op, shape=gpu._label(op, shape), dtype=dtype, passes=name,
                                       flops=flops, bytes=moved, peak_tflops=peak,
                                       compute_us=compute_s * 1e6, memory_us=memory_s * 1e6,
                                       ideal_us=max(compute_s, memory_s) * 1e6,
@@ -99,14 +99,14 @@ def roofline() -> list[dict]:
 
 
 def format_roofline(lines: list[dict]) -> str:
-    from .gpu_bench import H100_PEAKS
+    from .benchmarks.gpu import H100_PEAKS
 
     header = ("op", "shape", "dtype", "pass", "GFLOP", "MB", "FLOP/B", "ideal us", "bound")
     rows = [(line["op"], line["shape"], line["dtype"], line["passes"], f"{line['flops'] / 1e9:.3f}",
              f"{line['bytes'] / 1e6:.2f}", f"{line['flops'] / line['bytes']:.1f}", f"{line['ideal_us']:.2f}",
              f"{line['bound']} ({line['peak_tflops']:g} TFLOP/s)" if line["bound"] == "compute" else "memory")
             for line in lines]
-    title = (f"ROOFLINE MODEL, not a measurement: analytic FLOPs and bytes (fastformers.gpu_bench.work) at H100 SXM "
+    title = (f"ROOFLINE MODEL, not a measurement: analytic FLOPs and bytes (fastformers.benchmarks.gpu.work) at H100 SXM "
              f"peaks ({H100_PEAKS['bf16_tensor_tflops']:g} TFLOP/s dense bf16, {H100_PEAKS['fp32_tflops']:g} fp32 "
              f"CUDA-core for the IEEE float32 kernels, {H100_PEAKS['hbm_tb_s']:g} TB/s)")
     return title + "\n" + _aligned(header, rows)

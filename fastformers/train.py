@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import json
 import math
 import os
 import pickle
@@ -26,21 +27,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _backend, distributed
+from . import _backend, distributed, plot
 from .data import Corpus, DataError, RankSlice, SequentialBatches, ShuffledBatches, load_corpus
 from .models import LanguageModel, ModelConfig, build_model, default_model_config
 from .nn import CompressiveMemory
-from .plot import line_chart_png
 
 CHECKPOINT_FORMAT = "fastformers-lm-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
 LOSS_CURVE_NAME = "loss.png"
+METRICS_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 LOCK_NAME = ".fastformers-train.lock"
 BACKEND_CHOICES = ("fused", "reference")
-# What :meth:`Trainer.save` writes and :meth:`Trainer.resume` reads ("world_size" and "ranks"
-# came later and have defaults).
+DEVICE_CHOICES = ("cpu", "cuda")
+PRECISION_CHOICES = ("fp32", "bf16")
+# What :meth:`Trainer.save` writes and :meth:`Trainer.resume` reads ("world_size", "ranks" and
+# "elapsed_s" came later and have defaults).
 CHECKPOINT_KEYS = ("train_config", "model_config", "vocab", "model", "optimizer", "scheduler", "data", "memory",
                    "step", "history", "rng")
 
@@ -49,26 +53,49 @@ CHECKPOINT_KEYS = ("train_config", "model_config", "vocab", "model", "optimizer"
 class TrainConfig:
     """How to train; ``MODEL_TRAIN_DEFAULTS`` gives each model labml's experiment values."""
 
+    # the language model: one of MODEL_NAMES
     model: str
+    # UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once into the cache)
     data: Optional[str] = None
+    # output directory: checkpoint.pt, best.pt, loss.png, metrics.jsonl (default: runs/MODEL)
     out: Optional[str] = None
+    # optimizer steps to train for
     steps: int = 5000
-    time_limit: Optional[float] = None  # minutes; stops (and saves) early when reached
+    time_limit: Optional[float] = None  # stop (validate, save) after this many minutes
+    # characters per sequence (per segment for the models that carry memory)
     seq_len: int = 64
+    # sequences per step (per process under torchrun)
     batch_size: int = 32
+    # noam: Adam with labml's Noam schedule (d_model^-0.5 warm-up then decay, times lr); adamw: AdamW, linear warm-up
     optimizer: str = "noam"
+    # peak learning rate (for noam: the multiplier of its schedule)
     lr: float = 1.0
+    # optimizer steps of the learning-rate warm-up
     warmup: int = 2000
+    # decoupled weight decay (AdamW), L2 penalty (noam's Adam)
     weight_decay: float = 0.0
+    # largest gradient norm; larger gradients are scaled down to it
     grad_clip: float = 1.0
+    # steps between two validations
     eval_interval: int = 100
+    # validation batches per evaluation (the same ones every time)
     eval_batches: int = 10
+    # steps between two writes of checkpoint.pt
     checkpoint_interval: int = 500
     # consecutive steps with a non-finite loss or gradient norm (each skipped) before the run stops
     max_bad_steps: int = 10
+    # seed of the weights, the batch order and dropout
     seed: int = 0
+    # fused: the fastest kernels available; reference: every op on its plain-PyTorch path
     backend: str = "fused"
+    # cpu or cuda (default: cuda when a GPU is available); the checkpoint records the device used
     device: Optional[str] = None
+    # fp32, or bf16: forward and loss under torch.autocast(device, bfloat16), weights and optimizer in float32
+    precision: str = "fp32"
+    # steps between two records of OUT/metrics.jsonl (and of TensorBoard's scalars)
+    log_interval: int = 10
+    # also write the metrics as TensorBoard scalars under OUT/tensorboard (needs the tensorboard package)
+    tensorboard: bool = False
     # Under torchrun: shard the Switch experts over the ranks instead of replicating them.
     expert_parallel: bool = False
     dist_timeout: float = distributed.DEFAULT_TIMEOUT  # seconds a rank waits for the others in a collective
@@ -76,10 +103,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in ("noam", "adamw"):
             raise ValueError(f"optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
-        if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        for name, choices in (("backend", BACKEND_CHOICES), ("device", (None, *DEVICE_CHOICES)),
+                              ("precision", PRECISION_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval",
-                     "warmup", "max_bad_steps"):
+                     "warmup", "max_bad_steps", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name, low, strict in (("lr", 0.0, True), ("grad_clip", 0.0, True), ("weight_decay", 0.0, False),
@@ -340,6 +369,10 @@ class Trainer:
             raise ValueError("--expert-parallel needs several processes: launch with "
                              f"torchrun --nproc_per_node N -m fastformers.cli train {config.model} --expert-parallel")
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device cuda: no CUDA GPU is available to torch {torch.__version__} here")
+        # the checkpoint records the device chosen, so that a resumed run keeps it
+        self.config = config = dataclasses.replace(config, device=self.device.type)
         self.out = Path(config.out or f"runs/{config.model}")
         if self.rank == 0:
             prepare_output_dir(self.out)
@@ -363,6 +396,9 @@ class Trainer:
         # "skipped": the steps whose update was skipped for a non-finite loss or gradient norm
         self.history: Dict[str, List] = {"train": [], "valid": [], "skipped": []}
         self.consecutive_bad_steps = 0
+        # wall seconds of the run's earlier processes (resumed runs) and the start of this one's
+        self.elapsed_before = 0.0
+        self.running_since: Optional[float] = None
 
     def _distribute(self) -> DistributedDataParallel:
         """Check that every rank runs the same configuration, shard the experts (expert
@@ -402,7 +438,8 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {path} was written by a run of {saved_world_size} process(es); resume it with as "
                 f"many (torchrun --nproc_per_node {saved_world_size}), not {world_size}")
-        allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend", "dist_timeout"}
+        allowed = {"steps", "time_limit", "eval_interval", "checkpoint_interval", "out", "backend", "dist_timeout",
+                   "log_interval", "tensorboard"}
         saved = payload["train_config"]
         changed = {k: v for k, v in train_overrides.items() if v is not None and v != saved.get(k)}
         if set(changed) - allowed:
@@ -424,6 +461,7 @@ class Trainer:
         trainer.batches.load_state_dict(payload["data"])
         trainer.memory = _memory_from_saved(rank_state["memory"], trainer.model, trainer.device)
         trainer.step = payload["step"]
+        trainer.elapsed_before = payload.get("elapsed_s", 0.0)
         trainer.history = {"skipped": [], **payload["history"]}
         torch.set_rng_state(rank_state["rng"]["torch"])
         random.setstate(rank_state["rng"]["python"])
@@ -451,9 +489,10 @@ class Trainer:
             self.memory = None
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         with backend_context(self.config.backend):
-            output = self.train_model(inputs, self.memory)
-            loss = cross_entropy(output.logits, targets)
-            total = loss if output.aux_loss is None else loss + output.aux_loss
+            with self.autocast():
+                output = self.train_model(inputs, self.memory)
+                loss = cross_entropy(output.logits, targets)
+                total = loss if output.aux_loss is None else loss + output.aux_loss
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
         if self.expert_names:
@@ -478,6 +517,12 @@ class Trainer:
         self.scheduler.step()
         self.memory = output.memory
         return mean_loss
+
+    def autocast(self):
+        """The precision context of the forward pass and the loss: bf16 autocast, or nothing (fp32)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -510,7 +555,7 @@ class Trainer:
         # Some models draw random numbers in evaluation too (Switch token dropping): keep
         # them off the training stream so evaluating never changes the training run.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            with backend_context(self.config.backend):
+            with backend_context(self.config.backend), self.autocast():
                 for _ in range(min(self.config.eval_batches, len(batches))):
                     inputs, targets = next(batches)
                     output = self.model(inputs.to(self.device), memory)
@@ -569,8 +614,14 @@ class Trainer:
             "rng": rank_state["rng"],
             "world_size": self.world_size,
             "ranks": ranks,
+            "elapsed_s": self.elapsed_s(),
         }, path)
         return path
+
+    def elapsed_s(self) -> float:
+        """Wall seconds this run has trained, over every process that continued it."""
+        running = time.monotonic() - self.running_since if self.running_since is not None else 0.0
+        return self.elapsed_before + running
 
     def _out_of_time(self, deadline: float) -> bool:
         """Past ``deadline`` on any rank (so that all ranks stop at the same step)."""
@@ -595,7 +646,10 @@ class Trainer:
         valid_points = [(step, per_bit * nats) for step, nats in self.history["valid"] if math.isfinite(nats)]
         if not train_points and not valid_points:
             return None
-        png = line_chart_png({"train": train_points, "valid": valid_points}, "step", "bits/char")
+        if not plot.available():
+            self.log(f"no loss curve: matplotlib is not installed ({plot.INSTALL_HINT})")
+            return None
+        png = plot.line_chart_png({"train": train_points, "valid": valid_points}, "step", "bits/char")
         atomic_write(path, lambda handle: handle.write(png))
         return path
 
@@ -604,13 +658,15 @@ class Trainer:
         and ``best.pt`` whenever the validation loss improves) and drawing the loss curve; returns
         the history. Holds the lock of ``out`` throughout (rank 0)."""
         with OutputLock(self.out) if self.rank == 0 else contextlib.nullcontext():
-            return self._run(progress)
+            try:
+                return self._run(progress)
+            finally:
+                self.elapsed_before, self.running_since = self.elapsed_s(), None
 
     def _run(self, progress: bool) -> Dict[str, List]:
         config = self.config
-        deadline = time.monotonic() + 60 * config.time_limit if config.time_limit else math.inf
-        tokens_per_step = config.seq_len * config.batch_size * self.world_size
-        live = progress and sys.stderr.isatty() and self.rank == 0
+        self.running_since = time.monotonic()
+        deadline = self.running_since + 60 * config.time_limit if config.time_limit else math.inf
         if self.step == 0:
             ranks = ""
             if self.distributed:
@@ -618,38 +674,155 @@ class Trainer:
             self.log(f"{config.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters"
                      f"{' on rank 0' if config.expert_parallel else ''}, vocabulary {self.model_config.n_tokens}, "
                      f"{self.corpus.train.numel():,} training characters, backend {config.backend} on "
-                     f"{self.device}{ranks}")
-        # Throughput over the steps since the last report (evaluation excluded).
-        report_start, report_steps = time.perf_counter(), 0
-        while self.step < config.steps:
-            loss = self.train_step()
-            self.history["train"].append(loss)
-            report_steps += 1
-            tokens_per_second = report_steps * tokens_per_step / (time.perf_counter() - report_start)
-            if live:
-                done = self.step / config.steps
-                bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                sys.stderr.write(f"\r[{bar}] {self.step}/{config.steps} loss {loss:.3f} "
-                                 f"{tokens_per_second:,.0f} tok/s ")
-                sys.stderr.flush()
-            last = self.step == config.steps or self._out_of_time(deadline)
-            if self.step % config.eval_interval == 0 or last:
-                best = self.best_valid
-                valid = self.evaluate()
-                self.history["valid"].append((self.step, valid))
-                if valid < best:
-                    self.save(self.out / BEST_CHECKPOINT_NAME)
-                if live:
-                    sys.stderr.write("\n")
-                self.log(f"step {self.step}: train loss {loss:.4f}, valid loss {valid:.4f} nats = "
-                         f"{valid / math.log(2):.4f} bits/char, {tokens_per_second:,.0f} tokens/s")
-                report_start, report_steps = time.perf_counter(), 0
-            if self.step % config.checkpoint_interval == 0 or last:
-                self.save()
-            if last:
-                # decided once per step, so every rank leaves the loop at the same step
-                break
+                     f"{self.device} in {config.precision}{ranks}")
+        with RunReport(self, progress, deadline) as report:
+            while self.step < config.steps:
+                loss = self.train_step()
+                self.history["train"].append(loss)
+                report.step_done(loss)
+                last = self.step == config.steps or self._out_of_time(deadline)
+                evaluate = self.step % config.eval_interval == 0 or last
+                if evaluate or self.step % config.log_interval == 0:
+                    # measured before evaluating: the throughput of training alone
+                    tokens_per_second = report.tokens_per_second()
+                    valid = None
+                    if evaluate:
+                        best = self.best_valid
+                        valid = self.evaluate()
+                        self.history["valid"].append((self.step, valid))
+                        if valid < best:
+                            self.save(self.out / BEST_CHECKPOINT_NAME)
+                        self.log(f"step {self.step}: train loss {loss:.4f}, valid loss {valid:.4f} nats = "
+                                 f"{valid / math.log(2):.4f} bits/char, {tokens_per_second:,.0f} tokens/s")
+                    report.record(tokens_per_second, valid)
+                if self.step % config.checkpoint_interval == 0 or last:
+                    self.save()
+                if last:
+                    # decided once per step, so every rank leaves the loop at the same step
+                    break
         curve = self.write_loss_curve() if self.rank == 0 else None
         if curve is not None:
             self.log(f"checkpoint {self.out / CHECKPOINT_NAME}, loss curve {curve}")
         return self.history
+
+
+def require_tensorboard() -> None:
+    """Raise ValueError naming the missing package when ``torch.utils.tensorboard`` cannot be imported."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+class RunReport:
+    """What a run reports besides its log lines, written by rank 0 only (a no-op on the others):
+
+    - ``OUT/metrics.jsonl``: every ``log_interval`` steps and at every evaluation, one JSON object
+      per line (step, tokens, mean train loss since the last record, valid loss when evaluated,
+      learning rate, training tokens/s, elapsed seconds), flushed at once. A new run starts the
+      file afresh; a resumed one first drops the records past its checkpoint's step (those steps
+      are trained again), then appends.
+    - TensorBoard scalars under ``OUT/tensorboard`` when ``config.tensorboard``.
+    - a tqdm progress bar on stderr (loss, tokens/s, time left) when ``progress`` and stderr is a
+      terminal; the run's log lines are printed above it meanwhile.
+    """
+
+    def __init__(self, trainer: "Trainer", progress: bool, deadline: float):
+        self.trainer, self.deadline = trainer, deadline
+        config = trainer.config
+        self.tokens_per_step = config.seq_len * config.batch_size * trainer.world_size
+        self.first_step = trainer.step
+        self.window_losses: List[float] = []
+        self.window_start = time.perf_counter()
+        self.metrics = self.tensorboard = self.bar = None
+        self.trainer_log = trainer.log
+        if trainer.rank != 0:
+            return
+        if config.tensorboard:
+            require_tensorboard()
+        self.metrics = _open_metrics(trainer.out / METRICS_NAME, trainer.step)
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run overwrites what the interrupted one logged past its checkpoint
+            self.tensorboard = SummaryWriter(str(trainer.out / TENSORBOARD_DIR),
+                                             purge_step=trainer.step + 1 if trainer.step else None)
+        if progress and sys.stderr.isatty():
+            self.bar = self._progress_bar()
+
+    def _progress_bar(self):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.trainer_log(f"no progress bar: tqdm is not installed ({plot.INSTALL_HINT})")
+            return None
+        return tqdm(total=self.trainer.config.steps, initial=self.trainer.step, unit="step", file=sys.stderr,
+                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def __enter__(self) -> "RunReport":
+        if self.bar is not None:
+            # every log line of the run (steps skipped, checkpoints refused, ...) goes above the bar
+            def above_the_bar(line: str, log=self.trainer.log, bar=self.bar):
+                with bar.external_write_mode():
+                    log(line)
+
+            self.trainer.log = above_the_bar
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.trainer.log = self.trainer_log
+        for resource in (self.bar, self.tensorboard, self.metrics):
+            if resource is not None:
+                resource.close()
+
+    def tokens_per_second(self) -> float:
+        """Training throughput since the last record (evaluations excluded)."""
+        return len(self.window_losses) * self.tokens_per_step / (time.perf_counter() - self.window_start)
+
+    def step_done(self, loss: float) -> None:
+        self.window_losses.append(loss)
+        if self.bar is None:
+            return
+        trainer = self.trainer
+        # the time left: the remaining steps at this process's pace, or the time limit if sooner
+        pace = (time.monotonic() - trainer.running_since) / (trainer.step - self.first_step)
+        left = min((trainer.config.steps - trainer.step) * pace, self.deadline - time.monotonic())
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {self.tokens_per_second():,.0f} tok/s, "
+                                 f"left {self.bar.format_interval(max(left, 0))}", refresh=False)
+        self.bar.update(1)
+
+    def record(self, tokens_per_second: float, valid: Optional[float]) -> None:
+        """One metrics record at the current step; starts the next throughput window."""
+        trainer = self.trainer
+        finite = [loss for loss in self.window_losses if math.isfinite(loss)]
+        self.window_losses, self.window_start = [], time.perf_counter()
+        if trainer.rank != 0:
+            return
+        record = {"step": trainer.step, "tokens": trainer.step * self.tokens_per_step,
+                  "train_loss": sum(finite) / len(finite) if finite else None}
+        if valid is not None:
+            record["valid_loss"] = valid if math.isfinite(valid) else None  # JSON has no NaN
+        record.update(lr=trainer.optimizer.param_groups[0]["lr"], tokens_per_s=tokens_per_second,
+                      elapsed_s=trainer.elapsed_s())
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tensorboard is not None:
+            for name in ("train_loss", "valid_loss", "lr", "tokens_per_s"):
+                if record.get(name) is not None:
+                    self.tensorboard.add_scalar(name, record[name], trainer.step)
+            self.tensorboard.flush()
+
+
+def _open_metrics(path: Path, step: int):
+    """``path`` opened for appending the records after ``step`` (see :class:`RunReport`)."""
+    if step == 0 or not path.exists():
+        return open(path, "w", encoding="utf-8")
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
+    return open(path, "a", encoding="utf-8")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import fastformers
-from fastformers import gpu_bench
+from fastformers.benchmarks import gpu
 from fastformers.gpu_report import format_table
 from fastformers.testing.aot import SASS_OPCODES, collect_specs
 
@@ -141,5 +141,5 @@ def test_report_counts_sass_instructions_and_models_the_roofline(report):
     assert any(record["sass"]["HMMA"] + record["sass"]["HGMMA"] > 0 for record in records
                if record["kernel"].startswith("rel_attention") and "bf16" in record["kernel"]), format_table(records)
     assert "HMMA" in process.stdout and "ROOFLINE MODEL, not a measurement" in process.stdout, output
-    for op in gpu_bench.SHAPES:
+    for op in gpu.SHAPES:
         assert op in process.stdout.split("ROOFLINE MODEL")[1], op

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fastformers import gpu_bench
+from fastformers.benchmarks import gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT_S = 300
@@ -35,8 +35,8 @@ def test_gpu_check_dry_run(tmp_path):
     bench = report["bench"]
     assert bench["exit_code"] == 0 and bench["record"]["dry_run"], output
     rows = bench["record"]["ops"]
-    fused = {row["op"]: row for row in rows if row["backend"] == gpu_bench.FUSED}
-    assert set(fused) == set(gpu_bench.OPS), fused.keys()
+    fused = {row["op"]: row for row in rows if row["backend"] == gpu.FUSED}
+    assert set(fused) == set(gpu.OPS), fused.keys()
     failed = {op: row["error"] for op, row in fused.items() if row["error"]}
     assert not failed, failed
     assert all(row["forward_tflops"] is not None for row in fused.values())

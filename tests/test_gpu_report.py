@@ -3,7 +3,7 @@ the SASS instruction count and the roofline model (the compiled report
 itself is checked by tests/test_aot.py)."""
 import pytest
 
-from fastformers import gpu_bench
+from fastformers.benchmarks import gpu
 from fastformers.gpu_report import format_roofline, roofline
 from fastformers.testing.aot import count_sass_opcodes
 
@@ -36,7 +36,7 @@ def test_sass_count_refuses_a_missing_function():
 
 def test_roofline_models_every_benchmark_shape():
     lines = roofline()
-    expected = {(op, gpu_bench._label(op, shape)) for op, shapes in gpu_bench.SHAPES.items() for shape in shapes}
+    expected = {(op, gpu._label(op, shape)) for op, shapes in gpu.SHAPES.items() for shape in shapes}
     assert {(line["op"], line["shape"]) for line in lines} == expected
     for line in lines:
         assert line["ideal_us"] == max(line["compute_us"], line["memory_us"]) > 0
@@ -46,8 +46,8 @@ def test_roofline_models_every_benchmark_shape():
 def test_attention_flops_count_the_causal_pairs():
     L, M, B, H, d = 5, 3, 2, 4, 8
     pairs = sum(1 for i in range(L) for j in range(L + M) if j <= M + i)
-    fused = gpu_bench.work("rel_attention", (L, M, B, H, d), 2)
-    anchor = gpu_bench.work("rel_attention", (L, M, B, H, d), 2, backend=gpu_bench.SDPA)
+    fused = gpu.work("rel_attention", (L, M, B, H, d), 2)
+    anchor = gpu.work("rel_attention", (L, M, B, H, d), 2, backend=gpu.SDPA)
     assert fused.forward_flops == 3 * 2 * pairs * B * H * d  # content, positional and value products
     assert anchor.forward_flops == 2 * 2 * pairs * B * H * d  # no positional term
     assert fused.forward_backward_flops > fused.forward_flops
@@ -55,4 +55,4 @@ def test_attention_flops_count_the_causal_pairs():
 
 def test_work_refuses_an_unknown_op():
     with pytest.raises(ValueError, match="no model"):
-        gpu_bench.work("no_such_op", (1,), 4)
+        gpu.work("no_such_op", (1,), 4)

@@ -38,25 +38,37 @@ MODEL_NAMES = ("xl", "compressive", "feedback", "switch")
 class ModelConfig:
     """Architecture of one language model; fields that a variant does not use are ignored."""
 
+    # the language model: one of MODEL_NAMES
     model: str
+    # vocabulary size (the text's distinct characters)
     n_tokens: int
+    # width of the embeddings and of every layer's input and output
     d_model: int = 128
+    # attention heads (d_model must be a multiple)
     heads: int = 4
+    # hidden width of the feed-forward layers
     d_ff: int = 256
+    # transformer layers
     n_layers: int = 6
+    # dropout probability of the attention weights, residual branches and feed-forward hidden layer
     dropout: float = 0.0
     # Transformer-XL and Compressive: memory steps kept per layer.
     mem_len: int = 32
-    # Compressive: compressed steps kept per layer and steps per compressed step.
+    # Compressive: compressed memory steps kept per layer.
     c_mem_len: int = 128
+    # Compressive: memory steps compressed into one.
     compression_rate: int = 4
     # Feedback: shared key/value projections (FeedbackTransformerKV) or the original.
     kv: bool = True
-    # Switch.
+    # Switch: experts per layer.
     n_experts: int = 4
+    # Switch: an expert's capacity is int(capacity_factor * tokens / n_experts) tokens.
     capacity_factor: float = 1.0
+    # Switch: tokens over an expert's capacity pass the layer unchanged (else every token is processed).
     drop_tokens: bool = False
+    # Switch: scale each expert's output by its routing probability.
     is_scale_prob: bool = True
+    # Switch: weight of the load-balancing loss added to the cross-entropy.
     load_balancing_coef: float = 0.01
 
     def __post_init__(self):

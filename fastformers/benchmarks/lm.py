@@ -15,9 +15,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from . import nn as ffnn
-from .models import MODEL_NAMES, build_model, default_model_config, labml_modules
-from .train import backend_context, cross_entropy
+from .. import nn as ffnn
+from ..models import MODEL_NAMES, build_model, default_model_config, labml_modules
+from ..train import backend_context, cross_entropy
+from .timing import markdown_table
 
 VOCAB = 65
 # Small enough to time on a CPU in seconds; the same for every model so rows compare.
@@ -132,11 +133,7 @@ def format_lm_table(results: List[LMResult]) -> str:
     header = ("family", "model", "variant", "device", "tokens/s", "x")
     rows = [(r.family, r.model, r.variant, r.device, f"{r.tokens_per_second:,.0f}", f"{r.speedup:.2f}")
             for r in results]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def describe() -> str:

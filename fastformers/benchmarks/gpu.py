@@ -36,12 +36,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import benchmark, training_benchmark
-from .benchmark import Case
-from .ops.compressive import naive as compressive_naive
-from .ops.compressive.op import attention_reconstruction_loss, conv_compress
-from .ops.feedback import naive as feedback_naive
-from .ops.feedback.step_op import feedback_attention_step
+from ..ops.compressive import naive as compressive_naive
+from ..ops.compressive.op import attention_reconstruction_loss, conv_compress
+from ..ops.feedback import naive as feedback_naive
+from ..ops.feedback.step_op import feedback_attention_step
+from . import training
+from .feedback import labml_feedback_memory
+from .switch import SwitchImplementations, grouped_mm_available
+from .timing import Case, labml_nn_available, markdown_table, time_case
+from .xl import FLEX_ATTENTION, flex_attention_available, run_rel_attention
 
 FUSED = "triton"
 SDPA = "sdpa (no positional term)"
@@ -72,7 +75,7 @@ OPS = tuple(SHAPES)
 # short by its time limit loses the cheapest ones.
 DEFAULT_ORDER = ("rel_attention", "switch", "training", "feedback_attention_step", "conv_compress",
                  "attention_reconstruction_loss", "feedback_memory")
-DRY_TRAINING_SIZE = training_benchmark.TrainingSize("xl", "dry run", 2, 2, dict(mem_len=2, d_model=32, heads=2, d_ff=64,
+DRY_TRAINING_SIZE = training.TrainingSize("xl", "dry run", 2, 2, dict(mem_len=2, d_model=32, heads=2, d_ff=64,
                                                                                n_layers=1))
 
 
@@ -179,13 +182,13 @@ def _rel_attention_cases(device, dtype, shapes, dry_run) -> List[Case]:
     """FlexAttention on the first shape only: compiling it costs tens of
     seconds per shape, out of the check's minutes."""
     peers = (SDPA,)
-    flex = () if dry_run or not benchmark._flex_attention_available() else (benchmark.FLEX_ATTENTION,)
+    flex = () if dry_run or not flex_attention_available() else (FLEX_ATTENTION,)
 
     def run(inputs, backend):
         if backend == SDPA:
             q, k, v = inputs[:3]
             return _sdpa(q, k, v, q.shape[-1] ** -0.5)
-        return benchmark._run_rel_attention(inputs, backend)
+        return run_rel_attention(inputs, backend)
 
     def maker(L, M, B, H, d):
         def make():
@@ -203,7 +206,7 @@ def _feedback_memory_cases(device, dtype, shapes, dry_run) -> List[Case]:
         return lambda: (torch.randn(L, B, D, device=device, dtype=dtype, requires_grad=True),
                         torch.randn(L, device=device, dtype=dtype, requires_grad=True))
 
-    return [Case("feedback_memory", _label("feedback_memory", shape), maker(*shape), benchmark._labml_feedback_memory,
+    return [Case("feedback_memory", _label("feedback_memory", shape), maker(*shape), labml_feedback_memory,
                  dtype) for shape in shapes]
 
 
@@ -272,12 +275,12 @@ def _reconstruction_loss_cases(device, dtype, shapes, dry_run) -> List[Case]:
 
 
 def _switch_cases(device, dtype, shapes, dry_run) -> List[Case]:
-    baseline = "labml_nn" if benchmark.labml_nn_available() else EXPERT_LOOP
-    peers = ["grouped_mm"] if benchmark.grouped_mm_available(device, dtype) else []
+    baseline = "labml_nn" if labml_nn_available() else EXPERT_LOOP
+    peers = ["grouped_mm"] if grouped_mm_available(device, dtype) else []
     peers += [EXPERT_LOOP, "dense"] if baseline != EXPERT_LOOP else ["dense"]
     cases = []
     for T, d, d_ff, E in shapes:
-        impl = benchmark._SwitchImplementations(T, d, d_ff, E, device, dtype)
+        impl = SwitchImplementations(T, d, d_ff, E, device, dtype)
         cases.append(Case("switch", _label("switch", (T, d, d_ff, E)), impl.make_inputs, impl.run, dtype,
                           baseline=baseline, peers=tuple(peers), zero_grad=impl.zero_grad))
     return cases
@@ -338,7 +341,7 @@ def run(cases: List[Case], device: str, min_time: float) -> List[GpuResult]:
         for backend, forward_only in timed:
             result = GpuResult(case.op, case.shape, dtype, backend, device)
             try:
-                fwd, fb, _ = benchmark.time_case(case, backend, min_time, forward_only=forward_only)
+                fwd, fb, _ = time_case(case, backend, min_time, forward_only=forward_only)
             except Exception as error:  # reported in the table and the JSON, not fatal
                 result.error = f"{type(error).__name__}: {error}"
                 results.append(result)
@@ -366,20 +369,20 @@ def training_results(device: str, min_time: float, dry_run: bool = False) -> Lis
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = []
-    for size in [DRY_TRAINING_SIZE] if dry_run else [s for s in training_benchmark.SIZES if not s.large]:
+    for size in [DRY_TRAINING_SIZE] if dry_run else [s for s in training.SIZES if not s.large]:
         label = f"{size.label} ({size.describe()})"
         flops = None
-        for dropout in training_benchmark.DROPOUTS:
-            for precision in training_benchmark.PRECISIONS:
+        for dropout in training.DROPOUTS:
+            for precision in training.PRECISIONS:
                 row = dict(model=size.model, size=label, dropout=dropout, precision=precision)
                 try:
-                    labml, fused = training_benchmark.models(size, dropout, device)
-                    steps = [training_benchmark.step_fn(model, size, precision, device) for model in (labml, fused)]
+                    labml, fused = training.models(size, dropout, device)
+                    steps = [training.step_fn(model, size, precision, device) for model in (labml, fused)]
                     if flops is None:
                         with FlopCounterMode(display=False) as counter:
                             steps[0]()
                         flops = counter.get_total_flops()
-                    labml_ms, fused_ms = training_benchmark._median_ms(steps, min_time)
+                    labml_ms, fused_ms = training.median_ms(steps, min_time)
                 except Exception as error:  # reported in the table and the JSON, not fatal
                     rows.append(dict(row, error=f"{type(error).__name__}: {error}"))
                     continue
@@ -402,7 +405,7 @@ def format_table(results: List[GpuResult]) -> str:
              _cell(r.forward_speedup, 2), _cell(r.forward_backward_ms, 4), _cell(r.forward_backward_tflops, 2),
              _cell(r.forward_backward_speedup, 2)) for r in results if not r.error]
     errors = [f"FAILED {r.op} {r.shape} {r.dtype} [{r.backend}]: {_first_line(r.error)}" for r in results if r.error]
-    return "\n".join(training_benchmark._table(header, rows) + errors)
+    return "\n".join([markdown_table(header, rows)] + errors)
 
 
 def _first_line(error: str) -> str:
@@ -416,7 +419,7 @@ def format_training(rows: List[dict]) -> str:
               f"{r['speedup']:.2f}x") for r in rows if "error" not in r]
     errors = [f"FAILED {r['model']} {r['size']} dropout {r['dropout']:g} {r['precision']}: {_first_line(r['error'])}"
               for r in rows if "error" in r]
-    return "\n".join(training_benchmark._table(header, table) + errors)
+    return "\n".join([markdown_table(header, table)] + errors)
 
 
 def environment() -> dict:
@@ -504,10 +507,10 @@ def write_check_report(out_path: str, junit_path: str, bench_path: str, suite_ex
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m fastformers.gpu_bench report OUT JUNIT BENCH SUITE_EXIT BENCH_EXIT``: merge a check's results."""
+    """``python -m fastformers.benchmarks.gpu report OUT JUNIT BENCH SUITE_EXIT BENCH_EXIT``: merge a check's results."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fastformers.gpu_bench", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fastformers.benchmarks.gpu", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="write bench/gpu_check.sh's JSON")
     for name in ("out", "junit", "bench"):

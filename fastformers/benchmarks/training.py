@@ -20,8 +20,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .models import build_model, default_model_config, labml_modules
-from .train import cross_entropy
+from ..models import build_model, default_model_config, labml_modules
+from ..train import cross_entropy
+from .timing import markdown_table
 
 VOCAB = 65
 
@@ -109,7 +110,7 @@ def models(size: TrainingSize, dropout: float, device: str):
     return labml, fused
 
 
-def _median_ms(steps: List[Callable[[], None]], min_time: float, min_repeat: int = 3) -> List[float]:
+def median_ms(steps: List[Callable[[], None]], min_time: float, min_repeat: int = 3) -> List[float]:
     """Median ms of each step, timed in alternation so that load changes hit all alike."""
     for step in steps:
         step()
@@ -140,11 +141,11 @@ def training_results(device: str = "cpu", min_time: float = 1.0, large: bool = F
                     labml_step = step_fn(labml, size, precision, device)
                     labml_step()
                 except (RuntimeError, TypeError) as error:  # e.g. labml_nn's Switch under CPU autocast (index_put dtypes)
-                    fused_ms, = _median_ms([fused_step], min_time)
+                    fused_ms, = median_ms([fused_step], min_time)
                     results.append(TrainingResult(size.model, label, dropout, precision, None, fused_ms,
                                                   str(error).splitlines()[0]))
                     continue
-                labml_ms, fused_ms = _median_ms([labml_step, fused_step], min_time)
+                labml_ms, fused_ms = median_ms([labml_step, fused_step], min_time)
                 results.append(TrainingResult(size.model, label, dropout, precision, labml_ms, fused_ms))
     return results
 
@@ -156,7 +157,7 @@ def format_training_table(results: List[TrainingResult]) -> str:
     rows = [(r.model, r.size, f"{r.dropout:g}", r.precision,
              f"{r.labml_ms:.1f}" if r.labml_ms is not None else "fails", f"{r.fastformers_ms:.1f}",
              f"{r.speedup:.2f}x" if r.speedup is not None else "-") for r in results]
-    lines = _table(header, rows)
+    lines = [markdown_table(header, rows)]
     failures = sorted({(r.model, r.precision, r.labml_error) for r in results if r.labml_error})
     lines += [f"labml_nn {model} under {precision}: {error}" for model, precision, error in failures]
     by_key = {(r.model, r.size, r.dropout, r.precision): r for r in results}
@@ -171,13 +172,6 @@ def format_training_table(results: List[TrainingResult]) -> str:
         summary.append((model, size, f"{dropout:g}", precision, kept, bf16_vs_f32))
     lines += ["", "kept: the dropout-0.1 speedup as a share of the dropout-0 speedup (target >= 85%); "
                   "bf16 vs f32: fastformers' float32 time / its bf16 time (>1: bf16 faster)"]
-    lines += _table(("model", "size", "dropout", "precision", "kept", "bf16 vs f32"), summary)
+    lines.append(markdown_table(("model", "size", "dropout", "precision", "kept", "bf16 vs f32"), summary))
     return "\n".join(lines)
 
-
-def _table(header, rows) -> List[str]:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
-    return lines
