@@ -9,6 +9,14 @@
 // in place), switch_mlp_stacked{,_backward} as one [E, ...] tensor and write
 // every weight gradient straight into one [E, ...] tensor (no per-expert
 // outputs to stack). Schemas live in fastformers/ops/switch/op.py.
+// The activation loops select (ReLU's h > 0 ? g : 0) per element: under the
+// default trapping-math GCC keeps those selects as branches on AVX2 (no masked
+// ops), which left the backward's activation loop scalar at ~5 ns per element,
+// about half the time of the four GEMMs next to it (perf, E = 4, labml size).
+// No kernel here reads floating-point exception flags. Set before every
+// include: a function whose options differ from an inline one's cannot inline it.
+#pragma GCC optimize("no-trapping-math")
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -575,56 +583,68 @@ FASTFORMERS_VECTOR_CLONES void gather_backward_rows(const In* __restrict__ x, co
   }
 }
 
-// One pass over n rows of hidden = [h1 | v], with grad_pre holding
-// grad_out @ w2 (the gradient of the activated rows after dropout, before the
-// scale) on entry: recomputes a = dropout(act(h1) (* v)) for the w2 gradient,
-// adds a . grad to the token's scale gradient, and turns grad_pre into the
-// pre-activation gradient (grad_gate the gate's), accumulating the b1 / b_gate
-// gradients. Dropout multiplies grad_pre before and a after the shared loop.
+// One token row of activation_backward_rows: a = act(h1) (* v), grad_gate
+// and the pre-activation gradient into gp (which holds the gradient of a on
+// entry, before the scale s); returns a . grad for the scale gradient. Its own
+// function so that its loop compiles alone: inlined into the row loop, GCC
+// unswitched that loop on the optional bias gradients and left the copy that
+// runs with biases scalar.
 template <Activation A, bool kGated, typename T>
-FASTFORMERS_VECTOR_CLONES void activation_backward_rows(const T* __restrict__ hidden, int64_t hidden_width,
-                                                        const int64_t* tokens, int64_t n, int64_t d_ff,
-                                                        const T* __restrict__ scale, const philox::Dropout& dropout,
-                                                        T* __restrict__ activated, T* __restrict__ grad_pre,
-                                                        T* __restrict__ grad_gate, T* __restrict__ grad_b1,
-                                                        T* __restrict__ grad_b_gate, T* __restrict__ grad_scale) {
-  if (grad_b1) std::fill_n(grad_b1, d_ff, T(0));
-  if (grad_b_gate) std::fill_n(grad_b_gate, d_ff, T(0));
+FASTFORMERS_VECTOR_CLONES __attribute__((noinline)) T activation_backward_row(const T* __restrict__ h, int64_t d_ff,
+                                                                              T s, T* __restrict__ a,
+                                                                              T* __restrict__ gp,
+                                                                              T* __restrict__ grad_gate) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < d_ff; ++j) {
+    const T act = activate<A>(h[j]);
+    const T grad_activated = gp[j];
+    if constexpr (kGated) {
+      const T v = h[d_ff + j];
+      a[j] = act * v;
+      dot += grad_activated * act * v;
+      grad_gate[j] = s * grad_activated * act;
+      gp[j] = activation_grad<A>(h[j], s * grad_activated * v);
+    } else {
+      a[j] = act;
+      dot += grad_activated * act;
+      gp[j] = activation_grad<A>(h[j], s * grad_activated);
+    }
+  }
+  return dot;
+}
+
+// sums[j] = sum over the n rows of rows[i, j] (a bias gradient).
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void column_sums(const T* __restrict__ rows, int64_t n, int64_t width,
+                                           T* __restrict__ sums) {
+  std::fill_n(sums, width, T(0));
   for (int64_t i = 0; i < n; ++i) {
-    const T s = scale[tokens[i]];
-    const T* h = hidden + i * hidden_width;
+    for (int64_t j = 0; j < width; ++j) sums[j] += rows[i * width + j];
+  }
+}
+
+// n rows of hidden = [h1 | v], with grad_pre holding grad_out @ w2 (the
+// gradient of the activated rows after dropout, before the scale) on entry:
+// recomputes a = dropout(act(h1) (* v)) for the w2 gradient, adds a . grad to
+// the token's scale gradient, and turns grad_pre into the pre-activation
+// gradient (grad_gate the gate's), then sums the b1 / b_gate gradients.
+// Dropout multiplies grad_pre before and a after each row's loop.
+template <Activation A, bool kGated, typename T>
+void activation_backward_rows(const T* hidden, int64_t hidden_width, const int64_t* tokens, int64_t n, int64_t d_ff,
+                              const T* scale, const philox::Dropout& dropout, T* activated, T* grad_pre,
+                              T* grad_gate, T* grad_b1, T* grad_b_gate, T* grad_scale) {
+  for (int64_t i = 0; i < n; ++i) {
     T* a = activated + i * d_ff;
     T* gp = grad_pre + i * d_ff;
     const T* keep = dropout.active() ? keep_scale_row<T>(dropout, tokens[i], d_ff) : nullptr;
     if (keep) multiply_row(gp, keep, d_ff);
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < d_ff; ++j) {
-      const T act = activate<A>(h[j]);
-      const T grad_activated = gp[j];
-      if constexpr (kGated) {
-        const T v = h[d_ff + j];
-        a[j] = act * v;
-        dot += grad_activated * act * v;
-        grad_gate[i * d_ff + j] = s * grad_activated * act;
-        gp[j] = activation_grad<A>(h[j], s * grad_activated * v);
-      } else {
-        a[j] = act;
-        dot += grad_activated * act;
-        gp[j] = activation_grad<A>(h[j], s * grad_activated);
-      }
-    }
+    grad_scale[tokens[i]] += activation_backward_row<A, kGated, T>(hidden + i * hidden_width, d_ff, scale[tokens[i]],
+                                                                   a, gp, kGated ? grad_gate + i * d_ff : nullptr);
     if (keep) multiply_row(a, keep, d_ff);
-    grad_scale[tokens[i]] += dot;
-    if (grad_b1) {
-      for (int64_t j = 0; j < d_ff; ++j) grad_b1[j] += gp[j];
-    }
-    if constexpr (kGated) {
-      if (grad_b_gate) {
-        for (int64_t j = 0; j < d_ff; ++j) grad_b_gate[j] += grad_gate[i * d_ff + j];
-      }
-    }
   }
+  if (grad_b1) column_sums(grad_pre, n, d_ff, grad_b1);
+  if (kGated && grad_b_gate) column_sums(grad_gate, n, d_ff, grad_b_gate);
 }
 
 template <typename T, typename In>
