@@ -177,3 +177,21 @@ def test_cpp_stacked_kernel_checks_weights():
         OPS.switch_mlp_stacked(*head, w1[:, :, :3], b1, w2, b2, w_gate, b_gate, scale, *tail)
     with pytest.raises(RuntimeError, match="b_gate is given without w_gate"):
         OPS.switch_mlp_stacked(*head, w1, b1, w2, b2, None, b_gate, scale, *tail)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_stacked_module_step_copies_no_gradients(gated):
+    """A training step of the stacked module: the kernel's [E, ...] gradients
+    become the Parameters' .grad as they are (no stack or cat of per-expert tensors)."""
+    from fastformers.nn import FeedForward, SwitchFeedForward
+
+    module = SwitchFeedForward(capacity_factor=0.8, drop_tokens=True, is_scale_prob=True, n_experts=8,
+                               expert=FeedForward(16, 24, 0.1, is_gated=gated), d_model=16)
+    module.backend = "cpp"
+    x = torch.randn(12, 4, 16)
+    with torch.profiler.profile() as prof:
+        module(x)[0].square().sum().backward()
+    ops = {event.name for event in prof.events()}
+    assert "fastformers::switch_mlp_stacked_backward" in ops
+    assert not ops & {"aten::stack", "aten::cat", "aten::_cat"}
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in module.parameters())
