@@ -4,7 +4,19 @@
 // and its backward (which regenerates the dropout mask, [T, d_ff] by token row). Tokens are grouped by expert in `order` (segment
 // offsets[e] .. offsets[e + 1], the first kept[e] of it kept); each expert's
 // kept rows are gathered into a contiguous block so every product is one BLAS
-// call. Schemas live in fastformers/ops/switch/op.py.
+// call. Two op pairs share these kernels: switch_mlp{,_backward} take each
+// weight kind as a list of per-expert tensors (one nn.Linear per expert, read
+// in place), switch_mlp_stacked{,_backward} as one [E, ...] tensor and write
+// every weight gradient straight into one [E, ...] tensor (no per-expert
+// outputs to stack). Schemas live in fastformers/ops/switch/op.py.
+// The activation loops select (ReLU's h > 0 ? g : 0) per element: under the
+// default trapping-math GCC keeps those selects as branches on AVX2 (no masked
+// ops), which left the backward's activation loop scalar at ~5 ns per element,
+// about half the time of the four GEMMs next to it (perf, E = 4, labml size).
+// No kernel here reads floating-point exception flags. Set before every
+// include: a function whose options differ from an inline one's cannot inline it.
+#pragma GCC optimize("no-trapping-math")
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,6 +35,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <typeindex>
 #include <utility>
 #include <vector>
@@ -47,43 +61,126 @@ void with_activation(Activation activation, bool gated, const Body& body) {
   });
 }
 
-void check_tensor(const at::Tensor& tensor, const char* name, int64_t expert, at::IntArrayRef shape,
-                  const at::Tensor& x) {
-  TORCH_CHECK(tensor.sizes() == shape, "switch_mlp: ", name, "[", expert, "] must be ", shape, ", got ",
-              tensor.sizes());
-  TORCH_CHECK(tensor.scalar_type() == x.scalar_type(), "switch_mlp: ", name, "[", expert, "] dtype ",
-              tensor.scalar_type(), " must equal x dtype ", x.scalar_type());
-  TORCH_CHECK(tensor.device().is_cpu(), "switch_mlp: CPU kernel got ", name, "[", expert, "] on ", tensor.device());
-}
+// The weights of one kind for every expert: E tensors (one nn.Linear per
+// expert, as labml holds them) or one stacked [E, ...] tensor; none when absent
+// (no bias, no gate). Kernels find expert e's data through data(e), so both
+// layouts run the same code; gradients are allocated in the layout of their weight.
+class Group {
+ public:
+  Group() = default;
 
-// A weight group holds one tensor per expert, or none when `optional` (no bias, no gate).
-void check_group(at::TensorList group, const char* name, bool optional, int64_t E, at::IntArrayRef shape,
-                 const at::Tensor& x) {
-  TORCH_CHECK((optional && group.empty()) || static_cast<int64_t>(group.size()) == E, "switch_mlp: ", name,
-              " must hold ", E, " tensors (one per expert)", optional ? " or none" : "", ", got ", group.size());
-  for (size_t e = 0; e < group.size(); ++e) check_tensor(group[e], name, e, shape, x);
-}
+  static Group per_expert(at::TensorList tensors) {
+    Group group;
+    for (const at::Tensor& tensor : tensors) group.tensors_.push_back(tensor.contiguous());
+    if (!group.tensors_.empty()) group.expert_numel_ = group.tensors_[0].numel();
+    return group;
+  }
+
+  static Group stacked(const std::optional<at::Tensor>& tensor) {
+    Group group;
+    group.stacked_ = true;
+    if (tensor.has_value()) {
+      TORCH_CHECK(tensor->dim() >= 1, "switch_mlp: stacked weights must be [n_experts, ...], got a scalar");
+      group.tensors_.push_back(tensor->contiguous());
+      group.expert_numel_ = tensor->dim() > 0 && tensor->size(0) > 0 ? tensor->numel() / tensor->size(0) : 0;
+    }
+    return group;
+  }
+
+  bool empty() const { return tensors_.empty(); }
+  // experts held (0 when absent)
+  int64_t size() const {
+    if (empty()) return 0;
+    return stacked_ ? tensors_[0].size(0) : static_cast<int64_t>(tensors_.size());
+  }
+  // shape of one expert's tensor; the group must hold at least one expert
+  at::IntArrayRef expert_sizes() const { return stacked_ ? tensors_[0].sizes().slice(1) : tensors_[0].sizes(); }
+  int64_t expert_numel() const { return expert_numel_; }
+  at::ScalarType scalar_type() const { return tensors_[0].scalar_type(); }
+
+  template <typename T>
+  T* data(int64_t e) const {
+    return stacked_ ? tensors_[0].data_ptr<T>() + e * expert_numel_ : tensors_[e].data_ptr<T>();
+  }
+
+  // One uninitialised gradient block per tensor of this group, in its layout:
+  // per-expert blocks (outputs of the list op must not alias each other) or one [E, ...] block.
+  Group empty_like() const {
+    Group out;
+    out.stacked_ = stacked_;
+    out.expert_numel_ = expert_numel_;
+    for (const at::Tensor& tensor : tensors_) {
+      out.tensors_.push_back(cpu::RecycledBlocks::empty(tensor.sizes(), tensor.options()));
+    }
+    return out;
+  }
+
+  size_t block_bytes() const {
+    size_t bytes = 0;
+    for (const at::Tensor& tensor : tensors_) {
+      bytes += cpu::RecycledBlocks::block_bytes(tensor.numel(), tensor.scalar_type());
+    }
+    return bytes;
+  }
+
+  const std::vector<at::Tensor>& tensors() const { return tensors_; }
+  std::optional<at::Tensor> stacked_tensor() const {
+    return empty() ? std::nullopt : std::optional<at::Tensor>(tensors_[0]);
+  }
+
+  // Shape, dtype and device of every expert's tensor; none held is fine when `optional`.
+  void check(const char* name, bool optional, int64_t E, at::IntArrayRef shape, const at::Tensor& x) const {
+    if (stacked_) {
+      if (empty()) {
+        TORCH_CHECK(optional, "switch_mlp: ", name, " is required");
+        return;
+      }
+      std::vector<int64_t> expected{E};
+      expected.insert(expected.end(), shape.begin(), shape.end());
+      check_tensor(tensors_[0], name, "", expected, x);
+      return;
+    }
+    TORCH_CHECK((optional && empty()) || size() == E, "switch_mlp: ", name, " must hold ", E,
+                " tensors (one per expert)", optional ? " or none" : "", ", got ", size());
+    for (int64_t e = 0; e < size(); ++e) {
+      check_tensor(tensors_[e], name, "[" + std::to_string(e) + "]", shape, x);
+    }
+  }
+
+ private:
+  static void check_tensor(const at::Tensor& tensor, const char* name, const std::string& index,
+                           at::IntArrayRef shape, const at::Tensor& x) {
+    TORCH_CHECK(tensor.sizes() == shape, "switch_mlp: ", name, index, " must be ", shape, ", got ", tensor.sizes());
+    TORCH_CHECK(tensor.scalar_type() == x.scalar_type(), "switch_mlp: ", name, index, " dtype ",
+                tensor.scalar_type(), " must equal x dtype ", x.scalar_type());
+    TORCH_CHECK(tensor.device().is_cpu(), "switch_mlp: CPU kernel got ", name, index, " on ", tensor.device());
+  }
+
+  std::vector<at::Tensor> tensors_;
+  bool stacked_ = false;
+  int64_t expert_numel_ = 0;
+};
 
 // Checks shapes, dtypes and that the routing is a valid grouping: the kernels
 // write each token's row from exactly one expert, which needs order to be a
 // permutation and the segments to tile [0, T).
 void check_inputs(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
-                  at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2, at::TensorList w_gate,
-                  at::TensorList b_gate, const at::Tensor& scale) {
+                  const Group& w1, const Group& b1, const Group& w2, const Group& b2, const Group& w_gate,
+                  const Group& b_gate, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2, "switch_mlp: x must be [tokens, d_model], got ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "switch_mlp: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), "switch_mlp: CPU kernel got x on ", x.device());
   const int64_t T = x.size(0), d = x.size(1);
-  TORCH_CHECK(!w1.empty() && w1[0].dim() == 2 && w1[0].size(1) == d,
-              "switch_mlp: w1 must be n_experts >= 1 tensors [d_ff, d_model=", d, "], got ", w1.size(),
-              w1.empty() ? "" : " starting with shape ", w1.empty() ? at::IntArrayRef() : w1[0].sizes());
-  const int64_t E = w1.size(), d_ff = w1[0].size(0);
-  check_group(w1, "w1", false, E, {d_ff, d}, x);
-  check_group(w2, "w2", false, E, {d, d_ff}, x);
-  check_group(b1, "b1", true, E, {d_ff}, x);
-  check_group(b2, "b2", true, E, {d}, x);
-  check_group(w_gate, "w_gate", true, E, {d_ff, d}, x);
-  check_group(b_gate, "b_gate", true, E, {d_ff}, x);
+  TORCH_CHECK(w1.size() >= 1 && w1.expert_sizes().size() == 2 && w1.expert_sizes()[1] == d,
+              "switch_mlp: w1 must hold n_experts >= 1 matrices [d_ff, d_model=", d, "], got ", w1.size(),
+              w1.size() == 0 ? "" : " of shape ", w1.size() == 0 ? at::IntArrayRef() : w1.expert_sizes());
+  const int64_t E = w1.size(), d_ff = w1.expert_sizes()[0];
+  w1.check("w1", false, E, {d_ff, d}, x);
+  w2.check("w2", false, E, {d, d_ff}, x);
+  b1.check("b1", true, E, {d_ff}, x);
+  b2.check("b2", true, E, {d}, x);
+  w_gate.check("w_gate", true, E, {d_ff, d}, x);
+  b_gate.check("b_gate", true, E, {d_ff}, x);
   TORCH_CHECK(!w_gate.empty() || b_gate.empty(), "switch_mlp: b_gate is given without w_gate");
   TORCH_CHECK(scale.sizes() == at::IntArrayRef{T} && scale.scalar_type() == x.scalar_type() && scale.device().is_cpu(),
               "switch_mlp: scale must be a CPU ", x.scalar_type(), " [", T, "] tensor, got ", scale.scalar_type(), " ",
@@ -125,12 +222,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& order, const at::Tensor
 // because BLAS has no fast bfloat16 GEMM on AVX2 CPUs: a [96, 128] x [128, 256]
 // product measured 1.07 ms in bfloat16 (at::mm, oneDNN) against 78 us in
 // float32 on one thread.
-using Group = std::vector<at::Tensor>;
-
 struct Problem {
   at::Tensor x;      // [T, d], input dtype
   at::Tensor scale;  // [T], compute dtype
-  Group w1, b1, w2, b2, w_gate, b_gate;  // one tensor per expert, input dtype; empty biases / gate when absent
+  Group w1, b1, w2, b2, w_gate, b_gate;  // input dtype; empty biases / gate when absent
   const int64_t* order;
   const int64_t* offsets;
   const int64_t* kept;
@@ -142,16 +237,8 @@ struct Problem {
   bool gated() const { return !w_gate.empty(); }
 };
 
-Group contiguous(at::TensorList group) {
-  Group out;
-  out.reserve(group.size());
-  for (const at::Tensor& tensor : group) out.push_back(tensor.contiguous());
-  return out;
-}
-
 Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
-                     at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2,
-                     at::TensorList w_gate, at::TensorList b_gate, const at::Tensor& scale,
+                     Group w1, Group b1, Group w2, Group b2, Group w_gate, Group b_gate, const at::Tensor& scale,
                      c10::string_view activation, double dropout_p, int64_t seed, int64_t offset) {
   check_inputs(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale);
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "switch_mlp: dropout_p must be in [0, 1), got ", dropout_p);
@@ -163,12 +250,12 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
   p.dropout = philox::Dropout{dropout_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
   p.x = x.contiguous();
   p.scale = scale.to(at::toOpMathType(x.scalar_type())).contiguous();
-  p.w1 = contiguous(w1);
-  p.w2 = contiguous(w2);
-  p.b1 = contiguous(b1);
-  p.b2 = contiguous(b2);
-  p.w_gate = contiguous(w_gate);
-  p.b_gate = contiguous(b_gate);
+  p.w1 = std::move(w1);
+  p.w2 = std::move(w2);
+  p.b1 = std::move(b1);
+  p.b2 = std::move(b2);
+  p.w_gate = std::move(w_gate);
+  p.b_gate = std::move(b_gate);
   p.order_storage = order.contiguous();
   p.offsets_storage = offsets.contiguous();
   p.kept_storage = kept.contiguous();
@@ -177,8 +264,8 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& order, const at::Ten
   p.kept = p.kept_storage.data_ptr<int64_t>();
   p.n_tokens = x.size(0);
   p.d_model = x.size(1);
-  p.n_experts = w1.size();
-  p.d_ff = w1[0].size(0);
+  p.n_experts = p.w1.size();
+  p.d_ff = p.w1.expert_sizes()[0];
   p.max_kept = 0;
   for (int64_t e = 0; e < p.n_experts; ++e) p.max_kept = std::max(p.max_kept, p.kept[e]);
   return p;
@@ -249,46 +336,48 @@ FASTFORMERS_VECTOR_CLONES void convert(const From* __restrict__ from, int64_t n,
   for (int64_t i = 0; i < n; ++i) to[i] = static_cast<To>(from[i]);
 }
 
-// Expert tensor `tensor` (stored as In) as T values: its own data when In is
-// T, else a converted copy in scratch `slot`.
+// Expert e's tensor of `group` (stored as In) as T values: its own data when
+// In is T, else a converted copy in scratch `slot`.
 template <typename T, typename In>
-const T* compute_data(const at::Tensor& tensor, Slot slot) {
+const T* compute_data(const Group& group, int64_t e, Slot slot) {
   if constexpr (std::is_same_v<T, In>) {
-    return tensor.const_data_ptr<T>();
+    return group.data<T>(e);
   } else {
-    T* out = scratch<T>(slot, tensor.numel());
-    convert(tensor.const_data_ptr<In>(), tensor.numel(), out);
+    T* out = scratch<T>(slot, group.expert_numel());
+    convert(group.data<In>(e), group.expert_numel(), out);
     return out;
   }
 }
 
 template <typename T, typename In>
 const T* compute_data_or_null(const Group& group, int64_t e, Slot slot) {
-  return group.empty() ? nullptr : compute_data<T, In>(group[e], slot);
+  return group.empty() ? nullptr : compute_data<T, In>(group, e, slot);
 }
 
-// The gradient of one expert tensor (stored as In), computed in T: written in
-// place when In is T, else in scratch `slot` and converted by store().
+// The gradient of expert e's tensor of a group (stored as In), computed in T:
+// written in place when In is T, else in scratch `slot` and converted by store().
 template <typename T, typename In>
 class ExpertGrad {
  public:
-  ExpertGrad(Group& group, int64_t e, Slot slot) : out_(group.empty() ? nullptr : &group[e]) {
+  ExpertGrad(const Group& group, int64_t e, Slot slot)
+      : out_(group.empty() ? nullptr : group.data<In>(e)), numel_(group.expert_numel()) {
     if (out_ == nullptr) return;
     if constexpr (std::is_same_v<T, In>) {
-      data_ = out_->data_ptr<T>();
+      data_ = out_;
     } else {
-      data_ = scratch<T>(slot, out_->numel());
+      data_ = scratch<T>(slot, numel_);
     }
   }
   T* data() const { return data_; }
   void store() const {
     if constexpr (!std::is_same_v<T, In>) {
-      if (out_ != nullptr) convert(data_, out_->numel(), out_->data_ptr<In>());
+      if (out_ != nullptr) convert(data_, numel_, out_);
     }
   }
 
  private:
-  at::Tensor* out_;
+  In* out_;
+  int64_t numel_;
   T* data_ = nullptr;
 };
 
@@ -401,10 +490,10 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
       T* expert_out = scratch<T>(kExpertOut, n * d);
       T* pre = saved + begin * hidden_width;
       gather_rows(x, tokens, n, d, block);
-      cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, compute_data<T, In>(p.w1[e], kW1), d, T(0), pre,
+      cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, compute_data<T, In>(p.w1, e, kW1), d, T(0), pre,
                    hidden_width);
       if (p.gated()) {
-        cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, compute_data<T, In>(p.w_gate[e], kWGate), d, T(0),
+        cpu::gemm<T>(false, true, n, d_ff, d, T(1), block, d, compute_data<T, In>(p.w_gate, e, kWGate), d, T(0),
                      pre + d_ff, hidden_width);
       }
       const T* b1 = compute_data_or_null<T, In>(p.b1, e, kB1);
@@ -413,7 +502,7 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
         bias_activate_rows<decltype(act)::value, decltype(gated)::value>(pre, hidden_width, n, d_ff, b1, b_gate,
                                                                           tokens, p.dropout, activated);
       });
-      cpu::gemm<T>(false, true, n, d, d_ff, T(1), activated, d_ff, compute_data<T, In>(p.w2[e], kW2), d_ff, T(0),
+      cpu::gemm<T>(false, true, n, d, d_ff, T(1), activated, d_ff, compute_data<T, In>(p.w2, e, kW2), d_ff, T(0),
                    expert_out, d);
       scale_scatter_rows<T, In>(expert_out, compute_data_or_null<T, In>(p.b2, e, kB2), tokens, n, d, scale, out);
     }
@@ -426,14 +515,7 @@ void forward(const Problem& p, at::Tensor& y, at::Tensor& hidden) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at::Tensor& order,
-                                                  const at::Tensor& offsets, const at::Tensor& kept, at::TensorList w1,
-                                                  at::TensorList b1, at::TensorList w2, at::TensorList b2,
-                                                  at::TensorList w_gate, at::TensorList b_gate,
-                                                  const at::Tensor& scale, c10::string_view activation,
-                                                  double dropout_p, int64_t seed, int64_t offset) {
-  const Problem p = make_problem(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation,
-                                 dropout_p, seed, offset);
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const Problem& p) {
   // from the recycled blocks: fresh pages for hidden alone were 8K faults per
   // step at T=4096, d_ff=2048 (the backward's fit() covers both)
   at::Tensor y = cpu::RecycledBlocks::empty({p.n_tokens, p.d_model}, p.x.options());
@@ -443,6 +525,28 @@ std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at:
     forward<at::opmath_type<scalar_t>, scalar_t>(p, y, hidden);
   });
   return {y, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_mlp_cpu(const at::Tensor& x, const at::Tensor& order,
+                                                  const at::Tensor& offsets, const at::Tensor& kept, at::TensorList w1,
+                                                  at::TensorList b1, at::TensorList w2, at::TensorList b2,
+                                                  at::TensorList w_gate, at::TensorList b_gate,
+                                                  const at::Tensor& scale, c10::string_view activation,
+                                                  double dropout_p, int64_t seed, int64_t offset) {
+  return forward_cpu(make_problem(x, order, offsets, kept, Group::per_expert(w1), Group::per_expert(b1),
+                                  Group::per_expert(w2), Group::per_expert(b2), Group::per_expert(w_gate),
+                                  Group::per_expert(b_gate), scale, activation, dropout_p, seed, offset));
+}
+
+std::tuple<at::Tensor, at::Tensor> switch_mlp_stacked_cpu(
+    const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets, const at::Tensor& kept,
+    const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& w_gate,
+    const std::optional<at::Tensor>& b_gate, const at::Tensor& scale, c10::string_view activation, double dropout_p,
+    int64_t seed, int64_t offset) {
+  return forward_cpu(make_problem(x, order, offsets, kept, Group::stacked(w1), Group::stacked(b1),
+                                  Group::stacked(w2), Group::stacked(b2), Group::stacked(w_gate),
+                                  Group::stacked(b_gate), scale, activation, dropout_p, seed, offset));
 }
 
 struct Gradients {
@@ -479,56 +583,68 @@ FASTFORMERS_VECTOR_CLONES void gather_backward_rows(const In* __restrict__ x, co
   }
 }
 
-// One pass over n rows of hidden = [h1 | v], with grad_pre holding
-// grad_out @ w2 (the gradient of the activated rows after dropout, before the
-// scale) on entry: recomputes a = dropout(act(h1) (* v)) for the w2 gradient,
-// adds a . grad to the token's scale gradient, and turns grad_pre into the
-// pre-activation gradient (grad_gate the gate's), accumulating the b1 / b_gate
-// gradients. Dropout multiplies grad_pre before and a after the shared loop.
+// One token row of activation_backward_rows: a = act(h1) (* v), grad_gate
+// and the pre-activation gradient into gp (which holds the gradient of a on
+// entry, before the scale s); returns a . grad for the scale gradient. Its own
+// function so that its loop compiles alone: inlined into the row loop, GCC
+// unswitched that loop on the optional bias gradients and left the copy that
+// runs with biases scalar.
 template <Activation A, bool kGated, typename T>
-FASTFORMERS_VECTOR_CLONES void activation_backward_rows(const T* __restrict__ hidden, int64_t hidden_width,
-                                                        const int64_t* tokens, int64_t n, int64_t d_ff,
-                                                        const T* __restrict__ scale, const philox::Dropout& dropout,
-                                                        T* __restrict__ activated, T* __restrict__ grad_pre,
-                                                        T* __restrict__ grad_gate, T* __restrict__ grad_b1,
-                                                        T* __restrict__ grad_b_gate, T* __restrict__ grad_scale) {
-  if (grad_b1) std::fill_n(grad_b1, d_ff, T(0));
-  if (grad_b_gate) std::fill_n(grad_b_gate, d_ff, T(0));
+FASTFORMERS_VECTOR_CLONES __attribute__((noinline)) T activation_backward_row(const T* __restrict__ h, int64_t d_ff,
+                                                                              T s, T* __restrict__ a,
+                                                                              T* __restrict__ gp,
+                                                                              T* __restrict__ grad_gate) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < d_ff; ++j) {
+    const T act = activate<A>(h[j]);
+    const T grad_activated = gp[j];
+    if constexpr (kGated) {
+      const T v = h[d_ff + j];
+      a[j] = act * v;
+      dot += grad_activated * act * v;
+      grad_gate[j] = s * grad_activated * act;
+      gp[j] = activation_grad<A>(h[j], s * grad_activated * v);
+    } else {
+      a[j] = act;
+      dot += grad_activated * act;
+      gp[j] = activation_grad<A>(h[j], s * grad_activated);
+    }
+  }
+  return dot;
+}
+
+// sums[j] = sum over the n rows of rows[i, j] (a bias gradient).
+template <typename T>
+FASTFORMERS_VECTOR_CLONES void column_sums(const T* __restrict__ rows, int64_t n, int64_t width,
+                                           T* __restrict__ sums) {
+  std::fill_n(sums, width, T(0));
   for (int64_t i = 0; i < n; ++i) {
-    const T s = scale[tokens[i]];
-    const T* h = hidden + i * hidden_width;
+    for (int64_t j = 0; j < width; ++j) sums[j] += rows[i * width + j];
+  }
+}
+
+// n rows of hidden = [h1 | v], with grad_pre holding grad_out @ w2 (the
+// gradient of the activated rows after dropout, before the scale) on entry:
+// recomputes a = dropout(act(h1) (* v)) for the w2 gradient, adds a . grad to
+// the token's scale gradient, and turns grad_pre into the pre-activation
+// gradient (grad_gate the gate's), then sums the b1 / b_gate gradients.
+// Dropout multiplies grad_pre before and a after each row's loop.
+template <Activation A, bool kGated, typename T>
+void activation_backward_rows(const T* hidden, int64_t hidden_width, const int64_t* tokens, int64_t n, int64_t d_ff,
+                              const T* scale, const philox::Dropout& dropout, T* activated, T* grad_pre,
+                              T* grad_gate, T* grad_b1, T* grad_b_gate, T* grad_scale) {
+  for (int64_t i = 0; i < n; ++i) {
     T* a = activated + i * d_ff;
     T* gp = grad_pre + i * d_ff;
     const T* keep = dropout.active() ? keep_scale_row<T>(dropout, tokens[i], d_ff) : nullptr;
     if (keep) multiply_row(gp, keep, d_ff);
-    T dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < d_ff; ++j) {
-      const T act = activate<A>(h[j]);
-      const T grad_activated = gp[j];
-      if constexpr (kGated) {
-        const T v = h[d_ff + j];
-        a[j] = act * v;
-        dot += grad_activated * act * v;
-        grad_gate[i * d_ff + j] = s * grad_activated * act;
-        gp[j] = activation_grad<A>(h[j], s * grad_activated * v);
-      } else {
-        a[j] = act;
-        dot += grad_activated * act;
-        gp[j] = activation_grad<A>(h[j], s * grad_activated);
-      }
-    }
+    grad_scale[tokens[i]] += activation_backward_row<A, kGated, T>(hidden + i * hidden_width, d_ff, scale[tokens[i]],
+                                                                   a, gp, kGated ? grad_gate + i * d_ff : nullptr);
     if (keep) multiply_row(a, keep, d_ff);
-    grad_scale[tokens[i]] += dot;
-    if (grad_b1) {
-      for (int64_t j = 0; j < d_ff; ++j) grad_b1[j] += gp[j];
-    }
-    if constexpr (kGated) {
-      if (grad_b_gate) {
-        for (int64_t j = 0; j < d_ff; ++j) grad_b_gate[j] += grad_gate[i * d_ff + j];
-      }
-    }
   }
+  if (grad_b1) column_sums(grad_pre, n, d_ff, grad_b1);
+  if (kGated && grad_b_gate) column_sums(grad_gate, n, d_ff, grad_b_gate);
 }
 
 template <typename T, typename In>
@@ -545,8 +661,8 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
     const int64_t* tokens = p.order + begin;
     if (n == 0) {
       // no token reached this expert's weights
-      for (Group* group : {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &grads.w_gate, &grads.b_gate}) {
-        if (!group->empty()) std::fill_n((*group)[e].data_ptr<In>(), (*group)[e].numel(), In(0));
+      for (const Group* group : {&grads.w1, &grads.b1, &grads.w2, &grads.b2, &grads.w_gate, &grads.b_gate}) {
+        if (!group->empty()) std::fill_n(group->data<In>(e), group->expert_numel(), In(0));
       }
     } else {
       T* block = scratch<T>(kBlock, n * d);
@@ -558,8 +674,8 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
       const ExpertGrad<T, In> grad_w1(grads.w1, e, kGradW1), grad_w2(grads.w2, e, kGradW2),
           grad_w_gate(grads.w_gate, e, kGradWGate), grad_b1(grads.b1, e, kGradB1), grad_b2(grads.b2, e, kGradB2),
           grad_b_gate(grads.b_gate, e, kGradBGate);
-      const T* w1 = compute_data<T, In>(p.w1[e], kW1);
-      const T* w2 = compute_data<T, In>(p.w2[e], kW2);
+      const T* w1 = compute_data<T, In>(p.w1, e, kW1);
+      const T* w2 = compute_data<T, In>(p.w2, e, kW2);
       gather_backward_rows<T, In>(x, g, tokens, n, d, scale, compute_data_or_null<T, In>(p.b2, e, kB2), block,
                                   grad_out, scaled_grad_out, grad_b2.data(), grad_scale);
       // grad_out @ w2 unscaled: its dot with the activations is the scale gradient
@@ -575,7 +691,7 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
       cpu::gemm<T>(false, false, n, d, d_ff, T(1), grad_pre, d_ff, w1, d, T(0), grad_block, d);
       if (p.gated()) {
         cpu::gemm<T>(true, false, d_ff, d, n, T(1), grad_gate, d_ff, block, d, T(0), grad_w_gate.data(), d);
-        cpu::gemm<T>(false, false, n, d, d_ff, T(1), grad_gate, d_ff, compute_data<T, In>(p.w_gate[e], kWGate), d,
+        cpu::gemm<T>(false, false, n, d, d_ff, T(1), grad_gate, d_ff, compute_data<T, In>(p.w_gate, e, kWGate), d,
                      T(1), grad_block, d);
       }
       for (const ExpertGrad<T, In>* grad : {&grad_w1, &grad_w2, &grad_w_gate, &grad_b1, &grad_b2, &grad_b_gate}) {
@@ -603,27 +719,11 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& hidd
   });
 }
 
-// One block per expert tensor: outputs of the op must not alias each other.
-Group empty_like(const Group& group) {
-  Group out;
-  out.reserve(group.size());
-  for (const at::Tensor& tensor : group) {
-    out.push_back(cpu::RecycledBlocks::empty(tensor.sizes(), tensor.options()));
-  }
-  return out;
-}
-
-std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> switch_mlp_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& order, const at::Tensor& offsets,
-    const at::Tensor& kept, at::TensorList w1, at::TensorList b1, at::TensorList w2, at::TensorList b2,
-    at::TensorList w_gate, at::TensorList b_gate, const at::Tensor& scale, const at::Tensor& hidden,
-    c10::string_view activation, double dropout_p, int64_t seed, int64_t offset) {
-  const Problem p = make_problem(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation,
-                                 dropout_p, seed, offset);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "switch_mlp_backward: grad_y must be ", x.sizes(), ", got ",
+Gradients backward_cpu(const at::Tensor& grad_y, const Problem& p, const at::Tensor& hidden) {
+  TORCH_CHECK(grad_y.sizes() == p.x.sizes(), "switch_mlp_backward: grad_y must be ", p.x.sizes(), ", got ",
               grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "switch_mlp_backward: grad_y dtype ", grad_y.scalar_type(),
-              " must equal x dtype ", x.scalar_type());
+  TORCH_CHECK(grad_y.scalar_type() == p.x.scalar_type(), "switch_mlp_backward: grad_y dtype ", grad_y.scalar_type(),
+              " must equal x dtype ", p.x.scalar_type());
   const int64_t hidden_width = (p.gated() ? 2 : 1) * p.d_ff;
   const at::ScalarType compute_dtype = p.scale.scalar_type();
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == p.n_tokens && hidden.size(1) == hidden_width &&
@@ -635,25 +735,56 @@ std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> swi
   // one step's blocks: the weight gradients, grad_x, and the forward's y and hidden
   size_t step_bytes = 2 * cpu::RecycledBlocks::block_bytes(p.x.numel(), p.x.scalar_type()) +
                       cpu::RecycledBlocks::block_bytes(hidden.numel(), compute_dtype);
-  for (const Group* group : {&p.w1, &p.w2, &p.b1, &p.b2, &p.w_gate, &p.b_gate})
-    for (const at::Tensor& tensor : *group) {
-      step_bytes += cpu::RecycledBlocks::block_bytes(tensor.numel(), tensor.scalar_type());
-    }
+  for (const Group* group : {&p.w1, &p.w2, &p.b1, &p.b2, &p.w_gate, &p.b_gate}) step_bytes += group->block_bytes();
   cpu::RecycledBlocks::fit(step_bytes);
   Gradients grads;
   grads.x = cpu::RecycledBlocks::empty(p.x.sizes(), p.x.options());
   grads.scale = at::empty_like(p.scale);
-  grads.w1 = empty_like(p.w1);
-  grads.w2 = empty_like(p.w2);
-  grads.b1 = empty_like(p.b1);
-  grads.b2 = empty_like(p.b2);
-  grads.w_gate = empty_like(p.w_gate);
-  grads.b_gate = empty_like(p.b_gate);
+  grads.w1 = p.w1.empty_like();
+  grads.w2 = p.w2.empty_like();
+  grads.b1 = p.b1.empty_like();
+  grads.b2 = p.b2.empty_like();
+  grads.w_gate = p.w_gate.empty_like();
+  grads.b_gate = p.b_gate.empty_like();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "switch_mlp_backward_cpu", [&] {
     backward<at::opmath_type<scalar_t>, scalar_t>(p, grad, saved, grads);
   });
-  return {grads.x, grads.w1, grads.b1, grads.w2, grads.b2, grads.w_gate, grads.b_gate,
-          grads.scale.to(x.scalar_type())};
+  grads.scale = grads.scale.to(p.x.scalar_type());
+  return grads;
+}
+
+using TensorList = std::vector<at::Tensor>;
+
+std::tuple<at::Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, at::Tensor>
+switch_mlp_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& order,
+                        const at::Tensor& offsets, const at::Tensor& kept, at::TensorList w1, at::TensorList b1,
+                        at::TensorList w2, at::TensorList b2, at::TensorList w_gate, at::TensorList b_gate,
+                        const at::Tensor& scale, const at::Tensor& hidden, c10::string_view activation,
+                        double dropout_p, int64_t seed, int64_t offset) {
+  const Problem p = make_problem(x, order, offsets, kept, Group::per_expert(w1), Group::per_expert(b1),
+                                 Group::per_expert(w2), Group::per_expert(b2), Group::per_expert(w_gate),
+                                 Group::per_expert(b_gate), scale, activation, dropout_p, seed, offset);
+  const Gradients g = backward_cpu(grad_y, p, hidden);
+  return {g.x, g.w1.tensors(), g.b1.tensors(), g.w2.tensors(), g.b2.tensors(), g.w_gate.tensors(),
+          g.b_gate.tensors(), g.scale};
+}
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, OptionalTensor, at::Tensor, OptionalTensor, OptionalTensor, OptionalTensor,
+           at::Tensor>
+switch_mlp_stacked_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& order,
+                                const at::Tensor& offsets, const at::Tensor& kept, const at::Tensor& w1,
+                                const OptionalTensor& b1, const at::Tensor& w2, const OptionalTensor& b2,
+                                const OptionalTensor& w_gate, const OptionalTensor& b_gate, const at::Tensor& scale,
+                                const at::Tensor& hidden, c10::string_view activation, double dropout_p,
+                                int64_t seed, int64_t offset) {
+  const Problem p = make_problem(x, order, offsets, kept, Group::stacked(w1), Group::stacked(b1), Group::stacked(w2),
+                                 Group::stacked(b2), Group::stacked(w_gate), Group::stacked(b_gate), scale,
+                                 activation, dropout_p, seed, offset);
+  const Gradients g = backward_cpu(grad_y, p, hidden);
+  return {g.x, *g.w1.stacked_tensor(), g.b1.stacked_tensor(), *g.w2.stacked_tensor(), g.b2.stacked_tensor(),
+          g.w_gate.stacked_tensor(), g.b_gate.stacked_tensor(), g.scale};
 }
 
 }  // namespace
@@ -661,6 +792,8 @@ std::tuple<at::Tensor, Group, Group, Group, Group, Group, Group, at::Tensor> swi
 TORCH_LIBRARY_IMPL(fastformers, CPU, m) {
   m.impl("switch_mlp", &switch_mlp_cpu);
   m.impl("switch_mlp_backward", &switch_mlp_backward_cpu);
+  m.impl("switch_mlp_stacked", &switch_mlp_stacked_cpu);
+  m.impl("switch_mlp_stacked_backward", &switch_mlp_stacked_backward_cpu);
 }
 
 }  // namespace fastformers

@@ -51,13 +51,9 @@ class SwitchFeedForward(nn.Module):
     are ``n_experts`` separate :class:`FeedForward` modules, as in labml, and
     the fused backends read their parameters in place; ``stack_experts_()``
     and ``unstack_experts_()`` switch layouts with new Parameter objects
-    (build the optimizer afterwards). Cost: the C++ backward returns one
-    gradient tensor per expert, which the stacked layout copies into its
-    ``[E, ...]`` gradients (one pass over the expert weights per step; at
-    T 4096, d 512, d_ff 2048, E 64 that makes a step slower than with
-    per-expert modules) until ``switch_mlp_backward`` can write stacked
-    gradients (:func:`fastformers.ops.switch.op.restack` then returns them
-    without a copy).
+    (build the optimizer afterwards). Stacked, the fused backends run the
+    ``switch_mlp_stacked`` ops, whose backward writes each weight gradient
+    straight into one ``[E, ...]`` tensor.
     ``backend`` (settable; None = automatic) selects the implementation:
     ``"cpp"``/``"triton"`` run routing plus one grouped expert-FFN op
     (:func:`fastformers.ops.switch.switch_mlp`), ``"reference"`` loops over

@@ -6,9 +6,12 @@ b1, w2 [E, d, d_ff], b2, w_gate, b_gate, scale [T], activation, dropout_p,
 seed, offset) -> (y [T, d], hidden [T, n · d_ff])`` (weights as lists of
 per-expert tensors, dropout mask ``[T, d_ff]`` by token row, see
 :func:`naive.switch_mlp`) and its ``switch_mlp_backward``, which regenerates
-the mask from ``(seed, offset)``: CPU kernels come from
-``csrc/switch.cpp``, CUDA kernels from :mod:`.triton_kernel`, every other
-device (and CPU without the extension) from :mod:`.naive`.
+the mask from ``(seed, offset)``; ``switch_mlp_stacked`` and
+``switch_mlp_stacked_backward`` are the same ops with each weight kind one
+``[E, ...]`` tensor (None when absent) and the weight gradients returned as
+``[E, ...]`` tensors. CPU kernels come from ``csrc/switch.cpp``, CUDA kernels
+from :mod:`.triton_kernel`, every other device (and CPU without the
+extension) from :mod:`.naive`.
 """
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -23,12 +26,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DROP_POLICIES = ("labml", "deterministic")
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-# The op's expert weights are lists of per-expert tensors (an empty list: no
+# switch_mlp's expert weights are lists of per-expert tensors (an empty list: no
 # bias / no gate) so that modules holding one nn.Linear per expert pass their
 # parameters as they are: no stacking copy per call on CPU, and each gradient
 # lands in its own tensor (the Triton launchers stack them, see triton_kernel).
-# Stacked [E, ...] weights reach the kernels as their E row views and enter
-# autograd once (see _FlatSwitchMLP).
+# switch_mlp_stacked takes stacked [E, ...] weights (SwitchFeedForward's
+# Parameters) and returns stacked gradients: one autograd input and one
+# gradient per tensor kind whatever E, no per-expert tensors to stack.
 KERNELS = ("reference", "cpp", "triton")
 
 lib.define(
@@ -43,8 +47,17 @@ lib.define(
     "Tensor[], Tensor[], Tensor)"
 )
 
-lib.impl("switch_mlp", naive.switch_mlp, "CompositeExplicitAutograd")
-lib.impl("switch_mlp_backward", naive.switch_mlp_backward, "CompositeExplicitAutograd")
+lib.define(
+    "switch_mlp_stacked(Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor w1, Tensor? b1, Tensor w2, "
+    "Tensor? b2, Tensor? w_gate, Tensor? b_gate, Tensor scale, str activation, float dropout_p, int seed, "
+    "int offset) -> (Tensor, Tensor)"
+)
+lib.define(
+    "switch_mlp_stacked_backward(Tensor grad_y, Tensor x, Tensor order, Tensor offsets, Tensor kept, Tensor w1, "
+    "Tensor? b1, Tensor w2, Tensor? b2, Tensor? w_gate, Tensor? b_gate, Tensor scale, Tensor hidden, "
+    "str activation, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor?, Tensor, Tensor?, "
+    "Tensor?, Tensor?, Tensor)"
+)
 
 
 class Routing(NamedTuple):
@@ -128,18 +141,20 @@ def _shuffle_overflowing_experts(order, host_counts, capacity, generator) -> Non
     does, drawing one ``randperm`` per such expert in increasing expert index."""
     # labml draws on the CPU whatever the device of x, so the same seed gives the same permutation
     perm_device = generator.device if generator is not None else torch.device("cpu")
-    # one gather through a position table instead of indexing each segment
-    # (about 30 overflowing experts per call at E = 64)
-    positions, start, shuffled = [], 0, False
+    # one gather through a position table whose overflowing segments are
+    # permuted in place: two small ops per overflowing expert (about 30 per
+    # call at E = 64) and none for the others
+    positions, start = None, 0
     for count in host_counts:
         if count > capacity:
-            positions.append(torch.randperm(count, generator=generator, device=perm_device).add_(start))
-            shuffled = True
-        else:
-            positions.append(torch.arange(start, start + count, device=perm_device))
+            if positions is None:
+                positions = torch.arange(len(order), device=perm_device)
+            segment = positions[start : start + count]
+            torch.randperm(count, generator=generator, device=perm_device, out=segment)
+            segment.add_(start)
         start += count
-    if shuffled:
-        order.copy_(order[torch.cat(positions).to(order.device)])
+    if positions is not None:
+        order.copy_(order[positions.to(order.device)])
 
 
 WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "w_gate", "b_gate")
@@ -230,6 +245,38 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def on_expert_lists(forward, backward) -> tuple:
+    """The (forward, backward) of ``switch_mlp_stacked`` from those of
+    ``switch_mlp``: stacked weights passed as their E row views, the
+    per-expert gradients stacked back into ``[E, ...]`` tensors (without a
+    copy when they are the rows of one buffer, as the Triton launchers return
+    them; None for an absent weight). For the reference and the Triton
+    launchers, which compute on per-expert lists or on one stacked buffer
+    anyway; the C++ kernels implement the stacked ops themselves."""
+
+    def stacked_forward(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p,
+                        seed, offset):
+        return forward(x, order, offsets, kept, *expert_lists(w1, b1, w2, b2, w_gate, b_gate), scale, activation,
+                       dropout_p, seed, offset)
+
+    def stacked_backward(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden, activation,
+                         dropout_p, seed, offset):
+        grad_x, *grad_groups, grad_scale = backward(
+            grad_y, x, order, offsets, kept, *expert_lists(w1, b1, w2, b2, w_gate, b_gate), scale, hidden, activation,
+            dropout_p, seed, offset
+        )
+        return (grad_x, *[restack(grads) if grads else None for grads in grad_groups], grad_scale)
+
+    return stacked_forward, stacked_backward
+
+
+lib.impl("switch_mlp", naive.switch_mlp, "CompositeExplicitAutograd")
+lib.impl("switch_mlp_backward", naive.switch_mlp_backward, "CompositeExplicitAutograd")
+_stacked_reference = on_expert_lists(naive.switch_mlp, naive.switch_mlp_backward)
+lib.impl("switch_mlp_stacked", _stacked_reference[0], "CompositeExplicitAutograd")
+lib.impl("switch_mlp_stacked_backward", _stacked_reference[1], "CompositeExplicitAutograd")
+
+
 @torch.library.register_fake(qualname("switch_mlp"))
 def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p, seed,
                      offset):
@@ -246,6 +293,22 @@ def _switch_mlp_backward_fake(
     return (torch.empty_like(x), *groups, torch.empty_like(scale))
 
 
+@torch.library.register_fake(qualname("switch_mlp_stacked"))
+def _switch_mlp_stacked_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p,
+                             seed, offset):
+    n_hidden = 2 if w_gate is not None else 1
+    hidden = x.new_empty(x.shape[0], n_hidden * w1.shape[1], dtype=naive.hidden_dtype(x.dtype))
+    return x.new_empty(x.shape), hidden
+
+
+@torch.library.register_fake(qualname("switch_mlp_stacked_backward"))
+def _switch_mlp_stacked_backward_fake(grad_y, x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, hidden,
+                                      activation, dropout_p, seed, offset):
+    grads = [None if w is None else torch.empty_like(w) for w in (w1, b1, w2, b2, w_gate, b_gate)]
+    return (torch.empty_like(x), *grads, torch.empty_like(scale))
+
+
+# Both ops' autograd, telling the layouts apart by w1: a tensor (stacked) or a list.
 def _setup_context(ctx, inputs, output):
     x, order, offsets, kept, *groups, scale, activation, dropout_p, seed, offset = inputs
     _, hidden = output
@@ -253,11 +316,37 @@ def _setup_context(ctx, inputs, output):
     # otherwise autograd fills a zero [T, d_ff] gradient for hidden every backward
     ctx.set_materialize_grads(False)
     ctx.activation, ctx.dropout = activation, (dropout_p, seed, offset)
-    ctx.group_sizes = [len(group) for group in groups]
-    ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *[w for group in groups for w in group])
+    ctx.group_sizes = None if isinstance(groups[0], torch.Tensor) else [len(group) for group in groups]
+    ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *_flat_weights(groups, ctx.group_sizes))
 
 
-def _split_groups(flat: Sequence[torch.Tensor], group_sizes: Sequence[int]) -> list:
+def _backward(ctx, grad_y, _grad_hidden):
+    x, order, offsets, kept, scale, hidden, *flat = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    backward = _backward_op(ctx.group_sizes is None)
+    grad_x, *grad_groups, grad_scale = backward(
+        grad_y.contiguous(), x, order, offsets, kept, *_weight_groups(flat, ctx.group_sizes), scale, hidden,
+        ctx.activation, *ctx.dropout
+    )
+    return (grad_x, None, None, None, *grad_groups, grad_scale, None, None, None, None)
+
+
+def _backward_op(stacked: bool):
+    ops = torch.ops.fastformers
+    return ops.switch_mlp_stacked_backward if stacked else ops.switch_mlp_backward
+
+
+def _flat_weights(groups: Sequence, group_sizes: Optional[Sequence[int]]) -> list:
+    """The weight groups as one flat sequence: the six stacked tensors (None
+    when absent) when ``group_sizes`` is None, else every list's tensors."""
+    return list(groups) if group_sizes is None else [w for group in groups for w in group]
+
+
+def _weight_groups(flat: Sequence, group_sizes: Optional[Sequence[int]]) -> list:
+    """The inverse of :func:`_flat_weights`."""
+    if group_sizes is None:
+        return list(flat)
     groups, start = [], 0
     for size in group_sizes:
         groups.append(list(flat[start : start + size]))
@@ -265,28 +354,18 @@ def _split_groups(flat: Sequence[torch.Tensor], group_sizes: Sequence[int]) -> l
     return groups
 
 
-def _backward(ctx, grad_y, _grad_hidden):
-    x, order, offsets, kept, scale, hidden, *flat = ctx.saved_tensors
-    if grad_y is None:
-        grad_y = torch.zeros_like(x)
-    grad_x, *grad_groups, grad_scale = torch.ops.fastformers.switch_mlp_backward(
-        grad_y.contiguous(), x, order, offsets, kept, *_split_groups(flat, ctx.group_sizes), scale, hidden,
-        ctx.activation, *ctx.dropout
-    )
-    return (grad_x, None, None, None, *grad_groups, grad_scale, None, None, None, None)
-
-
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError("fastformers::switch_mlp does not support double backward")
 
 
-torch.library.register_autograd(qualname("switch_mlp"), _backward, setup_context=_setup_context)
-torch.library.register_autograd(
-    qualname("switch_mlp_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
-# the backward is not registered: autograd runs it on the forward's dtypes (its
-# saved hidden stays float32 for bfloat16 inputs)
-_autocast.register("switch_mlp")
+for _name in ("switch_mlp", "switch_mlp_stacked"):
+    torch.library.register_autograd(qualname(_name), _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        qualname(f"{_name}_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
+    # the backward is not registered: autograd runs it on the forward's dtypes
+    # (its saved hidden stays float32 for bfloat16 inputs)
+    _autocast.register(_name)
 
 
 if _backend.triton_available():
@@ -294,32 +373,38 @@ if _backend.triton_available():
 
     lib.impl("switch_mlp", triton_kernel.switch_mlp_forward, "CUDA")
     lib.impl("switch_mlp_backward", triton_kernel.switch_mlp_backward, "CUDA")
+    # the launchers index one [E, ...] buffer, which they take without a copy
+    # from the row views of a stacked weight. Gated, the w1 and w_gate
+    # gradients come back as disjoint halves of one buffer.
+    _triton_stacked = on_expert_lists(triton_kernel.switch_mlp_forward, triton_kernel.switch_mlp_backward)
+    lib.impl("switch_mlp_stacked", _triton_stacked[0], "CUDA")
+    lib.impl("switch_mlp_stacked_backward", _triton_stacked[1], "CUDA")
 
 
-class _FlatSwitchMLP(torch.autograd.Function):
-    """``switch_mlp`` with the same backward op as its registered autograd, for
-    eager calls. torch.library's generated autograd wrapper rebuilds the
-    per-expert weight lists through pytree on every forward and backward
-    (~1.3 ms per forward at E = 64 in the profile); this Function takes them
-    as one flat argument tuple. Under torch.compile the registered autograd is
-    used (see :func:`switch_mlp`).
+class _SwitchMLPFunction(torch.autograd.Function):
+    """``switch_mlp`` / ``switch_mlp_stacked`` with the same backward op as
+    their registered autograd, for eager calls. torch.library's generated
+    autograd wrapper rebuilds the per-expert weight lists through pytree on
+    every forward and backward (~1.3 ms per forward at E = 64 in the
+    profile); this Function takes them as one flat argument tuple. Under
+    torch.compile the registered autograd is used (see :func:`switch_mlp`).
 
-    ``layout`` says how each of the six weight groups sits in ``flat_weights``:
-    ``STACKED`` (one ``[E, ...]`` tensor, e.g. a stacked Parameter: the node
-    has one input per tensor kind whatever E, the kernels get its E row views
-    and the E gradients come back as one ``[E, ...]`` tensor) or the number of
-    per-expert tensors (0 when absent).
+    ``group_sizes`` says how the six weight groups sit in ``flat_weights`` (see
+    :func:`_flat_weights`): None for the stacked op (the six ``[E, ...]``
+    tensors, None when absent: one autograd input per tensor kind whatever E,
+    gradients written stacked by the kernel), else the number of per-expert
+    tensors in each group (0 when absent).
 
     ``kernels`` is the (forward, backward) pair to run: the registered ops, or
     the Triton launchers themselves for CPU tensors under the interpreter
     (which the ops' CPU dispatch would send to the C++ kernels)."""
 
     @staticmethod
-    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, dropout_args, layout, *flat_weights):
-        groups = _expand_groups(flat_weights, layout)
+    def forward(ctx, kernels, x, order, offsets, kept, scale, activation, dropout_args, group_sizes, *flat_weights):
+        groups = _weight_groups(flat_weights, group_sizes)
         y, hidden = kernels[0](x, order, offsets, kept, *groups, scale, activation, *dropout_args)
         ctx.save_for_backward(x, order, offsets, kept, scale, hidden, *flat_weights)
-        ctx.kernels, ctx.activation, ctx.dropout_args, ctx.layout = kernels, activation, dropout_args, layout
+        ctx.kernels, ctx.activation, ctx.dropout_args, ctx.group_sizes = kernels, activation, dropout_args, group_sizes
         return y
 
     @staticmethod
@@ -327,35 +412,17 @@ class _FlatSwitchMLP(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, order, offsets, kept, scale, hidden, *flat_weights = ctx.saved_tensors
         grad_x, *grad_groups, grad_scale = ctx.kernels[1](
-            grad_y.contiguous(), x, order, offsets, kept, *_expand_groups(flat_weights, ctx.layout), scale,
+            grad_y.contiguous(), x, order, offsets, kept, *_weight_groups(flat_weights, ctx.group_sizes), scale,
             hidden, ctx.activation, *ctx.dropout_args
         )
-        grad_weights = []
-        for size, grads in zip(ctx.layout, grad_groups):
-            grad_weights += [restack(grads)] if size == STACKED else list(grads)
-        return (None, grad_x, None, None, None, grad_scale, None, None, None, *grad_weights)
-
-
-STACKED = -1
-
-
-def _expand_groups(flat: Sequence[torch.Tensor], layout: Sequence[int]) -> list:
-    """The six weight groups as lists of per-expert tensors, from ``flat`` laid out as ``layout`` says."""
-    groups, start = [], 0
-    for size in layout:
-        if size == STACKED:
-            groups.append(list(flat[start].unbind(0)))
-            start += 1
-        else:
-            groups.append(list(flat[start : start + size]))
-            start += size
-    return groups
+        return (None, grad_x, None, None, None, grad_scale, None, None, None,
+                *_flat_weights(grad_groups, ctx.group_sizes))
 
 
 def restack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(tensors)``, without the copy when they already are the
-    consecutive ``[E, ...]`` rows of one contiguous buffer (kernels that
-    allocate their per-expert gradients in one block)."""
+    consecutive ``[E, ...]`` rows of one contiguous buffer (the Triton
+    launchers' per-expert gradients)."""
     first = tensors[0]
     step = first.numel()
     contiguous_rows = all(
@@ -369,10 +436,11 @@ def restack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
-def _kernels(backend: str, device: torch.device) -> tuple:
+def _kernels(backend: str, device: torch.device, stacked: bool) -> tuple:
     if backend == "triton" and device.type == "cpu":
-        return triton_kernel.switch_mlp_forward, triton_kernel.switch_mlp_backward
-    return torch.ops.fastformers.switch_mlp, torch.ops.fastformers.switch_mlp_backward
+        return _triton_stacked if stacked else (triton_kernel.switch_mlp_forward, triton_kernel.switch_mlp_backward)
+    ops = torch.ops.fastformers
+    return (ops.switch_mlp_stacked if stacked else ops.switch_mlp), _backward_op(stacked)
 
 
 def switch_mlp(
@@ -448,27 +516,20 @@ def switch_mlp_on(backend: str, x, routing, w1, b1, w2, b2, scale, activation, w
     if backend == "reference":
         return naive.switch_mlp(x, routing.order, routing.offsets, routing.kept, *expert_lists(*weights), scale,
                                 activation, *dropout_args)[0]
-    kernels = _kernels(backend, x.device)
-    if torch.compiler.is_compiling():
-        if kernels[0] is not torch.ops.fastformers.switch_mlp:
-            raise NotImplementedError("the Triton switch kernels run on CPU tensors (interpreter) only in eager mode")
+    # all-stacked weights (None for absent ones) take the stacked op; lists,
+    # or a mix, the list op
+    stacked = all(group is None or isinstance(group, torch.Tensor) for group in weights)
+    if stacked:
+        groups, group_sizes = [None if w is None else w.contiguous() for w in weights], None
+    else:
         groups = [[w.contiguous() for w in group] for group in expert_lists(*weights)]
-        return torch.ops.fastformers.switch_mlp(
-            x.contiguous(), routing.order, routing.offsets, routing.kept, *groups, scale.contiguous(), activation,
-            *dropout_args
-        )[0]
-    # stacked weights enter the autograd node as they are (one input per tensor
-    # kind, gradients come back stacked); lists as their tensors
-    layout, flat = [], []
-    for group in weights:
-        if isinstance(group, torch.Tensor):
-            layout.append(STACKED)
-            flat.append(group.contiguous())
-        else:
-            group = [] if group is None else [w.contiguous() for w in group]
-            layout.append(len(group))
-            flat += group
-    return _FlatSwitchMLP.apply(
-        kernels, x.contiguous(), routing.order, routing.offsets, routing.kept, scale.contiguous(), activation,
-        dropout_args, tuple(layout), *flat
-    )
+        group_sizes = tuple(len(group) for group in groups)
+    kernels = _kernels(backend, x.device, stacked)
+    args = (x.contiguous(), routing.order, routing.offsets, routing.kept)
+    if torch.compiler.is_compiling():
+        op = torch.ops.fastformers.switch_mlp_stacked if stacked else torch.ops.fastformers.switch_mlp
+        if kernels[0] is not op:
+            raise NotImplementedError("the Triton switch kernels run on CPU tensors (interpreter) only in eager mode")
+        return op(*args, *groups, scale.contiguous(), activation, *dropout_args)[0]
+    return _SwitchMLPFunction.apply(kernels, *args, scale.contiguous(), activation, dropout_args, group_sizes,
+                                    *_flat_weights(groups, group_sizes))
