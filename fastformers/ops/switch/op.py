@@ -234,7 +234,7 @@ def _describe(value) -> str:
 def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p, seed,
                      offset):
     n_hidden = 2 if w_gate else 1
-    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype))
+    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype, x.device))
     return x.new_empty(x.shape), hidden
 
 
