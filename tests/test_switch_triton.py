@@ -13,6 +13,7 @@ import triton.language as tl
 from fastformers.ops import dropout
 from fastformers.ops.switch import naive, route, switch_mlp
 from fastformers.ops.switch.op import expert_lists
+from fastformers.ops.switch.triton_kernel import _tile
 from harness import LOW_PRECISION, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR
 from test_switch_dropout import dense_oracle, forward_and_grads, problem
 from test_switch_ops import (ROUTING_EDGE_CASES, check_parity, edge_case_routing, make_weights, random_problem,
@@ -153,8 +154,6 @@ def test_per_expert_weight_lists_match_stacked():
 @triton.jit
 def _tile_probe(offsets_ptr, kept_ptr, out_ptr, n_experts, BLOCK_M: tl.constexpr):
     """Writes, per program, what ``_tile`` found: expert, first row, segment and kept ends, any kept."""
-    from fastformers.ops.switch.triton_kernel import _tile
-
     expert, rows, in_segment, kept, any_kept = _tile(offsets_ptr, kept_ptr, n_experts, BLOCK_M)
     out = out_ptr + tl.program_id(0) * 5
     tl.store(out, expert)

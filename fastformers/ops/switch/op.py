@@ -285,7 +285,7 @@ torch.library.register_autograd(
     qualname("switch_mlp_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
 # the backward is not registered: autograd runs it on the forward's dtypes (its
-# saved hidden stays float32 for bfloat16 inputs)
+# saved hidden stays float32 for bfloat16 inputs on CPU)
 _autocast.register("switch_mlp")
 
 

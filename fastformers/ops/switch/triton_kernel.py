@@ -5,18 +5,20 @@ Tokens stay where they are: ``order`` groups them by expert (segment
 ``offsets[e] : offsets[e + 1]``, its first ``kept[e]`` kept) and every kernel
 reads and writes token rows through it, so no gathered or scattered copy of x,
 y or their gradients exists. A tile is ``BLOCK_M`` consecutive positions of
-one expert's segment; the tile schedule (expert, first position, end of the
-kept rows, end of the segment) is built on the device from ``offsets`` and
-``kept`` by a few torch ops, and the grid is its upper bound ``T // BLOCK_M +
-min(E, T)`` tiles, so nothing waits for the host to learn the counts. Tiles
-past the end, and the GEMM part of tiles with no kept row, do no work.
+one expert's segment; each program finds its tile (expert, first position,
+end of the kept rows, end of the segment) from ``offsets`` and ``kept`` (see
+``_tile``), and the grid is the upper bound ``T // BLOCK_M + min(E, T)``
+tiles, so nothing waits for the host to learn the counts and the autotuner
+may pick BLOCK_M. Tiles past the end, and the GEMM part of tiles with no
+kept row, do no work.
 
 Forward, two grouped GEMMs:
 
 - ``switch_in_kernel``: ``hidden[p] = x[order[p]] · W1[e]ᵀ + b1[e]`` (and the
   gate ``x · Wgᵀ + bg`` in the second half of the row), the rows of x gathered
-  by index inside the loads; zero on dropped rows. ``hidden`` (order layout) is
-  the op's saved pre-activation.
+  by index inside the loads; zero on dropped rows. ``hidden`` (order layout,
+  input dtype: float32 accumulators rounded once) is the op's saved
+  pre-activation.
 - ``switch_out_kernel``: ``y[order[p]] = scale · dropout(act(h) [· v]) · W2[e]ᵀ + b2[e]``,
   the activation (and the dropout mask) applied in registers to the A operand
   as it is loaded, the bias, scale and scatter to the token's row in the
@@ -58,8 +60,15 @@ FLOPs (unmeasured: no GPU here). Keeping the module's weights as views of one
 stacked buffer would remove it but changes how its parameters are stored;
 not done. Absent biases are zero buffers ``[E, ·]``.
 
-Dots are IEEE float32 for float32 (not TF32, to match the reference), bf16
-products accumulated in float32, float64 for float64. Launchers take CUDA
+Tiles: ``triton.autotune`` over a few configurations per tile class (see
+``_TILES``: 128 x 128 x 32 and 64 x 128 x 32 tiles, 3-4 stages, for bf16,
+float16 and TF32 with d and d_ff multiples of 16), keyed on (d, d_ff, gating,
+precision, dtypes), never on T or the expert loads. The activation is a
+runtime argument, so each tile compiles once per dtype and gating.
+
+Dots: bf16 / float16 products accumulated in float32, float64 for float64;
+float32 in TF32 when torch allows TF32 matmuls and IEEE otherwise (see
+:func:`matmul_precision`), decided per call by the launcher. Launchers take CUDA
 tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before import (the
 Triton interpreter; how they are tested without a GPU). The Triton path does
 not validate ``order`` (a device check would cost a host sync): it must be a
@@ -214,14 +223,17 @@ _TILES = {
         "ieee": [(64, 32, 16, 8, 2)],
         "fp64": [(32, 32, 8, 8, 2)],
     },
+    # 64 x 64 tiles of 8 warps: the epilogue holds G, h, v, act, act', the
+    # dropout's Philox state and the stores per element, and 128-row tiles (or
+    # 4 warps) spilled 136-352 B per thread at any num_stages
     "switch_grad_hidden_kernel": {
-        "mma": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
+        "mma": [(64, 64, 64, 8, 3), (64, 64, 32, 8, 3)],
         "mma-odd": [(64, 64, 32, 8, 1)],
         "ieee": [(64, 32, 32, 8, 2)],
         "fp64": [(32, 32, 16, 8, 2)],
     },
     "switch_grad_x_kernel": {
-        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
+        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3)],
         "mma-odd": [(64, 64, 32, 8, 1)],
         "ieee": [(64, 32, 16, 4, 2)],
         "fp64": [(32, 32, 16, 4, 2)],
@@ -233,7 +245,7 @@ _TILES = {
         "fp64": [(32, 32, 16, 4, 2)],
     },
     "switch_grad_w_out_kernel": {
-        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
+        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3)],
         "mma-odd": [(64, 64, 32, 8, 1)],
         "ieee": [(64, 64, 16, 8, 2)],
         "fp64": [(32, 32, 16, 8, 2)],
