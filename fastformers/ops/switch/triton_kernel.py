@@ -217,10 +217,13 @@ _TILES = {
         "ieee": [(64, 64, 32, 4, 2)],
         "fp64": [(32, 32, 16, 4, 2)],
     },
+    # 128 x 64 / 64 x 128 of 8 warps: at 128 x 128 (or 4 warps) the activated
+    # TF32 A operand (4-byte, in registers) spilled 8-32 B per thread, and so did
+    # grad_x's two gated products on sm_80
     "switch_out_kernel": {
-        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
+        "mma": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
         "mma-odd": [(64, 64, 32, 8, 1)],
-        "ieee": [(64, 32, 16, 8, 2)],
+        "ieee": [(32, 32, 16, 8, 2)],
         "fp64": [(32, 32, 8, 8, 2)],
     },
     # 64 x 64 tiles of 8 warps: the epilogue holds G, h, v, act, act', the
@@ -233,9 +236,9 @@ _TILES = {
         "fp64": [(32, 32, 16, 8, 2)],
     },
     "switch_grad_x_kernel": {
-        "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3)],
+        "mma": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3)],
         "mma-odd": [(64, 64, 32, 8, 1)],
-        "ieee": [(64, 32, 16, 4, 2)],
+        "ieee": [(64, 32, 16, 8, 2)],
         "fp64": [(32, 32, 16, 4, 2)],
     },
     "switch_grad_w_in_kernel": {
@@ -246,7 +249,7 @@ _TILES = {
     },
     "switch_grad_w_out_kernel": {
         "mma": [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3)],
-        "mma-odd": [(64, 64, 32, 8, 1)],
+        "mma-odd": [(64, 64, 16, 8, 1)],
         "ieee": [(64, 64, 16, 8, 2)],
         "fp64": [(32, 32, 16, 8, 2)],
     },
