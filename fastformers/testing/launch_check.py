@@ -104,22 +104,29 @@ def _extent(name: str, tensor: torch.Tensor) -> TensorExtent:
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` records."""
+    """Stands in for a ``@triton.jit`` kernel, or a ``triton.autotune`` one:
+    ``kernel[grid](*args)`` records, once per configuration the autotuner
+    may pick (each has its own grid); ``best_config`` is the first of them."""
 
     def __init__(self, kernel, launches: List[Launch]):
         self.kernel, self.launches = kernel, launches
-        self.fn = getattr(kernel, "fn", kernel)
+        self.fn = kernel
+        while hasattr(self.fn, "fn"):  # Autotuner -> JITFunction -> the Python function
+            self.fn = self.fn.fn
         self.arg_names = list(inspect.signature(self.fn).parameters)
         self.uses_int64 = "int64" in inspect.getsource(self.fn)
+        self.configs = list(getattr(kernel, "configs", []))
+        self.best_config = self.configs[0] if self.configs else None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            named = dict(zip(self.arg_names, args), **kwargs)
-            resolved = grid(named) if callable(grid) else grid
-            resolved = tuple(resolved) + (1,) * (3 - len(tuple(resolved)))
-            tensors = [_extent(name, value) for name, value in named.items() if isinstance(value, torch.Tensor)]
-            self.launches.append(Launch(self.fn.__name__, tuple(int(size) for size in resolved), tensors,
-                                        self.uses_int64))
+            for config in self.configs or [None]:
+                named = dict(zip(self.arg_names, args), **kwargs, **(config.all_kwargs() if config else {}))
+                resolved = grid(named) if callable(grid) else grid
+                resolved = tuple(resolved) + (1,) * (3 - len(tuple(resolved)))
+                tensors = [_extent(name, value) for name, value in named.items() if isinstance(value, torch.Tensor)]
+                self.launches.append(Launch(self.fn.__name__, tuple(int(size) for size in resolved), tensors,
+                                            self.uses_int64))
 
         return launch
 
@@ -173,6 +180,7 @@ def kernel_offset_widths(kernel_name: str, arch: int = 90) -> Dict[str, List[int
 
 
 def _kernel_objects(module) -> Dict[str, object]:
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     try:
@@ -180,7 +188,7 @@ def _kernel_objects(module) -> Dict[str, object]:
     except ImportError:  # older Triton: the interpreter wraps JITFunction itself
         InterpretedFunction = JITFunction
     return {name: value for name, value in vars(module).items()
-            if isinstance(value, (JITFunction, InterpretedFunction)) and name.endswith("_kernel")}
+            if isinstance(value, (JITFunction, InterpretedFunction, Autotuner)) and name.endswith("_kernel")}
 
 
 @contextlib.contextmanager

@@ -16,8 +16,13 @@ from ..dropout import naive as dropout_naive
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
 
 
-def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the saved pre-activations: low-precision inputs keep them in float32."""
+def hidden_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Dtype of the saved pre-activations for inputs of ``dtype`` on ``device``:
+    the input dtype on CUDA (the Triton kernels accumulate in float32 and
+    store it rounded, half the memory of float32 for bf16 / float16); float32
+    for low-precision inputs elsewhere (the C++ kernels keep it)."""
+    if torch.device(device).type == "cuda":
+        return dtype
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
@@ -68,7 +73,7 @@ def switch_mlp(
     kept_per_expert = kept.tolist()
     keep = hidden_keep_mask(x.shape[0], d_ff, dropout_p, seed, offset, x.device)
     kept_rows, kept_outputs = [], []
-    hidden = x.new_zeros(x.shape[0], (2 if gated else 1) * d_ff, dtype=hidden_dtype(x.dtype))
+    hidden = x.new_zeros(x.shape[0], (2 if gated else 1) * d_ff, dtype=hidden_dtype(x.dtype, x.device))
     for expert in range(n_experts):
         positions = torch.arange(starts[expert], starts[expert] + kept_per_expert[expert], device=x.device)
         rows = order[positions]

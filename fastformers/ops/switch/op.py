@@ -281,7 +281,7 @@ lib.impl("switch_mlp_stacked_backward", _stacked_reference[1], "CompositeExplici
 def _switch_mlp_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p, seed,
                      offset):
     n_hidden = 2 if w_gate else 1
-    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype))
+    hidden = x.new_empty(x.shape[0], n_hidden * w1[0].shape[0], dtype=naive.hidden_dtype(x.dtype, x.device))
     return x.new_empty(x.shape), hidden
 
 
@@ -297,7 +297,7 @@ def _switch_mlp_backward_fake(
 def _switch_mlp_stacked_fake(x, order, offsets, kept, w1, b1, w2, b2, w_gate, b_gate, scale, activation, dropout_p,
                              seed, offset):
     n_hidden = 2 if w_gate is not None else 1
-    hidden = x.new_empty(x.shape[0], n_hidden * w1.shape[1], dtype=naive.hidden_dtype(x.dtype))
+    hidden = x.new_empty(x.shape[0], n_hidden * w1.shape[1], dtype=naive.hidden_dtype(x.dtype, x.device))
     return x.new_empty(x.shape), hidden
 
 
@@ -364,7 +364,7 @@ for _name in ("switch_mlp", "switch_mlp_stacked"):
         qualname(f"{_name}_backward"), _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
     # the backward is not registered: autograd runs it on the forward's dtypes
-    # (its saved hidden stays float32 for bfloat16 inputs)
+    # (its saved hidden stays float32 for bfloat16 inputs on CPU)
     _autocast.register(_name)
 
 
