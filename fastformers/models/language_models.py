@@ -32,6 +32,8 @@ from torch import nn
 from .. import nn as ffnn
 
 MODEL_NAMES = ("xl", "compressive", "feedback", "switch")
+# labml_nn's relative-position tables cover 2**12 positions whatever the lengths trained.
+LABML_POSITIONS = 2 ** 12
 
 
 @dataclasses.dataclass
@@ -45,6 +47,9 @@ class ModelConfig:
     d_ff: int = 256
     n_layers: int = 6
     dropout: float = 0.0
+    # XL, Compressive and Feedback: relative positions P of the attention's positional tables (labml's
+    # 2**12 keeps its state_dict shapes); must cover the longest span of keys (and queries) attended.
+    n_positions: int = LABML_POSITIONS
     # Transformer-XL and Compressive: memory steps kept per layer.
     mem_len: int = 32
     # Compressive: compressed steps kept per layer and steps per compressed step.
@@ -62,7 +67,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.model not in MODEL_NAMES:
             raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
-        for name in ("n_tokens", "d_model", "heads", "d_ff", "n_layers", "compression_rate", "n_experts"):
+        for name in ("n_tokens", "d_model", "heads", "d_ff", "n_layers", "compression_rate", "n_experts",
+                     "n_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.heads:
@@ -219,7 +225,7 @@ class FeedbackLM(LanguageModel):
     def step(self, x: torch.Tensor, state: Optional[ffnn.FeedbackState] = None):
         """Each token of ``x`` ``[T, B]`` is one recurrence step after ``state``.
 
-        The relative-position tables cover ``P = 2**12`` steps; past that the
+        The relative-position tables cover ``P = n_positions`` steps; past that the
         oldest cached steps are dropped (a sliding window).
         """
         limit = self.transformer.layers[0].attn.P
@@ -321,17 +327,19 @@ def build_model(config: ModelConfig, modules=ffnn) -> LanguageModel:
     """The language model of ``config`` built from ``modules`` (fastformers.nn,
     or :func:`labml_modules` to wrap labml_nn's modules in the same shell)."""
     c = config
+    # labml_nn's attention modules have no such argument: passed only when it differs from theirs
+    positions = {} if c.n_positions == LABML_POSITIONS else {"n_positions": c.n_positions}
     if c.model == "xl":
         layer = modules.TransformerXLLayer(
             d_model=c.d_model,
-            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout),
+            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout)
         return TransformerXLLM(c, modules.TransformerXL(layer, c.n_layers))
     if c.model == "compressive":
         layer = modules.CompressiveTransformerLayer(
             d_model=c.d_model,
-            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout),
+            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout,
             compress=modules.Conv1dCompression(c.compression_rate, c.d_model))
@@ -339,7 +347,7 @@ def build_model(config: ModelConfig, modules=ffnn) -> LanguageModel:
     if c.model == "feedback":
         layer = modules.FeedbackTransformerLayer(
             d_model=c.d_model,
-            attn=modules.FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=c.kv),
+            attn=modules.FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=c.kv, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout)
         if c.kv:
