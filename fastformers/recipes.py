@@ -26,7 +26,7 @@ DEFAULT_PRESET = PRESETS[0]
 
 # labml_nn's training settings; the optimizer ones are labml's OptimizerConfigs
 # (warm-up 2000, no weight decay, no decay of the learning rate after warm-up).
-_LABML_OPTIMIZER = dict(warmup=2000, weight_decay=0.0, decay_steps=None, min_lr=0.0, beta1=0.9, beta2=0.999,
+_LABML_OPTIMIZER = dict(warmup=2000, weight_decay=0.0, decay_steps=None, min_lr_ratio=0.0, beta1=0.9, beta2=0.999,
                         grad_clip=1.0, eval_interval=100, eval_batches=10, steps=5000, backend="fused")
 _LABML_TRAIN: Dict[str, dict] = {
     "xl": dict(seq_len=2, batch_size=32, optimizer="noam", lr=1.0),
@@ -35,7 +35,7 @@ _LABML_TRAIN: Dict[str, dict] = {
     "switch": dict(seq_len=64, batch_size=32, optimizer="noam", lr=1.0),
 }
 
-# The cpu recipes. AdamW, linear warm-up then cosine decay to min_lr at
+# The cpu recipes. AdamW, linear warm-up then cosine decay to lr / 10 at
 # decay_steps = steps (nanoGPT's recipe shape), eval often enough to see the
 # 1.9-nats crossing within a few seconds of it. n_positions covers the longest
 # key/query span each model uses (XL: mem_len + seq_len; Compressive: c_mem_len +
@@ -43,13 +43,13 @@ _LABML_TRAIN: Dict[str, dict] = {
 _CPU_OPTIMIZER = dict(optimizer="adamw", weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_batches=10,
                       backend="fused")
 _CPU_TRAIN: Dict[str, dict] = {
-    "xl": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr=2e-4,
+    "xl": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr_ratio=0.1,
                eval_interval=100),
-    "compressive": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr=2e-4,
+    "compressive": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr_ratio=0.1,
                         eval_interval=100),
-    "feedback": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr=2e-4,
+    "feedback": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr_ratio=0.1,
                      eval_interval=100),
-    "switch": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr=2e-4,
+    "switch": dict(seq_len=64, batch_size=16, lr=2e-3, warmup=100, steps=2000, decay_steps=2000, min_lr_ratio=0.1,
                    eval_interval=100),
 }
 _CPU_MODEL: Dict[str, dict] = {

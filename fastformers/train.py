@@ -63,10 +63,10 @@ class TrainConfig:
     optimizer: str = "noam"
     lr: float = 1.0
     warmup: int = 2000
-    # AdamW only: cosine decay of the learning rate from the end of the warm-up down to min_lr at this
-    # step (and min_lr after it); None keeps lr after the warm-up
+    # AdamW (noam has its own decay and ignores these): cosine decay of the learning rate from the end
+    # of the warm-up down to min_lr_ratio · lr at this step, and that after it; None keeps lr
     decay_steps: Optional[int] = None
-    min_lr: float = 0.0
+    min_lr_ratio: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
@@ -103,14 +103,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.decay_steps is not None:
-            if self.optimizer != "adamw":
-                raise ValueError("decay_steps needs optimizer 'adamw' (noam has its own decay), "
-                                 f"got optimizer {self.optimizer!r}")
-            if self.decay_steps <= self.warmup:
-                raise ValueError(f"decay_steps must be larger than warmup ({self.warmup}), got {self.decay_steps}")
-        if not (math.isfinite(self.min_lr) and 0.0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr must be in [0, lr = {self.lr}], got {self.min_lr}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup:
+            raise ValueError(f"decay_steps must be larger than warmup ({self.warmup}), got {self.decay_steps}")
+        if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.expert_parallel and self.model != "switch":
             raise ValueError(f"--expert-parallel shards Switch experts; {self.model} has none")
         if self.dist_timeout <= 0:
@@ -211,13 +207,13 @@ def lr_factor(config: TrainConfig, d_model: int) -> Callable[[int], float]:
     """Multiplier of ``config.lr`` after ``done`` optimizer steps (as labml: its step count starts at 1).
 
     Noam: ``d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)``; AdamW: linear warm-up to 1, then, with
-    ``decay_steps``, cosine decay to ``min_lr / lr`` at step ``decay_steps``.
+    ``decay_steps``, cosine decay to ``min_lr_ratio`` at step ``decay_steps``.
     """
     if config.optimizer == "noam":
         return lambda done: d_model ** -0.5 * min((done + 1) ** -0.5, (done + 1) * config.warmup ** -1.5)
     if config.decay_steps is None:
         return lambda done: min(1.0, (done + 1) / config.warmup)
-    floor = config.min_lr / config.lr
+    floor = config.min_lr_ratio
 
     def warmup_then_cosine(done: int) -> float:
         step = done + 1
