@@ -223,3 +223,30 @@ def test_recipes_report_with_a_tiny_time_limit():
         recipes_report(["switch"], threads=0, time_limit_s=1.0)
     with pytest.raises(ValueError, match="time_limit_s must be"):
         recipes_report(["switch"], threads=1, time_limit_s=0.0)
+
+
+def test_switch_position_embeddings_cache_and_window():
+    torch.manual_seed(0)
+    config = default_model_config("switch", V, **{**TINY_MODEL, "position_embeddings": 6, "drop_tokens": False})
+    lm = build_model(config).double().eval()
+    with torch.no_grad():
+        lm.position_embed.weight.normal_(0, 1.0)
+    assert "position_embed.weight" in lm.state_dict()
+    x = torch.randint(0, V, (9, 2))
+    with pytest.raises(ValueError, match="position embeddings for 6 positions, got a sequence of 9"):
+        lm(x)
+    # cached steps equal the full forward while the sequence fits ...
+    logits, state = lm.step(x[:4])
+    more, state = lm.step(x[4:6], state)
+    torch.testing.assert_close(torch.cat((logits, more)), lm(x[:6]).logits)
+    # ... and past the last position, the window of the last 6 tokens
+    for t in range(6, 9):
+        last, state = lm.step(x[t:t + 1], state)
+        torch.testing.assert_close(last[-1], lm(x[t - 5:t + 1]).logits[-1])
+    assert last.shape == (1, 2, V)
+
+
+def test_switch_without_position_embeddings_is_labml():
+    assert ModelConfig(model="switch", n_tokens=V).position_embeddings == 0
+    lm = build_model(default_model_config("switch", V, **TINY_MODEL))
+    assert lm.position_embed is None and not any("position" in key for key in lm.state_dict())

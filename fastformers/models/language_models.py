@@ -63,6 +63,9 @@ class ModelConfig:
     drop_tokens: bool = False
     is_scale_prob: bool = True
     load_balancing_coef: float = 0.01
+    # Switch: learned absolute position embeddings for this many positions, added to the token
+    # embedding (0: none, as labml_nn's experiment, where only the causal mask tells positions apart)
+    position_embeddings: int = 0
 
     def __post_init__(self):
         if self.model not in MODEL_NAMES:
@@ -73,7 +76,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        for name in ("mem_len", "c_mem_len"):
+        for name in ("mem_len", "c_mem_len", "position_embeddings"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -248,12 +251,31 @@ class SwitchLM(LanguageModel):
     ``capacity_factor · tokens / n_experts`` is meaningless for one token.
     """
 
+    def __init__(self, config: ModelConfig, transformer: nn.Module):
+        super().__init__(config, transformer)
+        self.position_embed: Optional[nn.Embedding] = None
+        if config.position_embeddings:
+            self.position_embed = nn.Embedding(config.position_embeddings, config.d_model)
+            # zero: a position never trained adds nothing, instead of noise as large as a token's embedding
+            nn.init.zeros_(self.position_embed.weight)
+
+    def _embed(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token embeddings of ``x`` ``[T, B]`` at positions ``start ..``, plus their position embeddings."""
+        embedded = self.src_embed(x)
+        if self.position_embed is None:
+            return embedded
+        end = start + x.shape[0]
+        if end > self.config.position_embeddings:
+            raise ValueError(f"SwitchLM has position embeddings for {self.config.position_embeddings} positions, "
+                             f"got a sequence of {end}")
+        return embedded + self.position_embed.weight[start:end, None]
+
     def forward(self, x: torch.Tensor, memory: None = None) -> LMOutput:
         """``x`` ``[T, B]``; ``memory`` must be None."""
         if memory is not None:
             raise ValueError("SwitchLM carries no memory between batches; use step() for generation")
         mask = causal_mask(x.shape[0], 0, x.device)
-        hidden, counts, route_prob, n_dropped, _ = self.transformer(self.src_embed(x), mask)
+        hidden, counts, route_prob, n_dropped, _ = self.transformer(self._embed(x), mask)
         total = counts.sum(dim=-1, keepdim=True)
         route_fraction = counts / total
         mean_route_prob = route_prob / total
@@ -278,10 +300,20 @@ class SwitchLM(LanguageModel):
 
     def step(self, x: torch.Tensor, state: Optional[List[torch.Tensor]] = None):
         """``x`` ``[T, B]``; ``state`` one ``[t, B, D]`` tensor per layer (its
-        normalised inputs so far) or None."""
+        normalised inputs so far) or None. With position embeddings the state
+        also ends with the token ids ``[t, B]`` seen so far, and past the last
+        position the oldest tokens are dropped and the window recomputed (a
+        cached input depends on its position)."""
+        ids, new_tokens = None, x.shape[0]
+        if self.position_embed is not None:
+            ids = x if state is None else torch.cat((state[-1], x))
+            state = state[:-1] if state is not None else None
+            if ids.shape[0] > self.config.position_embeddings:
+                ids = ids[-self.config.position_embeddings:]
+                x, state = ids, None
         cached = state[0].shape[0] if state else 0
         mask = causal_mask(x.shape[0], cached, x.device)
-        hidden = self.src_embed(x)
+        hidden = self._embed(x, cached)
         new_state = []
         with self._no_token_dropping():
             for i, layer in enumerate(self.transformer.layers):
@@ -291,7 +323,9 @@ class SwitchLM(LanguageModel):
                 hidden = hidden + layer.dropout(layer.attn(query=z, key=keys, value=keys, mask=mask))
                 ff = layer.feed_forward(layer.norm_ff(hidden))[0]
                 hidden = hidden + layer.dropout(ff)
-        return self.generator(self.transformer.norm(hidden)), new_state
+        if ids is not None:
+            new_state.append(ids)
+        return self.generator(self.transformer.norm(hidden[-new_tokens:])), new_state
 
 
 def labml_modules() -> SimpleNamespace:
