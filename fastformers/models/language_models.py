@@ -255,9 +255,8 @@ class SwitchLM(LanguageModel):
         super().__init__(config, transformer)
         self.position_embed: Optional[nn.Embedding] = None
         if config.position_embeddings:
+            # initialised as the token embedding (N(0, 1)): smaller, they take hundreds of steps to matter
             self.position_embed = nn.Embedding(config.position_embeddings, config.d_model)
-            # zero: a position never trained adds nothing, instead of noise as large as a token's embedding
-            nn.init.zeros_(self.position_embed.weight)
 
     def _embed(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token embeddings of ``x`` ``[T, B]`` at positions ``start ..``, plus their position embeddings."""
