@@ -226,9 +226,8 @@ def lr_factor(config: TrainConfig, d_model: int) -> Callable[[int], float]:
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, d_model: int):
-    """Noam: Adam with L2 ``weight_decay`` (labml's); AdamW: decoupled ``weight_decay`` on matrices only
-    (nanoGPT's rule: biases, norms and the 1-D/2-D positional biases are not decayed; the token
-    embedding and the positional key tables are), both with ``lr_factor``'s schedule."""
+    """Noam: Adam with L2 ``weight_decay`` (labml's); AdamW: decoupled ``weight_decay`` on the tensors
+    of two or more dimensions only (:func:`weight_decay_groups`); both with ``lr_factor``'s schedule."""
     betas = (config.beta1, config.beta2)
     if config.optimizer == "noam":
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas, eps=1e-8,
