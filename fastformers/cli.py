@@ -236,7 +236,6 @@ def _run_training(args: argparse.Namespace, rank: int) -> int:
     from . import distributed
     from .data import DataError, check_text_file
     from .models import ModelConfig
-    from .recipes import PRESETS, recipe
     from .train import (CHECKPOINT_NAME, CheckpointError, OutputDirError, OutputLock, Trainer, TrainConfig,
                         TrainingDiverged, default_train_config, prepare_output_dir)
 
@@ -251,11 +250,6 @@ def _run_training(args: argparse.Namespace, rank: int) -> int:
             raise UsageError(f"{who}: --resume continues the saved model; drop the model flags")
         if args.resume and args.preset is not None:
             raise UsageError(f"{who}: --resume continues the saved run with its settings; drop --preset")
-        if not args.resume:
-            # the preset first, then the flags given explicitly
-            chosen = recipe(args.model, args.preset or PRESETS[0])
-            train_options = {**chosen.train, **{k: v for k, v in train_options.items() if v is not None}}
-            model_options = {**chosen.model, **{k: v for k, v in model_options.items() if v is not None}}
         _check_configs(args.model, train_options, model_options)
         if args.data is not None:
             check_text_file(args.data)
@@ -360,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
                        "labml_nn's experiment settings)")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
     train.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
-    _add_dataclass_flags(train, TrainConfig, skip={"model", "time_limit"},
+    _add_dataclass_flags(train, TrainConfig, skip={"model", "time_limit", "preset"},
                          choices={"optimizer": ("noam", "adamw"), "backend": BACKEND_CHOICES,
                                   "device": DEVICE_CHOICES, "precision": PRECISION_CHOICES})
     train.add_argument("--time-limit", type=_number(float, 0, strict=True), default=None, metavar="MINUTES",

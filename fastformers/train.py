@@ -31,6 +31,7 @@ from . import _backend, distributed, plot
 from .data import Corpus, DataError, RankSlice, SequentialBatches, ShuffledBatches, load_corpus
 from .models import LanguageModel, ModelConfig, build_model, default_model_config
 from .nn import CompressiveMemory
+from .recipes import DEFAULT_PRESET, recipe
 
 CHECKPOINT_FORMAT = "fastformers-lm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -51,10 +52,13 @@ CHECKPOINT_KEYS = ("train_config", "model_config", "vocab", "model", "optimizer"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """How to train; ``MODEL_TRAIN_DEFAULTS`` gives each model labml's experiment values."""
+    """How to train. The field defaults are labml_nn's experiment values (what checkpoints written
+    before recipes existed ran with); :func:`default_train_config` applies a recipe's."""
 
     # the language model: one of MODEL_NAMES
     model: str
+    # the recipe (fastformers.recipes.PRESETS) the model's architecture is taken from
+    preset: str = "labml"
     # UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once into the cache)
     data: Optional[str] = None
     # output directory: checkpoint.pt, best.pt, loss.png, metrics.jsonl (default: runs/MODEL)
@@ -72,6 +76,15 @@ class TrainConfig:
     lr: float = 1.0
     # optimizer steps of the learning-rate warm-up
     warmup: int = 2000
+    # AdamW (noam has its own decay and ignores these): cosine decay of the learning rate from the end
+    # of the warm-up down to min_lr_ratio · lr at this step, and that after it; None keeps lr
+    decay_steps: Optional[int] = None
+    # the learning rate at the end of the cosine decay, as a fraction of lr
+    min_lr_ratio: float = 0.0
+    # Adam's first-moment decay
+    beta1: float = 0.9
+    # Adam's second-moment decay
+    beta2: float = 0.999
     # decoupled weight decay (AdamW), L2 penalty (noam's Adam)
     weight_decay: float = 0.0
     # largest gradient norm; larger gradients are scaled down to it
@@ -118,29 +131,27 @@ class TrainConfig:
                 continue
             if not math.isfinite(value) or value < low or (strict and value == low):
                 raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup:
+            raise ValueError(f"decay_steps must be larger than warmup ({self.warmup}), got {self.decay_steps}")
+        if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.expert_parallel and self.model != "switch":
             raise ValueError(f"--expert-parallel shards Switch experts; {self.model} has none")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be positive, got {self.dist_timeout}")
 
 
-# labml_nn 0.5.1 experiment settings (transformers/*/experiment.py main()); the
-# optimizer defaults are labml's OptimizerConfigs (warmup 2000, no weight decay).
-MODEL_TRAIN_DEFAULTS: Dict[str, dict] = {
-    "xl": dict(seq_len=2, batch_size=32, optimizer="noam", lr=1.0),
-    "compressive": dict(seq_len=8, batch_size=32, optimizer="adamw", lr=2.5e-4),
-    "feedback": dict(seq_len=128, batch_size=64, optimizer="noam", lr=1.0),
-    "switch": dict(seq_len=64, batch_size=32, optimizer="noam", lr=1.0),
-}
-
-
 def default_train_config(model: str, **overrides) -> TrainConfig:
-    """labml's experiment settings for ``model`` with ``overrides`` (None values ignored)."""
-    if model not in MODEL_TRAIN_DEFAULTS:
-        raise ValueError(f"model must be one of {tuple(MODEL_TRAIN_DEFAULTS)}, got {model!r}")
-    settings = dict(MODEL_TRAIN_DEFAULTS[model])
+    """The training settings of ``model``'s recipe under ``preset`` (an override; None: the default
+    preset, fastformers.recipes.DEFAULT_PRESET) with ``overrides`` (None values ignored)."""
+    preset = overrides.pop("preset", None) or DEFAULT_PRESET
+    settings = recipe(model, preset).train
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(model=model, **settings)
+    return TrainConfig(model=model, preset=preset, **settings)
 
 
 class CheckpointError(RuntimeError):
@@ -227,21 +238,48 @@ def backend_context(backend: str):
 def lr_factor(config: TrainConfig, d_model: int) -> Callable[[int], float]:
     """Multiplier of ``config.lr`` after ``done`` optimizer steps (as labml: its step count starts at 1).
 
-    Noam: ``d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)``; AdamW: linear warm-up to 1.
+    Noam: ``d_model^-0.5 · min(t^-0.5, t · warmup^-1.5)``; AdamW: linear warm-up to 1, then, with
+    ``decay_steps``, cosine decay to ``min_lr_ratio`` at step ``decay_steps``.
     """
     if config.optimizer == "noam":
         return lambda done: d_model ** -0.5 * min((done + 1) ** -0.5, (done + 1) * config.warmup ** -1.5)
-    return lambda done: min(1.0, (done + 1) / config.warmup)
+    if config.decay_steps is None:
+        return lambda done: min(1.0, (done + 1) / config.warmup)
+    floor = config.min_lr_ratio
+
+    def warmup_then_cosine(done: int) -> float:
+        step = done + 1
+        if step <= config.warmup:
+            return step / config.warmup
+        progress = min(1.0, (step - config.warmup) / (config.decay_steps - config.warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return warmup_then_cosine
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, d_model: int):
+    """Noam: Adam with L2 ``weight_decay`` (labml's); AdamW: decoupled ``weight_decay`` on the tensors
+    of two or more dimensions only (:func:`weight_decay_groups`); both with ``lr_factor``'s schedule."""
+    betas = (config.beta1, config.beta2)
     if config.optimizer == "noam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas, eps=1e-8,
                                      weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(weight_decay_groups(model, config.weight_decay), lr=config.lr, betas=betas,
+                                      eps=1e-8)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, d_model))
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """AdamW's parameter groups: ``weight_decay`` for the tensors of two or more dimensions (weight
+    matrices, embeddings, positional tables), none for biases and norm gains (nanoGPT's rule: decaying
+    them only pulls a layer's scale and offset towards 0). No decay: one group, as before the rule
+    existed, so that optimizer states saved then still load."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": parameters, "weight_decay": 0.0}]
+    return [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -424,7 +462,10 @@ class Trainer:
         corpus = load_corpus(config.data)
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        model_config = default_model_config(config.model, len(corpus.vocab), **model_overrides)
+        # the preset's architecture, explicit overrides winning
+        model_settings = {**recipe(config.model, config.preset).model,
+                          **{k: v for k, v in model_overrides.items() if v is not None}}
+        model_config = default_model_config(config.model, len(corpus.vocab), **model_settings)
         return cls(config, model_config, corpus, log)
 
     @classmethod

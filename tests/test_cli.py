@@ -103,22 +103,17 @@ def test_tensorboard_flag_writes_events(text_path, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_preset_applies_before_explicit_flags(text_path, tmp_path, monkeypatch, capsys):
-    asked = []
-
-    def fake_recipe(model, preset):
-        asked.append((model, preset))
-        return recipes.Recipe(train={"batch_size": 2, "seq_len": 4, "eval_batches": 1},
-                              model={"d_model": 8, "heads": 2, "n_layers": 1})
-
-    monkeypatch.setattr(recipes, "recipe", fake_recipe)
+def test_preset_applies_before_explicit_flags(text_path, tmp_path, capsys):
     assert main(["train", "xl", "--data", str(text_path), "--out", str(tmp_path), "--steps", "1",
-                 "--seq-len", "8", "--d-model", "16"]) == 0
-    assert asked == [("xl", recipes.PRESETS[0])]
+                 "--preset", "cpu", "--seq-len", "8", "--d-model", "16", "--batch-size", "2",
+                 "--eval-batches", "1"]) == 0
+    chosen = recipes.recipe("xl", "cpu")
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["train_config"]["preset"] == "cpu"
     assert (saved["train_config"]["seq_len"], saved["train_config"]["batch_size"]) == (8, 2)
-    assert (saved["model_config"]["d_model"], saved["model_config"]["n_layers"]) == (16, 1)
-    assert main(["train", "xl", "--resume", "--out", str(tmp_path), "--preset", recipes.PRESETS[0]]) == 2
+    assert saved["train_config"]["lr"] == chosen.train["lr"]
+    assert (saved["model_config"]["d_model"], saved["model_config"]["n_layers"]) == (16, chosen.model["n_layers"])
+    assert main(["train", "xl", "--resume", "--out", str(tmp_path), "--preset", "cpu"]) == 2
     assert "drop --preset" in capsys.readouterr().err
 
 

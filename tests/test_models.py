@@ -5,7 +5,7 @@ import torch
 import fastformers
 from fastformers.models import (MODEL_DEFAULTS, MODEL_NAMES, build_model,
                                 default_model_config)
-from fastformers.train import MODEL_TRAIN_DEFAULTS
+from fastformers.recipes import recipe
 
 from lm_helpers import TINY_MODEL
 
@@ -72,8 +72,10 @@ def test_feedback_original_and_kv_variants():
 
 def test_defaults_are_labml_experiment_settings():
     assert MODEL_DEFAULTS["xl"] == dict(d_model=128, heads=4, d_ff=256, n_layers=6, dropout=0.0, mem_len=32)
-    assert MODEL_TRAIN_DEFAULTS["xl"] == dict(seq_len=2, batch_size=32, optimizer="noam", lr=1.0)
-    assert MODEL_TRAIN_DEFAULTS["compressive"]["optimizer"] == "adamw"
+    labml_xl = recipe("xl", "labml").train
+    assert {k: labml_xl[k] for k in ("seq_len", "batch_size", "optimizer", "lr")} == dict(
+        seq_len=2, batch_size=32, optimizer="noam", lr=1.0)
+    assert recipe("compressive", "labml").train["optimizer"] == "adamw"
     config = default_model_config("switch", V, d_model=None, n_layers=2)
     assert config.d_model == 128 and config.n_layers == 2 and config.capacity_factor == 1.2
 

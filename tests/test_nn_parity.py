@@ -565,6 +565,11 @@ def test_same_signatures(name):
     ref_cls, our_cls = getattr(LABML, name), getattr(OURS, name)
     assert issubclass(our_cls, nn.Module) == issubclass(ref_cls, nn.Module)
     for method in _public_methods(ref_cls):
-        ref_sig = inspect.signature(getattr(ref_cls, method))
-        our_sig = inspect.signature(getattr(our_cls, method))
-        assert _params(our_sig) == _params(ref_sig), f"{name}.{method}"
+        ref_params = _params(inspect.signature(getattr(ref_cls, method)))
+        our_params = _params(inspect.signature(getattr(our_cls, method)))
+        # labml's parameters exactly, then only keyword-only extensions with defaults (n_positions),
+        # so that every labml call is also a fastformers call with the same meaning
+        assert our_params[:len(ref_params)] == ref_params, f"{name}.{method}"
+        for extra, kind, default in our_params[len(ref_params):]:
+            assert kind == inspect.Parameter.KEYWORD_ONLY and default is not inspect.Parameter.empty, \
+                f"{name}.{method}: {extra}"

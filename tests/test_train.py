@@ -118,7 +118,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_noam_schedule_matches_labml():
-    config = default_train_config("xl", warmup=10)
+    config = default_train_config("xl", preset="labml", warmup=10)
     factor = train_module.lr_factor(config, d_model=64)
     # labml's Noam: lr · d_model^-0.5 · min(t^-0.5, t · warmup^-1.5), t = 1, 2, ...
     for done, t in [(0, 1), (9, 10), (99, 100)]:

@@ -5,6 +5,7 @@ token embedding -> transformer (with its final LayerNorm) -> generator linear.
 holds the labml_nn 0.5.1 experiment settings of each variant.
 """
 from .language_models import (
+    LABML_POSITIONS,
     MODEL_DEFAULTS,
     MODEL_NAMES,
     CompressiveLM,
@@ -20,6 +21,7 @@ from .language_models import (
 )
 
 __all__ = [
+    "LABML_POSITIONS",
     "MODEL_DEFAULTS",
     "MODEL_NAMES",
     "CompressiveLM",

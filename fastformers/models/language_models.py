@@ -32,6 +32,8 @@ from torch import nn
 from .. import nn as ffnn
 
 MODEL_NAMES = ("xl", "compressive", "feedback", "switch")
+# labml_nn's relative-position tables cover 2**12 positions whatever the lengths trained.
+LABML_POSITIONS = 2 ** 12
 
 
 @dataclasses.dataclass
@@ -52,6 +54,9 @@ class ModelConfig:
     n_layers: int = 6
     # dropout probability of the attention weights, residual branches and feed-forward hidden layer
     dropout: float = 0.0
+    # XL, Compressive and Feedback: relative positions P of the attention's positional tables (labml's
+    # 2**12 keeps its state_dict shapes); must cover the longest span of keys (and queries) attended.
+    n_positions: int = LABML_POSITIONS
     # Transformer-XL and Compressive: memory steps kept per layer.
     mem_len: int = 32
     # Compressive: compressed memory steps kept per layer.
@@ -70,16 +75,20 @@ class ModelConfig:
     is_scale_prob: bool = True
     # Switch: weight of the load-balancing loss added to the cross-entropy.
     load_balancing_coef: float = 0.01
+    # Switch: learned absolute position embeddings for this many positions, added to the token
+    # embedding (0: none, as labml_nn's experiment, where only the causal mask tells positions apart)
+    position_embeddings: int = 0
 
     def __post_init__(self):
         if self.model not in MODEL_NAMES:
             raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
-        for name in ("n_tokens", "d_model", "heads", "d_ff", "n_layers", "compression_rate", "n_experts"):
+        for name in ("n_tokens", "d_model", "heads", "d_ff", "n_layers", "compression_rate", "n_experts",
+                     "n_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
-        for name in ("mem_len", "c_mem_len"):
+        for name in ("mem_len", "c_mem_len", "position_embeddings"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -231,7 +240,7 @@ class FeedbackLM(LanguageModel):
     def step(self, x: torch.Tensor, state: Optional[ffnn.FeedbackState] = None):
         """Each token of ``x`` ``[T, B]`` is one recurrence step after ``state``.
 
-        The relative-position tables cover ``P = 2**12`` steps; past that the
+        The relative-position tables cover ``P = n_positions`` steps; past that the
         oldest cached steps are dropped (a sliding window).
         """
         limit = self.transformer.layers[0].attn.P
@@ -254,12 +263,30 @@ class SwitchLM(LanguageModel):
     ``capacity_factor · tokens / n_experts`` is meaningless for one token.
     """
 
+    def __init__(self, config: ModelConfig, transformer: nn.Module):
+        super().__init__(config, transformer)
+        self.position_embed: Optional[nn.Embedding] = None
+        if config.position_embeddings:
+            # initialised as the token embedding (N(0, 1)): smaller, they take hundreds of steps to matter
+            self.position_embed = nn.Embedding(config.position_embeddings, config.d_model)
+
+    def _embed(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token embeddings of ``x`` ``[T, B]`` at positions ``start ..``, plus their position embeddings."""
+        embedded = self.src_embed(x)
+        if self.position_embed is None:
+            return embedded
+        end = start + x.shape[0]
+        if end > self.config.position_embeddings:
+            raise ValueError(f"SwitchLM has position embeddings for {self.config.position_embeddings} positions, "
+                             f"got a sequence of {end}")
+        return embedded + self.position_embed.weight[start:end, None]
+
     def forward(self, x: torch.Tensor, memory: None = None) -> LMOutput:
         """``x`` ``[T, B]``; ``memory`` must be None."""
         if memory is not None:
             raise ValueError("SwitchLM carries no memory between batches; use step() for generation")
         mask = causal_mask(x.shape[0], 0, x.device)
-        hidden, counts, route_prob, n_dropped, _ = self.transformer(self.src_embed(x), mask)
+        hidden, counts, route_prob, n_dropped, _ = self.transformer(self._embed(x), mask)
         total = counts.sum(dim=-1, keepdim=True)
         route_fraction = counts / total
         mean_route_prob = route_prob / total
@@ -284,10 +311,20 @@ class SwitchLM(LanguageModel):
 
     def step(self, x: torch.Tensor, state: Optional[List[torch.Tensor]] = None):
         """``x`` ``[T, B]``; ``state`` one ``[t, B, D]`` tensor per layer (its
-        normalised inputs so far) or None."""
+        normalised inputs so far) or None. With position embeddings the state
+        also ends with the token ids ``[t, B]`` seen so far, and past the last
+        position the oldest tokens are dropped and the window recomputed (a
+        cached input depends on its position)."""
+        ids, new_tokens = None, x.shape[0]
+        if self.position_embed is not None:
+            ids = x if state is None else torch.cat((state[-1], x))
+            state = state[:-1] if state is not None else None
+            if ids.shape[0] > self.config.position_embeddings:
+                ids = ids[-self.config.position_embeddings:]
+                x, state = ids, None
         cached = state[0].shape[0] if state else 0
         mask = causal_mask(x.shape[0], cached, x.device)
-        hidden = self.src_embed(x)
+        hidden = self._embed(x, cached)
         new_state = []
         with self._no_token_dropping():
             for i, layer in enumerate(self.transformer.layers):
@@ -297,7 +334,9 @@ class SwitchLM(LanguageModel):
                 hidden = hidden + layer.dropout(layer.attn(query=z, key=keys, value=keys, mask=mask))
                 ff = layer.feed_forward(layer.norm_ff(hidden))[0]
                 hidden = hidden + layer.dropout(ff)
-        return self.generator(self.transformer.norm(hidden)), new_state
+        if ids is not None:
+            new_state.append(ids)
+        return self.generator(self.transformer.norm(hidden[-new_tokens:])), new_state
 
 
 def labml_modules() -> SimpleNamespace:
@@ -333,17 +372,19 @@ def build_model(config: ModelConfig, modules=ffnn) -> LanguageModel:
     """The language model of ``config`` built from ``modules`` (fastformers.nn,
     or :func:`labml_modules` to wrap labml_nn's modules in the same shell)."""
     c = config
+    # labml_nn's attention modules have no such argument: passed only when it differs from theirs
+    positions = {} if c.n_positions == LABML_POSITIONS else {"n_positions": c.n_positions}
     if c.model == "xl":
         layer = modules.TransformerXLLayer(
             d_model=c.d_model,
-            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout),
+            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout)
         return TransformerXLLM(c, modules.TransformerXL(layer, c.n_layers))
     if c.model == "compressive":
         layer = modules.CompressiveTransformerLayer(
             d_model=c.d_model,
-            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout),
+            self_attn=modules.RelativeMultiHeadAttention(c.heads, c.d_model, c.dropout, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout,
             compress=modules.Conv1dCompression(c.compression_rate, c.d_model))
@@ -351,7 +392,7 @@ def build_model(config: ModelConfig, modules=ffnn) -> LanguageModel:
     if c.model == "feedback":
         layer = modules.FeedbackTransformerLayer(
             d_model=c.d_model,
-            attn=modules.FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=c.kv),
+            attn=modules.FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=c.kv, **positions),
             feed_forward=modules.FeedForward(c.d_model, c.d_ff, c.dropout),
             dropout_prob=c.dropout)
         if c.kv:

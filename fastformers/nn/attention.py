@@ -32,6 +32,15 @@ def resolve_fused_backend(requested: Optional[str], device: torch.device,
     return backend, f"no fused kernel runs on {device.type} tensors: use CPU, or CUDA with triton installed"
 
 
+def check_positions(n_positions: int) -> int:
+    """``n_positions`` (the ``P`` of a relative-position table) if it is a positive int, else ValueError/TypeError."""
+    if isinstance(n_positions, bool) or not isinstance(n_positions, int):
+        raise TypeError(f"n_positions must be an int, got {type(n_positions).__name__}")
+    if n_positions < 1:
+        raise ValueError(f"n_positions must be at least 1, got {n_positions}")
+    return n_positions
+
+
 class PrepareForMultiHeadAttention(nn.Module):
     """Linear projection ``[..., D] -> [..., H, d_k]`` split into heads.
 
@@ -124,7 +133,9 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     where ``u = query_pos_bias`` ``[H, d_k]``, ``R = key_pos_embeddings``
     ``[2P, H, d_k]`` and ``S = key_pos_bias`` ``[2P, H]``; row ``P`` is distance
     zero. Query and key projections have no bias. Supports ``L <= P`` and
-    ``K <= P`` (``P = 2**12``).
+    ``K <= P``, ``P = n_positions`` (labml's ``2**12`` by default, which keeps
+    labml_nn's ``state_dict`` shapes; a model trained on short segments and
+    memories needs far fewer rows, and its tables are most of its parameters).
 
     ``backend`` (settable; None = automatic) selects the implementation and
     ``last_backend`` records the one the last forward used. The fused backends
@@ -154,9 +165,9 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     ``torch.compile``); neither is worth one memset of ``2P·H·d_k`` values.
     """
 
-    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1):
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *, n_positions: int = 2 ** 12):
         super().__init__(heads, d_model, dropout_prob, bias=False)
-        self.P = 2 ** 12
+        self.P = check_positions(n_positions)
         self.key_pos_embeddings = nn.Parameter(torch.zeros((self.P * 2, heads, self.d_k)), requires_grad=True)
         self.key_pos_bias = nn.Parameter(torch.zeros((self.P * 2, heads)), requires_grad=True)
         self.query_pos_bias = nn.Parameter(torch.zeros((heads, self.d_k)), requires_grad=True)

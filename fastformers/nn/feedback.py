@@ -6,7 +6,7 @@ over the embedding and every layer's output (``n_layers + 1`` of them),
 computed by the fused :func:`fastformers.ops.feedback_memory`.
 
 Shape letters: ``T`` sequence length, ``t`` steps so far, ``B`` batch,
-``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P = 2**12``.
+``H`` heads, ``d_k`` features per head, ``D`` = ``d_model``, ``P`` = ``n_positions`` (default ``2**12``).
 """
 import dataclasses
 import math
@@ -20,7 +20,7 @@ from .._backend import available_backends, forced_backend, resolve_backend, warn
 from ..ops import _autocast
 from ..ops.feedback import recurrence
 from ._utils import check_sequence, clone_module_list, init_pre_norm_layer
-from .attention import FeedForward, PrepareForMultiHeadAttention
+from .attention import FeedForward, PrepareForMultiHeadAttention, check_positions
 
 
 class FeedbackAttention(nn.Module):
@@ -30,7 +30,8 @@ class FeedbackAttention(nn.Module):
     ``((Q + u) · K_j + Q · R_{r} + S_{r}) / sqrt(d_k)`` with ``r = P - t + j``,
     so the most recent step uses the last row of ``R = key_pos_embeddings``
     ``[P, H, d_k]`` and ``S = key_pos_bias`` ``[P, H]``; ``u = query_pos_bias``
-    ``[H, d_k]``. Supports ``t <= P``.
+    ``[H, d_k]``. Supports ``t <= P``, ``P = n_positions`` (labml's ``2**12`` by
+    default, which keeps labml_nn's ``state_dict`` shapes).
 
     With ``is_kv_precomputed`` the module has no key/value projections
     (``key`` and ``value`` are None) and takes keys and values already split
@@ -38,7 +39,7 @@ class FeedbackAttention(nn.Module):
     """
 
     def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *,
-                 is_kv_precomputed: bool = False):
+                 is_kv_precomputed: bool = False, n_positions: int = 2 ** 12):
         super().__init__()
         self.d_k = d_model // heads
         self.heads = heads
@@ -54,7 +55,7 @@ class FeedbackAttention(nn.Module):
         self.scale = 1 / math.sqrt(self.d_k)
         # Scores are [t, B, H]: normalise over the memory steps.
         self.softmax = nn.Softmax(dim=0)
-        self.P = 2 ** 12
+        self.P = check_positions(n_positions)
         self.key_pos_embeddings = nn.Parameter(torch.zeros((self.P, heads, self.d_k)), requires_grad=True)
         self.key_pos_bias = nn.Parameter(torch.zeros((self.P, heads)), requires_grad=True)
         self.query_pos_bias = nn.Parameter(torch.zeros((heads, self.d_k)), requires_grad=True)
@@ -489,7 +490,7 @@ class FeedbackTransformerKV(nn.Module):
     ``is_kv_precomputed=True``. Keys and values (``[t, B, H, d_k]``) are
     tensors local to each forward call, not a buffer shared between calls, so
     several forwards may share one backward; any sequence length up to
-    ``P = 2**12`` works (longer ones raise ValueError).
+    ``P`` (the attention's ``n_positions``) works (longer ones raise ValueError).
 
     ``backend`` (settable; None = automatic) selects the implementation of the
     feedback-memory op; ``last_backend`` records the one the last forward used.
