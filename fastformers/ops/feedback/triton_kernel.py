@@ -4,7 +4,12 @@ and the attention step over the key/value cache.
 Attention step: one program per (batch, head) streams the cache in blocks of
 ``BLOCK_T`` memory steps with an online softmax; the backward recomputes the
 scores (two passes: softmax statistics, then gradients) and adds into the
-cache-gradient rows it owns. With ``DROPOUT`` the probability of step ``j`` of
+cache-gradient rows it owns. When B·H programs would leave most of a GPU idle
+the walk is split flash-decoding style (:func:`memory_chunk`): program
+``(pair, split)`` covers one chunk of memory steps and writes a partial
+(max, normaliser, weighted values); a merge kernel combines the partials of a
+pair in split order, and the backward's per-split query gradients are summed in
+split order too, so results do not depend on scheduling. With ``DROPOUT`` the probability of step ``j`` of
 pair ``pid = b · H + h`` is kept iff element ``pid · steps + j`` of the Philox
 stream is (the ``[B, H, steps]`` mask of the C++ and reference steps). Positional-table gradients are summed over the
 batch by a second kernel, one program per (head, block of steps), so no two
@@ -203,19 +208,19 @@ def _keep_multipliers(seed, offset, threshold, keep_scale, pair, steps, offs_j, 
 
 
 @triton.jit
-def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
+def _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, lo, hi, steps, k_time, v_time, H, d, scale,
                   pair, seed, offset, threshold, keep_scale,
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, DROPOUT: tl.constexpr):
-    """Online softmax over all ``steps``: running max, normaliser (without dropout)
-    and the sum of values weighted by the kept probabilities."""
+    """Online softmax over memory steps ``lo .. hi-1`` (of ``steps``): running max,
+    normaliser (without dropout) and the sum of values weighted by the kept probabilities."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
     m = tl.full([1], -float("inf"), ACC)
     norm = tl.zeros([1], ACC)
     acc = tl.zeros([BLOCK_D], ACC)
-    for start in range(0, steps, BLOCK_T):
+    for start in range(lo, hi, BLOCK_T):
         offs_j = start + tl.arange(0, BLOCK_T)
-        mask_j = offs_j < steps
+        mask_j = offs_j < hi
         s, k, r = _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC)
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
@@ -237,46 +242,95 @@ def attention_step_fwd_kernel(
     r_ptr,  # [P, H, d]
     s_ptr,  # [P, H]
     u_ptr,  # [H, d]
-    out_ptr,  # [B, H, d]
-    steps, H, d, first_row, k_time, k_batch, v_time, v_batch, scale,
+    out_ptr,  # [B, H, d]; with SPLIT [n_splits, B · H, d] in ACC: unnormalised partial sums
+    part_stats_ptr,  # with SPLIT [n_splits, B · H, 2] in ACC: partial (max, normaliser); unused otherwise
+    steps, chunk, H, d, first_row, k_time, k_batch, v_time, v_batch, scale,
     seed, offset, threshold, keep_scale,  # dropout of the probabilities (read only with DROPOUT)
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype: float64 for float64 inputs, else float32
     DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr,  # program (pid, split) covers memory steps split · chunk .. (split + 1) · chunk - 1
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     b = pid // H
     h = pid % H
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
     q = tl.load(q_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
     qu = q + tl.load(u_ptr + h * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+    lo = split * chunk
     m, norm, acc = _softmax_pass(
         q, qu, k_ptr + (b.to(tl.int64) * k_batch + h * d), v_ptr + (b.to(tl.int64) * v_batch + h * d),
-        r_ptr + first_row * H * d + h * d, s_ptr + first_row * H + h,
+        r_ptr + first_row * H * d + h * d, s_ptr + first_row * H + h, lo, tl.minimum(lo + chunk, steps),
         steps, k_time, v_time, H, d, scale, pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT,
     )
+    if SPLIT:
+        row = split * tl.num_programs(0) + pid
+        tl.store(out_ptr + row.to(tl.int64) * d + offs_d, acc, mask=mask_d)
+        stat = tl.arange(0, 1)
+        tl.store(part_stats_ptr + row * 2 + stat, m)
+        tl.store(part_stats_ptr + row * 2 + 1 + stat, norm)
+    else:
+        tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def attention_step_merge_kernel(
+    part_acc_ptr,  # [n_splits, B · H, d] in ACC
+    part_stats_ptr,  # [n_splits, B · H, 2] in ACC
+    out_ptr,  # [B, H, d]: the normalised output
+    lse_ptr,  # [B · H] in ACC: log of the softmax normaliser (WRITE_LSE only)
+    n_splits, d,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_pairs = tl.num_programs(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    stat = tl.arange(0, 1)
+    m = tl.full([1], -float("inf"), ACC)
+    norm = tl.zeros([1], ACC)
+    acc = tl.zeros([BLOCK_D], ACC)
+    # In split order, whatever order the partials were written in: deterministic.
+    for split in range(n_splits):
+        row = split * n_pairs + pid
+        m_split = tl.load(part_stats_ptr + row * 2 + stat)
+        m_new = tl.maximum(m, m_split)
+        alpha = tl.exp(m - m_new)
+        beta = tl.exp(m_split - m_new)
+        norm = norm * alpha + tl.load(part_stats_ptr + row * 2 + 1 + stat) * beta
+        acc = acc * alpha + tl.load(part_acc_ptr + row.to(tl.int64) * d + offs_d, mask=mask_d, other=0.0) * beta
+        m = m_new
     tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
+    if WRITE_LSE:
+        tl.store(lse_ptr + pid + stat, m + tl.log(norm))
 
 
 @triton.jit
 def attention_step_bwd_kernel(
     g_ptr,  # [B, H, d] gradient of the output
     q_ptr, k_ptr, v_ptr, r_ptr, s_ptr, u_ptr,  # as in the forward
-    gq_ptr,  # [B, H, d] out
+    gq_ptr,  # [B, H, d] out; with SPLIT [n_splits, B · H, d] in ACC: this chunk's share
     gk_ptr,  # [>= steps, B, H, d] accumulated, strides (gk_time, gk_batch, d, 1)
     gv_ptr,  # [>= steps, B, H, d] accumulated, strides (gv_time, gv_batch, d, 1)
-    gu_part_ptr,  # [B, H, d] in ACC: this (b, h)'s share of grad(query_pos_bias)
+    gu_part_ptr,  # [n_splits, B · H, d] in ACC: this (b, h, split)'s share of grad(query_pos_bias)
     ds_ptr,  # [steps, B * H] in ACC: gradients of the scaled scores
-    steps, H, d, first_row, k_time, k_batch, v_time, v_batch, gk_time, gk_batch, gv_time, gv_batch, scale,
+    out_ptr,  # with SPLIT [B · H, d] in ACC: the forward output (merged partials); unused otherwise
+    lse_ptr,  # with SPLIT [B · H] in ACC: log of the softmax normaliser; unused otherwise
+    steps, chunk, H, d, first_row, k_time, k_batch, v_time, v_batch, gk_time, gk_batch, gv_time, gv_batch, scale,
     seed, offset, threshold, keep_scale,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr,  # the softmax statistics come from the split forward instead of a first pass
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     n_pairs = tl.num_programs(0)
     b = pid // H
     h = pid % H
@@ -291,16 +345,22 @@ def attention_step_bwd_kernel(
     s_ptr += first_row * H + h
     gk_ptr += b.to(tl.int64) * gk_batch + h * d
     gv_ptr += b.to(tl.int64) * gv_batch + h * d
-    m, norm, acc = _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, steps, k_time, v_time, H, d, scale,
-                                 pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT)
-    log_norm = m + tl.log(norm)
     # sum_j p_j m_j (g . V_j) = g . out (m_j the dropout multipliers)
-    delta = tl.sum(g * acc, axis=0) / norm
+    if SPLIT:
+        log_norm = tl.load(lse_ptr + pid + tl.arange(0, 1))
+        delta = tl.sum(g * tl.load(out_ptr + pid * d + offs_d, mask=mask_d, other=0.0), axis=0)
+    else:
+        m, norm, acc = _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, 0, steps, steps, k_time, v_time, H, d, scale,
+                                     pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT)
+        log_norm = m + tl.log(norm)
+        delta = tl.sum(g * acc, axis=0) / norm
     gq = tl.zeros([BLOCK_D], ACC)
     gu = tl.zeros([BLOCK_D], ACC)
-    for start in range(0, steps, BLOCK_T):
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, steps)
+    for start in range(lo, hi, BLOCK_T):
         offs_j = start + tl.arange(0, BLOCK_T)
-        mask_j = offs_j < steps
+        mask_j = offs_j < hi
         mask = mask_j[:, None] & mask_d[None, :]
         s, k, r = _scores(q, qu, k_ptr, r_ptr, s_ptr, offs_j, offs_d, mask_j, mask_d, k_time, H, d, scale, ACC)
         p = tl.exp(s - log_norm)
@@ -317,8 +377,9 @@ def attention_step_bwd_kernel(
         gv = tl.load(gv_rows, mask=mask, other=0.0).to(ACC) + (p * multipliers)[:, None] * g[None, :]
         tl.store(gv_rows, gv.to(gv_ptr.dtype.element_ty), mask=mask)
         tl.store(ds_ptr + (offs_j.to(tl.int64) * n_pairs + pid), ds, mask=mask_j)
-    tl.store(gq_ptr + pid * d + offs_d, gq.to(gq_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(gu_part_ptr + pid * d + offs_d, gu, mask=mask_d)
+    row = (split * n_pairs + pid).to(tl.int64)
+    tl.store(gq_ptr + row * d + offs_d, gq.to(gq_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(gu_part_ptr + row * d + offs_d, gu, mask=mask_d)
 
 
 @triton.jit
@@ -358,6 +419,21 @@ def _block_d(d: int) -> int:
     return max(triton.next_power_of_2(d), 16)
 
 
+# Fewer (batch, head) programs than this leave SMs idle (an H100 has 132; two
+# programs per SM hide the latency of the cache loads): the memory walk is split.
+SPLIT_TARGET_PROGRAMS = 264
+
+
+def memory_chunk(pairs: int, steps: int, block_t: int) -> int:
+    """Memory steps per program: all ``steps`` when ``pairs`` programs fill the GPU,
+    else whole blocks of ``block_t`` steps, enough chunks to reach
+    :data:`SPLIT_TARGET_PROGRAMS` programs (never an empty chunk)."""
+    if pairs >= SPLIT_TARGET_PROGRAMS or steps <= block_t:
+        return steps
+    splits = min(triton.cdiv(SPLIT_TARGET_PROGRAMS, pairs), triton.cdiv(steps, block_t))
+    return triton.cdiv(triton.cdiv(steps, splits), block_t) * block_t
+
+
 def _inner_contiguous(cache: torch.Tensor) -> torch.Tensor:
     """Caches may be strided over time and batch (one buffer holding several caches); [H, d] must be dense."""
     return cache if cache.stride(3) == 1 and cache.stride(2) == cache.shape[3] else cache.contiguous()
@@ -370,23 +446,47 @@ def _dropout_args(dropout_p: float, seed: int, offset: int):
     return (int(seed), int(offset), dropout_naive.threshold(dropout_p), keep_scale), active
 
 
+def _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, out,
+                    lse=None):
+    """Writes the step's output into ``out [B, H, d]`` (and, with ``lse``, the log of each
+    pair's softmax normaliser): one launch, or partials per chunk and their merge."""
+    B, H, d = query.shape
+    pairs = B * H
+    block_d = _block_d(d)
+    block_t = _block_t(block_d, query.element_size(), dropout_active)
+    chunk = memory_chunk(pairs, steps, block_t)
+    n_splits = triton.cdiv(steps, chunk)
+    split = n_splits > 1 or lse is not None
+    acc_tl, acc_torch = _acc_dtype(query.dtype)
+    if split:
+        part_acc = torch.empty((n_splits, pairs, d), dtype=acc_torch, device=query.device)
+        part_stats = torch.empty((n_splits, pairs, 2), dtype=acc_torch, device=query.device)
+    else:
+        part_acc, part_stats = out, out
+    attention_step_fwd_kernel[(pairs, n_splits)](
+        query, key_cache, value_cache, R, S, u, part_acc, part_stats,
+        steps, chunk, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
+        value_cache.stride(0), value_cache.stride(1), float(scale), *dropout_args,
+        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl, DROPOUT=dropout_active, SPLIT=split,
+    )
+    if split:
+        attention_step_merge_kernel[(pairs,)](
+            part_acc, part_stats, out, out if lse is None else lse, n_splits, d,
+            BLOCK_D=block_d, ACC=acc_tl, WRITE_LSE=lse is not None,
+        )
+    return chunk
+
+
 def attention_step_forward(query, key_cache, value_cache, steps, key_pos_embeddings, key_pos_bias, query_pos_bias,
-                           scale, dropout_p=0.0, seed=0, offset=0):
-    """``query [B, H, d]`` over cache entries ``0 .. steps-1`` -> ``[B, H, d]``."""
+                           scale, dropout_p=0.0, seed=0, offset=0, *, out=None):
+    """``query [B, H, d]`` over cache entries ``0 .. steps-1`` -> ``[B, H, d]`` (written into
+    ``out`` when given: a contiguous ``[B, H, d]`` view of a recurrence's record buffer)."""
     query = query.contiguous()
     key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
     R, S, u = key_pos_embeddings.contiguous(), key_pos_bias.contiguous(), query_pos_bias.contiguous()
-    B, H, d = query.shape
-    out = torch.empty_like(query)
-    block_d = _block_d(d)
+    out = torch.empty_like(query) if out is None else out
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
-    attention_step_fwd_kernel[(B * H,)](
-        query, key_cache, value_cache, R, S, u, out,
-        steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
-        value_cache.stride(0), value_cache.stride(1), float(scale), *dropout_args,
-        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d,
-        ACC=_acc_dtype(query.dtype)[0], DROPOUT=dropout_active,
-    )
+    _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, out)
     return out
 
 
@@ -412,28 +512,42 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
     key_cache, value_cache = _inner_contiguous(key_cache), _inner_contiguous(value_cache)
     R, S, u = key_pos_embeddings.contiguous(), key_pos_bias.contiguous(), query_pos_bias.contiguous()
     B, H, d = query.shape
+    pairs = B * H
     acc_tl, acc_torch = _acc_dtype(query.dtype)
-    grad_query = torch.empty_like(query)
-    gu_part = torch.empty((B, H, d), dtype=acc_torch, device=query.device)
-    score_grads = torch.empty((steps, B * H), dtype=acc_torch, device=query.device)
     block_d = _block_d(d)
-    block_t = _block_t(block_d, query.element_size())
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
-    attention_step_bwd_kernel[(B * H,)](
+    block_t = _block_t(block_d, query.element_size(), dropout_active)
+    chunk = memory_chunk(pairs, steps, block_t)
+    n_splits = triton.cdiv(steps, chunk)
+    split = n_splits > 1
+    if split:
+        # The softmax statistics of the whole walk come first (split forward and merge),
+        # then each chunk's gradients; per-split query gradients are summed in split order.
+        out = torch.empty((B, H, d), dtype=acc_torch, device=query.device)
+        lse = torch.empty(pairs, dtype=acc_torch, device=query.device)
+        _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, out, lse)
+        grad_query = torch.empty((n_splits, B, H, d), dtype=acc_torch, device=query.device)
+    else:
+        out = lse = grad_query = torch.empty_like(query)
+    gu_part = torch.empty((n_splits, B, H, d), dtype=acc_torch, device=query.device)
+    score_grads = torch.empty((steps, pairs), dtype=acc_torch, device=query.device)
+    attention_step_bwd_kernel[(pairs, n_splits)](
         grad, query, key_cache, value_cache, R, S, u, grad_query, grad_key_cache, grad_value_cache, gu_part,
-        score_grads, steps, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
+        score_grads, out, lse, steps, chunk, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
         grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale), *dropout_args,
-        BLOCK_T=_block_t(block_d, query.element_size(), dropout_active), BLOCK_D=block_d, ACC=acc_tl,
-        DROPOUT=dropout_active,
+        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl, DROPOUT=dropout_active, SPLIT=split,
     )
-    attention_step_pos_grad_kernel[(H, triton.cdiv(steps, block_t))](
+    pos_block_t = _block_t(block_d, query.element_size())
+    attention_step_pos_grad_kernel[(H, triton.cdiv(steps, pos_block_t))](
         score_grads, query, grad_key_pos_embeddings, grad_key_pos_bias,
         steps, B, H, d, grad_key_pos_embeddings.shape[0] - steps,
-        BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl,
+        BLOCK_T=pos_block_t, BLOCK_D=block_d, ACC=acc_tl,
     )
-    # [B, H, d] -> [H, d]: too small to deserve a kernel.
-    grad_query_pos_bias += gu_part.sum(0).to(grad_query_pos_bias.dtype)
+    if split:
+        grad_query = grad_query.sum(0).to(query.dtype)
+    # [n_splits, B, H, d] -> [H, d]: too small to deserve a kernel (torch sums in a fixed order).
+    grad_query_pos_bias += gu_part.sum((0, 1)).to(grad_query_pos_bias.dtype)
     return grad_query
 
 
@@ -454,41 +568,57 @@ def attention_step_backward(grad, query, key_cache, value_cache, steps, key_pos_
 
 def _step_aot_specs():
     specs = []
-    ints = ("steps", "H", "d", "first_row", "k_time", "k_batch", "v_time", "v_batch")
+    ints = ("steps", "chunk", "H", "d", "first_row", "k_time", "k_batch", "v_time", "v_batch")
+    dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
+    flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr", "DROPOUT": "constexpr",
+             "SPLIT": "constexpr"}
     for dtype, acc, element_size in (("fp32", "fp32", 4), ("bf16", "fp32", 2), ("fp64", "fp64", 8)):
-        for block_d, dropout in itertools.product((32, 64, 128), (False, True)):
-            constexprs = {"BLOCK_T": _block_t(block_d, element_size, dropout), "BLOCK_D": block_d,
-                          "ACC": getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc]), "DROPOUT": dropout}
-            flags = {"BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ACC": "constexpr", "DROPOUT": "constexpr"}
-            dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
-            label = f"{dtype},d{block_d}" + (",dropout" if dropout else "")
-            inputs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "r_ptr", "s_ptr", "u_ptr")}
-            specs.append(AotSpec(
-                attention_step_fwd_kernel,
-                {**inputs, "out_ptr": f"*{dtype}", **{n: "i32" for n in ints}, "scale": "fp32", **dropout_types,
-                 **flags},
-                constexprs, label=label,
-            ))
-            # bfloat16 steps also run with float32 gradient buffers, as the fused recurrence uses them.
-            for grad_dtype in ((dtype, "fp32") if dtype == "bf16" else (dtype,)):
-                grad_label = label if grad_dtype == dtype else f"{label},grad {grad_dtype}"
+        acc_tl = getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])
+        inputs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "r_ptr", "s_ptr", "u_ptr")}
+        for block_d in (32, 64, 128):
+            # The merge writes the forward's output (query dtype) or the backward's statistics (ACC, with lse).
+            for out_dtype, write_lse in ((dtype, False), (acc, True)):
                 specs.append(AotSpec(
-                    attention_step_bwd_kernel,
-                    {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{dtype}", "gk_ptr": f"*{grad_dtype}",
-                     "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
-                     **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
-                     **dropout_types, **flags},
-                    constexprs, label=grad_label,
+                    attention_step_merge_kernel,
+                    {"part_acc_ptr": f"*{acc}", "part_stats_ptr": f"*{acc}", "out_ptr": f"*{out_dtype}",
+                     "lse_ptr": f"*{acc}", "n_splits": "i32", "d": "i32", "BLOCK_D": "constexpr", "ACC": "constexpr",
+                     "WRITE_LSE": "constexpr"},
+                    {"BLOCK_D": block_d, "ACC": acc_tl, "WRITE_LSE": write_lse},
+                    label=f"{dtype},d{block_d}" + (",lse" if write_lse else ""),
                 ))
-                if dropout:  # the positional-gradient kernel reads score gradients only: no dropout flag
-                    continue
+            for dropout, split in itertools.product((False, True), (False, True)):
+                constexprs = {"BLOCK_T": _block_t(block_d, element_size, dropout), "BLOCK_D": block_d,
+                              "ACC": acc_tl, "DROPOUT": dropout, "SPLIT": split}
+                label = f"{dtype},d{block_d}" + (",dropout" if dropout else "") + (",split" if split else "")
+                # Split programs write partials in ACC.
+                out_dtype = acc if split else dtype
                 specs.append(AotSpec(
-                    attention_step_pos_grad_kernel,
-                    {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{grad_dtype}", "gs_ptr": f"*{grad_dtype}",
-                     **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")},
-                     **{n: "constexpr" for n in ("BLOCK_T", "BLOCK_D", "ACC")}},
-                    {n: constexprs[n] for n in ("BLOCK_T", "BLOCK_D", "ACC")}, label=grad_label,
+                    attention_step_fwd_kernel,
+                    {**inputs, "out_ptr": f"*{out_dtype}", "part_stats_ptr": f"*{out_dtype}",
+                     **{n: "i32" for n in ints}, "scale": "fp32", **dropout_types, **flags},
+                    constexprs, label=label,
                 ))
+                # bfloat16 steps also run with float32 gradient buffers, as the fused recurrence uses them.
+                for grad_dtype in ((dtype, "fp32") if dtype == "bf16" else (dtype,)):
+                    grad_label = label if grad_dtype == dtype else f"{label},grad {grad_dtype}"
+                    specs.append(AotSpec(
+                        attention_step_bwd_kernel,
+                        {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{out_dtype}", "gk_ptr": f"*{grad_dtype}",
+                         "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
+                         "out_ptr": f"*{out_dtype}", "lse_ptr": f"*{out_dtype}",
+                         **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
+                         **dropout_types, **flags},
+                        constexprs, label=grad_label,
+                    ))
+                    if dropout or split:  # the positional-gradient kernel reads score gradients only
+                        continue
+                    specs.append(AotSpec(
+                        attention_step_pos_grad_kernel,
+                        {"ds_ptr": f"*{acc}", "q_ptr": f"*{dtype}", "gr_ptr": f"*{grad_dtype}",
+                         "gs_ptr": f"*{grad_dtype}", **{n: "i32" for n in ("steps", "B", "H", "d", "first_row")},
+                         **{n: "constexpr" for n in ("BLOCK_T", "BLOCK_D", "ACC")}},
+                        {n: constexprs[n] for n in ("BLOCK_T", "BLOCK_D", "ACC")}, label=grad_label,
+                    ))
     return specs
 
 
