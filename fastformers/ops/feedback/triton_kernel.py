@@ -99,15 +99,16 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def feedback_memory_forward(layer_outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """layer_outputs ``[L, B, D]``, weights ``[L]`` -> ``[B, D]``."""
+def feedback_memory_forward(layer_outputs: torch.Tensor, weights: torch.Tensor, *, out=None) -> torch.Tensor:
+    """layer_outputs ``[L, B, D]``, weights ``[L]`` -> ``[B, D]`` (written into a contiguous ``out`` when given)."""
     layer_outputs = layer_outputs.contiguous()
     weights = weights.contiguous()
     L = layer_outputs.shape[0]
+    if out is None:
+        out = layer_outputs.new_empty(layer_outputs.shape[1:])
     if L == 0:  # the sum over no layers (the kernel's softmax of nothing would be NaN)
-        return layer_outputs.new_zeros(layer_outputs.shape[1:])
+        return out.zero_()
     N = layer_outputs[0].numel()
-    out = layer_outputs.new_empty(layer_outputs.shape[1:])
     grid = (triton.cdiv(N, BLOCK_N),)
     feedback_memory_fwd_kernel[grid](
         layer_outputs, weights, out, L, N, BLOCK_L=_block_l(L), BLOCK_N=BLOCK_N, ACC=_acc_dtype(out.dtype)[0]
@@ -622,4 +623,165 @@ def _step_aot_specs():
     return specs
 
 
-AOT_SPECS = _aot_specs() + _step_aot_specs()
+# ---------------------------------------------------------------- recurrence row epilogues
+#
+# The recurrence's per-token work around its GEMMs (cuBLAS) and attention step:
+# one program per batch row holds the whole model row (BLOCK_D >= d_model), so a
+# residual add, its dropout, the bias and the next layer norm are one launch.
+
+ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "identity")  # the ACTIVATION constexpr indexes this
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+# Widest model row one program holds (registers: checked by the AOT report).
+MAX_ROW_BLOCK = 4096
+HIDDEN_BLOCK = 1024
+
+
+@triton.jit
+def residual_norm_kernel(
+    x_ptr,  # [B, D] residual input, or the layer-norm input without RESIDUAL
+    y_ptr,  # [B, D] branch output before bias (RESIDUAL only)
+    bias_ptr,  # [D] branch bias (zeros when the layer has none)
+    out_ptr,  # [B, D]: x + dropout(y + bias) (RESIDUAL only)
+    norm_w_ptr, norm_b_ptr,  # [D] layer norm of the row (NORM only)
+    z_ptr,  # [B, D] normalised row (NORM only)
+    mean_ptr, rstd_ptr,  # [B] its statistics (NORM only)
+    D, eps,
+    seed, offset, threshold, keep_scale,  # dropout of the branch (DROPOUT only): mask [B, D] row-major
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    if RESIDUAL:
+        branch = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+        branch += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if DROPOUT:
+            branch *= tl.where(keep(seed, offset, row * D + offs, threshold), keep_scale, 0.0).to(ACC)
+        x += branch
+        tl.store(out_ptr + row * D + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+        # The layer norm reads the row as stored, like the unfused loop.
+        x = x.to(out_ptr.dtype.element_ty).to(ACC)
+    if NORM:
+        mean = tl.sum(x, axis=0) / D
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+        weight = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(ACC)
+        shift = tl.load(norm_b_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(z_ptr + row * D + offs, (centred * rstd * weight + shift).to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
+        tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
+
+
+@triton.jit
+def ffn_hidden_kernel(
+    h_ptr,  # [B, F] first linear's output (bias included)
+    gate_ptr,  # [B, F] gate linear's output (GATED only)
+    out_ptr,  # [B, F]: dropout(act(h) [· gate])
+    F,
+    seed, offset, threshold, keep_scale,  # dropout of the hidden (DROPOUT only): mask [B, F] row-major
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # index in ACTIVATIONS
+    GATED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    index = row * F + offs
+    h = tl.load(h_ptr + index, mask=mask, other=0.0).to(ACC)
+    if ACTIVATION == 0:
+        h = tl.maximum(h, 0.0)
+    elif ACTIVATION == 1:
+        h = h * 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
+    elif ACTIVATION == 2:
+        h = h / (1.0 + tl.exp(-h))
+    elif ACTIVATION == 3:
+        h = 1.0 / (1.0 + tl.exp(-h))
+    if GATED:
+        h *= tl.load(gate_ptr + index, mask=mask, other=0.0).to(ACC)
+    if DROPOUT:
+        h *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
+    tl.store(out_ptr + index, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(**tensors):
+    for name, tensor in tensors.items():
+        if tensor is not None and not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (rows of the recurrence's record buffers)")
+
+
+def row_block(D: int) -> int:
+    """BLOCK_D of :func:`residual_norm_kernel` for rows of ``D`` features (ValueError beyond MAX_ROW_BLOCK)."""
+    block = max(triton.next_power_of_2(D), 16)
+    if block > MAX_ROW_BLOCK:
+        raise ValueError(f"d_model {D} exceeds the {MAX_ROW_BLOCK} features one recurrence row program holds")
+    return block
+
+
+def residual_norm(x, branch, bias, dropout_p, seed, offset, out, norm=None):
+    """``out = x + dropout(branch + bias)`` and, with ``norm = (weight, bias, eps, z, mean, rstd)``,
+    the layer norm of ``out`` into ``z, mean, rstd``; ``branch`` None: only the norm of ``x``.
+    ``bias`` must be a tensor (zeros for none)."""
+    B, D = x.shape
+    residual = branch is not None
+    norm_weight, norm_bias, eps, z, mean, rstd = norm if norm is not None else (x,) * 2 + (0.0,) + (x,) * 3
+    _check_rows(x=x, branch=branch, out=out, z=z)
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    residual_norm_kernel[(B,)](
+        x, branch if residual else x, bias, out if residual else x, norm_weight, norm_bias, z, mean, rstd,
+        D, float(eps), *dropout_args,
+        BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], RESIDUAL=residual, DROPOUT=dropout_active,
+        NORM=norm is not None,
+    )
+
+
+def ffn_hidden(h, gate, activation, dropout_p, seed, offset, out):
+    """``out = dropout(act(h) [· gate])`` over ``[B, F]`` rows."""
+    B, F = h.shape
+    _check_rows(h=h, gate=gate, out=out)
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    ffn_hidden_kernel[(B, triton.cdiv(F, HIDDEN_BLOCK))](
+        h, h if gate is None else gate, out, F, *dropout_args,
+        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS.index(activation),
+        GATED=gate is not None, DROPOUT=dropout_active,
+    )
+
+
+def _row_aot_specs():
+    specs = []
+    dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
+    for dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+        acc_tl = getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])
+        # (RESIDUAL, DROPOUT, NORM): the layer's first norm, the attention residual + feed-forward norm,
+        # the feed-forward residual.
+        for (residual, dropout, norm), block_d in itertools.product(
+                ((False, False, True), (True, False, True), (True, True, True), (True, False, False),
+                 (True, True, False)), (128, 1024, MAX_ROW_BLOCK)):
+            signature = {name: f"*{dtype}" for name in ("x_ptr", "y_ptr", "bias_ptr", "out_ptr", "norm_w_ptr",
+                                                        "norm_b_ptr", "z_ptr", "mean_ptr", "rstd_ptr")}
+            signature.update({"D": "i32", "eps": "fp32", **dropout_types,
+                              **{n: "constexpr" for n in ("BLOCK_D", "ACC", "RESIDUAL", "DROPOUT", "NORM")}})
+            label = f"{dtype},D{block_d}" + (",residual" if residual else "") + (",dropout" if dropout else "") + (
+                ",norm" if norm else "")
+            specs.append(AotSpec(residual_norm_kernel, signature,
+                                 {"BLOCK_D": block_d, "ACC": acc_tl, "RESIDUAL": residual, "DROPOUT": dropout,
+                                  "NORM": norm}, label=label))
+        for activation, gated, dropout in itertools.product(range(len(ACTIVATIONS)), (False, True), (False, True)):
+            label = f"{dtype},{ACTIVATIONS[activation]}" + (",gated" if gated else "") + (",dropout" if dropout else "")
+            specs.append(AotSpec(
+                ffn_hidden_kernel,
+                {"h_ptr": f"*{dtype}", "gate_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "F": "i32", **dropout_types,
+                 **{n: "constexpr" for n in ("BLOCK", "ACC", "ACTIVATION", "GATED", "DROPOUT")}},
+                {"BLOCK": HIDDEN_BLOCK, "ACC": acc_tl, "ACTIVATION": activation, "GATED": gated, "DROPOUT": dropout},
+                label=label,
+            ))
+    return specs
+
+
+AOT_SPECS = _aot_specs() + _step_aot_specs() + _row_aot_specs()
