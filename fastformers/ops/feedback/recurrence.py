@@ -654,19 +654,27 @@ def _gradients(cfg: Config, rows, layer_outputs, memories, activations, hidden, 
 
 def run_recurrence(cfg: Config, x_seq: torch.Tensor, initial_kv: Optional[torch.Tensor], mix_weights: torch.Tensor,
                    kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor], layers: Sequence[LayerWeights],
-                   write_in_place: bool = False):
+                   write_in_place: bool = False, graphs=None):
     """Outputs ``[T, B, D]`` of the last layer (before the final norm) and the
     cache ``[>= start + T, B, 2C, H, d]``; differentiable w.r.t. inputs and
     weights (not the initial cache).
 
     ``write_in_place`` (no-grad calls only): write the new keys/values into
     ``initial_kv`` itself, which must hold ``start + T`` rows; generation then
-    costs one step per token instead of a cache copy per token."""
+    costs one step per token instead of a cache copy per token.
+
+    ``graphs`` (a :class:`.cuda_graph.RecurrenceGraphs`; no-grad calls that
+    :func:`.cuda_graph.graph_blocker` accepts): replay the token loop from a
+    CUDA graph captured for these shapes."""
     flat = [getattr(lw, name) for lw in layers for name in LayerWeights.FIELDS]
     cfg = _draw_dropout(cfg, x_seq, layers)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_seq, mix_weights, kv_weight, kv_bias, *flat)
     )
+    if graphs is not None:
+        if needs_grad:
+            raise ValueError("graphs replay no-grad calls only: run under torch.no_grad()")
+        return graphs.run(cfg, x_seq, initial_kv, mix_weights, kv_weight, kv_bias, layers, write_in_place)
     if needs_grad:
         return FeedbackRecurrence.apply(cfg, x_seq, initial_kv, mix_weights, kv_weight, kv_bias, *flat)
     with torch.no_grad():
