@@ -281,12 +281,12 @@ def attention_step_fwd_kernel(
 def attention_step_merge_kernel(
     part_acc_ptr,  # [n_splits, B · H, d] in ACC
     part_stats_ptr,  # [n_splits, B · H, 2] in ACC
-    out_ptr,  # [B, H, d]: the normalised output
-    lse_ptr,  # [B · H] in ACC: log of the softmax normaliser (WRITE_LSE only)
+    out_ptr,  # [B, H, d]: the normalised output; with BACKWARD [B · H, 2] in ACC: (log normaliser, g · output)
+    g_ptr,  # [B, H, d] gradient of the output (BACKWARD only)
     n_splits, d,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    BACKWARD: tl.constexpr,  # the statistics the split backward kernel needs instead of the output
 ):
     pid = tl.program_id(0)
     n_pairs = tl.num_programs(0)
@@ -306,9 +306,13 @@ def attention_step_merge_kernel(
         norm = norm * alpha + tl.load(part_stats_ptr + row * 2 + 1 + stat) * beta
         acc = acc * alpha + tl.load(part_acc_ptr + row.to(tl.int64) * d + offs_d, mask=mask_d, other=0.0) * beta
         m = m_new
-    tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
-    if WRITE_LSE:
-        tl.store(lse_ptr + pid + stat, m + tl.log(norm))
+    if BACKWARD:
+        # sum_j p_j m_j (g . V_j) = g . out (m_j the dropout multipliers)
+        g = tl.load(g_ptr + pid * d + offs_d, mask=mask_d, other=0.0).to(ACC)
+        tl.store(out_ptr + pid * 2 + stat, m + tl.log(norm))
+        tl.store(out_ptr + pid * 2 + 1 + stat, tl.sum(g * acc, axis=0) / norm)
+    else:
+        tl.store(out_ptr + pid * d + offs_d, (acc / norm).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -320,8 +324,7 @@ def attention_step_bwd_kernel(
     gv_ptr,  # [>= steps, B, H, d] accumulated, strides (gv_time, gv_batch, d, 1)
     gu_part_ptr,  # [n_splits, B · H, d] in ACC: this (b, h, split)'s share of grad(query_pos_bias)
     ds_ptr,  # [steps, B * H] in ACC: gradients of the scaled scores
-    out_ptr,  # with SPLIT [B · H, d] in ACC: the forward output (merged partials); unused otherwise
-    lse_ptr,  # with SPLIT [B · H] in ACC: log of the softmax normaliser; unused otherwise
+    stats_ptr,  # with SPLIT [B · H, 2] in ACC: log of the softmax normaliser, g · output; unused otherwise
     steps, chunk, H, d, first_row, k_time, k_batch, v_time, v_batch, gk_time, gk_batch, gv_time, gv_batch, scale,
     seed, offset, threshold, keep_scale,
     BLOCK_T: tl.constexpr,
@@ -346,14 +349,14 @@ def attention_step_bwd_kernel(
     s_ptr += first_row * H + h
     gk_ptr += b.to(tl.int64) * gk_batch + h * d
     gv_ptr += b.to(tl.int64) * gv_batch + h * d
-    # sum_j p_j m_j (g . V_j) = g . out (m_j the dropout multipliers)
     if SPLIT:
-        log_norm = tl.load(lse_ptr + pid + tl.arange(0, 1))
-        delta = tl.sum(g * tl.load(out_ptr + pid * d + offs_d, mask=mask_d, other=0.0), axis=0)
+        log_norm = tl.load(stats_ptr + pid * 2)
+        delta = tl.load(stats_ptr + pid * 2 + 1)
     else:
         m, norm, acc = _softmax_pass(q, qu, k_ptr, v_ptr, r_ptr, s_ptr, 0, steps, steps, k_time, v_time, H, d, scale,
                                      pid, seed, offset, threshold, keep_scale, BLOCK_T, BLOCK_D, ACC, DROPOUT)
         log_norm = m + tl.log(norm)
+        # sum_j p_j m_j (g . V_j) = g . out (m_j the dropout multipliers)
         delta = tl.sum(g * acc, axis=0) / norm
     gq = tl.zeros([BLOCK_D], ACC)
     gu = tl.zeros([BLOCK_D], ACC)
@@ -435,6 +438,12 @@ def memory_chunk(pairs: int, steps: int, block_t: int) -> int:
     return triton.cdiv(triton.cdiv(steps, splits), block_t) * block_t
 
 
+def _backward_warps(element_size: int, split: bool) -> int:
+    """Warps of :func:`attention_step_bwd_kernel`: the float64 split variant spills one
+    register with 4 warps on sm_80 (ptxas keeps it at 64 registers), none with 8."""
+    return 8 if split and element_size == 8 else 4
+
+
 def _inner_contiguous(cache: torch.Tensor) -> torch.Tensor:
     """Caches may be strided over time and batch (one buffer holding several caches); [H, d] must be dense."""
     return cache if cache.stride(3) == 1 and cache.stride(2) == cache.shape[3] else cache.contiguous()
@@ -448,16 +457,17 @@ def _dropout_args(dropout_p: float, seed: int, offset: int):
 
 
 def _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, out,
-                    lse=None):
-    """Writes the step's output into ``out [B, H, d]`` (and, with ``lse``, the log of each
-    pair's softmax normaliser): one launch, or partials per chunk and their merge."""
+                    grad=None):
+    """Writes the step's output into ``out [B, H, d]``: one launch, or partials per chunk
+    and their merge. With ``grad`` (the backward's statistics pass) the merge writes
+    ``out [B · H, 2]``: each pair's log softmax normaliser and ``grad · output``."""
     B, H, d = query.shape
     pairs = B * H
     block_d = _block_d(d)
     block_t = _block_t(block_d, query.element_size(), dropout_active)
     chunk = memory_chunk(pairs, steps, block_t)
     n_splits = triton.cdiv(steps, chunk)
-    split = n_splits > 1 or lse is not None
+    split = n_splits > 1 or grad is not None
     acc_tl, acc_torch = _acc_dtype(query.dtype)
     if split:
         part_acc = torch.empty((n_splits, pairs, d), dtype=acc_torch, device=query.device)
@@ -472,8 +482,8 @@ def _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropou
     )
     if split:
         attention_step_merge_kernel[(pairs,)](
-            part_acc, part_stats, out, out if lse is None else lse, n_splits, d,
-            BLOCK_D=block_d, ACC=acc_tl, WRITE_LSE=lse is not None,
+            part_acc, part_stats, out, out if grad is None else grad, n_splits, d,
+            BLOCK_D=block_d, ACC=acc_tl, BACKWARD=grad is not None,
         )
     return chunk
 
@@ -524,20 +534,20 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
     if split:
         # The softmax statistics of the whole walk come first (split forward and merge),
         # then each chunk's gradients; per-split query gradients are summed in split order.
-        out = torch.empty((B, H, d), dtype=acc_torch, device=query.device)
-        lse = torch.empty(pairs, dtype=acc_torch, device=query.device)
-        _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, out, lse)
+        stats = torch.empty((pairs, 2), dtype=acc_torch, device=query.device)
+        _forward_launch(query, key_cache, value_cache, steps, R, S, u, scale, dropout_args, dropout_active, stats, grad)
         grad_query = torch.empty((n_splits, B, H, d), dtype=acc_torch, device=query.device)
     else:
-        out = lse = grad_query = torch.empty_like(query)
+        stats = grad_query = torch.empty_like(query)
     gu_part = torch.empty((n_splits, B, H, d), dtype=acc_torch, device=query.device)
     score_grads = torch.empty((steps, pairs), dtype=acc_torch, device=query.device)
     attention_step_bwd_kernel[(pairs, n_splits)](
         grad, query, key_cache, value_cache, R, S, u, grad_query, grad_key_cache, grad_value_cache, gu_part,
-        score_grads, out, lse, steps, chunk, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
+        score_grads, stats, steps, chunk, H, d, R.shape[0] - steps, key_cache.stride(0), key_cache.stride(1),
         value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
         grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale), *dropout_args,
         BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl, DROPOUT=dropout_active, SPLIT=split,
+        num_warps=_backward_warps(query.element_size(), split),
     )
     pos_block_t = _block_t(block_d, query.element_size())
     attention_step_pos_grad_kernel[(H, triton.cdiv(steps, pos_block_t))](
@@ -577,15 +587,15 @@ def _step_aot_specs():
         acc_tl = getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])
         inputs = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "r_ptr", "s_ptr", "u_ptr")}
         for block_d in (32, 64, 128):
-            # The merge writes the forward's output (query dtype) or the backward's statistics (ACC, with lse).
-            for out_dtype, write_lse in ((dtype, False), (acc, True)):
+            # The merge writes the forward's output (query dtype) or the backward's statistics (ACC).
+            for out_dtype, backward in ((dtype, False), (acc, True)):
                 specs.append(AotSpec(
                     attention_step_merge_kernel,
                     {"part_acc_ptr": f"*{acc}", "part_stats_ptr": f"*{acc}", "out_ptr": f"*{out_dtype}",
-                     "lse_ptr": f"*{acc}", "n_splits": "i32", "d": "i32", "BLOCK_D": "constexpr", "ACC": "constexpr",
-                     "WRITE_LSE": "constexpr"},
-                    {"BLOCK_D": block_d, "ACC": acc_tl, "WRITE_LSE": write_lse},
-                    label=f"{dtype},d{block_d}" + (",lse" if write_lse else ""),
+                     "g_ptr": f"*{dtype}", "n_splits": "i32", "d": "i32", "BLOCK_D": "constexpr", "ACC": "constexpr",
+                     "BACKWARD": "constexpr"},
+                    {"BLOCK_D": block_d, "ACC": acc_tl, "BACKWARD": backward},
+                    label=f"{dtype},d{block_d}" + (",backward" if backward else ""),
                 ))
             for dropout, split in itertools.product((False, True), (False, True)):
                 constexprs = {"BLOCK_T": _block_t(block_d, element_size, dropout), "BLOCK_D": block_d,
@@ -606,10 +616,10 @@ def _step_aot_specs():
                         attention_step_bwd_kernel,
                         {"g_ptr": f"*{dtype}", **inputs, "gq_ptr": f"*{out_dtype}", "gk_ptr": f"*{grad_dtype}",
                          "gv_ptr": f"*{grad_dtype}", "gu_part_ptr": f"*{acc}", "ds_ptr": f"*{acc}",
-                         "out_ptr": f"*{out_dtype}", "lse_ptr": f"*{out_dtype}",
+                         "stats_ptr": f"*{out_dtype}",
                          **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
                          **dropout_types, **flags},
-                        constexprs, label=grad_label,
+                        constexprs, label=grad_label, num_warps=_backward_warps(element_size, split),
                     ))
                     if dropout or split:  # the positional-gradient kernel reads score gradients only
                         continue
