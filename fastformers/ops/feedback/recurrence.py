@@ -230,7 +230,7 @@ def _keep_scale(site, like: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 class _AtenRows:
-    """The forward loop's work around its GEMMs, one ATen call at a time: the
+    """The loops' work around their GEMMs, one ATen call at a time: the
     reference, and every backend without fused row kernels. ``site`` arguments
     are ``(p, seed, offset)`` of a dropout site, ``norm`` ones
     ``(weight, bias, eps, z, mean, rstd)`` with the outputs of a layer norm."""
@@ -267,14 +267,48 @@ class _AtenRows:
     def memory(self, layer_outputs, mix_weights, out):
         out.copy_(_feedback_memory_functional(layer_outputs, mix_weights, backend=self.cfg.memory_backend))
 
+    # Backward.
+
+    def mix_probabilities(self, mix_weights):
+        """``softmax(mix_weights)`` as :meth:`norm_backward`'s ``memory`` takes it."""
+        return torch.softmax(mix_weights.double(), 0).tolist()
+
+    def mask(self, grad, site, out):
+        """``out = grad · dropout multipliers of site``."""
+        out.copy_(_masked(grad, _keep_scale(site, grad)))
+
+    def hidden_backward(self, grad, ff1_output, gate, site, grad_ff1_output, grad_gate):
+        """Gradients of the first linear's and the gate's outputs from the gradient of :meth:`hidden`'s output."""
+        grad = _masked(grad, _keep_scale(site, ff1_output))
+        if gate is not None:
+            grad_gate.copy_(grad * _activate(self.cfg.activation, ff1_output))
+            grad = grad * gate
+        grad_ff1_output.copy_(_activation_backward(self.cfg.activation, grad, ff1_output))
+
+    def norm_backward(self, grad_z, x, mean, rstd, weight, residual, memory=None, masked=None):
+        """The layer norm's input gradient + ``residual`` (+ ``probabilities[layer] · grad_memory``
+        for ``memory = (grad_memory, probabilities, layer)``); with ``masked = (site, out)`` also
+        ``out`` = that times the site's dropout multipliers."""
+        B = x.shape[0]
+        g = _layer_norm_input_grad(grad_z, x, mean.view(B, 1), rstd.view(B, 1), weight)
+        g += residual
+        if memory is not None:
+            grad_memory, probabilities, layer = memory
+            g.add_(grad_memory, alpha=probabilities[layer])
+        if masked is not None:
+            self.mask(g, *masked)
+        return g
+
 
 class _TritonRows(_AtenRows):
-    """The same work in fused Triton kernels (:mod:`.triton_kernel`): the layer
-    norms write their record slots themselves, bias, dropout and residual add
-    are one epilogue after the branch GEMM, fused with the next layer norm; the
-    attention step and the memory write their record slots. No launch depends
-    on a device value, so the loop never waits for the GPU (and can be captured
-    in a CUDA graph)."""
+    """The same work in fused Triton kernels (:mod:`.triton_kernel`). Forward: the
+    layer norms write their record slots themselves, bias, dropout and residual
+    add are one epilogue after the branch GEMM, fused with the next layer norm;
+    the attention step and the memory write their record slots. Backward: the
+    hidden dropout, gate and activation slope are one kernel; a layer norm's input
+    gradient, the residual gradient, the memory's share and the next residual
+    dropout mask are another. No launch depends on a device value, so the loops
+    never wait for the GPU (and the forward can be captured in a CUDA graph)."""
 
     def __init__(self, cfg: "Config", like: torch.Tensor):
         from . import triton_kernel
@@ -300,6 +334,18 @@ class _TritonRows(_AtenRows):
 
     def memory(self, layer_outputs, mix_weights, out):
         self.kernels.feedback_memory_forward(layer_outputs, mix_weights, out=out)
+
+    def mix_probabilities(self, mix_weights):
+        # A device tensor the kernels read: no host value (and float64 exact for float64 models).
+        return torch.softmax(mix_weights.to(self.kernels._acc_dtype(mix_weights.dtype)[1]), 0)
+
+    def hidden_backward(self, grad, ff1_output, gate, site, grad_ff1_output, grad_gate):
+        self.kernels.ffn_hidden_backward(grad, ff1_output, gate, self.cfg.activation, *site, grad_ff1_output,
+                                         grad_gate)
+
+    def norm_backward(self, grad_z, x, mean, rstd, weight, residual, memory=None, masked=None):
+        return self.kernels.norm_backward(grad_z, x, mean, rstd, weight, residual, torch.empty_like(residual),
+                                          memory, masked)
 
 
 def _row_ops(cfg: "Config", x: torch.Tensor) -> _AtenRows:
@@ -424,29 +470,28 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
     grad_query_pos_bias = grad_out.new_zeros((N, H, d), dtype=wide)
     views = [(_cache_views(kv, l, cfg.shared_kv), _cache_views(grad_kv, l, cfg.shared_kv)) for l in range(N)]
     accumulate = cfg.backward_kernel
+    rows = _row_ops(cfg, grad_out)
+    mix = rows.mix_probabilities(mix_weights)
     for i in range(T - 1, -1, -1):
         t = cfg.start + i
         gm = grad_memories[i]
         gm.copy_(torch.mm(grad_kv[t].view(B, -1), kv_weight_wide))
         g = torch.add(grad_out[i], gm, alpha=probs[N])
+        rows.mask(g, masks.site(i, N - 1, _SITE_FF_RESIDUAL), out=row_grads[N - 1, _G_FF_OUT, i])
         for l in range(N - 1, -1, -1):
             lw, act, st, r = layers[l], activations[l, :, i], stats[l, :, i], row_grads[l, :, i]
             h, gh = hidden[l, :, i], grad_hidden[l, :, i]
-            r[_G_FF_OUT] = _masked(g, masks.multipliers(i, l, _SITE_FF_RESIDUAL, g))
-            grad_ff2_input = _masked(torch.mm(r[_G_FF_OUT], lw.ff2_weight),
-                                     masks.multipliers(i, l, _SITE_HIDDEN, h[_FF1_OUTPUT]))
-            if gated:
-                gh[1] = grad_ff2_input * _activate(cfg.activation, h[_FF1_OUTPUT])
-                grad_ff2_input = grad_ff2_input * h[_GATE]
-            gh[0] = _activation_backward(cfg.activation, grad_ff2_input, h[_FF1_OUTPUT])
+            # r[_G_FF_OUT]: g through this layer's feed-forward residual dropout (written by the step above).
+            rows.hidden_backward(torch.mm(r[_G_FF_OUT], lw.ff2_weight), h[_FF1_OUTPUT], h[_GATE] if gated else None,
+                                 masks.site(i, l, _SITE_HIDDEN), gh[0], gh[1] if gated else None)
             torch.mm(gh[0], lw.ff1_weight, out=r[_G_NORM_FF])
             if gated:
                 r[_G_NORM_FF] += torch.mm(gh[1], lw.gate_weight)
-            gxm = _layer_norm_input_grad(r[_G_NORM_FF], act[_MID], st[_MEAN_FF].view(B, 1), st[_RSTD_FF].view(B, 1),
-                                         lw.norm_ff_weight)
-            gxm += g
+            norm_ff = (r[_G_NORM_FF], act[_MID], st[_MEAN_FF], st[_RSTD_FF], lw.norm_ff_weight)
+            # The layer input's gradient is the layer below's output gradient: masked for its residual dropout.
+            below = (masks.site(i, l - 1, _SITE_FF_RESIDUAL), row_grads[l - 1, _G_FF_OUT, i]) if l > 0 else None
             if t > 0:
-                r[_G_ATTN_OUT] = _masked(gxm, masks.multipliers(i, l, _SITE_ATTN_RESIDUAL, gxm))
+                gxm = rows.norm_backward(*norm_ff, g, masked=(masks.site(i, l, _SITE_ATTN_RESIDUAL), r[_G_ATTN_OUT]))
                 ga = torch.mm(r[_G_ATTN_OUT], lw.output_weight).view(B, H, d)
                 (key_cache, value_cache), (grad_key, grad_value) = views[l]
                 r[_G_QUERY] = accumulate(ga, act[_QUERY].view(B, H, d), key_cache, value_cache, t,
@@ -455,12 +500,10 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
                                          grad_key, grad_value, grad_pos_emb[l], grad_pos_bias[l],
                                          grad_query_pos_bias[l]).view(B, D)
                 torch.mm(r[_G_QUERY], lw.query_weight, out=r[_G_NORM_ATTN])
-                g = _layer_norm_input_grad(r[_G_NORM_ATTN], layer_outputs[i, l], st[_MEAN_ATTN].view(B, 1),
-                                           st[_RSTD_ATTN].view(B, 1), lw.norm_attn_weight)
-                g += gxm
+                g = rows.norm_backward(r[_G_NORM_ATTN], layer_outputs[i, l], st[_MEAN_ATTN], st[_RSTD_ATTN],
+                                       lw.norm_attn_weight, gxm, memory=(gm, mix, l), masked=below)
             else:
-                g = gxm
-            g.add_(gm, alpha=probs[l])
+                g = rows.norm_backward(*norm_ff, g, memory=(gm, mix, l), masked=below)
         grad_x[i] = g
     return grad_x, grad_memories, row_grads, grad_hidden, grad_kv, grad_pos_emb, grad_pos_bias, grad_query_pos_bias
 

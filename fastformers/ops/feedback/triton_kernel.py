@@ -27,6 +27,7 @@ import triton.language as tl
 from ...triton_utils import AotSpec
 from ..dropout import naive as dropout_naive
 from ..dropout.triton_kernel import keep
+from ..switch.triton_kernel import ACTIVATIONS, _activate  # the labml activations and their slopes, shared
 
 BLOCK_N = 1024
 
@@ -639,8 +640,6 @@ def _step_aot_specs():
 # one program per batch row holds the whole model row (BLOCK_D >= d_model), so a
 # residual add, its dropout, the bias and the next layer norm are one launch.
 
-ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "identity")  # the ACTIVATION constexpr indexes this
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
 # Widest model row one program holds (registers: checked by the AOT report).
 MAX_ROW_BLOCK = 4096
 HIDDEN_BLOCK = 1024
@@ -696,7 +695,7 @@ def ffn_hidden_kernel(
     seed, offset, threshold, keep_scale,  # dropout of the hidden (DROPOUT only): mask [B, F] row-major
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # index in ACTIVATIONS
+    ACTIVATION: tl.constexpr,  # ACTIVATIONS[name]
     GATED: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
@@ -704,20 +703,80 @@ def ffn_hidden_kernel(
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
     index = row * F + offs
-    h = tl.load(h_ptr + index, mask=mask, other=0.0).to(ACC)
-    if ACTIVATION == 0:
-        h = tl.maximum(h, 0.0)
-    elif ACTIVATION == 1:
-        h = h * 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2))
-    elif ACTIVATION == 2:
-        h = h / (1.0 + tl.exp(-h))
-    elif ACTIVATION == 3:
-        h = 1.0 / (1.0 + tl.exp(-h))
+    h, _ = _activate(tl.load(h_ptr + index, mask=mask, other=0.0).to(ACC), ACTIVATION)
     if GATED:
         h *= tl.load(gate_ptr + index, mask=mask, other=0.0).to(ACC)
     if DROPOUT:
         h *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
     tl.store(out_ptr + index, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ffn_hidden_backward_kernel(
+    grad_ptr,  # [B, F] gradient of the second linear's input
+    h_ptr,  # [B, F] first linear's output
+    gate_ptr,  # [B, F] gate linear's output (GATED only)
+    grad_h_ptr,  # [B, F] out: gradient of the first linear's output
+    grad_gate_ptr,  # [B, F] out: gradient of the gate's output (GATED only)
+    F,
+    seed, offset, threshold, keep_scale,  # the forward's hidden dropout (DROPOUT only)
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    index = row * F + offs
+    grad = tl.load(grad_ptr + index, mask=mask, other=0.0).to(ACC)
+    if DROPOUT:
+        grad *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
+    value, slope = _activate(tl.load(h_ptr + index, mask=mask, other=0.0).to(ACC), ACTIVATION)
+    if GATED:
+        tl.store(grad_gate_ptr + index, (grad * value).to(grad_gate_ptr.dtype.element_ty), mask=mask)
+        grad *= tl.load(gate_ptr + index, mask=mask, other=0.0).to(ACC)
+    tl.store(grad_h_ptr + index, (grad * slope).to(grad_h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def norm_backward_kernel(
+    grad_z_ptr,  # [B, D] gradient of a layer norm's output
+    x_ptr,  # [B, D] its input
+    mean_ptr, rstd_ptr,  # [B] its statistics
+    weight_ptr,  # [D] its weight
+    residual_ptr,  # [B, D] gradient reaching the input along the residual path
+    memory_ptr,  # [B, D] gradient of the token's memory (MEMORY only)
+    memory_weight_ptr,  # [L] in ACC: softmax of the memory mixing logits (MEMORY only)
+    out_ptr,  # [B, D]: input gradient of the norm + residual [+ memory_weight[layer] · memory]
+    masked_ptr,  # [B, D]: out times the dropout multipliers of a residual branch (MASKED only)
+    D, layer,
+    seed, offset, threshold, keep_scale,  # the branch's dropout (DROPOUT only): mask [B, D] row-major
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    MEMORY: tl.constexpr,
+    MASKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + row).to(ACC)
+    rstd = tl.load(rstd_ptr + row).to(ACC)
+    normed = tl.where(mask, (x - mean) * rstd, 0.0)
+    grad_normed = tl.load(grad_z_ptr + row * D + offs, mask=mask, other=0.0).to(ACC) * \
+        tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
+    grad = rstd * (grad_normed - tl.sum(grad_normed, axis=0) / D - normed * (tl.sum(grad_normed * normed, axis=0) / D))
+    grad += tl.load(residual_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    if MEMORY:
+        grad += tl.load(memory_weight_ptr + layer) * tl.load(memory_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + row * D + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    if MASKED:
+        if DROPOUT:
+            grad *= tl.where(keep(seed, offset, row * D + offs, threshold), keep_scale, 0.0).to(ACC)
+        tl.store(masked_ptr + row * D + offs, grad.to(masked_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rows(**tensors):
@@ -758,9 +817,38 @@ def ffn_hidden(h, gate, activation, dropout_p, seed, offset, out):
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
     ffn_hidden_kernel[(B, triton.cdiv(F, HIDDEN_BLOCK))](
         h, h if gate is None else gate, out, F, *dropout_args,
-        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS.index(activation),
+        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
         GATED=gate is not None, DROPOUT=dropout_active,
     )
+
+
+def ffn_hidden_backward(grad, h, gate, activation, dropout_p, seed, offset, grad_h, grad_gate):
+    """``grad_h`` (and ``grad_gate``) from the gradient ``grad`` of :func:`ffn_hidden`'s output."""
+    B, F = h.shape
+    _check_rows(grad=grad, h=h, gate=gate, grad_h=grad_h, grad_gate=grad_gate)
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    ffn_hidden_backward_kernel[(B, triton.cdiv(F, HIDDEN_BLOCK))](
+        grad, h, h if gate is None else gate, grad_h, grad_h if grad_gate is None else grad_gate, F, *dropout_args,
+        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
+        GATED=gate is not None, DROPOUT=dropout_active,
+    )
+
+
+def norm_backward(grad_z, x, mean, rstd, weight, residual, out, memory=None, masked=None):
+    """``out`` = input gradient of a layer norm + ``residual`` (+ ``weights[layer] · grad_memory``
+    with ``memory = (grad_memory, weights, layer)``); with ``masked = ((p, seed, offset), masked_out)``
+    also ``masked_out = out · dropout multipliers`` of that site."""
+    B, D = x.shape
+    _check_rows(grad_z=grad_z, x=x, residual=residual, out=out)
+    memory_grad, memory_weights, layer = memory if memory is not None else (x, x, 0)
+    (dropout_p, seed, offset), masked_out = masked if masked is not None else ((0.0, 0, 0), out)
+    dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    norm_backward_kernel[(B,)](
+        grad_z, x, mean, rstd, weight, residual, memory_grad, memory_weights, out, masked_out, D, layer,
+        *dropout_args, BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], MEMORY=memory is not None,
+        MASKED=masked is not None, DROPOUT=dropout_active,
+    )
+    return out
 
 
 def _row_aot_specs():
@@ -782,14 +870,35 @@ def _row_aot_specs():
             specs.append(AotSpec(residual_norm_kernel, signature,
                                  {"BLOCK_D": block_d, "ACC": acc_tl, "RESIDUAL": residual, "DROPOUT": dropout,
                                   "NORM": norm}, label=label))
-        for activation, gated, dropout in itertools.product(range(len(ACTIVATIONS)), (False, True), (False, True)):
-            label = f"{dtype},{ACTIVATIONS[activation]}" + (",gated" if gated else "") + (",dropout" if dropout else "")
+        # (MEMORY, MASKED, DROPOUT): the feed-forward norm with memory (step 0) or with the attention
+        # residual's mask, the attention norm with memory and the next feed-forward residual's mask or none.
+        for (memory, masked, dropout), block_d in itertools.product(
+                ((True, False, False), (False, True, False), (False, True, True), (True, True, False),
+                 (True, True, True)), (128, 1024, MAX_ROW_BLOCK)):
+            label = f"{dtype},D{block_d}" + (",memory" if memory else "") + (",masked" if masked else "") + (
+                ",dropout" if dropout else "")
+            signature = {name: f"*{dtype}" for name in ("grad_z_ptr", "x_ptr", "mean_ptr", "rstd_ptr", "weight_ptr",
+                                                        "residual_ptr", "memory_ptr", "out_ptr", "masked_ptr")}
+            signature.update({"memory_weight_ptr": f"*{acc}", "D": "i32", "layer": "i32", **dropout_types,
+                              **{n: "constexpr" for n in ("BLOCK_D", "ACC", "MEMORY", "MASKED", "DROPOUT")}})
+            specs.append(AotSpec(norm_backward_kernel, signature,
+                                 {"BLOCK_D": block_d, "ACC": acc_tl, "MEMORY": memory, "MASKED": masked,
+                                  "DROPOUT": dropout}, label=label))
+        for (activation, code), gated, dropout in itertools.product(ACTIVATIONS.items(), (False, True), (False, True)):
+            label = f"{dtype},{activation}" + (",gated" if gated else "") + (",dropout" if dropout else "")
+            constexprs = {"BLOCK": HIDDEN_BLOCK, "ACC": acc_tl, "ACTIVATION": code, "GATED": gated, "DROPOUT": dropout}
+            flags = {n: "constexpr" for n in constexprs}
             specs.append(AotSpec(
                 ffn_hidden_kernel,
                 {"h_ptr": f"*{dtype}", "gate_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "F": "i32", **dropout_types,
-                 **{n: "constexpr" for n in ("BLOCK", "ACC", "ACTIVATION", "GATED", "DROPOUT")}},
-                {"BLOCK": HIDDEN_BLOCK, "ACC": acc_tl, "ACTIVATION": activation, "GATED": gated, "DROPOUT": dropout},
-                label=label,
+                 **flags},
+                constexprs, label=label,
+            ))
+            specs.append(AotSpec(
+                ffn_hidden_backward_kernel,
+                {**{name: f"*{dtype}" for name in ("grad_ptr", "h_ptr", "gate_ptr", "grad_h_ptr", "grad_gate_ptr")},
+                 "F": "i32", **dropout_types, **flags},
+                constexprs, label=label,
             ))
     return specs
 
