@@ -31,8 +31,9 @@ def _config(model, backend, start=0, dropout=True, kv=True):
         dropout_p=nn_feedback._dropout_probabilities(model) if dropout else ())
 
 
-def _loop_launches(model, backend, T, fused, dropout):
-    """Launches of one forward loop (``fused``: the Triton row kernels, else one ATen call at a time)."""
+def _loop_launches(model, backend, T, fused, dropout, backward=False):
+    """Launches of one forward loop, or with ``backward`` of one backward loop (``fused``: the
+    Triton row kernels, else one ATen call at a time)."""
     x, layers, mix, kv_weight, kv_bias = _inputs(model, T, dtype=torch.float32)
     cfg = recurrence._draw_dropout(_config(model, backend, dropout=dropout), x, layers)
     kv = recurrence._new_cache(cfg, x, None)
@@ -40,38 +41,60 @@ def _loop_launches(model, backend, T, fused, dropout):
     original = recurrence._row_ops
     recurrence._row_ops = lambda cfg, x: rows(cfg, x) if fused else rows(cfg)
     try:
-        with torch.no_grad(), count_launches() as counter:
-            recurrence._run(cfg, x, layers, mix, kv_weight, kv_bias, kv, record=False)
+        with torch.no_grad():
+            if not backward:
+                with count_launches() as counter:
+                    recurrence._run(cfg, x, layers, mix, kv_weight, kv_bias, kv, record=False)
+                return counter.total
+            layer_outputs, _, activations, hidden, stats = recurrence._run(cfg, x, layers, mix, kv_weight, kv_bias,
+                                                                           kv, record=True)
+            with count_launches() as counter:
+                recurrence._backward_loop(cfg, torch.randn_like(x), layer_outputs, activations, hidden, stats, kv, mix,
+                                          kv_weight, layers)
+            return counter.total
     finally:
         recurrence._row_ops = original
-    return counter.total
 
 
-def launches_per_token_and_layer(fused, dropout):
+def launches_per_token_and_layer(fused, dropout, backward=False):
     """``(per layer, per token besides the layers)`` of a token with memory, from
     loops of 2 and 3 tokens with 1 and 2 layers."""
     per_token = {}
     for n_layers in (1, 2):
         torch.manual_seed(0)
         model = build(True, n_layers=n_layers, dtype=torch.float32, dropout_p=0.2 if dropout else 0.0)
-        per_token[n_layers] = (_loop_launches(model, "triton", 3, fused, dropout)
-                               - _loop_launches(model, "triton", 2, fused, dropout))
+        per_token[n_layers] = (_loop_launches(model, "triton", 3, fused, dropout, backward)
+                               - _loop_launches(model, "triton", 2, fused, dropout, backward))
     per_layer = per_token[2] - per_token[1]
     return per_layer, per_token[1] - per_layer
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["p0", "dropout"])
 def test_launches_per_token_and_layer(dropout):
-    """The fused loop: layer norm, query GEMM, attention step, output GEMM, its
-    epilogue (bias, dropout, residual, feed-forward norm), first linear, hidden
+    """The fused forward loop: layer norm, query GEMM, attention step, output GEMM,
+    its epilogue (bias, dropout, residual, feed-forward norm), first linear, hidden
     kernel (activation, dropout), second GEMM and its epilogue: 9 per layer with or
     without dropout; per token the memory and its K/V projection."""
     fused = launches_per_token_and_layer(True, dropout)
     unfused = launches_per_token_and_layer(False, dropout)
-    print(f"launches (per layer, per token besides layers), dropout={dropout}: "
+    print(f"forward launches (per layer, per token besides layers), dropout={dropout}: "
           f"fused {fused}, one ATen call at a time {unfused}")
     assert fused == (9, 2)
     assert unfused[0] > fused[0]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["p0", "dropout"])
+def test_backward_launches_per_token_and_layer(dropout):
+    """The fused backward loop: second-linear GEMM, hidden backward kernel, first-linear
+    GEMM, feed-forward norm backward (+ residual, attention residual mask), output GEMM,
+    the attention step backward (its kernel, the positional-gradient kernel and two small
+    reductions), query GEMM, attention norm backward (+ residual, memory, next mask)."""
+    fused = launches_per_token_and_layer(True, dropout, backward=True)
+    unfused = launches_per_token_and_layer(False, dropout, backward=True)
+    print(f"backward launches (per layer, per token besides layers), dropout={dropout}: "
+          f"fused {fused}, one ATen call at a time {unfused}")
+    assert fused[0] < unfused[0]
+    assert fused[0] == launches_per_token_and_layer(True, False, backward=True)[0]  # dropout adds none
 
 
 def test_no_host_synchronisation_in_the_loop():

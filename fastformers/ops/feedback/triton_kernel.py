@@ -439,10 +439,11 @@ def memory_chunk(pairs: int, steps: int, block_t: int) -> int:
     return triton.cdiv(triton.cdiv(steps, splits), block_t) * block_t
 
 
-def _backward_warps(element_size: int, split: bool) -> int:
-    """Warps of :func:`attention_step_bwd_kernel`: the float64 split variant spills one
-    register with 4 warps on sm_80 (ptxas keeps it at 64 registers), none with 8."""
-    return 8 if split and element_size == 8 else 4
+def _backward_warps(element_size: int, block_d: int, dropout: bool, split: bool) -> int:
+    """Warps of :func:`attention_step_bwd_kernel`: with 4 warps the float64 d=64 split
+    variant with dropout spills one register on sm_80 (ptxas holds it at 64
+    registers); with 2 it takes 128 and spills none (AOT report)."""
+    return 2 if (element_size, block_d, dropout, split) == (8, 64, True, True) else 4
 
 
 def _inner_contiguous(cache: torch.Tensor) -> torch.Tensor:
@@ -548,7 +549,7 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
         value_cache.stride(0), value_cache.stride(1), grad_key_cache.stride(0), grad_key_cache.stride(1),
         grad_value_cache.stride(0), grad_value_cache.stride(1), float(scale), *dropout_args,
         BLOCK_T=block_t, BLOCK_D=block_d, ACC=acc_tl, DROPOUT=dropout_active, SPLIT=split,
-        num_warps=_backward_warps(query.element_size(), split),
+        num_warps=_backward_warps(query.element_size(), block_d, dropout_active, split),
     )
     pos_block_t = _block_t(block_d, query.element_size())
     attention_step_pos_grad_kernel[(H, triton.cdiv(steps, pos_block_t))](
@@ -620,7 +621,7 @@ def _step_aot_specs():
                          "stats_ptr": f"*{out_dtype}",
                          **{n: "i32" for n in (*ints, "gk_time", "gk_batch", "gv_time", "gv_batch")}, "scale": "fp32",
                          **dropout_types, **flags},
-                        constexprs, label=grad_label, num_warps=_backward_warps(element_size, split),
+                        constexprs, label=grad_label, num_warps=_backward_warps(element_size, block_d, dropout, split),
                     ))
                     if dropout or split:  # the positional-gradient kernel reads score gradients only
                         continue
@@ -642,7 +643,16 @@ def _step_aot_specs():
 
 # Widest model row one program holds (registers: checked by the AOT report).
 MAX_ROW_BLOCK = 4096
-HIDDEN_BLOCK = 1024
+
+
+def _row_warps(block_d: int) -> int:
+    """Warps of a row program: at most 8 float64 elements (and their Philox bits) per thread."""
+    return max(4, block_d // 256)
+
+
+def _hidden_block(element_size: int) -> int:
+    """Hidden features per program (4 warps): float64 gated with dropout spilled at 1024 on sm_80."""
+    return 512 if element_size == 8 else 1024
 
 
 @triton.jit
@@ -806,7 +816,7 @@ def residual_norm(x, branch, bias, dropout_p, seed, offset, out, norm=None):
         x, branch if residual else x, bias, out if residual else x, norm_weight, norm_bias, z, mean, rstd,
         D, float(eps), *dropout_args,
         BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], RESIDUAL=residual, DROPOUT=dropout_active,
-        NORM=norm is not None,
+        NORM=norm is not None, num_warps=_row_warps(row_block(D)),
     )
 
 
@@ -815,9 +825,10 @@ def ffn_hidden(h, gate, activation, dropout_p, seed, offset, out):
     B, F = h.shape
     _check_rows(h=h, gate=gate, out=out)
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
-    ffn_hidden_kernel[(B, triton.cdiv(F, HIDDEN_BLOCK))](
+    block = _hidden_block(h.element_size())
+    ffn_hidden_kernel[(B, triton.cdiv(F, block))](
         h, h if gate is None else gate, out, F, *dropout_args,
-        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
+        BLOCK=block, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
         GATED=gate is not None, DROPOUT=dropout_active,
     )
 
@@ -827,9 +838,10 @@ def ffn_hidden_backward(grad, h, gate, activation, dropout_p, seed, offset, grad
     B, F = h.shape
     _check_rows(grad=grad, h=h, gate=gate, grad_h=grad_h, grad_gate=grad_gate)
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
-    ffn_hidden_backward_kernel[(B, triton.cdiv(F, HIDDEN_BLOCK))](
+    block = _hidden_block(h.element_size())
+    ffn_hidden_backward_kernel[(B, triton.cdiv(F, block))](
         grad, h, h if gate is None else gate, grad_h, grad_h if grad_gate is None else grad_gate, F, *dropout_args,
-        BLOCK=HIDDEN_BLOCK, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
+        BLOCK=block, ACC=_acc_dtype(h.dtype)[0], ACTIVATION=ACTIVATIONS[activation],
         GATED=gate is not None, DROPOUT=dropout_active,
     )
 
@@ -846,7 +858,7 @@ def norm_backward(grad_z, x, mean, rstd, weight, residual, out, memory=None, mas
     norm_backward_kernel[(B,)](
         grad_z, x, mean, rstd, weight, residual, memory_grad, memory_weights, out, masked_out, D, layer,
         *dropout_args, BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], MEMORY=memory is not None,
-        MASKED=masked is not None, DROPOUT=dropout_active,
+        MASKED=masked is not None, DROPOUT=dropout_active, num_warps=_row_warps(row_block(D)),
     )
     return out
 
@@ -854,7 +866,7 @@ def norm_backward(grad_z, x, mean, rstd, weight, residual, out, memory=None, mas
 def _row_aot_specs():
     specs = []
     dropout_types = {"seed": "i64", "offset": "i64", "threshold": "i64", "keep_scale": "fp32"}
-    for dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    for dtype, acc, element_size in (("fp32", "fp32", 4), ("bf16", "fp32", 2), ("fp64", "fp64", 8)):
         acc_tl = getattr(tl, {"fp32": "float32", "fp64": "float64"}[acc])
         # (RESIDUAL, DROPOUT, NORM): the layer's first norm, the attention residual + feed-forward norm,
         # the feed-forward residual.
@@ -869,7 +881,7 @@ def _row_aot_specs():
                 ",norm" if norm else "")
             specs.append(AotSpec(residual_norm_kernel, signature,
                                  {"BLOCK_D": block_d, "ACC": acc_tl, "RESIDUAL": residual, "DROPOUT": dropout,
-                                  "NORM": norm}, label=label))
+                                  "NORM": norm}, label=label, num_warps=_row_warps(block_d)))
         # (MEMORY, MASKED, DROPOUT): the feed-forward norm with memory (step 0) or with the attention
         # residual's mask, the attention norm with memory and the next feed-forward residual's mask or none.
         for (memory, masked, dropout), block_d in itertools.product(
@@ -883,10 +895,10 @@ def _row_aot_specs():
                               **{n: "constexpr" for n in ("BLOCK_D", "ACC", "MEMORY", "MASKED", "DROPOUT")}})
             specs.append(AotSpec(norm_backward_kernel, signature,
                                  {"BLOCK_D": block_d, "ACC": acc_tl, "MEMORY": memory, "MASKED": masked,
-                                  "DROPOUT": dropout}, label=label))
+                                  "DROPOUT": dropout}, label=label, num_warps=_row_warps(block_d)))
         for (activation, code), gated, dropout in itertools.product(ACTIVATIONS.items(), (False, True), (False, True)):
             label = f"{dtype},{activation}" + (",gated" if gated else "") + (",dropout" if dropout else "")
-            constexprs = {"BLOCK": HIDDEN_BLOCK, "ACC": acc_tl, "ACTIVATION": code, "GATED": gated, "DROPOUT": dropout}
+            constexprs = {"BLOCK": _hidden_block(element_size), "ACC": acc_tl, "ACTIVATION": code, "GATED": gated, "DROPOUT": dropout}
             flags = {n: "constexpr" for n in constexprs}
             specs.append(AotSpec(
                 ffn_hidden_kernel,
