@@ -353,7 +353,7 @@ def _row_ops(cfg: "Config", x: torch.Tensor) -> _AtenRows:
     from . import triton_kernel
 
     fused = (cfg.memory_backend == "triton" and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
-             and x.shape[-1] <= triton_kernel.MAX_ROW_BLOCK)
+             and x.shape[-1] <= triton_kernel.max_row_block(x.element_size()))
     return _TritonRows(cfg, x) if fused else _AtenRows(cfg)
 
 

@@ -641,8 +641,10 @@ def _step_aot_specs():
 # one program per batch row holds the whole model row (BLOCK_D >= d_model), so a
 # residual add, its dropout, the bias and the next layer norm are one launch.
 
-# Widest model row one program holds (registers: checked by the AOT report).
-MAX_ROW_BLOCK = 4096
+def max_row_block(element_size: int) -> int:
+    """Widest model row one program holds (registers: checked by the AOT report; a
+    float64 row of 4096 with Philox bits spilled even on 16 warps)."""
+    return 2048 if element_size == 8 else 4096
 
 
 def _row_warps(block_d: int) -> int:
@@ -795,11 +797,12 @@ def _check_rows(**tensors):
             raise ValueError(f"{name} must be contiguous (rows of the recurrence's record buffers)")
 
 
-def row_block(D: int) -> int:
-    """BLOCK_D of :func:`residual_norm_kernel` for rows of ``D`` features (ValueError beyond MAX_ROW_BLOCK)."""
+def row_block(D: int, element_size: int) -> int:
+    """BLOCK_D of the row kernels for rows of ``D`` features (ValueError beyond :func:`max_row_block`)."""
     block = max(triton.next_power_of_2(D), 16)
-    if block > MAX_ROW_BLOCK:
-        raise ValueError(f"d_model {D} exceeds the {MAX_ROW_BLOCK} features one recurrence row program holds")
+    if block > max_row_block(element_size):
+        raise ValueError(f"d_model {D} exceeds the {max_row_block(element_size)} features one recurrence row "
+                         f"program holds for {element_size}-byte elements")
     return block
 
 
@@ -812,11 +815,12 @@ def residual_norm(x, branch, bias, dropout_p, seed, offset, out, norm=None):
     norm_weight, norm_bias, eps, z, mean, rstd = norm if norm is not None else (x,) * 2 + (0.0,) + (x,) * 3
     _check_rows(x=x, branch=branch, out=out, z=z)
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    block_d = row_block(D, x.element_size())
     residual_norm_kernel[(B,)](
         x, branch if residual else x, bias, out if residual else x, norm_weight, norm_bias, z, mean, rstd,
         D, float(eps), *dropout_args,
-        BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], RESIDUAL=residual, DROPOUT=dropout_active,
-        NORM=norm is not None, num_warps=_row_warps(row_block(D)),
+        BLOCK_D=block_d, ACC=_acc_dtype(x.dtype)[0], RESIDUAL=residual, DROPOUT=dropout_active,
+        NORM=norm is not None, num_warps=_row_warps(block_d),
     )
 
 
@@ -855,10 +859,11 @@ def norm_backward(grad_z, x, mean, rstd, weight, residual, out, memory=None, mas
     memory_grad, memory_weights, layer = memory if memory is not None else (x, x, 0)
     (dropout_p, seed, offset), masked_out = masked if masked is not None else ((0.0, 0, 0), out)
     dropout_args, dropout_active = _dropout_args(dropout_p, seed, offset)
+    block_d = row_block(D, x.element_size())
     norm_backward_kernel[(B,)](
         grad_z, x, mean, rstd, weight, residual, memory_grad, memory_weights, out, masked_out, D, layer,
-        *dropout_args, BLOCK_D=row_block(D), ACC=_acc_dtype(x.dtype)[0], MEMORY=memory is not None,
-        MASKED=masked is not None, DROPOUT=dropout_active, num_warps=_row_warps(row_block(D)),
+        *dropout_args, BLOCK_D=block_d, ACC=_acc_dtype(x.dtype)[0], MEMORY=memory is not None,
+        MASKED=masked is not None, DROPOUT=dropout_active, num_warps=_row_warps(block_d),
     )
     return out
 
@@ -872,7 +877,7 @@ def _row_aot_specs():
         # the feed-forward residual.
         for (residual, dropout, norm), block_d in itertools.product(
                 ((False, False, True), (True, False, True), (True, True, True), (True, False, False),
-                 (True, True, False)), (128, 1024, MAX_ROW_BLOCK)):
+                 (True, True, False)), (128, 1024, max_row_block(element_size))):
             signature = {name: f"*{dtype}" for name in ("x_ptr", "y_ptr", "bias_ptr", "out_ptr", "norm_w_ptr",
                                                         "norm_b_ptr", "z_ptr", "mean_ptr", "rstd_ptr")}
             signature.update({"D": "i32", "eps": "fp32", **dropout_types,
@@ -886,7 +891,7 @@ def _row_aot_specs():
         # residual's mask, the attention norm with memory and the next feed-forward residual's mask or none.
         for (memory, masked, dropout), block_d in itertools.product(
                 ((True, False, False), (False, True, False), (False, True, True), (True, True, False),
-                 (True, True, True)), (128, 1024, MAX_ROW_BLOCK)):
+                 (True, True, True)), (128, 1024, max_row_block(element_size))):
             label = f"{dtype},D{block_d}" + (",memory" if memory else "") + (",masked" if masked else "") + (
                 ",dropout" if dropout else "")
             signature = {name: f"*{dtype}" for name in ("grad_z_ptr", "x_ptr", "mean_ptr", "rstd_ptr", "weight_ptr",
