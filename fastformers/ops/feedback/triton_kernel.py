@@ -1,19 +1,25 @@
-"""Triton kernels of the Feedback Transformer: the feedback-memory weighted sum
-and the attention step over the key/value cache.
+"""Triton kernels of the Feedback Transformer: the feedback-memory weighted sum,
+the attention step over the key/value cache, and the fused recurrence's row
+kernels.
 
 Attention step: one program per (batch, head) streams the cache in blocks of
 ``BLOCK_T`` memory steps with an online softmax; the backward recomputes the
 scores (two passes: softmax statistics, then gradients) and adds into the
 cache-gradient rows it owns. When B·H programs would leave most of a GPU idle
 the walk is split flash-decoding style (:func:`memory_chunk`): program
-``(pair, split)`` covers one chunk of memory steps and writes a partial
-(max, normaliser, weighted values); a merge kernel combines the partials of a
-pair in split order, and the backward's per-split query gradients are summed in
-split order too, so results do not depend on scheduling. With ``DROPOUT`` the probability of step ``j`` of
-pair ``pid = b · H + h`` is kept iff element ``pid · steps + j`` of the Philox
-stream is (the ``[B, H, steps]`` mask of the C++ and reference steps). Positional-table gradients are summed over the
-batch by a second kernel, one program per (head, block of steps), so no two
-programs write the same row.
+``(pair, split)`` covers one chunk of memory steps and writes a partial (max,
+normaliser, weighted values); a merge kernel combines the partials of a pair in
+split order, and the backward's per-split query gradients are summed in split
+order too, so results do not depend on scheduling. With ``DROPOUT`` the
+probability of step ``j`` of pair ``pid = b · H + h`` is kept iff element
+``pid · steps + j`` of the Philox stream is (the ``[B, H, steps]`` mask of the
+C++ and reference steps). Positional-table gradients are summed over the batch
+by a second kernel, one program per (head, block of steps), so no two programs
+write the same row.
+
+Row kernels (:func:`residual_norm`, :func:`ffn_hidden`, their backwards): the
+per-token work of the recurrence around its GEMMs, one program per batch row
+(:mod:`.recurrence`, ``_TritonRows``).
 
 Launchers take CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
