@@ -683,14 +683,16 @@ def residual_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    # One int64 offset per element: rows of big batches pass 2^31 elements.
+    index = row * D + offs
+    x = tl.load(x_ptr + index, mask=mask, other=0.0).to(ACC)
     if RESIDUAL:
-        branch = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+        branch = tl.load(y_ptr + index, mask=mask, other=0.0).to(ACC)
         branch += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(ACC)
         if DROPOUT:
-            branch *= tl.where(keep(seed, offset, row * D + offs, threshold), keep_scale, 0.0).to(ACC)
+            branch *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
         x += branch
-        tl.store(out_ptr + row * D + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + index, x.to(out_ptr.dtype.element_ty), mask=mask)
         # The layer norm reads the row as stored, like the unfused loop.
         x = x.to(out_ptr.dtype.element_ty).to(ACC)
     if NORM:
@@ -699,7 +701,7 @@ def residual_norm_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
         weight = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(ACC)
         shift = tl.load(norm_b_ptr + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(z_ptr + row * D + offs, (centred * rstd * weight + shift).to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + index, (centred * rstd * weight + shift).to(z_ptr.dtype.element_ty), mask=mask)
         tl.store(mean_ptr + row, mean.to(mean_ptr.dtype.element_ty))
         tl.store(rstd_ptr + row, rstd.to(rstd_ptr.dtype.element_ty))
 
@@ -780,21 +782,22 @@ def norm_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    index = row * D + offs
+    x = tl.load(x_ptr + index, mask=mask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + row).to(ACC)
     rstd = tl.load(rstd_ptr + row).to(ACC)
     normed = tl.where(mask, (x - mean) * rstd, 0.0)
-    grad_normed = tl.load(grad_z_ptr + row * D + offs, mask=mask, other=0.0).to(ACC) * \
+    grad_normed = tl.load(grad_z_ptr + index, mask=mask, other=0.0).to(ACC) * \
         tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
     grad = rstd * (grad_normed - tl.sum(grad_normed, axis=0) / D - normed * (tl.sum(grad_normed * normed, axis=0) / D))
-    grad += tl.load(residual_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
+    grad += tl.load(residual_ptr + index, mask=mask, other=0.0).to(ACC)
     if MEMORY:
-        grad += tl.load(memory_weight_ptr + layer) * tl.load(memory_ptr + row * D + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + row * D + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        grad += tl.load(memory_weight_ptr + layer) * tl.load(memory_ptr + index, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + index, grad.to(out_ptr.dtype.element_ty), mask=mask)
     if MASKED:
         if DROPOUT:
-            grad *= tl.where(keep(seed, offset, row * D + offs, threshold), keep_scale, 0.0).to(ACC)
-        tl.store(masked_ptr + row * D + offs, grad.to(masked_ptr.dtype.element_ty), mask=mask)
+            grad *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
+        tl.store(masked_ptr + index, grad.to(masked_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rows(**tensors):
