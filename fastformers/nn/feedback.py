@@ -18,7 +18,7 @@ from torch import nn
 from .. import ops
 from .._backend import available_backends, forced_backend, resolve_backend, warn_fallback
 from ..ops import _autocast
-from ..ops.feedback import recurrence
+from ..ops.feedback import cuda_graph, recurrence
 from ._utils import check_sequence, clone_module_list, init_pre_norm_layer
 from .attention import FeedForward, PrepareForMultiHeadAttention, check_positions
 
@@ -329,6 +329,7 @@ def _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, c
         return nn.functional.layer_norm(out, norm.normalized_shape, cast(norm.weight), cast(norm.bias), norm.eps)
 
     if torch.is_grad_enabled():
+        _recurrence_graphs(model, cfg, x_seq, needs_grad=True)  # warns when cuda_graph is on
         initial = None if state is None else state.rows()
         out, kv = recurrence.run_recurrence(cfg, x_seq, initial, mix_weights, kv_weight, kv_bias, layers)
         return final_norm(out), FeedbackState(kv, start + T, 0, [start + T])
@@ -346,9 +347,28 @@ def _run_fused_in(model, x_seq, state, backend, shared_kv, kv_weight, kv_bias, c
             buffer[:start] = state.rows()
         offset, filled = 0, [start]
     out, _ = recurrence.run_recurrence(cfg, x_seq, buffer[offset:], mix_weights, kv_weight, kv_bias, layers,
-                                       write_in_place=True)
+                                       write_in_place=True,
+                                       graphs=_recurrence_graphs(model, cfg, x_seq, needs_grad=False))
     filled[0] = offset + start + T
     return final_norm(out), FeedbackState(buffer, start + T, offset, filled)
+
+
+def _recurrence_graphs(model, cfg, x_seq, needs_grad: bool):
+    """With ``model.cuda_graph`` on, the model's captured token loops when this call
+    can replay one: no-grad forwards (``eval()``, ``torch.no_grad()``) of the triton
+    backend on CUDA. The first call of each shape captures the loop
+    into a ``torch.cuda.CUDAGraph``, later ones replay it (one launch per sequence;
+    :mod:`fastformers.ops.feedback.cuda_graph`). Otherwise None, with a
+    ``FallbackWarning`` that says why the loop runs eagerly."""
+    if not getattr(model, "cuda_graph", False):
+        return None
+    reason = cuda_graph.graph_blocker(cfg, x_seq, needs_grad)
+    if reason is not None:
+        warn_fallback(model, f"cuda_graph=True, but {reason}")
+        return None
+    if model._graphs is None:
+        model._graphs = cuda_graph.RecurrenceGraphs()
+    return model._graphs
 
 
 def _run_per_op(model, x_seq: torch.Tensor, state: Optional[FeedbackState], backend: str,
@@ -433,6 +453,10 @@ class FeedbackTransformer(nn.Module):
 
     ``backend`` (settable; None = automatic) selects the implementation of the
     feedback-memory op; ``last_backend`` records the one the last forward used.
+    ``cuda_graph`` (settable, default False): no-grad forwards on CUDA (triton
+    backend, no active dropout) replay the whole token loop from a CUDA graph
+    captured on the first call of each shape; where that cannot apply a
+    ``FallbackWarning`` says why and the loop runs eagerly.
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int):
@@ -444,6 +468,8 @@ class FeedbackTransformer(nn.Module):
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
         self.last_path: Optional[str] = None
+        self.cuda_graph = False
+        self._graphs: Optional[cuda_graph.RecurrenceGraphs] = None
 
     def _kv_projection(self):
         """All layers' key/value projections stacked: weight ``[2 · n_layers · D, D]``, bias ``[2 · n_layers · D]``."""
@@ -494,6 +520,10 @@ class FeedbackTransformerKV(nn.Module):
 
     ``backend`` (settable; None = automatic) selects the implementation of the
     feedback-memory op; ``last_backend`` records the one the last forward used.
+    ``cuda_graph`` (settable, default False): no-grad forwards on CUDA (triton
+    backend, no active dropout) replay the whole token loop from a CUDA graph
+    captured on the first call of each shape; where that cannot apply a
+    ``FallbackWarning`` says why and the loop runs eagerly.
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int):
@@ -508,6 +538,8 @@ class FeedbackTransformerKV(nn.Module):
         self.backend: Optional[str] = None
         self.last_backend: Optional[str] = None
         self.last_path: Optional[str] = None
+        self.cuda_graph = False
+        self._graphs: Optional[cuda_graph.RecurrenceGraphs] = None
 
     def _kv_projection(self):
         """The shared key and value projections stacked: ``[2 · D, D]`` and their biases."""

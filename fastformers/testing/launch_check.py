@@ -242,6 +242,23 @@ def _feedback_attention_step(steps, B, H, d, dtype=torch.bfloat16):
     triton_kernel.attention_step_backward(torch.empty_like(out), q, k, v, steps, r, s, u, d ** -0.5)
 
 
+def _feedback_recurrence_rows(B, D, F, dtype=torch.bfloat16):
+    """The fused recurrence's row kernels (forward and backward), with dropout."""
+    from ..ops.feedback import triton_kernel
+
+    x, branch, out, z = (_meta(B, D, dtype=dtype) for _ in range(4))
+    mean, rstd, weight, bias = _meta(B, dtype=dtype), _meta(B, dtype=dtype), _meta(D, dtype=dtype), _meta(D, dtype=dtype)
+    norm = (weight, bias, 1e-5, z, mean, rstd)
+    triton_kernel.residual_norm(x, None, bias, 0.0, 0, 0, out=x, norm=norm)
+    triton_kernel.residual_norm(x, branch, bias, 0.1, 1, 0, out=out, norm=norm)
+    h, gate, hidden = _meta(B, F, dtype=dtype), _meta(B, F, dtype=dtype), _meta(B, F, dtype=dtype)
+    triton_kernel.ffn_hidden(h, gate, "gelu", 0.1, 1, 0, out=hidden)
+    triton_kernel.ffn_hidden_backward(hidden, h, gate, "gelu", 0.1, 1, 0, torch.empty_like(h), torch.empty_like(h))
+    mix = _meta(3, dtype=torch.float32)
+    triton_kernel.norm_backward(z, x, mean, rstd, weight, branch, torch.empty_like(x), memory=(branch, mix, 1),
+                                masked=((0.1, 1, 0), torch.empty_like(x)))
+
+
 def _conv_compress(M, B, D, c, dtype=torch.bfloat16):
     from ..ops.compressive import triton_kernel
 
@@ -277,6 +294,7 @@ LAUNCHERS: Dict[str, Callable] = {
     "rel_attention": _rel_attention,
     "feedback_memory": _feedback_memory,
     "feedback_attention_step": _feedback_attention_step,
+    "feedback_recurrence_rows": _feedback_recurrence_rows,
     "conv_compress": _conv_compress,
     "attention_reconstruction_loss": _attention_reconstruction_loss,
     "switch": _switch,
@@ -287,7 +305,9 @@ LAUNCHERS: Dict[str, Callable] = {
 STRESS_SHAPES = {
     "rel_attention": [(512, 1536, 4096, 8, 64), (64, 64, 8192, 16, 64)],
     "feedback_memory": [(3, 2**15, 2**15)],
-    "feedback_attention_step": [(8192, 1024, 8, 64)],
+    # Many pairs (one program each), and few pairs over a long cache (the split walk and its merge).
+    "feedback_attention_step": [(8192, 1024, 8, 64), (4096, 4, 8, 128)],
+    "feedback_recurrence_rows": [(2**20, 4096, 4096)],
     "conv_compress": [(1024, 2048, 1536, 4)],
     "attention_reconstruction_loss": [(128, 2048, 4, 1024, 1024, 8)],
     "switch": [(2**20, 512, 4096, 8)],

@@ -211,21 +211,158 @@ class _Masks:
     def offset(self, token: int, layer: int, site: int) -> int:
         return dropout_site_offset(self.cfg, self.sizes, self.T, token, layer, site)
 
+    def site(self, token: int, layer: int, site: int):
+        """``(p, seed, offset)`` of a site's mask for this token (p = 0: none)."""
+        return self.cfg.p(layer, site), self.cfg.seed, self.offset(token, layer, site)
+
     def multipliers(self, token: int, layer: int, site: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """Multipliers shaped like ``like``; None when the site's p is 0."""
-        p = self.cfg.p(layer, site)
-        if p == 0:
-            return None
-        keep = torch.ops.fastformers.dropout_keep_mask(like, self.cfg.seed, self.offset(token, layer, site), p)
-        return keep.to(like.dtype) * (1.0 / (1.0 - p))
+        return _keep_scale(self.site(token, layer, site), like)
+
+
+def _keep_scale(site, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """Multipliers shaped like ``like`` of a site ``(p, seed, offset)``; None when p is 0."""
+    p, seed, offset = site
+    if p == 0:
+        return None
+    keep = torch.ops.fastformers.dropout_keep_mask(like, seed, offset, p)
+    return keep.to(like.dtype) * (1.0 / (1.0 - p))
+
+
+class _AtenRows:
+    """The loops' work around their GEMMs, one ATen call at a time: the
+    reference, and every backend without fused row kernels. ``site`` arguments
+    are ``(p, seed, offset)`` of a dropout site, ``norm`` ones
+    ``(weight, bias, eps, z, mean, rstd)`` with the outputs of a layer norm."""
+
+    def __init__(self, cfg: "Config"):
+        self.cfg = cfg
+
+    def norm(self, x, weight, bias, eps, z, mean, rstd):
+        normed, m, r = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        z.copy_(normed)
+        mean.copy_(m.view(mean.shape))
+        rstd.copy_(r.view(rstd.shape))
+
+    def attend(self, query, key_cache, value_cache, steps, layer: "LayerWeights", site, out):
+        p, seed, offset = site
+        out.copy_(self.cfg.forward_kernel(query, key_cache, value_cache, steps, layer.key_pos_embeddings,
+                                          layer.key_pos_bias, layer.query_pos_bias, self.cfg.scale, p, seed,
+                                          offset).view(out.shape))
+
+    def residual(self, x, branch_input, weight_t, bias, site, out, norm=None):
+        """``out = x + dropout(branch_input @ weight_t + bias)``, then the layer norm of ``out``."""
+        _residual_add(x, branch_input, weight_t, bias, _keep_scale(site, x), out=out)
+        if norm is not None:
+            self.norm(out, *norm)
+
+    def hidden(self, ff1_output, gate, site, out):
+        """``out = dropout(act(ff1_output) [· gate])``."""
+        value = _activate(self.cfg.activation, ff1_output)
+        if gate is not None:
+            value = value * gate
+        keep = _keep_scale(site, out)
+        out.copy_(value if keep is None else value * keep)
+
+    def memory(self, layer_outputs, mix_weights, out):
+        out.copy_(_feedback_memory_functional(layer_outputs, mix_weights, backend=self.cfg.memory_backend))
+
+    # Backward.
+
+    def mix_probabilities(self, mix_weights):
+        """``softmax(mix_weights)`` as :meth:`norm_backward`'s ``memory`` takes it."""
+        return torch.softmax(mix_weights.double(), 0).tolist()
+
+    def mask(self, grad, site, out):
+        """``out = grad · dropout multipliers of site``."""
+        out.copy_(_masked(grad, _keep_scale(site, grad)))
+
+    def hidden_backward(self, grad, ff1_output, gate, site, grad_ff1_output, grad_gate):
+        """Gradients of the first linear's and the gate's outputs from the gradient of :meth:`hidden`'s output."""
+        grad = _masked(grad, _keep_scale(site, ff1_output))
+        if gate is not None:
+            grad_gate.copy_(grad * _activate(self.cfg.activation, ff1_output))
+            grad = grad * gate
+        grad_ff1_output.copy_(_activation_backward(self.cfg.activation, grad, ff1_output))
+
+    def norm_backward(self, grad_z, x, mean, rstd, weight, residual, memory=None, masked=None):
+        """The layer norm's input gradient + ``residual`` (+ ``probabilities[layer] · grad_memory``
+        for ``memory = (grad_memory, probabilities, layer)``); with ``masked = (site, out)`` also
+        ``out`` = that times the site's dropout multipliers."""
+        B = x.shape[0]
+        g = _layer_norm_input_grad(grad_z, x, mean.view(B, 1), rstd.view(B, 1), weight)
+        g += residual
+        if memory is not None:
+            grad_memory, probabilities, layer = memory
+            g.add_(grad_memory, alpha=probabilities[layer])
+        if masked is not None:
+            self.mask(g, *masked)
+        return g
+
+
+class _TritonRows(_AtenRows):
+    """The same work in fused Triton kernels (:mod:`.triton_kernel`). Forward: the
+    layer norms write their record slots themselves, bias, dropout and residual
+    add are one epilogue after the branch GEMM, fused with the next layer norm;
+    the attention step and the memory write their record slots. Backward: the
+    hidden dropout, gate and activation slope are one kernel; a layer norm's input
+    gradient, the residual gradient, the memory's share and the next residual
+    dropout mask are another. No launch depends on a device value, so the loops
+    never wait for the GPU (and the forward can be captured in a CUDA graph)."""
+
+    def __init__(self, cfg: "Config", like: torch.Tensor):
+        from . import triton_kernel
+
+        super().__init__(cfg)
+        self.kernels = triton_kernel
+        self.no_bias = like.new_zeros(like.shape[-1])  # layers without a branch bias add these
+
+    def norm(self, x, weight, bias, eps, z, mean, rstd):
+        self.kernels.residual_norm(x, None, self.no_bias, 0.0, 0, 0, out=x, norm=(weight, bias, eps, z, mean, rstd))
+
+    def attend(self, query, key_cache, value_cache, steps, layer, site, out):
+        self.kernels.attention_step_forward(query, key_cache, value_cache, steps, layer.key_pos_embeddings,
+                                            layer.key_pos_bias, layer.query_pos_bias, self.cfg.scale, *site,
+                                            out=out.view(query.shape))
+
+    def residual(self, x, branch_input, weight_t, bias, site, out, norm=None):
+        branch = torch.mm(branch_input, weight_t)
+        self.kernels.residual_norm(x, branch, self.no_bias if bias is None else bias, *site, out=out, norm=norm)
+
+    def hidden(self, ff1_output, gate, site, out):
+        self.kernels.ffn_hidden(ff1_output, gate, self.cfg.activation, *site, out=out)
+
+    def memory(self, layer_outputs, mix_weights, out):
+        self.kernels.feedback_memory_forward(layer_outputs, mix_weights, out=out)
+
+    def mix_probabilities(self, mix_weights):
+        # A device tensor the kernels read: no host value (and float64 exact for float64 models).
+        return torch.softmax(mix_weights.to(self.kernels._acc_dtype(mix_weights.dtype)[1]), 0)
+
+    def hidden_backward(self, grad, ff1_output, gate, site, grad_ff1_output, grad_gate):
+        self.kernels.ffn_hidden_backward(grad, ff1_output, gate, self.cfg.activation, *site, grad_ff1_output,
+                                         grad_gate)
+
+    def norm_backward(self, grad_z, x, mean, rstd, weight, residual, memory=None, masked=None):
+        return self.kernels.norm_backward(grad_z, x, mean, rstd, weight, residual, torch.empty_like(residual),
+                                          memory, masked)
+
+
+def _row_ops(cfg: "Config", x: torch.Tensor) -> _AtenRows:
+    """Fused row kernels for the triton backend in the dtypes they take, ATen calls otherwise."""
+    from . import triton_kernel
+
+    fused = (cfg.memory_backend == "triton" and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+             and x.shape[-1] <= triton_kernel.max_row_block(x.element_size()))
+    return _TritonRows(cfg, x) if fused else _AtenRows(cfg)
 
 
 def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_weights: torch.Tensor,
          kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor], kv: torch.Tensor, record: bool):
     """Forward over ``x_seq [T, B, D]`` writing keys/values of steps ``start .. start+T-1``
-    into ``kv``, one ATen call at a time. Returns ``(layer_outputs [T, N+1, B, D],
-    memories [T', B, D], activations [N, 5, T', B, D], hidden [N, 2|3, T', B, F],
-    stats [N, 4, T', B])`` with ``T' = T`` if ``record`` else 1 (one reused slot)."""
+    into ``kv``. Returns ``(layer_outputs [T, N+1, B, D], memories [T', B, D],
+    activations [N, 5, T', B, D], hidden [N, 2|3, T', B, F], stats [N, 4, T', B])``
+    with ``T' = T`` if ``record`` else 1 (one reused slot)."""
     T, B, D = x_seq.shape
     H, d = cfg.heads, cfg.d_k
     N = cfg.n_layers
@@ -233,10 +370,11 @@ def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_w
     gated = layers[0].gate_weight is not None
     slots = T if record else 1
     masks = _Masks(cfg, T, B, D, F)
+    rows = _row_ops(cfg, x_seq)
     kv_weight_t = kv_weight.t()
     prepared = [
         (lw, lw.query_weight.t(), lw.output_weight.t(), lw.ff1_weight.t(), lw.ff2_weight.t(),
-         *_cache_views(kv, l, cfg.shared_kv))
+         None if lw.gate_weight is None else lw.gate_weight.t(), *_cache_views(kv, l, cfg.shared_kv))
         for l, lw in enumerate(layers)
     ]
     layer_outputs = x_seq.new_empty((T, N + 1, B, D))
@@ -245,48 +383,36 @@ def _run(cfg: Config, x_seq: torch.Tensor, layers: Sequence[LayerWeights], mix_w
     activations = x_seq.new_zeros((N, len(ACTIVATIONS), slots, B, D))
     hidden = x_seq.new_empty((N, 3 if gated else 2, slots, B, F))
     stats = x_seq.new_zeros((N, len(STATS), slots, B))
-    attend = cfg.forward_kernel
     for i in range(T):
         t = cfg.start + i
         s = i if record else 0
         x = layer_outputs[i, 0]
-        for l, (lw, wq_t, wo_t, w1_t, w2_t, key_cache, value_cache) in enumerate(prepared):
+        for l, (lw, wq_t, wo_t, w1_t, w2_t, wg_t, key_cache, value_cache) in enumerate(prepared):
             eps_attn, eps_ff = cfg.norm_eps[l]
             act, st = activations[l, :, s], stats[l, :, s]
             xm = act[_MID]
+            norm_ff = (lw.norm_ff_weight, lw.norm_ff_bias, eps_ff, act[_NORM_FF], st[_MEAN_FF], st[_RSTD_FF])
             if t > 0:
-                z, mean, rstd = torch.native_layer_norm(x, (D,), lw.norm_attn_weight, lw.norm_attn_bias, eps_attn)
-                act[_NORM_ATTN] = z
-                st[_MEAN_ATTN], st[_RSTD_ATTN] = mean.view(B), rstd.view(B)
-                torch.mm(z, wq_t, out=act[_QUERY])
-                if lw.query_bias is not None:
-                    act[_QUERY] += lw.query_bias
-                q = act[_QUERY].view(B, H, d)
-                act[_ATTENTION] = attend(q, key_cache, value_cache, t, lw.key_pos_embeddings, lw.key_pos_bias,
-                                         lw.query_pos_bias, cfg.scale, cfg.p(l, _SITE_ATTENTION), cfg.seed,
-                                         masks.offset(i, l, _SITE_ATTENTION)).view(B, D)
-                _residual_add(x, act[_ATTENTION], wo_t, lw.output_bias, masks.multipliers(i, l, _SITE_ATTN_RESIDUAL, x),
-                              out=xm)
+                rows.norm(x, lw.norm_attn_weight, lw.norm_attn_bias, eps_attn, act[_NORM_ATTN], st[_MEAN_ATTN],
+                          st[_RSTD_ATTN])
+                _linear(act[_NORM_ATTN], wq_t, lw.query_bias, out=act[_QUERY])
+                rows.attend(act[_QUERY].view(B, H, d), key_cache, value_cache, t, lw,
+                            masks.site(i, l, _SITE_ATTENTION), out=act[_ATTENTION])
+                rows.residual(x, act[_ATTENTION], wo_t, lw.output_bias, masks.site(i, l, _SITE_ATTN_RESIDUAL),
+                              out=xm, norm=norm_ff)
             else:
                 xm.copy_(x)
-            z2, mean, rstd = torch.native_layer_norm(xm, (D,), lw.norm_ff_weight, lw.norm_ff_bias, eps_ff)
-            act[_NORM_FF] = z2
-            st[_MEAN_FF], st[_RSTD_FF] = mean.view(B), rstd.view(B)
+                rows.norm(xm, *norm_ff)
             h = hidden[l, :, s]
-            _linear(z2, w1_t, lw.ff1_bias, out=h[_FF1_OUTPUT])
-            ff2_input = _activate(cfg.activation, h[_FF1_OUTPUT])
+            _linear(act[_NORM_FF], w1_t, lw.ff1_bias, out=h[_FF1_OUTPUT])
             if gated:
-                _linear(z2, lw.gate_weight.t(), lw.gate_bias, out=h[_GATE])
-                ff2_input = ff2_input * h[_GATE]
-            keep_hidden = masks.multipliers(i, l, _SITE_HIDDEN, h[_FF2_INPUT])
-            if keep_hidden is not None:
-                ff2_input = ff2_input * keep_hidden
-            h[_FF2_INPUT] = ff2_input
+                _linear(act[_NORM_FF], wg_t, lw.gate_bias, out=h[_GATE])
+            rows.hidden(h[_FF1_OUTPUT], h[_GATE] if gated else None, masks.site(i, l, _SITE_HIDDEN),
+                        out=h[_FF2_INPUT])
             x = layer_outputs[i, l + 1]
-            _residual_add(xm, h[_FF2_INPUT], w2_t, lw.ff2_bias, masks.multipliers(i, l, _SITE_FF_RESIDUAL, xm), out=x)
-        memory = memories[s]
-        memory.copy_(_feedback_memory_functional(layer_outputs[i], mix_weights, backend=cfg.memory_backend))
-        _linear(memory, kv_weight_t, kv_bias, out=kv[t].view(B, -1))
+            rows.residual(xm, h[_FF2_INPUT], w2_t, lw.ff2_bias, masks.site(i, l, _SITE_FF_RESIDUAL), out=x)
+        rows.memory(layer_outputs[i], mix_weights, out=memories[s])
+        _linear(memories[s], kv_weight_t, kv_bias, out=kv[t].view(B, -1))
     return layer_outputs, memories, activations, hidden, stats
 
 
@@ -344,29 +470,28 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
     grad_query_pos_bias = grad_out.new_zeros((N, H, d), dtype=wide)
     views = [(_cache_views(kv, l, cfg.shared_kv), _cache_views(grad_kv, l, cfg.shared_kv)) for l in range(N)]
     accumulate = cfg.backward_kernel
+    rows = _row_ops(cfg, grad_out)
+    mix = rows.mix_probabilities(mix_weights)
     for i in range(T - 1, -1, -1):
         t = cfg.start + i
         gm = grad_memories[i]
         gm.copy_(torch.mm(grad_kv[t].view(B, -1), kv_weight_wide))
         g = torch.add(grad_out[i], gm, alpha=probs[N])
+        rows.mask(g, masks.site(i, N - 1, _SITE_FF_RESIDUAL), out=row_grads[N - 1, _G_FF_OUT, i])
         for l in range(N - 1, -1, -1):
             lw, act, st, r = layers[l], activations[l, :, i], stats[l, :, i], row_grads[l, :, i]
             h, gh = hidden[l, :, i], grad_hidden[l, :, i]
-            r[_G_FF_OUT] = _masked(g, masks.multipliers(i, l, _SITE_FF_RESIDUAL, g))
-            grad_ff2_input = _masked(torch.mm(r[_G_FF_OUT], lw.ff2_weight),
-                                     masks.multipliers(i, l, _SITE_HIDDEN, h[_FF1_OUTPUT]))
-            if gated:
-                gh[1] = grad_ff2_input * _activate(cfg.activation, h[_FF1_OUTPUT])
-                grad_ff2_input = grad_ff2_input * h[_GATE]
-            gh[0] = _activation_backward(cfg.activation, grad_ff2_input, h[_FF1_OUTPUT])
+            # r[_G_FF_OUT]: g through this layer's feed-forward residual dropout (written by the step above).
+            rows.hidden_backward(torch.mm(r[_G_FF_OUT], lw.ff2_weight), h[_FF1_OUTPUT], h[_GATE] if gated else None,
+                                 masks.site(i, l, _SITE_HIDDEN), gh[0], gh[1] if gated else None)
             torch.mm(gh[0], lw.ff1_weight, out=r[_G_NORM_FF])
             if gated:
                 r[_G_NORM_FF] += torch.mm(gh[1], lw.gate_weight)
-            gxm = _layer_norm_input_grad(r[_G_NORM_FF], act[_MID], st[_MEAN_FF].view(B, 1), st[_RSTD_FF].view(B, 1),
-                                         lw.norm_ff_weight)
-            gxm += g
+            norm_ff = (r[_G_NORM_FF], act[_MID], st[_MEAN_FF], st[_RSTD_FF], lw.norm_ff_weight)
+            # The layer input's gradient is the layer below's output gradient: masked for its residual dropout.
+            below = (masks.site(i, l - 1, _SITE_FF_RESIDUAL), row_grads[l - 1, _G_FF_OUT, i]) if l > 0 else None
             if t > 0:
-                r[_G_ATTN_OUT] = _masked(gxm, masks.multipliers(i, l, _SITE_ATTN_RESIDUAL, gxm))
+                gxm = rows.norm_backward(*norm_ff, g, masked=(masks.site(i, l, _SITE_ATTN_RESIDUAL), r[_G_ATTN_OUT]))
                 ga = torch.mm(r[_G_ATTN_OUT], lw.output_weight).view(B, H, d)
                 (key_cache, value_cache), (grad_key, grad_value) = views[l]
                 r[_G_QUERY] = accumulate(ga, act[_QUERY].view(B, H, d), key_cache, value_cache, t,
@@ -375,12 +500,10 @@ def _backward_loop(cfg: Config, grad_out, layer_outputs, activations, hidden, st
                                          grad_key, grad_value, grad_pos_emb[l], grad_pos_bias[l],
                                          grad_query_pos_bias[l]).view(B, D)
                 torch.mm(r[_G_QUERY], lw.query_weight, out=r[_G_NORM_ATTN])
-                g = _layer_norm_input_grad(r[_G_NORM_ATTN], layer_outputs[i, l], st[_MEAN_ATTN].view(B, 1),
-                                           st[_RSTD_ATTN].view(B, 1), lw.norm_attn_weight)
-                g += gxm
+                g = rows.norm_backward(r[_G_NORM_ATTN], layer_outputs[i, l], st[_MEAN_ATTN], st[_RSTD_ATTN],
+                                       lw.norm_attn_weight, gxm, memory=(gm, mix, l), masked=below)
             else:
-                g = gxm
-            g.add_(gm, alpha=probs[l])
+                g = rows.norm_backward(*norm_ff, g, memory=(gm, mix, l), masked=below)
         grad_x[i] = g
     return grad_x, grad_memories, row_grads, grad_hidden, grad_kv, grad_pos_emb, grad_pos_bias, grad_query_pos_bias
 
@@ -574,19 +697,27 @@ def _gradients(cfg: Config, rows, layer_outputs, memories, activations, hidden, 
 
 def run_recurrence(cfg: Config, x_seq: torch.Tensor, initial_kv: Optional[torch.Tensor], mix_weights: torch.Tensor,
                    kv_weight: torch.Tensor, kv_bias: Optional[torch.Tensor], layers: Sequence[LayerWeights],
-                   write_in_place: bool = False):
+                   write_in_place: bool = False, graphs=None):
     """Outputs ``[T, B, D]`` of the last layer (before the final norm) and the
     cache ``[>= start + T, B, 2C, H, d]``; differentiable w.r.t. inputs and
     weights (not the initial cache).
 
     ``write_in_place`` (no-grad calls only): write the new keys/values into
     ``initial_kv`` itself, which must hold ``start + T`` rows; generation then
-    costs one step per token instead of a cache copy per token."""
+    costs one step per token instead of a cache copy per token.
+
+    ``graphs`` (a :class:`.cuda_graph.RecurrenceGraphs`; no-grad calls that
+    :func:`.cuda_graph.graph_blocker` accepts): replay the token loop from a
+    CUDA graph captured for these shapes."""
     flat = [getattr(lw, name) for lw in layers for name in LayerWeights.FIELDS]
     cfg = _draw_dropout(cfg, x_seq, layers)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_seq, mix_weights, kv_weight, kv_bias, *flat)
     )
+    if graphs is not None:
+        if needs_grad:
+            raise ValueError("graphs replay no-grad calls only: run under torch.no_grad()")
+        return graphs.run(cfg, x_seq, initial_kv, mix_weights, kv_weight, kv_bias, layers, write_in_place)
     if needs_grad:
         return FeedbackRecurrence.apply(cfg, x_seq, initial_kv, mix_weights, kv_weight, kv_bias, *flat)
     with torch.no_grad():
