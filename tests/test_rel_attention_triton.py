@@ -149,7 +149,7 @@ def test_query_without_visible_key_is_nan_like_the_reference():
     inputs = make_inputs(L, M, B, H, d, torch.float64)
     mask = torch.ones(L, L + M, B, dtype=torch.bool)
     mask[1] = False
-    mask[3, :20] = False  # the first key tile (16 keys) and more hidden
+    mask[3, :33] = False  # the first key tile (32 keys) and more hidden
     out, lse = _kernels().rel_attention_forward(*inputs, d**-0.5, False, mask=mask)
     expected = naive.rel_attention(*inputs, d**-0.5, mask=mask, causal=False)
     assert torch.isnan(out[1]).all() and torch.isinf(lse[..., 1]).all() and (lse[..., 1] < 0).all()
@@ -162,14 +162,14 @@ def three_band_chunks(monkeypatch):
     """Forward and dk/dv tiles taller than wide: each score tile reads its band
     in three chunks."""
     kernels = _kernels()
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "fwd", (32, 16))
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dkdv", (32, 16))
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dq", (16, 32))
+    monkeypatch.setitem(kernels.INTERPRETER_TILES, "fwd", (64, 32))
+    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dkdv", (64, 32))
+    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dq", (32, 64))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_tall_and_wide_tiles(three_band_chunks, causal):
-    shape, scale = (37, 6, 1, 2, 24), 24**-0.5
+    shape, scale = (70, 6, 1, 2, 24), 24**-0.5
     assert_parity(
         lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),
         lambda *inputs: naive.rel_attention(*inputs, scale, causal=causal),

@@ -103,30 +103,49 @@ def _band_chunk(pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, first_r
     return band, band_bias
 
 
-@triton.jit
-def _columns(tile, column, BLOCK_N: tl.constexpr):
-    """``tile[ii, column[ii, x]]`` for the columns inside ``[0, BLOCK_N)``, 0 elsewhere."""
-    inside = (column >= 0) & (column < BLOCK_N)
-    picked = tl.gather(tile, tl.minimum(tl.maximum(column, 0), BLOCK_N - 1), axis=1)
-    return tl.where(inside, picked, 0.0)
+@triton.constexpr_function
+def band_chunks(block_m, block_n):
+    """Chunks of ``block_n`` window rows that cover a tile's ``block_m + block_n - 1``."""
+    return (block_m + block_n - 2) // block_n + 1
 
 
 @triton.jit
-def _skew(band_scores, chunk: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The products of band chunk ``chunk`` (``[BLOCK_M, BLOCK_N]``, band columns
-    ``chunk·BLOCK_N ..``) moved to their score columns, 0 where score ``(ii, jj)``
-    reads band column ``BLOCK_M - 1 - ii + jj`` from another chunk."""
-    column = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :] - chunk * BLOCK_N
-    return _columns(band_scores, column, BLOCK_N)
+def _band_column(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Band column ``t = BLOCK_M - 1 - ii + jj`` of score ``(ii, jj)``."""
+    return (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
 
 
 @triton.jit
-def _unskew(grad_scores, chunk: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The score gradient ``[BLOCK_M, BLOCK_N]`` in the coordinates of band chunk
-    ``chunk`` (the inverse of :func:`_skew`): band column ``chunk·BLOCK_N + tt``
-    of row ii comes from score column ``chunk·BLOCK_N + tt - (BLOCK_M - 1 - ii)``."""
-    column = tl.arange(0, BLOCK_N)[None, :] + chunk * BLOCK_N - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
-    return _columns(grad_scores, column, BLOCK_N)
+def _skew(band_scores, chunk: tl.constexpr, positional, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``positional`` with the products of band chunk ``chunk`` (``[BLOCK_M,
+    BLOCK_N]``, band columns ``chunk·BLOCK_N ..``) moved to the scores that read
+    them: score ``(ii, jj)`` reads band column ``t``, chunk ``t // BLOCK_N``.
+
+    Every chunk gathers with the same index (``t mod BLOCK_N``) and the chunks
+    are told apart by one comparison each: the compiler keeps such loop
+    invariants in registers for the whole key loop, one register per thread
+    and score each, so the fewer the better."""
+    column = _band_column(BLOCK_M, BLOCK_N)
+    picked = tl.gather(band_scores, column & (BLOCK_N - 1), axis=1)
+    if chunk == 0:
+        return picked
+    return tl.where(column >= chunk * BLOCK_N, picked, positional)
+
+
+@triton.jit
+def _unskew(grad_scores, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The score gradient ``[BLOCK_M, BLOCK_N]`` in band coordinates, the
+    inverse of :func:`_skew` for tiles of two chunks (``BLOCK_M <= BLOCK_N``):
+    band column ``c·BLOCK_N + tt`` of row ii comes from score column
+    ``jj = c·BLOCK_N + tt - (BLOCK_M - 1 - ii)``, inside the tile for exactly
+    one ``c``: chunk 0 where ``tt >= BLOCK_M - 1 - ii``, chunk 1 elsewhere. So
+    one gather (index ``jj mod BLOCK_N``, the same for both) and one
+    comparison give both: ``(gathered, in_chunk0)``."""
+    tl.static_assert(BLOCK_M <= BLOCK_N)
+    shift = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    band_column = tl.arange(0, BLOCK_N)[None, :]
+    gathered = tl.gather(grad_scores, (band_column - shift) & (BLOCK_N - 1), axis=1)
+    return gathered, band_column >= shift
 
 
 @triton.jit
@@ -157,6 +176,7 @@ def _masked_scores(
     PRECISION: tl.constexpr,
 ):
     """Scaled scores ``[BLOCK_M, BLOCK_N]``, -inf where not visible."""
+    tl.static_assert(BLOCK_N % 32 == 0)  # whole words of the mask bits
     offs_i = m_start + tl.arange(0, BLOCK_M)
     offs_j = n_start + tl.arange(0, BLOCK_N)
     # Padded query rows (i >= L) stay visible so that their softmax is defined;
@@ -164,23 +184,28 @@ def _masked_scores(
     visible = (offs_j[None, :] < K) & (offs_i[:, None] >= 0)
     if causal:
         visible = visible & (offs_j[None, :] <= K - L + offs_i[:, None])
-    # A predicated load rather than a branch (which cost registers): without a
-    # mask (has_mask = 0) no row is below L · has_mask and no lane reads.
-    explicit = tl.load(
-        mask_batch + (offs_i[:, None] * stride_mask_l + offs_j[None, :]),
-        mask=(offs_i[:, None] < L * has_mask) & (offs_j[None, :] < K),
-        other=1,
+    # The mask as bits, 32 keys a word: a [BLOCK_M, BLOCK_N / 32] load (a byte
+    # or a pointer per score cost more registers than the rest of the tile),
+    # predicated rather than branched on: without a mask (has_mask = 0) no row
+    # is below L · has_mask and no lane reads.
+    offs_word = n_start // 32 + tl.arange(0, BLOCK_N // 32)
+    words = tl.load(
+        mask_batch + (offs_i[:, None] * stride_mask_l + offs_word[None, :]),
+        mask=(offs_i[:, None] < L * has_mask) & (offs_word[None, :] < tl.cdiv(K, 32)),
+        other=-1,
     )
-    visible = visible & (explicit != 0)
-    scores = _dot_in(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    visible = visible & (tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0)
+    positional = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     band_row0 = L - m_start - BLOCK_M + n_start
-    for chunk in tl.static_range((BLOCK_M + BLOCK_N - 2) // BLOCK_N + 1):
+    for chunk in tl.static_range(band_chunks(BLOCK_M, BLOCK_N)):
         band, band_bias = _band_chunk(
             pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
             offs_d, d_ok, BLOCK_N,
         )  # fmt: skip
         band_scores = _dot_in(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
-        scores += _skew(band_scores, chunk, BLOCK_M, BLOCK_N)
+        positional = _skew(band_scores, chunk, positional, BLOCK_M, BLOCK_N)
+    scores = _dot_in(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION) + positional
     return tl.where(visible, scores * scale, -float("inf"))
 
 
@@ -215,7 +240,7 @@ def rel_attention_fwd_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
-    mask_ptr,  # [B or 1, L or 1, K] uint8 (0 = hidden), contiguous in K; read only when has_mask
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits (bit j % 32 of word j // 32: key j visible); read only when has_mask
     out_ptr,  # [L, B, H, d]
     lse_ptr,  # [B, H, L] contiguous, ACC
     stride_q_l,
@@ -333,14 +358,14 @@ def rel_attention_bwd_dq_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
-    mask_ptr,  # [B or 1, L or 1, K] uint8, contiguous in K; read only when has_mask
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits; read only when has_mask
     out_ptr,  # [L, B, H, d]
     do_ptr,  # [L, B, H, d] gradient of out
     lse_ptr,  # [B, H, L] contiguous, ACC
-    delta_ptr,  # [B, H, L] contiguous, ACC: written here, read by the dk/dv kernel
-    dq_ptr,  # [L, B, H, d] contiguous
-    slab_pe_ptr,  # [B, H, n_query_tiles, slab_rows, d] contiguous, ACC: every element written here
-    slab_pb_ptr,  # [B, H, n_query_tiles, slab_rows] contiguous, ACC: every element written here
+    delta_ptr,  # [B, H, L] contiguous, ACC: written by the dq launch, read by the table one and dk/dv
+    dq_ptr,  # [L, B, H, d] contiguous: written without TABLE_GRAD
+    slab_pe_ptr,  # [B, H, n_query_tiles, 2, slab_rows, d] contiguous, ACC: every element written with TABLE_GRAD
+    slab_pb_ptr,  # [B, H, n_query_tiles, 2, slab_rows] contiguous, ACC: every element written with TABLE_GRAD
     stride_q_l,
     stride_q_b,
     stride_q_h,
@@ -375,7 +400,7 @@ def rel_attention_bwd_dq_kernel(
     B,
     H,
     d,
-    slab_rows,  # (cdiv(K, BLOCK_N) + 1) · BLOCK_N: window rows L - m_start - BLOCK_M onwards
+    slab_rows,  # (cdiv(K, BLOCK_N) + n_chunks - 1) · BLOCK_N: window rows L - m_start - BLOCK_M onwards
     scale,
     causal,
     has_mask,
@@ -392,9 +417,8 @@ def rel_attention_bwd_dq_kernel(
     UPCAST_DOTS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    TABLE_GRAD: tl.constexpr,  # False: dq and delta; True: the positional-table slabs (delta read)
 ):
-    # Two band chunks per key tile: what the slab's store-once ring assumes.
-    tl.static_assert(BLOCK_M <= BLOCK_N)
     batch_head = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     b = (batch_head // H).to(tl.int64)
@@ -417,14 +441,17 @@ def rel_attention_bwd_dq_kernel(
         mask=tile_mask,
         other=0.0,
     )
-    out = tl.load(
-        out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
-        mask=tile_mask,
-        other=0.0,
-    )
-    delta = tl.sum(do.to(ACC) * out.to(ACC), axis=1)
     stats_offset = batch_head.to(tl.int64) * L + offs_i
-    tl.store(delta_ptr + stats_offset, delta, mask=i_ok)
+    if TABLE_GRAD:
+        delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
+    else:
+        out = tl.load(
+            out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
+            mask=tile_mask,
+            other=0.0,
+        )
+        delta = tl.sum(do.to(ACC) * out.to(ACC), axis=1)
+        tl.store(delta_ptr + stats_offset, delta, mask=i_ok)
     # +inf on padded rows makes their probabilities exactly zero.
     lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
 
@@ -433,16 +460,13 @@ def rel_attention_bwd_dq_kernel(
     pe_head = pe_ptr + h * stride_pe_h
     pb_head = pb_ptr + h * stride_pb_h
     mask_batch = mask_ptr + b * stride_mask_b
-    slab_tile = (batch_head.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * slab_rows
+    n_chunks: tl.constexpr = 2  # BLOCK_M <= BLOCK_N, see _unskew
+    slab_tile = (batch_head.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n_chunks * slab_rows
     slab_pe_tile = slab_pe_ptr + slab_tile * d
     slab_pb_tile = slab_pb_ptr + slab_tile
     band_first = L - m_start - BLOCK_M  # window row of slab row 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    # Band chunk 1 of a key tile is slab chunk 0 of the next one: its partial
-    # sums wait in registers for it.
-    carry_pe = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    carry_pb = tl.zeros([BLOCK_N], dtype=ACC)
     n_end = K
     if causal:
         n_end = tl.minimum(K, K - L + m_start + BLOCK_M)
@@ -463,42 +487,48 @@ def rel_attention_bwd_dq_kernel(
             grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
         # Gradient of the unscaled score (content + positional + bias).
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
-        dq += _dot_in(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
+        if not TABLE_GRAD:
+            dq += _dot_in(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
 
+        gathered, in_chunk0 = _unskew(grad_scores, BLOCK_M, BLOCK_N)
         for chunk in tl.static_range(2):
-            band, _ = _band_chunk(
-                pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
-                K + L - 1, offs_d, d_ok, BLOCK_N,
-            )  # fmt: skip
-            grad_band_scores = _unskew(grad_scores, chunk, BLOCK_M, BLOCK_N)
-            dq += _dot_in(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
-            grad_band = _dot_in(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
             if chunk == 0:
+                grad_band_scores = tl.where(in_chunk0, gathered, 0.0)
+            else:
+                grad_band_scores = tl.where(in_chunk0, 0.0, gathered)
+            if TABLE_GRAD:
+                grad_band = _dot_in(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
                 _store_slab_chunk(
-                    slab_pe_tile, slab_pb_tile, n_start, carry_pe + grad_band,
-                    carry_pb + tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
+                    slab_pe_tile, slab_pb_tile, chunk * slab_rows + n_start + chunk * BLOCK_N, grad_band,
+                    tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
                 )  # fmt: skip
             else:
-                carry_pe = grad_band
-                carry_pb = tl.sum(grad_band_scores, axis=0)
+                band, _ = _band_chunk(
+                    pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
+                    K + L - 1, offs_d, d_ok, BLOCK_N,
+                )  # fmt: skip
+                dq += _dot_in(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
 
-    # The last carry, then zeros over the slab rows causal attention never reached.
-    n_done = tl.cdiv(n_end, BLOCK_N) * BLOCK_N
-    _store_slab_chunk(slab_pe_tile, slab_pb_tile, n_done, carry_pe, carry_pb, d, offs_d, d_ok, BLOCK_N)
-    for rest in range(n_done + BLOCK_N, slab_rows, BLOCK_N):
-        _store_slab_chunk(
-            slab_pe_tile, slab_pb_tile, rest, tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC),
-            tl.zeros([BLOCK_N], dtype=ACC), d, offs_d, d_ok, BLOCK_N,
-        )  # fmt: skip
-
-    dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
-    tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    if TABLE_GRAD:
+        # Zeros over the slab chunks of each layer that no key tile wrote: before
+        # the layer's first and after its last (causal attention stops early).
+        n_done = tl.cdiv(n_end, BLOCK_N) * BLOCK_N
+        for chunk in tl.static_range(n_chunks):
+            for rest in range(0, slab_rows, BLOCK_N):
+                if (rest < chunk * BLOCK_N) | (rest >= n_done + chunk * BLOCK_N):
+                    _store_slab_chunk(
+                        slab_pe_tile, slab_pb_tile, chunk * slab_rows + rest, tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC),
+                        tl.zeros([BLOCK_N], dtype=ACC), d, offs_d, d_ok, BLOCK_N,
+                    )  # fmt: skip
+    else:
+        dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
+        tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
 def rel_attention_pos_grad_reduce_kernel(
-    slab_pe_ptr,  # [B, H, n_query_tiles, slab_rows, d] contiguous, ACC
-    slab_pb_ptr,  # [B, H, n_query_tiles, slab_rows] contiguous, ACC
+    slab_pe_ptr,  # [B, H, n_query_tiles, n_chunks, slab_rows, d] contiguous, ACC
+    slab_pb_ptr,  # [B, H, n_query_tiles, n_chunks, slab_rows] contiguous, ACC
     grad_pe_ptr,  # [W, H, d] contiguous, ACC
     grad_pb_ptr,  # [W, H] contiguous, ACC
     L,
@@ -509,11 +539,13 @@ def rel_attention_pos_grad_reduce_kernel(
     n_query_tiles,
     slab_rows,
     QUERY_TILE: tl.constexpr,  # the dq kernel's BLOCK_M
+    KEY_TILE: tl.constexpr,  # and BLOCK_N
     BLOCK_W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Sum of the dq kernel's slabs per window row, batch after batch and query
-    tile after query tile: the same order on every call."""
+    """Sum of the dq kernel's slabs per window row, batch after batch, query
+    tile after query tile, chunk after chunk: the same order on every call."""
+    n_chunks: tl.constexpr = band_chunks(QUERY_TILE, KEY_TILE)
     h = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -524,11 +556,12 @@ def rel_attention_pos_grad_reduce_kernel(
         for tile in range(n_query_tiles):
             slab_row = rows - (L - (tile + 1) * QUERY_TILE)
             row_ok = (slab_row >= 0) & (slab_row < slab_rows) & (rows < W)
-            slab = ((b * H + h) * n_query_tiles + tile).to(tl.int64) * slab_rows + slab_row
-            grad_pe += tl.load(
-                slab_pe_ptr + slab[:, None] * d + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            grad_pb += tl.load(slab_pb_ptr + slab, mask=row_ok, other=0.0)
+            for chunk in tl.static_range(n_chunks):
+                slab = (((b * H + h) * n_query_tiles + tile) * n_chunks + chunk).to(tl.int64) * slab_rows + slab_row
+                grad_pe += tl.load(
+                    slab_pe_ptr + slab[:, None] * d + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                )
+                grad_pb += tl.load(slab_pb_ptr + slab, mask=row_ok, other=0.0)
     row_ok = rows < W
     tl.store(grad_pe_ptr + (rows[:, None] * H + h) * d + offs_d[None, :], grad_pe, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(grad_pb_ptr + rows * H + h, grad_pb, mask=row_ok)
@@ -542,7 +575,7 @@ def rel_attention_bwd_dkdv_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
-    mask_ptr,  # [B or 1, L or 1, K] uint8, contiguous in K; read only when has_mask
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits; read only when has_mask
     do_ptr,  # [L, B, H, d] gradient of out
     lse_ptr,  # [B, H, L] contiguous, ACC
     delta_ptr,  # [B, H, L] contiguous, ACC
@@ -710,9 +743,10 @@ _KERNELS = {
     "dq": rel_attention_bwd_dq_kernel,
     "dkdv": rel_attention_bwd_dkdv_kernel,
 }
-# The interpreter's tiles: small, so that tiny test shapes span several tiles;
-# tests swap in others (e.g. BLOCK_M > BLOCK_N, three band chunks per tile).
-INTERPRETER_TILES = {"fwd": (16, 16), "dq": (16, 16), "dkdv": (16, 16)}
+# The interpreter's tiles: small (BLOCK_N a whole mask word), so that tiny test
+# shapes span several tiles; tests swap in others (e.g. BLOCK_M > BLOCK_N,
+# three band chunks per tile).
+INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}
 # Window rows per program of the positional-gradient reduction.
 _REDUCE_ROWS = 32
 
@@ -822,15 +856,20 @@ def _min_block_n(kernel_name: str, query: torch.Tensor) -> int:
 
 
 def _mask_args(mask: Optional[torch.Tensor], device) -> tuple:
-    """``(mask bytes, (batch, query) strides, has_mask)`` for the kernels: the
-    bool ``[L or 1, K, B or 1]`` mask as ``[B or 1, L or 1, K]`` bytes contiguous
-    in K (one byte per score at most, so rows of a tile load as vectors),
-    broadcast dimensions with stride 0; a one-byte stand-in without a mask."""
+    """``(mask bits, (batch, query) strides, has_mask)`` for the kernels: the
+    bool ``[L or 1, K, B or 1]`` mask as ``[B or 1, L or 1, cdiv(K, 32)]`` int32
+    words (bit ``j % 32`` of word ``j // 32`` says whether key ``j`` is
+    visible), broadcast dimensions with stride 0; a one-word stand-in without a mask."""
     if mask is None:
-        return torch.ones(1, dtype=torch.uint8, device=device), (0, 0), 0
-    mask_bytes = mask.permute(2, 0, 1).to(torch.uint8).contiguous()
-    strides = tuple(0 if mask_bytes.shape[dim] == 1 else mask_bytes.stride(dim) for dim in (0, 1))
-    return mask_bytes, strides, 1
+        return torch.full((1,), -1, dtype=torch.int32, device=device), (0, 0), 0
+    K = mask.shape[1]
+    padded = torch.nn.functional.pad(mask.permute(2, 0, 1), (0, -K % 32))
+    weights = torch.ones((), dtype=torch.int64, device=device) << torch.arange(32, device=device)
+    words = (padded.unflatten(-1, (-1, 32)).to(torch.int64) * weights).sum(-1)
+    # Bit 31 set is a negative int32: keep the low 32 bits.
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    strides = tuple(0 if words.shape[dim] == 1 else words.stride(dim) for dim in (0, 1))
+    return words, strides, 1
 
 
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple:
@@ -901,22 +940,26 @@ def rel_attention_backward(
     delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
     dq_block_m, dq_block_n = _tile_shape("dq", query)
     n_query_tiles = triton.cdiv(L, dq_block_m)
-    slab_rows = (triton.cdiv(K, dq_block_n) + 1) * dq_block_n
-    slab_pe = torch.empty((B, H, n_query_tiles, slab_rows, d), dtype=acc_torch, device=device)
-    slab_pb = torch.empty((B, H, n_query_tiles, slab_rows), dtype=acc_torch, device=device)
-    _launch(
-        "dq", query, lambda meta: (B * H, n_query_tiles),
-        query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, grad_out, lse, delta,
-        grad_query, slab_pe, slab_pb, *input_strides, *out.stride(), *grad_out.stride(),
-        *common, slab_rows, *runtime,
-        **dropout_flag,
-    )  # fmt: skip
+    n_chunks = band_chunks(dq_block_m, dq_block_n)
+    slab_rows = (triton.cdiv(K, dq_block_n) + n_chunks - 1) * dq_block_n
+    slab_pe = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows, d), dtype=acc_torch, device=device)
+    slab_pb = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows), dtype=acc_torch, device=device)
+    # The same loop twice: one launch accumulating dq, one writing the table's
+    # partial sums; together they needed more registers than a GPU thread has.
+    for table_grad in (False, True):
+        _launch(
+            "dq", query, lambda meta: (B * H, n_query_tiles),
+            query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, grad_out, lse, delta,
+            grad_query, slab_pe, slab_pb, *input_strides, *out.stride(), *grad_out.stride(),
+            *common, slab_rows, *runtime,
+            TABLE_GRAD=table_grad, **dropout_flag,
+        )  # fmt: skip
 
     grad_pos_emb = torch.empty((W, H, d), dtype=acc_torch, device=device)
     grad_pos_bias = torch.empty((W, H), dtype=acc_torch, device=device)
     rel_attention_pos_grad_reduce_kernel[(H, triton.cdiv(W, _REDUCE_ROWS))](
         slab_pe, slab_pb, grad_pos_emb, grad_pos_bias, L, B, H, d, W, n_query_tiles, slab_rows,
-        QUERY_TILE=dq_block_m, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d),
+        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d),
     )  # fmt: skip
 
     grad_key = key.new_empty((K, B, H, d))
@@ -949,13 +992,13 @@ def _reduce_block_d(head_dim: int) -> int:
 
 
 _POINTERS = {
-    rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", ("mask", "u8"), "out", ("lse", "acc")),
+    rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", ("lse", "acc")),
     rel_attention_bwd_dq_kernel: (
-        "q", "k", "v", "pe", "pb", "u", ("mask", "u8"), "out", "do", ("lse", "acc"), ("delta", "acc"),
+        "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", "do", ("lse", "acc"), ("delta", "acc"),
         "dq", ("slab_pe", "acc"), ("slab_pb", "acc"),
     ),
     rel_attention_bwd_dkdv_kernel: (
-        "q", "k", "v", "pe", "pb", "u", ("mask", "u8"), "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv",
+        "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv",
         ("grad_u_partial", "acc"),
     ),
     rel_attention_pos_grad_reduce_kernel: (
@@ -963,7 +1006,8 @@ _POINTERS = {
     ),
 }  # fmt: skip
 _CONSTEXPRS = (
-    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "QUERY_TILE", "BLOCK_W",
+    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "TABLE_GRAD", "QUERY_TILE",
+    "KEY_TILE", "BLOCK_W",
 )  # fmt: skip
 _FLOAT_SCALARS = ("scale", "dropout_scale")
 _INT64_SCALARS = ("seed", "offset", "threshold")
@@ -973,7 +1017,7 @@ def _signature(kernel, dtype: str) -> dict:
     pointer_types = {}
     for entry in _POINTERS[kernel]:
         name, kind = entry if isinstance(entry, tuple) else (entry, "input")
-        pointer_types[f"{name}_ptr"] = "*" + {"acc": "fp32", "u8": "u8", "input": dtype}[kind]
+        pointer_types[f"{name}_ptr"] = "*" + {"acc": "fp32", "i32": "i32", "input": dtype}[kind]
     signature = {}
     for name in kernel.arg_names:
         if name in pointer_types:
@@ -989,11 +1033,16 @@ def _signature(kernel, dtype: str) -> dict:
     return signature
 
 
+# Constexpr modes a kernel launches in besides its tile, with their label suffixes.
+_MODES = {"dq": ((dict(TABLE_GRAD=False), ""), (dict(TABLE_GRAD=True), ",table"))}
+
+
 def _aot_specs():
     """Every configuration the GPU launches: each kernel at each tile of its
-    ``_TILES`` entry for every dtype variant, without and with dropout
-    (``causal`` and ``has_mask`` are runtime arguments, so one compilation
-    serves causal, full and explicitly masked attention), and the reduction."""
+    ``_TILES`` entry for every dtype variant, in each of its modes, without
+    and with dropout (``causal`` and ``has_mask`` are runtime arguments, so one
+    compilation serves causal, full and explicitly masked attention), and the
+    reduction for each dq tile."""
     specs = []
     for variant, (dtype, precision) in _VARIANTS.items():
         for block_d in _BLOCK_DS:
@@ -1001,18 +1050,20 @@ def _aot_specs():
                 for tile in _TILES[name, _tile_class(variant), block_d]:
                     config = _config(name, tile, block_d)
                     launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                    for dropout in (False, True):
-                        constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
-                                          **config)
-                        label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}" + (",dropout" if dropout else "")
-                        specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
-    for block_d in _BLOCK_DS:
-        kernel = rel_attention_pos_grad_reduce_kernel
-        for query_tile in sorted({tile[0] for (name, _, width), tiles in _TILES.items() if name == "dq" and width == block_d
-                                  for tile in tiles}):
-            constexprs = dict(QUERY_TILE=query_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
-            specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=f"d{block_d},m{query_tile}",
-                                 num_warps=4, num_stages=2))
+                    for mode, mode_label in _MODES.get(name, ((dict(), ""),)):
+                        for dropout in (False, True):
+                            constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision,
+                                              DROPOUT=dropout, **mode, **config)
+                            label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (
+                                ",dropout" if dropout else ""
+                            )
+                            specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
+    kernel = rel_attention_pos_grad_reduce_kernel
+    dq_tiles = {(block_d, m, n) for (name, _, block_d), tiles in _TILES.items() if name == "dq" for m, n, _, _ in tiles}
+    for block_d, query_tile, key_tile in sorted(dq_tiles):
+        constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
+        label = f"d{block_d},m{query_tile}n{key_tile}"
+        specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, num_warps=4, num_stages=2))
     return specs
 
 
