@@ -1,5 +1,6 @@
 """Triton relative-position attention kernels under the interpreter, against
 the reference: output, log-sum-exp and every gradient."""
+import itertools
 import types
 
 import pytest
@@ -213,21 +214,24 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypa
     assert variant == {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, "fp32" if precision == "highest" else "tf32"
     )
-    for head_dim in range(1, 129):
+    head_dims = [head_dim for head_dim in range(1, 129) if kernels.gpu_unsupported_reason(dtype, head_dim) is None]
+    assert head_dims[:64] == list(range(1, 65))
+    for head_dim, (kernel_name, kernel), dropout in itertools.product(
+        head_dims, kernels._KERNELS.items(), (False, True)
+    ):  # fmt: skip
         query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
-        for kernel_name, kernel in kernels._KERNELS.items():
-            tiles, block_d = kernels._gpu_tiles(kernel_name, query)
-            assert block_d >= head_dim
-            for tile in tiles:
-                config = kernels._config(kernel_name, tile, block_d)
-                launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                for dropout in (False, True):
-                    label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{',dropout' if dropout else ''}"
-                    spec = specs[f"{kernel.fn.__name__}[{label}]"]
-                    assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-                    assert {key: spec.constexprs[key] for key in config} == config
-                    assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
-                    assert spec.constexprs["DROPOUT"] is dropout
+        tiles, block_d = kernels._gpu_tiles(kernel_name, query, dropout)
+        assert block_d >= head_dim
+        for tile in tiles:
+            config = kernels._config(kernel_name, tile, block_d)
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+            for mode, mode_label in kernels._MODES.get(kernel_name, ((dict(), ""),)):
+                label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}{',dropout' if dropout else ''}"
+                spec = specs[f"{kernel.fn.__name__}[{label}]"]
+                assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+                assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
+                assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
+                assert spec.constexprs["DROPOUT"] is dropout
 
 
 def test_dq_tiles_are_no_taller_than_wide():
@@ -240,19 +244,21 @@ def test_dq_tiles_are_no_taller_than_wide():
     "dtype, head_dim, error, match",
     [
         (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
-        (torch.float32, 129, ValueError, "d <= 128"),
+        (torch.float32, 65, ValueError, "d <= 64"),
         (torch.float16, 129, ValueError, "d <= 128"),
     ],
 )
 def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, error, match):
     query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
     with pytest.raises(error, match=match):
-        gpu_configs._gpu_tiles("fwd", query)
+        gpu_configs._gpu_tiles("fwd", query, False)
 
 
 def test_gpu_unsupported_reason_names_what_runs_the_reference():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16):
         assert triton_kernel.gpu_unsupported_reason(dtype, 128) is None
+    assert triton_kernel.gpu_unsupported_reason(torch.float32, 64) is None
+    assert "got d=128: use more heads or bfloat16 autocast" in triton_kernel.gpu_unsupported_reason(torch.float32, 128)
     assert "got torch.float64: use one of those" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
     assert "got d=160: use more heads" in triton_kernel.gpu_unsupported_reason(torch.bfloat16, 160)
 

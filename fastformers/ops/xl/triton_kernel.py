@@ -17,13 +17,14 @@ gradient back into band coordinates the same way (:func:`_unskew`), which gives
 the query gradient through the band (``dT · chunk``) and the band's gradient
 (``dTᵀ · Q``) as products too.
 
-The positional-table gradient takes no atomics: each (batch, head, query
-tile) program of the dq kernel writes its own partial sums over the window rows
-it touches (a "slab" of scratch; chunk ``c`` of key tile ``n`` lands on slab
-chunk ``n + c``, so with ``BLOCK_M <= BLOCK_N`` two chunks per tile, a chunk is
-complete one key tile later and is stored once, from registers), and
-:func:`rel_attention_pos_grad_reduce_kernel` sums the slabs per window row in a
-fixed order: two identical backward calls give bit-identical gradients.
+The positional-table gradient takes no atomics: a second launch of the dq
+kernel's loop (``TABLE_GRAD``; one launch doing both needed more registers
+than a thread has) has each (batch, head, query tile) program write its own
+partial sums over the window rows it touches, a "slab" of scratch in two
+layers (band chunk ``c`` of key tile ``n`` lands on chunk ``n + c`` of layer
+``c``, so every element is stored once, from registers), and
+:func:`rel_attention_pos_grad_reduce_kernel` sums the slabs per window row in
+a fixed order: two identical backward calls give bit-identical gradients.
 
 Attention dropout (``DROPOUT``, a constexpr, so the kernels without it are
 unchanged) regenerates the keep bit of probability ``(b, h, i, j)`` from
@@ -32,9 +33,9 @@ forward applies it to the probabilities it multiplies with V (the softmax
 statistics stay those of the undropped scores), the backward to ``dO·Vᵀ`` and
 to the probabilities of ``dV``.
 
-An explicit bool mask (``[L or 1, K, B or 1]``, broadcast dims given stride 0)
-is read per score tile where ``has_mask`` says so (a runtime flag: one
-compilation serves both). A query row that sees no key gives NaN output and
+An explicit bool mask (``[L or 1, K, B or 1]``) is passed as bits, 32 keys to
+an int32 word (:func:`_mask_args`), and read per score tile where ``has_mask``
+says so (a runtime flag: one compilation serves masked and unmasked calls). A query row that sees no key gives NaN output and
 ``-inf`` log-sum-exp, as the reference does; the online softmax guards its
 running maximum so that a fully masked key tile before visible ones does no harm.
 
@@ -43,10 +44,11 @@ when torch allows TF32 matmuls, "ieee" at "highest"; 16-bit products are exact
 in float32 accumulation either way.
 
 Launchers take CUDA tensors (float32, bfloat16, float16 with d <= 128, the
-configurations of ``AOT_SPECS``, autotuned among them), or CPU tensors of any
-float dtype when ``TRITON_INTERPRET=1`` was set before import (the Triton
-interpreter; how they are tested without a GPU).
+configurations of ``AOT_SPECS``; the forward and dk/dv kernels autotuned among
+them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
+before import (the Triton interpreter; how they are tested without a GPU).
 """
+import itertools
 from typing import Optional
 
 import torch
@@ -712,27 +714,40 @@ def _acc_dtype(dtype: torch.dtype):
 # The configurations the GPU launches, every one of them in AOT_SPECS:
 # (kernel, tile class, BLOCK_D) -> the (BLOCK_M, BLOCK_N, num_warps,
 # num_stages) that ``triton.autotune`` picks from, keyed on (L, K) rounded up
-# to powers of 2 (the dtype and BLOCK_D select the table entry). Tensor-core
-# classes ("tc": bfloat16, float16, float32 as TF32) take 64-row warpgroup tiles
-# (Hopper wgmma) and 128 rows where registers allow; float32 at "highest"
-# precision ("ieee") multiplies on CUDA cores, whose dots hold operand rows per
-# thread, so it takes smaller tiles. Chosen as the largest tiles that compile
-# without spills on sm_80 and sm_90 (``python -m fastformers.gpu_report --kernel
-# rel_attention``). The dq kernel is not autotuned (its scratch depends on the
-# tile) and needs BLOCK_M <= BLOCK_N.
+# to powers of 2 (dtype, dropout and BLOCK_D select the entry). Tensor-core
+# classes ("tc": bfloat16, float16, float32 as TF32) take 64-row warpgroup
+# tiles (Hopper wgmma) where registers allow and 128 rows in the forward;
+# float32 at "highest" precision ("ieee") multiplies on CUDA cores, whose dots
+# hold operand rows per thread, so it takes smaller tiles; dropout's Philox
+# bits cost registers, hence its own entries. Chosen as the largest tiles that
+# compile without spills on sm_80 and sm_90 (``python -m
+# fastformers.gpu_report --kernel rel_attention``). The dq kernel is not
+# autotuned (its scratch depends on the tile) and needs BLOCK_M <= BLOCK_N.
 _TILES = {
-    ("fwd", "tc", 64): ((64, 64, 4, 3), (128, 64, 8, 3)),
-    ("fwd", "tc", 128): ((64, 64, 4, 2), (128, 64, 8, 2)),
-    ("dq", "tc", 64): ((64, 64, 4, 2),),
-    ("dq", "tc", 128): ((64, 64, 8, 2),),
-    ("dkdv", "tc", 64): ((64, 64, 4, 2), (64, 128, 8, 2)),
-    ("dkdv", "tc", 128): ((64, 64, 8, 2),),
-    ("fwd", "ieee", 64): ((32, 32, 4, 2),),
-    ("fwd", "ieee", 128): ((32, 32, 8, 1),),
-    ("dq", "ieee", 64): ((32, 32, 4, 2),),
-    ("dq", "ieee", 128): ((16, 16, 8, 1),),
-    ("dkdv", "ieee", 64): ((32, 32, 4, 2),),
-    ("dkdv", "ieee", 128): ((16, 16, 8, 1),),
+    ("fwd", "16bit", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
+    ("fwd", "16bit,dropout", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
+    ("fwd", "16bit", 128): ((64, 32, 8, 2),),
+    ("fwd", "16bit,dropout", 128): ((64, 32, 8, 2),),
+    ("dq", "16bit", 64): ((32, 64, 8, 1),),
+    ("dq", "16bit,dropout", 64): ((32, 64, 8, 1),),
+    ("dq", "16bit", 128): ((32, 64, 8, 1),),
+    ("dq", "16bit,dropout", 128): ((32, 64, 8, 1),),
+    ("dkdv", "16bit", 64): ((32, 64, 8, 1),),
+    ("dkdv", "16bit,dropout", 64): ((32, 64, 8, 1),),
+    ("dkdv", "16bit", 128): ((16, 64, 8, 1),),
+    ("dkdv", "16bit,dropout", 128): ((16, 64, 8, 1),),
+    ("fwd", "tf32", 64): ((64, 32, 8, 2),),
+    ("fwd", "tf32,dropout", 64): ((64, 32, 8, 2),),
+    ("dq", "tf32", 64): ((32, 64, 8, 1),),
+    ("dq", "tf32,dropout", 64): ((32, 64, 8, 1),),
+    ("dkdv", "tf32", 64): ((32, 64, 8, 1),),
+    ("dkdv", "tf32,dropout", 64): ((32, 64, 8, 1),),
+    ("fwd", "ieee", 64): ((16, 32, 4, 1),),
+    ("fwd", "ieee,dropout", 64): ((16, 32, 4, 1),),
+    ("dq", "ieee", 64): ((16, 32, 4, 1),),
+    ("dq", "ieee,dropout", 64): ((16, 32, 4, 1),),
+    ("dkdv", "ieee", 64): ((16, 32, 4, 1),),
+    ("dkdv", "ieee,dropout", 64): ((16, 32, 4, 1),),
 }
 # GPU dtype -> (name in kernel labels, AOT pointer type); float32 splits by precision.
 _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -751,8 +766,9 @@ INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}
 _REDUCE_ROWS = 32
 
 
-def _tile_class(variant: str) -> str:
-    return "ieee" if variant == "fp32" else "tc"
+def _tile_class(variant: str, dropout: bool) -> str:
+    """The ``_TILES`` class of a dtype variant: dropout's Philox bits need registers too."""
+    return {"fp32": "ieee", "tf32": "tf32"}.get(variant, "16bit") + (",dropout" if dropout else "")
 
 
 def float32_precision() -> str:
@@ -778,10 +794,25 @@ def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
             f"the Triton rel_attention kernels run float32, bfloat16 and float16 on GPUs, got {dtype}: use one of "
             "those (or torch.autocast('cuda'))"
         )
-    if head_dim > _BLOCK_DS[-1]:
+    variant = _variant(dtype)
+    widths = [block_d for (_, tile_class, block_d) in _TILES if tile_class == _tile_class(variant, False)]
+    if not widths:
         return (
-            f"the Triton rel_attention kernels take head dim d <= {_BLOCK_DS[-1]} on GPUs, got d={head_dim}: "
-            "use more heads"
+            f"the Triton rel_attention kernels have no checked configuration for {dtype} at 'highest' matmul "
+            "precision on GPUs (its IEEE products run on CUDA cores, which spilled registers): allow TF32 "
+            "(torch.set_float32_matmul_precision('high')) or use bfloat16 autocast"
+        )
+    widest = max(widths)
+    if head_dim > widest:
+        advice = "use more heads"
+        if widest < _BLOCK_DS[-1]:
+            advice += f" or bfloat16 autocast (d <= {_BLOCK_DS[-1]})"
+        if variant == "fp32":
+            advice += " or allow TF32 (torch.set_float32_matmul_precision('high'))"
+        precision = {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
+        return (
+            f"the Triton rel_attention kernels take head dim d <= {widest} for {dtype}{precision} on GPUs, "
+            f"got d={head_dim}: {advice}"
         )
     return None
 
@@ -791,24 +822,25 @@ def _config(kernel_name: str, tile: tuple, block_d: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
 
 
-def _gpu_tiles(kernel_name: str, query: torch.Tensor) -> tuple:
+def _gpu_tiles(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
+    """``(the _TILES entry, BLOCK_D)`` the GPU launches ``kernel_name`` with for ``query``."""
     reason = gpu_unsupported_reason(query.dtype, query.shape[-1])
     if reason is not None:
         raise (TypeError if query.dtype not in _GPU_DTYPES else ValueError)(reason + " (or backend='reference')")
     block_d = _gpu_block_d(query.shape[-1])
-    return _TILES[kernel_name, _tile_class(_variant(query.dtype)), block_d], block_d
+    return _TILES[kernel_name, _tile_class(_variant(query.dtype), dropout), block_d], block_d
 
 
 _AUTOTUNED = {}
 
 
-def _autotuned(kernel_name: str, variant: str, block_d: int):
+def _autotuned(kernel_name: str, variant: str, block_d: int, dropout: bool):
     """The kernel autotuned over its ``_TILES`` entry (one autotuner, and cache, per entry)."""
-    key = (kernel_name, variant, block_d)
+    key = (kernel_name, variant, block_d, dropout)
     if key not in _AUTOTUNED:
         configs = [
             triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in _TILES[kernel_name, _tile_class(variant), block_d]
+            for m, n, warps, stages in _TILES[kernel_name, _tile_class(variant, dropout), block_d]
         ]
         _AUTOTUNED[key] = triton.autotune(configs=configs, key=["L_bucket", "K_bucket"])(_KERNELS[kernel_name])
     return _AUTOTUNED[key]
@@ -830,28 +862,29 @@ def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
         )  # fmt: skip
         _KERNELS[kernel_name][grid(options)](*args, **buckets, **options)
         return
-    tiles, block_d = _gpu_tiles(kernel_name, query)
+    dropout = constexprs["DROPOUT"]
+    tiles, block_d = _gpu_tiles(kernel_name, query, dropout)
     options.update(BLOCK_D=block_d, UPCAST_DOTS=False)
     if len(tiles) == 1:
         config = _config(kernel_name, tiles[0], block_d)
         _KERNELS[kernel_name][grid(config)](*args, **buckets, **options, **config)
         return
-    _autotuned(kernel_name, _variant(query.dtype), block_d)[grid](*args, **buckets, **options)
+    _autotuned(kernel_name, _variant(query.dtype), block_d, dropout)[grid](*args, **buckets, **options)
 
 
-def _tile_shape(kernel_name: str, query: torch.Tensor) -> tuple:
+def _tile_shape(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
     """(BLOCK_M, BLOCK_N) of a kernel that is not autotuned, as :func:`_launch` launches it."""
     if interpreter_enabled():
         return INTERPRETER_TILES[kernel_name]
-    tiles, _ = _gpu_tiles(kernel_name, query)
+    tiles, _ = _gpu_tiles(kernel_name, query, dropout)
     (block_m, block_n, _, _), = tiles
     return block_m, block_n
 
 
-def _min_block_n(kernel_name: str, query: torch.Tensor) -> int:
+def _min_block_n(kernel_name: str, query: torch.Tensor, dropout: bool) -> int:
     if interpreter_enabled():
         return INTERPRETER_TILES[kernel_name][1]
-    tiles, _ = _gpu_tiles(kernel_name, query)
+    tiles, _ = _gpu_tiles(kernel_name, query, dropout)
     return min(block_n for _, block_n, _, _ in tiles)
 
 
@@ -938,7 +971,7 @@ def rel_attention_backward(
 
     grad_query = query.new_empty((L, B, H, d))
     delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
-    dq_block_m, dq_block_n = _tile_shape("dq", query)
+    dq_block_m, dq_block_n = _tile_shape("dq", query, dropout_flag["DROPOUT"])
     n_query_tiles = triton.cdiv(L, dq_block_m)
     n_chunks = band_chunks(dq_block_m, dq_block_n)
     slab_rows = (triton.cdiv(K, dq_block_n) + n_chunks - 1) * dq_block_n
@@ -964,7 +997,7 @@ def rel_attention_backward(
 
     grad_key = key.new_empty((K, B, H, d))
     grad_value = value.new_empty((K, B, H, d))
-    key_tile_slots = triton.cdiv(K, _min_block_n("dkdv", query))
+    key_tile_slots = triton.cdiv(K, _min_block_n("dkdv", query, dropout_flag["DROPOUT"]))
     # Zeroed: a wider autotuned key tile fills fewer slots than there are.
     grad_u_partial = torch.zeros((B, H, key_tile_slots, d), dtype=acc_torch, device=device)
     _launch(
@@ -1045,19 +1078,15 @@ def _aot_specs():
     reduction for each dq tile."""
     specs = []
     for variant, (dtype, precision) in _VARIANTS.items():
-        for block_d in _BLOCK_DS:
-            for name, kernel in _KERNELS.items():
-                for tile in _TILES[name, _tile_class(variant), block_d]:
-                    config = _config(name, tile, block_d)
-                    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                    for mode, mode_label in _MODES.get(name, ((dict(), ""),)):
-                        for dropout in (False, True):
-                            constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision,
-                                              DROPOUT=dropout, **mode, **config)
-                            label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (
-                                ",dropout" if dropout else ""
-                            )
-                            specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
+        for block_d, (name, kernel), dropout in itertools.product(_BLOCK_DS, _KERNELS.items(), (False, True)):
+            for tile in _TILES.get((name, _tile_class(variant, dropout), block_d), ()):
+                config = _config(name, tile, block_d)
+                launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                for mode, mode_label in _MODES.get(name, ((dict(), ""),)):
+                    constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
+                                      **mode, **config)
+                    label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
+                    specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
     kernel = rel_attention_pos_grad_reduce_kernel
     dq_tiles = {(block_d, m, n) for (name, _, block_d), tiles in _TILES.items() if name == "dq" for m, n, _, _ in tiles}
     for block_d, query_tile, key_tile in sorted(dq_tiles):
