@@ -166,6 +166,7 @@ def three_band_chunks(monkeypatch):
     monkeypatch.setitem(kernels.INTERPRETER_TILES, "fwd", (64, 32))
     monkeypatch.setitem(kernels.INTERPRETER_TILES, "dkdv", (64, 32))
     monkeypatch.setitem(kernels.INTERPRETER_TILES, "dq", (32, 64))
+    monkeypatch.setitem(kernels.INTERPRETER_TILES, "table", (32, 64))
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -201,21 +202,17 @@ def gpu_configs(monkeypatch):
     return kernels
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("precision", ["highest", "high"])
-def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype):
     """Every configuration the GPU may launch (each autotuning candidate, for
-    every head dim it takes, each float32 precision) is one the AOT check
-    compiled: same tiles, warps, stages, padded head dim and precision."""
+    every head dim it takes, with and without dropout) is one the AOT check
+    compiled: same tiles, warps, stages, padded head dim and modes."""
     kernels = gpu_configs
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     specs = {spec.name: spec for spec in kernels.AOT_SPECS}
     variant = kernels._variant(dtype)
-    assert variant == {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, "fp32" if precision == "highest" else "tf32"
-    )
+    assert variant == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     head_dims = [head_dim for head_dim in range(1, 129) if kernels.gpu_unsupported_reason(dtype, head_dim) is None]
-    assert head_dims[:64] == list(range(1, 65))
+    assert head_dims == list(range(1, 129))
     for head_dim, (kernel_name, kernel), dropout in itertools.product(
         head_dims, kernels._KERNELS.items(), (False, True)
     ):  # fmt: skip
@@ -225,18 +222,18 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypa
         for tile in tiles:
             config = kernels._config(kernel_name, tile, block_d)
             launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            for mode, mode_label in kernels._MODES.get(kernel_name, ((dict(), ""),)):
-                label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}{',dropout' if dropout else ''}"
-                spec = specs[f"{kernel.fn.__name__}[{label}]"]
-                assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-                assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
-                assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
-                assert spec.constexprs["DROPOUT"] is dropout
+            mode, mode_label = kernels._MODES.get(kernel_name, ({}, ""))
+            label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}{',dropout' if dropout else ''}"
+            spec = specs[f"{kernel.fn.__name__}[{label}]"]
+            assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
+            assert spec.constexprs["PRECISION"] == "ieee"
+            assert spec.constexprs["DROPOUT"] is dropout
 
 
 def test_dq_tiles_are_no_taller_than_wide():
     for (kernel_name, _, _), tiles in _kernels()._TILES.items():
-        if kernel_name == "dq":
+        if kernel_name in ("dq", "table"):
             assert all(block_m <= block_n for block_m, block_n, _, _ in tiles)
 
 
@@ -244,7 +241,7 @@ def test_dq_tiles_are_no_taller_than_wide():
     "dtype, head_dim, error, match",
     [
         (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
-        (torch.float32, 65, ValueError, "d <= 64"),
+        (torch.float32, 32, ValueError, "no checked GPU configuration"),
         (torch.float16, 129, ValueError, "d <= 128"),
     ],
 )
@@ -257,8 +254,7 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
 def test_gpu_unsupported_reason_names_what_runs_the_reference():
     for dtype in (torch.bfloat16, torch.float16):
         assert triton_kernel.gpu_unsupported_reason(dtype, 128) is None
-    assert triton_kernel.gpu_unsupported_reason(torch.float32, 64) is None
-    assert "got d=128: use more heads or bfloat16 autocast" in triton_kernel.gpu_unsupported_reason(torch.float32, 128)
+    assert "float32 at 'highest' matmul precision (every tile" in triton_kernel.gpu_unsupported_reason(torch.float32, 64)
     assert "got torch.float64: use one of those" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
     assert "got d=160: use more heads" in triton_kernel.gpu_unsupported_reason(torch.bfloat16, 160)
 

@@ -348,7 +348,8 @@ def rel_attention_fwd_kernel(
 def _store_slab_chunk(slab_pe_tile, slab_pb_tile, slab_row, grad_band, grad_band_bias, d, offs_d, d_ok,
                       BLOCK_N: tl.constexpr):
     rows = slab_row + tl.arange(0, BLOCK_N)
-    tl.store(slab_pe_tile + rows[:, None] * d + offs_d[None, :], grad_band, mask=d_ok[None, :])
+    # int64 per element: the slabs of large calls pass 2^31 elements.
+    tl.store(slab_pe_tile + (rows.to(tl.int64)[:, None] * d + offs_d[None, :]), grad_band, mask=d_ok[None, :])
     tl.store(slab_pb_tile + rows, grad_band_bias)
 
 
@@ -714,15 +715,17 @@ def _acc_dtype(dtype: torch.dtype):
 # The configurations the GPU launches, every one of them in AOT_SPECS:
 # (kernel, tile class, BLOCK_D) -> the (BLOCK_M, BLOCK_N, num_warps,
 # num_stages) that ``triton.autotune`` picks from, keyed on (L, K) rounded up
-# to powers of 2 (dtype, dropout and BLOCK_D select the entry). Tensor-core
-# classes ("tc": bfloat16, float16, float32 as TF32) take 64-row warpgroup
-# tiles (Hopper wgmma) where registers allow and 128 rows in the forward;
-# float32 at "highest" precision ("ieee") multiplies on CUDA cores, whose dots
-# hold operand rows per thread, so it takes smaller tiles; dropout's Philox
-# bits cost registers, hence its own entries. Chosen as the largest tiles that
-# compile without spills on sm_80 and sm_90 (``python -m
-# fastformers.gpu_report --kernel rel_attention``). The dq kernel is not
-# autotuned (its scratch depends on the tile) and needs BLOCK_M <= BLOCK_N.
+# to powers of 2 (dtype, dropout and BLOCK_D select the entry): the tiles that
+# compile without spills on both sm_80 and sm_90 (``python -m
+# fastformers.gpu_report --kernel rel_attention``); dropout's Philox bits cost
+# registers, hence its own entries. Classes: "16bit" (bfloat16, float16),
+# "tf32" and "ieee" (float32 at "highest" precision, whose products run on CUDA
+# cores). No float32 class has entries: at every tile tried (down to 16x32,
+# 4 or 8 warps) some float32 kernel spilled on sm_80 or sm_90 (TF32 forward
+# with dropout, IEEE dk/dv with dropout), so float32 runs the reference on
+# GPUs with a reason. "dq" and "table" are the two launches of the dq kernel
+# (TABLE_GRAD off and on); "table" is not autotuned (its scratch depends on
+# the tile), and both need BLOCK_M <= BLOCK_N.
 _TILES = {
     ("fwd", "16bit", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
     ("fwd", "16bit,dropout", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
@@ -732,22 +735,14 @@ _TILES = {
     ("dq", "16bit,dropout", 64): ((32, 64, 8, 1),),
     ("dq", "16bit", 128): ((32, 64, 8, 1),),
     ("dq", "16bit,dropout", 128): ((32, 64, 8, 1),),
+    ("table", "16bit", 64): ((32, 32, 8, 1),),
+    ("table", "16bit,dropout", 64): ((32, 32, 8, 1),),
+    ("table", "16bit", 128): ((32, 32, 8, 1),),
+    ("table", "16bit,dropout", 128): ((32, 32, 8, 1),),
     ("dkdv", "16bit", 64): ((32, 64, 8, 1),),
     ("dkdv", "16bit,dropout", 64): ((32, 64, 8, 1),),
     ("dkdv", "16bit", 128): ((16, 64, 8, 1),),
     ("dkdv", "16bit,dropout", 128): ((16, 64, 8, 1),),
-    ("fwd", "tf32", 64): ((64, 32, 8, 2),),
-    ("fwd", "tf32,dropout", 64): ((64, 32, 8, 2),),
-    ("dq", "tf32", 64): ((32, 64, 8, 1),),
-    ("dq", "tf32,dropout", 64): ((32, 64, 8, 1),),
-    ("dkdv", "tf32", 64): ((32, 64, 8, 1),),
-    ("dkdv", "tf32,dropout", 64): ((32, 64, 8, 1),),
-    ("fwd", "ieee", 64): ((16, 32, 4, 1),),
-    ("fwd", "ieee,dropout", 64): ((16, 32, 4, 1),),
-    ("dq", "ieee", 64): ((16, 32, 4, 1),),
-    ("dq", "ieee,dropout", 64): ((16, 32, 4, 1),),
-    ("dkdv", "ieee", 64): ((16, 32, 4, 1),),
-    ("dkdv", "ieee,dropout", 64): ((16, 32, 4, 1),),
 }
 # GPU dtype -> (name in kernel labels, AOT pointer type); float32 splits by precision.
 _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -756,12 +751,21 @@ _BLOCK_DS = (64, 128)
 _KERNELS = {
     "fwd": rel_attention_fwd_kernel,
     "dq": rel_attention_bwd_dq_kernel,
+    "table": rel_attention_bwd_dq_kernel,
     "dkdv": rel_attention_bwd_dkdv_kernel,
 }
+# Constexpr modes of the launches that share a kernel, with their AOT label suffixes.
+_MODES = {"dq": (dict(TABLE_GRAD=False), ""), "table": (dict(TABLE_GRAD=True), ",table")}
+
+
+def _kernel(kernel_name: str):
+    """The kernel by its module-level name at launch time (which
+    :mod:`fastformers.testing.launch_check` swaps for recorders)."""
+    return globals()[_KERNELS[kernel_name].fn.__name__]
 # The interpreter's tiles: small (BLOCK_N a whole mask word), so that tiny test
 # shapes span several tiles; tests swap in others (e.g. BLOCK_M > BLOCK_N,
 # three band chunks per tile).
-INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "dkdv": (16, 32)}
+INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "table": (16, 32), "dkdv": (16, 32)}
 # Window rows per program of the positional-gradient reduction.
 _REDUCE_ROWS = 32
 
@@ -796,23 +800,17 @@ def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
         )
     variant = _variant(dtype)
     widths = [block_d for (_, tile_class, block_d) in _TILES if tile_class == _tile_class(variant, False)]
+    precision = {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
     if not widths:
         return (
-            f"the Triton rel_attention kernels have no checked configuration for {dtype} at 'highest' matmul "
-            "precision on GPUs (its IEEE products run on CUDA cores, which spilled registers): allow TF32 "
-            "(torch.set_float32_matmul_precision('high')) or use bfloat16 autocast"
+            f"the Triton rel_attention kernels have no checked GPU configuration for {dtype}{precision} (every "
+            "tile tried spilled registers on sm_80 or sm_90): use torch.autocast('cuda', dtype=torch.bfloat16)"
         )
     widest = max(widths)
     if head_dim > widest:
-        advice = "use more heads"
-        if widest < _BLOCK_DS[-1]:
-            advice += f" or bfloat16 autocast (d <= {_BLOCK_DS[-1]})"
-        if variant == "fp32":
-            advice += " or allow TF32 (torch.set_float32_matmul_precision('high'))"
-        precision = {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
         return (
             f"the Triton rel_attention kernels take head dim d <= {widest} for {dtype}{precision} on GPUs, "
-            f"got d={head_dim}: {advice}"
+            f"got d={head_dim}: use more heads"
         )
     return None
 
@@ -850,26 +848,32 @@ def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
     """Launch ``kernel_name``: on a GPU autotuned over its ``_TILES`` entry, under
     the interpreter with :data:`INTERPRETER_TILES`. ``grid`` maps the chosen
     constexprs to the grid."""
-    L, K = args[_KERNELS[kernel_name].arg_names.index("L")], args[_KERNELS[kernel_name].arg_names.index("K")]
+    arg_names = _KERNELS[kernel_name].arg_names
+    L, K = args[arg_names.index("L")], args[arg_names.index("K")]
     buckets = dict(L_bucket=max(16, triton.next_power_of_2(L)), K_bucket=max(16, triton.next_power_of_2(K)))
     acc_tl, _ = _acc_dtype(query.dtype)
-    options = dict(ACC=acc_tl, PRECISION="ieee" if query.dtype != torch.float32 else float32_precision(), **constexprs)
+    options = dict(ACC=acc_tl, PRECISION="ieee" if query.dtype != torch.float32 else float32_precision(), **constexprs,
+                   **_MODES.get(kernel_name, ({}, ""))[0])
     if interpreter_enabled():
         block_m, block_n = INTERPRETER_TILES[kernel_name]
         options.update(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
             UPCAST_DOTS=query.dtype in (torch.bfloat16, torch.float16),
         )  # fmt: skip
-        _KERNELS[kernel_name][grid(options)](*args, **buckets, **options)
+        _kernel(kernel_name)[grid(options)](*args, **buckets, **options)
         return
     dropout = constexprs["DROPOUT"]
     tiles, block_d = _gpu_tiles(kernel_name, query, dropout)
-    options.update(BLOCK_D=block_d, UPCAST_DOTS=False)
-    if len(tiles) == 1:
+    options.update(UPCAST_DOTS=False)
+    # Autotuning times launches, which needs a GPU; elsewhere (meta tensors of
+    # the launch check) the first tile stands for them all.
+    if len(tiles) == 1 or not query.is_cuda:
         config = _config(kernel_name, tiles[0], block_d)
-        _KERNELS[kernel_name][grid(config)](*args, **buckets, **options, **config)
+        _kernel(kernel_name)[grid(config)](*args, **buckets, **options, **config)
         return
-    _autotuned(kernel_name, _variant(query.dtype), block_d, dropout)[grid](*args, **buckets, **options)
+    _autotuned(kernel_name, _variant(query.dtype), block_d, dropout)[grid](
+        *args, **buckets, **options, BLOCK_D=block_d
+    )
 
 
 def _tile_shape(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
@@ -971,7 +975,7 @@ def rel_attention_backward(
 
     grad_query = query.new_empty((L, B, H, d))
     delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
-    dq_block_m, dq_block_n = _tile_shape("dq", query, dropout_flag["DROPOUT"])
+    dq_block_m, dq_block_n = _tile_shape("table", query, dropout_flag["DROPOUT"])
     n_query_tiles = triton.cdiv(L, dq_block_m)
     n_chunks = band_chunks(dq_block_m, dq_block_n)
     slab_rows = (triton.cdiv(K, dq_block_n) + n_chunks - 1) * dq_block_n
@@ -979,13 +983,13 @@ def rel_attention_backward(
     slab_pb = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows), dtype=acc_torch, device=device)
     # The same loop twice: one launch accumulating dq, one writing the table's
     # partial sums; together they needed more registers than a GPU thread has.
-    for table_grad in (False, True):
+    for kernel_name in ("dq", "table"):
         _launch(
-            "dq", query, lambda meta: (B * H, n_query_tiles),
+            kernel_name, query, lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"])),
             query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, grad_out, lse, delta,
             grad_query, slab_pe, slab_pb, *input_strides, *out.stride(), *grad_out.stride(),
             *common, slab_rows, *runtime,
-            TABLE_GRAD=table_grad, **dropout_flag,
+            **dropout_flag,
         )  # fmt: skip
 
     grad_pos_emb = torch.empty((W, H, d), dtype=acc_torch, device=device)
@@ -1066,10 +1070,6 @@ def _signature(kernel, dtype: str) -> dict:
     return signature
 
 
-# Constexpr modes a kernel launches in besides its tile, with their label suffixes.
-_MODES = {"dq": ((dict(TABLE_GRAD=False), ""), (dict(TABLE_GRAD=True), ",table"))}
-
-
 def _aot_specs():
     """Every configuration the GPU launches: each kernel at each tile of its
     ``_TILES`` entry for every dtype variant, in each of its modes, without
@@ -1082,13 +1082,13 @@ def _aot_specs():
             for tile in _TILES.get((name, _tile_class(variant, dropout), block_d), ()):
                 config = _config(name, tile, block_d)
                 launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                for mode, mode_label in _MODES.get(name, ((dict(), ""),)):
-                    constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
-                                      **mode, **config)
-                    label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
-                    specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
+                mode, mode_label = _MODES.get(name, ({}, ""))
+                constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
+                                  **mode, **config)
+                label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
+                specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
     kernel = rel_attention_pos_grad_reduce_kernel
-    dq_tiles = {(block_d, m, n) for (name, _, block_d), tiles in _TILES.items() if name == "dq" for m, n, _, _ in tiles}
+    dq_tiles = {(block_d, m, n) for (name, _, block_d), tiles in _TILES.items() if name == "table" for m, n, _, _ in tiles}
     for block_d, query_tile, key_tile in sorted(dq_tiles):
         constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
         label = f"d{block_d},m{query_tile}n{key_tile}"
