@@ -212,7 +212,7 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype):
     variant = kernels._variant(dtype)
     assert variant == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     head_dims = [head_dim for head_dim in range(1, 129) if kernels.gpu_unsupported_reason(dtype, head_dim) is None]
-    assert head_dims == list(range(1, 129))
+    assert head_dims == list(range(1, 65))
     for head_dim, (kernel_name, kernel), dropout in itertools.product(
         head_dims, kernels._KERNELS.items(), (False, True)
     ):  # fmt: skip
@@ -242,7 +242,7 @@ def test_dq_tiles_are_no_taller_than_wide():
     [
         (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
         (torch.float32, 32, ValueError, "no checked GPU configuration"),
-        (torch.float16, 129, ValueError, "d <= 128"),
+        (torch.float16, 65, ValueError, "d <= 64"),
     ],
 )
 def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, error, match):
@@ -253,10 +253,12 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
 
 def test_gpu_unsupported_reason_names_what_runs_the_reference():
     for dtype in (torch.bfloat16, torch.float16):
-        assert triton_kernel.gpu_unsupported_reason(dtype, 128) is None
+        assert triton_kernel.gpu_unsupported_reason(dtype, 64) is None
     assert "float32 at 'highest' matmul precision (every tile" in triton_kernel.gpu_unsupported_reason(torch.float32, 64)
     assert "got torch.float64: use one of those" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
-    assert "got d=160: use more heads" in triton_kernel.gpu_unsupported_reason(torch.bfloat16, 160)
+    assert "d <= 64 for torch.bfloat16 on GPUs, got d=128: use more heads" in triton_kernel.gpu_unsupported_reason(
+        torch.bfloat16, 128
+    )
 
 
 def test_float32_precision_follows_torch(monkeypatch):

@@ -720,29 +720,22 @@ def _acc_dtype(dtype: torch.dtype):
 # fastformers.gpu_report --kernel rel_attention``); dropout's Philox bits cost
 # registers, hence its own entries. Classes: "16bit" (bfloat16, float16),
 # "tf32" and "ieee" (float32 at "highest" precision, whose products run on CUDA
-# cores). No float32 class has entries: at every tile tried (down to 16x32,
-# 4 or 8 warps) some float32 kernel spilled on sm_80 or sm_90 (TF32 forward
-# with dropout, IEEE dk/dv with dropout), so float32 runs the reference on
-# GPUs with a reason. "dq" and "table" are the two launches of the dq kernel
+# cores). Only BLOCK_D = 64 has entries: at d = 128 the forward with dropout
+# and the table launch spilled at the tiles tried, and so did some float32
+# kernel at every tile tried (down to 16x32, 4 or 8 warps: TF32 forward with
+# dropout, IEEE dk/dv with dropout); those run the reference on GPUs with a
+# reason. "dq" and "table" are the two launches of the dq kernel
 # (TABLE_GRAD off and on); "table" is not autotuned (its scratch depends on
 # the tile), and both need BLOCK_M <= BLOCK_N.
 _TILES = {
     ("fwd", "16bit", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
     ("fwd", "16bit,dropout", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
-    ("fwd", "16bit", 128): ((64, 32, 8, 2),),
-    ("fwd", "16bit,dropout", 128): ((64, 32, 8, 2),),
     ("dq", "16bit", 64): ((32, 64, 8, 1),),
     ("dq", "16bit,dropout", 64): ((32, 64, 8, 1),),
-    ("dq", "16bit", 128): ((32, 64, 8, 1),),
-    ("dq", "16bit,dropout", 128): ((32, 64, 8, 1),),
     ("table", "16bit", 64): ((32, 32, 8, 1),),
     ("table", "16bit,dropout", 64): ((32, 32, 8, 1),),
-    ("table", "16bit", 128): ((32, 32, 8, 1),),
-    ("table", "16bit,dropout", 128): ((32, 32, 8, 1),),
-    ("dkdv", "16bit", 64): ((32, 64, 8, 1),),
-    ("dkdv", "16bit,dropout", 64): ((32, 64, 8, 1),),
-    ("dkdv", "16bit", 128): ((16, 64, 8, 1),),
-    ("dkdv", "16bit,dropout", 128): ((16, 64, 8, 1),),
+    ("dkdv", "16bit", 64): ((32, 32, 8, 1),),
+    ("dkdv", "16bit,dropout", 64): ((32, 32, 8, 1),),
 }
 # GPU dtype -> (name in kernel labels, AOT pointer type); float32 splits by precision.
 _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
