@@ -759,8 +759,10 @@ def _kernel(kernel_name: str):
 # shapes span several tiles; tests swap in others (e.g. BLOCK_M > BLOCK_N,
 # three band chunks per tile).
 INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "table": (16, 32), "dkdv": (16, 32)}
-# Window rows per program of the positional-gradient reduction.
+# Window rows per program of the positional-gradient reduction, and its launch
+# options (4 warps spilled on sm_90).
 _REDUCE_ROWS = 32
+_REDUCE_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
 def _tile_class(variant: str, dropout: bool) -> str:
@@ -989,7 +991,7 @@ def rel_attention_backward(
     grad_pos_bias = torch.empty((W, H), dtype=acc_torch, device=device)
     rel_attention_pos_grad_reduce_kernel[(H, triton.cdiv(W, _REDUCE_ROWS))](
         slab_pe, slab_pb, grad_pos_emb, grad_pos_bias, L, B, H, d, W, n_query_tiles, slab_rows,
-        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d),
+        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d), **_REDUCE_LAUNCH,
     )  # fmt: skip
 
     grad_key = key.new_empty((K, B, H, d))
@@ -1085,7 +1087,7 @@ def _aot_specs():
     for block_d, query_tile, key_tile in sorted(dq_tiles):
         constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
         label = f"d{block_d},m{query_tile}n{key_tile}"
-        specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, num_warps=4, num_stages=2))
+        specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, **_REDUCE_LAUNCH))
     return specs
 
 
