@@ -562,7 +562,7 @@ def rel_attention_pos_grad_reduce_kernel(
             for chunk in tl.static_range(n_chunks):
                 slab = (((b * H + h) * n_query_tiles + tile) * n_chunks + chunk).to(tl.int64) * slab_rows + slab_row
                 grad_pe += tl.load(
-                    slab_pe_ptr + slab[:, None] * d + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                    slab_pe_ptr + (slab[:, None] * d + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0
                 )
                 grad_pb += tl.load(slab_pb_ptr + slab, mask=row_ok, other=0.0)
     row_ok = rows < W
