@@ -43,8 +43,8 @@ running maximum so that a fully masked key tile before visible ones does no harm
 when torch allows TF32 matmuls, "ieee" at "highest"; 16-bit products are exact
 in float32 accumulation either way.
 
-Launchers take CUDA tensors (float32, bfloat16, float16 with d <= 128, the
-configurations of ``AOT_SPECS``; the forward and dk/dv kernels autotuned among
+Launchers take CUDA tensors (bfloat16 and float16 with d <= 64, the
+configurations of ``AOT_SPECS``, see ``_TILES``; the forward autotuned among
 them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
 """
