@@ -549,8 +549,10 @@ def rel_attention_pos_grad_reduce_kernel(
     """Sum of the dq kernel's slabs per window row, batch after batch, query
     tile after query tile, chunk after chunk: the same order on every call."""
     n_chunks: tl.constexpr = band_chunks(QUERY_TILE, KEY_TILE)
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    # Row blocks on grid axis 0: their count grows with the sequence (axis 1
+    # stops at 65535 blocks), heads on axis 1.
+    rows = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < d
     grad_pe = tl.zeros([BLOCK_W, BLOCK_D], dtype=grad_pe_ptr.dtype.element_ty)
@@ -989,7 +991,7 @@ def rel_attention_backward(
 
     grad_pos_emb = torch.empty((W, H, d), dtype=acc_torch, device=device)
     grad_pos_bias = torch.empty((W, H), dtype=acc_torch, device=device)
-    rel_attention_pos_grad_reduce_kernel[(H, triton.cdiv(W, _REDUCE_ROWS))](
+    rel_attention_pos_grad_reduce_kernel[(triton.cdiv(W, _REDUCE_ROWS), H)](
         slab_pe, slab_pb, grad_pos_emb, grad_pos_bias, L, B, H, d, W, n_query_tiles, slab_rows,
         QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d), **_REDUCE_LAUNCH,
     )  # fmt: skip
