@@ -223,18 +223,10 @@ def _triton_kernel():
         ) from error
 
 
-# What fastformers.nn told users while the Triton kernels took no explicit
-# mask; the kernels take one now, and nothing in this module returns it.
-MASK_ON_TRITON = (
-    "the Triton rel_attention kernels take causal masking only and an explicit (non-causal) mask runs the "
-    "reference; pass the causal-with-memory mask (or none) to stay on the kernels"
-)
-
-
-def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, explicit_mask: bool = False) -> Optional[str]:
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """Why the Triton kernels do not take a CUDA call of ``dtype`` and head dim
-    ``head_dim``, saying what to change; None when they do. ``explicit_mask``
-    does not matter (the kernels read masks); it is accepted for callers that pass it."""
+    ``head_dim``, saying what to change; None when they do (masks and dropout
+    never matter: the kernels take both)."""
     return _triton_kernel().gpu_unsupported_reason(dtype, head_dim)
 
 
