@@ -194,54 +194,81 @@ def test_backward_is_deterministic(dtype):
         assert torch.equal(a, b)
 
 
-@pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launchers' configuration choice as on a GPU (outside the interpreter)."""
+@pytest.fixture(params=["sm80", "sm90"])
+def gpu_configs(monkeypatch, request):
+    """The launchers' configuration choice as on a GPU of each arch (outside the interpreter)."""
     kernels = _kernels()
     monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
-    return kernels
+    monkeypatch.setattr(kernels, "_arch", lambda device: request.param)
+    kernels.arch_under_test = request.param
+    yield kernels
+    del kernels.arch_under_test
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype):
+# The head dims each arch's tiles take, by tile class (see _TILES; the rest
+# falls back to the reference with a reason).
+GPU_HEAD_DIMS = {
+    (arch, tile_class): 64
+    for arch in ("sm80", "sm90")
+    for tile_class in ("16bit", "16bit,dropout", "tf32", "tf32,dropout", "ieee", "ieee,dropout")
+}
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                              (torch.float32, "high"), (torch.float32, "highest")], ids=str)
+def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypatch):
     """Every configuration the GPU may launch (each autotuning candidate, for
     every head dim it takes, with and without dropout) is one the AOT check
-    compiled: same tiles, warps, stages, padded head dim and modes."""
+    compiled for that arch: same tiles, warps, stages, padded head dim and modes."""
     kernels = gpu_configs
+    arch = kernels.arch_under_test
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=False))
     specs = {spec.name: spec for spec in kernels.AOT_SPECS}
     variant = kernels._variant(dtype)
-    assert variant == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    head_dims = [head_dim for head_dim in range(1, 129) if kernels.gpu_unsupported_reason(dtype, head_dim) is None]
-    assert head_dims == list(range(1, 65))
-    for head_dim, (kernel_name, kernel), dropout in itertools.product(
-        head_dims, kernels._KERNELS.items(), (False, True)
-    ):  # fmt: skip
-        query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
-        tiles, block_d = kernels._gpu_tiles(kernel_name, query, dropout)
-        assert block_d >= head_dim
-        for tile in tiles:
-            config = kernels._config(kernel_name, tile, block_d)
-            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            mode, mode_label = kernels._MODES.get(kernel_name, ({}, ""))
-            label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}{',dropout' if dropout else ''}"
-            spec = specs[f"{kernel.fn.__name__}[{label}]"]
-            assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-            assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
-            assert spec.constexprs["PRECISION"] == "ieee"
-            assert spec.constexprs["DROPOUT"] is dropout
+    for dropout in (False, True):
+        head_dims = [head_dim for head_dim in range(1, 129)
+                     if kernels.gpu_unsupported_reason(dtype, head_dim, dropout) is None]
+        assert head_dims == list(range(1, GPU_HEAD_DIMS[arch, kernels._tile_class(variant, dropout)] + 1))
+        for head_dim, (kernel_name, kernel) in itertools.product(head_dims, kernels._KERNELS.items()):
+            query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
+            tiles, block_d = kernels._gpu_tiles(kernel_name, query, dropout)
+            assert block_d >= head_dim
+            for tile in tiles:
+                config = kernels._config(kernel_name, tile, block_d)
+                launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                mode, mode_label = kernels._MODES.get(kernel_name, ({}, ""))
+                label = kernels._aot_label(arch, variant, block_d, tile, mode_label, dropout)
+                spec = specs[f"{kernel.fn.__name__}[{label}]"]
+                assert spec.archs == (kernels._ARCH_NUMBERS[arch],)
+                assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+                assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
+                assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
+                assert spec.constexprs["DROPOUT"] is dropout
 
 
 def test_dq_tiles_are_no_taller_than_wide():
-    for (kernel_name, _, _), tiles in _kernels()._TILES.items():
-        if kernel_name in ("dq", "table"):
-            assert all(block_m <= block_n for block_m, block_n, _, _ in tiles)
+    for tiles_of in _kernels()._TILES.values():
+        for (kernel_name, _, _), tiles in tiles_of.items():
+            if kernel_name in ("dq", "table"):
+                assert all(block_m <= block_n for block_m, block_n, _, _ in tiles)
+
+
+def test_arch_picks_the_tile_table(monkeypatch):
+    """Compute capability 9.x launches sm_90's tiles, every other sm_80's."""
+    kernels = _kernels()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, arch in (((9, 0), "sm90"), ((8, 0), "sm80"), ((8, 9), "sm80"), ((10, 0), "sm80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert kernels._arch(torch.device("cuda")) == arch
+    assert kernels._arch(torch.device("meta")) == "sm80"
 
 
 @pytest.mark.parametrize(
     "dtype, head_dim, error, match",
     [
         (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
-        (torch.float32, 32, ValueError, "no checked GPU configuration"),
+        (torch.float32, 65, ValueError, r"d <= 64 for torch.float32 .*got d=65"),
         (torch.float16, 65, ValueError, "d <= 64"),
     ],
 )
@@ -251,13 +278,21 @@ def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, erro
         gpu_configs._gpu_tiles("fwd", query, False)
 
 
-def test_gpu_unsupported_reason_names_what_runs_the_reference():
-    for dtype in (torch.bfloat16, torch.float16):
-        assert triton_kernel.gpu_unsupported_reason(dtype, 64) is None
-    assert "float32 at 'highest' matmul precision (every tile" in triton_kernel.gpu_unsupported_reason(torch.float32, 64)
-    assert "got torch.float64: use one of those" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
-    assert "d <= 64 for torch.bfloat16 on GPUs, got d=128: use more heads" in triton_kernel.gpu_unsupported_reason(
-        torch.bfloat16, 128
+def test_gpu_unsupported_reason_names_what_runs_the_reference(gpu_configs, monkeypatch):
+    kernels = gpu_configs
+    arch = kernels.arch_under_test
+    for dtype, dropout in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True)):
+        assert kernels.gpu_unsupported_reason(dtype, 64, dropout) is None
+    assert "got torch.float64: use one of those" in kernels.gpu_unsupported_reason(torch.float64, 64)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=False))
+    reason = kernels.gpu_unsupported_reason(torch.float32, 128, True)
+    assert f"d <= 64 for torch.float32 at 'highest' matmul precision with dropout on {arch}, got d=128" in reason
+    assert "torch.autocast('cuda', dtype=torch.bfloat16)" in reason
+    # an arch without tiles for a class says so
+    monkeypatch.setitem(kernels._TILES, arch, {})
+    assert f"no checked GPU configuration for torch.bfloat16 on {arch}" in kernels.gpu_unsupported_reason(
+        torch.bfloat16, 64
     )
 
 

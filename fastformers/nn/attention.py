@@ -188,14 +188,16 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         bd = bd_all[i, q_len - 1 - i + j]
         return ac + bd
 
-    def _backend_choice(self, device: torch.device) -> Tuple[str, Optional[str]]:
-        """``(backend, reason)`` of a forward on ``device`` (any mask: the kernels
-        read explicit masks); ``reason`` (what to change) only when that is the
-        reference while a fused one was wanted or automatic."""
+    def _backend_choice(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` of a forward on ``device`` in train (``training``)
+        or eval mode (any mask: the kernels read explicit masks); ``reason``
+        (what to change) only when that is the reference while a fused one was
+        wanted or automatic."""
         backend, reason = resolve_fused_backend(self.backend, device)
         if backend == "triton" and device.type == "cuda":
             dtype = _autocast.dtype_for(device.type) or self.output.weight.dtype
-            reason = xl_op.gpu_unsupported_reason(dtype, self.d_k)
+            dropout = training and self.dropout.p > 0
+            reason = xl_op.gpu_unsupported_reason(dtype, self.d_k, dropout, device)
             if reason is not None:
                 return "reference", reason
         return backend, reason
@@ -203,9 +205,10 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
     def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
         """The backend a forward on ``device`` in train (``training``) or eval mode
         takes, without running it, and why when that is ``"reference"`` (None
-        otherwise). Dropout and masks run in the fused kernels, so neither
-        ``training`` nor the mask changes the choice."""
-        return self._backend_choice(torch.device(device))
+        otherwise). Masks never change the choice; on GPUs, ``training`` with
+        dropout can (dropout's kernels need more registers: some dtype and head
+        dim combinations fit an arch's tiles only without it)."""
+        return self._backend_choice(torch.device(device), training)
 
     def _op_mask(self, mask: Optional[torch.Tensor], query_shape, key_shape) -> tuple:
         """``(causal, explicit bool mask or None)`` for the op from a labml mask ``[L or 1, K, B or 1]``."""
@@ -233,7 +236,7 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         k_len = key.shape[0]
         self._check_lengths(q_len, k_len)
         causal, explicit = self._op_mask(mask, query.shape, key.shape)
-        backend, reason = self._backend_choice(query.device)
+        backend, reason = self._backend_choice(query.device, self.training)
         self.last_backend = backend
         if reason is not None:
             _backend.warn_fallback(self, reason)

@@ -223,17 +223,20 @@ def _triton_kernel():
         ) from error
 
 
-def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    """Why the Triton kernels do not take a CUDA call of ``dtype`` and head dim
-    ``head_dim``, saying what to change; None when they do (masks and dropout
-    never matter: the kernels take both)."""
-    return _triton_kernel().gpu_unsupported_reason(dtype, head_dim)
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, dropout: bool = False,
+                           device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the Triton kernels do not take a call of ``dtype`` and head dim
+    ``head_dim`` (with attention dropout if ``dropout``) on CUDA ``device``
+    (None: the current one), saying what to change; None when they do (masks
+    never matter: the kernels read them). The answer depends on the GPU's arch:
+    each has its own spill-free tiles."""
+    return _triton_kernel().gpu_unsupported_reason(dtype, head_dim, dropout, device)
 
 
 def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p=0.0, seed=0,
                   offset=0):
     args = (query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
-    reason = gpu_unsupported_reason(query.dtype, query.shape[-1])
+    reason = gpu_unsupported_reason(query.dtype, query.shape[-1], dropout_p > 0, query.device)
     if reason is not None:
         _backend.warn_op_fallback("rel_attention", reason)
         return reference_forward(*args, mask, dropout_p, seed, offset)
@@ -243,7 +246,7 @@ def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, c
 def _cuda_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask,
                    dropout_p=0.0, seed=0, offset=0):
     args = (grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal)
-    if gpu_unsupported_reason(query.dtype, query.shape[-1]) is not None:
+    if gpu_unsupported_reason(query.dtype, query.shape[-1], dropout_p > 0, query.device) is not None:
         return reference_backward(*args, mask, dropout_p, seed, offset)
     return _triton_kernel().rel_attention_backward(*args, dropout_p, seed, offset, mask)
 

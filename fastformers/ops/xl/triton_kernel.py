@@ -714,31 +714,47 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-# The configurations the GPU launches, every one of them in AOT_SPECS:
-# (kernel, tile class, BLOCK_D) -> the (BLOCK_M, BLOCK_N, num_warps,
-# num_stages) that ``triton.autotune`` picks from, keyed on (L, K) rounded up
-# to powers of 2 (dtype, dropout and BLOCK_D select the entry): the tiles that
-# compile without spills on both sm_80 and sm_90 (``python -m
-# fastformers.gpu_report --kernel rel_attention``); dropout's Philox bits cost
-# registers, hence its own entries. Classes: "16bit" (bfloat16, float16),
-# "tf32" and "ieee" (float32 at "highest" precision, whose products run on CUDA
-# cores). Only BLOCK_D = 64 has entries: at d = 128 the forward with dropout
-# and the table launch spilled at the tiles tried, and so did some float32
-# kernel at every tile tried (down to 16x32, 4 or 8 warps: TF32 forward with
-# dropout, IEEE dk/dv with dropout); those run the reference on GPUs with a
-# reason. "dq" and "table" are the two launches of the dq kernel
-# (TABLE_GRAD off and on); "table" is not autotuned (its scratch depends on
-# the tile), and both need BLOCK_M <= BLOCK_N.
-_TILES = {
-    ("fwd", "16bit", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
-    ("fwd", "16bit,dropout", 64): ((64, 32, 8, 2), (128, 32, 8, 2)),
-    ("dq", "16bit", 64): ((32, 64, 8, 1),),
-    ("dq", "16bit,dropout", 64): ((32, 64, 8, 1),),
-    ("table", "16bit", 64): ((32, 32, 8, 1),),
-    ("table", "16bit,dropout", 64): ((32, 32, 8, 1),),
-    ("dkdv", "16bit", 64): ((32, 32, 8, 1),),
-    ("dkdv", "16bit,dropout", 64): ((32, 32, 8, 1),),
+# The configurations the GPU launches, every one of them in AOT_SPECS, per
+# arch: {arch: {(kernel, tile class, BLOCK_D): the (BLOCK_M, BLOCK_N,
+# num_warps, num_stages) that ``triton.autotune`` picks from}}, keyed on (L, K)
+# rounded up to powers of 2. A GPU launches its arch's table (:func:`_arch`),
+# and each entry is a tile that compiles without spills on that arch
+# (``python -m fastformers.gpu_report --kernel rel_attention``). Classes:
+# "16bit" (bfloat16, float16), "tf32" and "ieee" (float32 at "highest"
+# precision, whose products run on CUDA cores), each with ",dropout" (the
+# Philox bits cost registers). A (class, BLOCK_D) runs on the kernels only
+# where all four launches have an entry; the rest runs the reference with a
+# reason (:func:`gpu_unsupported_reason`). "dq" and "table" are the two
+# launches of the dq kernel (TABLE_GRAD off and on); "table" is not
+# autotuned (its scratch depends on the tile), and both need BLOCK_M <= BLOCK_N.
+def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
+    """The same tiles for several tile classes at one BLOCK_D."""
+    return {(name, tile_class, block_d): tiles for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
+
+
+# float32 at d <= 64: 16-row query tiles, 4 warps, 1 stage (32-row TF32
+# forwards); dk/dv 32x32 on 8 warps (4 spilled). IEEE products take CUDA-core
+# FMAs, TF32 ones HMMA on both archs (wgmma wants 64-row tiles, which spill).
+_FLOAT32_TILES = {
+    **_entries(("tf32", "tf32,dropout"), 64, fwd=((32, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
+               dkdv=((32, 32, 8, 1),)),
+    **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
+               dkdv=((32, 32, 8, 1),)),
 }
+_TILES_SM80 = {
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
+               table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    **_FLOAT32_TILES,
+}
+_TILES_SM90 = {
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
+               table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    **_FLOAT32_TILES,
+    # IEEE table launch with dropout: 4 warps spilled 16 B on sm_90 (8 warps without dropout spilled 24 B).
+    ("table", "ieee,dropout", 64): ((16, 32, 8, 1),),
+}
+_TILES = {"sm80": _TILES_SM80, "sm90": _TILES_SM90}
+_ARCH_NUMBERS = {"sm80": 80, "sm90": 90}
 # GPU dtype -> (name in kernel labels, AOT pointer type); float32 splits by precision.
 _GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _VARIANTS = {"fp32": ("fp32", "ieee"), "tf32": ("fp32", "tf32"), "bf16": ("bf16", "ieee"), "fp16": ("fp16", "ieee")}
@@ -783,33 +799,56 @@ def _variant(dtype: torch.dtype) -> str:
     return "tf32" if name == "fp32" and float32_precision() == "tf32" else name
 
 
-def _gpu_block_d(head_dim: int) -> int:
-    return next(block_d for block_d in _BLOCK_DS if head_dim <= block_d)
+def _arch(device: Optional[torch.device]) -> str:
+    """The ``_TILES`` table a GPU launches: sm_90's on compute capability 9.x,
+    sm_80's on every other (and where no GPU says, e.g. meta tensors)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(device)
+        return "sm90" if major == 9 else "sm80"
+    return "sm80"
 
 
-def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def _block_ds(arch: str, tile_class: str) -> list:
+    """The BLOCK_Ds at which all four launches of ``tile_class`` have tiles on ``arch``."""
+    return [
+        block_d for block_d in _BLOCK_DS
+        if all((name, tile_class, block_d) in _TILES[arch] for name in _KERNELS)
+    ]  # fmt: skip
+
+
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, dropout: bool = False,
+                           device: Optional[torch.device] = None) -> Optional[str]:
     """Why no checked GPU configuration takes queries of ``dtype`` with head dim
-    ``head_dim``, and what to change (None if one does)."""
+    ``head_dim`` (with attention dropout if ``dropout``) on ``device`` (a CUDA
+    device; None: the current one), and what to change (None if one does)."""
     if dtype not in _GPU_DTYPES:
         return (
             f"the Triton rel_attention kernels run float32, bfloat16 and float16 on GPUs, got {dtype}: use one of "
             "those (or torch.autocast('cuda'))"
         )
+    arch = _arch(device)
     variant = _variant(dtype)
-    widths = [block_d for (_, tile_class, block_d) in _TILES if tile_class == _tile_class(variant, False)]
-    precision = {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
+    widths = _block_ds(arch, _tile_class(variant, dropout))
+    what = (
+        f"{dtype}" + {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
+        + (" with dropout" if dropout else "") + f" on {arch}"
+    )  # fmt: skip
     if not widths:
         return (
-            f"the Triton rel_attention kernels have no checked GPU configuration for {dtype}{precision} (every "
-            "tile tried spilled registers on sm_80 or sm_90): use torch.autocast('cuda', dtype=torch.bfloat16)"
+            f"the Triton rel_attention kernels have no checked GPU configuration for {what} (every tile tried "
+            "spilled registers): use torch.autocast('cuda', dtype=torch.bfloat16)"
         )
-    widest = max(widths)
-    if head_dim > widest:
+    if head_dim > max(widths):
         return (
-            f"the Triton rel_attention kernels take head dim d <= {widest} for {dtype}{precision} on GPUs, "
-            f"got d={head_dim}: use more heads"
+            f"the Triton rel_attention kernels take head dim d <= {max(widths)} for {what}, got d={head_dim}: use "
+            "more heads" + ("" if variant in ("bf16", "fp16") else " or torch.autocast('cuda', dtype=torch.bfloat16)")
         )
     return None
+
+
+def _gpu_block_d(arch: str, tile_class: str, head_dim: int) -> int:
+    return next(block_d for block_d in _block_ds(arch, tile_class) if head_dim <= block_d)
 
 
 def _config(kernel_name: str, tile: tuple, block_d: int) -> dict:
@@ -818,24 +857,25 @@ def _config(kernel_name: str, tile: tuple, block_d: int) -> dict:
 
 
 def _gpu_tiles(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
-    """``(the _TILES entry, BLOCK_D)`` the GPU launches ``kernel_name`` with for ``query``."""
-    reason = gpu_unsupported_reason(query.dtype, query.shape[-1])
+    """``(the _TILES entry, BLOCK_D)`` the GPU of ``query`` launches ``kernel_name`` with."""
+    reason = gpu_unsupported_reason(query.dtype, query.shape[-1], dropout, query.device)
     if reason is not None:
         raise (TypeError if query.dtype not in _GPU_DTYPES else ValueError)(reason + " (or backend='reference')")
-    block_d = _gpu_block_d(query.shape[-1])
-    return _TILES[kernel_name, _tile_class(_variant(query.dtype), dropout), block_d], block_d
+    arch, tile_class = _arch(query.device), _tile_class(_variant(query.dtype), dropout)
+    block_d = _gpu_block_d(arch, tile_class, query.shape[-1])
+    return _TILES[arch][kernel_name, tile_class, block_d], block_d
 
 
 _AUTOTUNED = {}
 
 
-def _autotuned(kernel_name: str, variant: str, block_d: int, dropout: bool):
+def _autotuned(kernel_name: str, arch: str, variant: str, block_d: int, dropout: bool):
     """The kernel autotuned over its ``_TILES`` entry (one autotuner, and cache, per entry)."""
-    key = (kernel_name, variant, block_d, dropout)
+    key = (kernel_name, arch, variant, block_d, dropout)
     if key not in _AUTOTUNED:
         configs = [
             triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in _TILES[kernel_name, _tile_class(variant, dropout), block_d]
+            for m, n, warps, stages in _TILES[arch][kernel_name, _tile_class(variant, dropout), block_d]
         ]
         _AUTOTUNED[key] = triton.autotune(configs=configs, key=["L_bucket", "K_bucket"])(_KERNELS[kernel_name])
     return _AUTOTUNED[key]
@@ -868,7 +908,7 @@ def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
         config = _config(kernel_name, tiles[0], block_d)
         _kernel(kernel_name)[grid(config)](*args, **buckets, **options, **config)
         return
-    _autotuned(kernel_name, _variant(query.dtype), block_d, dropout)[grid](
+    _autotuned(kernel_name, _arch(query.device), _variant(query.dtype), block_d, dropout)[grid](
         *args, **buckets, **options, BLOCK_D=block_d
     )
 
@@ -993,7 +1033,7 @@ def rel_attention_backward(
     grad_pos_bias = torch.empty((W, H), dtype=acc_torch, device=device)
     rel_attention_pos_grad_reduce_kernel[(triton.cdiv(W, _REDUCE_ROWS), H)](
         slab_pe, slab_pb, grad_pos_emb, grad_pos_bias, L, B, H, d, W, n_query_tiles, slab_rows,
-        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(d), **_REDUCE_LAUNCH,
+        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(query, dropout_flag["DROPOUT"]), **_REDUCE_LAUNCH,
     )  # fmt: skip
 
     grad_key = key.new_empty((K, B, H, d))
@@ -1019,10 +1059,12 @@ def rel_attention_backward(
     )
 
 
-def _reduce_block_d(head_dim: int) -> int:
+def _reduce_block_d(query: torch.Tensor, dropout: bool) -> int:
+    """BLOCK_D of the reduction: the table launch's."""
     if interpreter_enabled():
-        return max(16, triton.next_power_of_2(head_dim))
-    return _gpu_block_d(head_dim)
+        return max(16, triton.next_power_of_2(query.shape[-1]))
+    _, block_d = _gpu_tiles("table", query, dropout)
+    return block_d
 
 
 _POINTERS = {
@@ -1068,29 +1110,39 @@ def _signature(kernel, dtype: str) -> dict:
 
 
 def _aot_specs():
-    """Every configuration the GPU launches: each kernel at each tile of its
-    ``_TILES`` entry for every dtype variant, in each of its modes, without
-    and with dropout (``causal`` and ``has_mask`` are runtime arguments, so one
-    compilation serves causal, full and explicitly masked attention), and the
-    reduction for each dq tile."""
+    """Every configuration a GPU launches, for the arch it launches on: each
+    kernel at each tile of its ``_TILES`` entry for every dtype variant, in
+    each of its modes, without and with dropout (``causal`` and ``has_mask``
+    are runtime arguments, so one compilation serves causal, full and
+    explicitly masked attention), and the reduction for each table tile."""
     specs = []
-    for variant, (dtype, precision) in _VARIANTS.items():
-        for block_d, (name, kernel), dropout in itertools.product(_BLOCK_DS, _KERNELS.items(), (False, True)):
-            for tile in _TILES.get((name, _tile_class(variant, dropout), block_d), ()):
-                config = _config(name, tile, block_d)
-                launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                mode, mode_label = _MODES.get(name, ({}, ""))
-                constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
-                                  **mode, **config)
-                label = f"{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
-                specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch))
-    kernel = rel_attention_pos_grad_reduce_kernel
-    dq_tiles = {(block_d, m, n) for (name, _, block_d), tiles in _TILES.items() if name == "table" for m, n, _, _ in tiles}
-    for block_d, query_tile, key_tile in sorted(dq_tiles):
-        constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
-        label = f"d{block_d},m{query_tile}n{key_tile}"
-        specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, **_REDUCE_LAUNCH))
+    for arch, tiles_of in _TILES.items():
+        on_arch = dict(archs=(_ARCH_NUMBERS[arch],))
+        for variant, (dtype, precision) in _VARIANTS.items():
+            for block_d, (name, kernel), dropout in itertools.product(_BLOCK_DS, _KERNELS.items(), (False, True)):
+                for tile in tiles_of.get((name, _tile_class(variant, dropout), block_d), ()):
+                    config = _config(name, tile, block_d)
+                    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                    mode, mode_label = _MODES.get(name, ({}, ""))
+                    constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
+                                      **mode, **config)
+                    label = _aot_label(arch, variant, block_d, tile, mode_label, dropout)
+                    specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch,
+                                         **on_arch))
+        kernel = rel_attention_pos_grad_reduce_kernel
+        table_tiles = {(block_d, m, n) for (name, _, block_d), tiles in tiles_of.items() if name == "table"
+                       for m, n, _, _ in tiles}
+        for block_d, query_tile, key_tile in sorted(table_tiles):
+            constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
+            label = f"{arch},d{block_d},m{query_tile}n{key_tile}"
+            specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, **_REDUCE_LAUNCH,
+                                 **on_arch))
     return specs
+
+
+def _aot_label(arch: str, variant: str, block_d: int, tile: tuple, mode_label: str, dropout: bool) -> str:
+    """The AOT spec label of a launch configuration (tests find a launch's spec by it)."""
+    return f"{arch},{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
 
 
 AOT_SPECS = _aot_specs()
