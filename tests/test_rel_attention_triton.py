@@ -158,19 +158,21 @@ def test_query_without_visible_key_is_nan_like_the_reference():
     torch.testing.assert_close(out[keep], expected[keep])
 
 
-@pytest.fixture
-def three_band_chunks(monkeypatch):
-    """Forward and dk/dv tiles taller than wide: each score tile reads its band
-    in three chunks."""
+@pytest.fixture(params=[
+    # forward and dk/dv tiles taller than wide: each score tile reads its band in three chunks
+    dict(fwd=(64, 32), dkdv=(64, 32), dq=(32, 64), table=(32, 64)),
+    # the shapes of sm_90's 16-bit tiles: square dq and table tiles (the
+    # widest query tile the unskew takes), dk/dv wider than tall
+    dict(fwd=(64, 32), dkdv=(32, 64), dq=(32, 32), table=(32, 32)),
+], ids=["three_band_chunks", "square_dq"])
+def tile_shapes(monkeypatch, request):
     kernels = _kernels()
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "fwd", (64, 32))
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dkdv", (64, 32))
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "dq", (32, 64))
-    monkeypatch.setitem(kernels.INTERPRETER_TILES, "table", (32, 64))
+    for kernel_name, tile in request.param.items():
+        monkeypatch.setitem(kernels.INTERPRETER_TILES, kernel_name, tile)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tall_and_wide_tiles(three_band_chunks, causal):
+def test_tall_and_wide_tiles(tile_shapes, causal):
     shape, scale = (70, 6, 1, 2, 24), 24**-0.5
     assert_parity(
         lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),
@@ -208,7 +210,7 @@ def gpu_configs(monkeypatch, request):
 # The head dims each arch's tiles take, by tile class (see _TILES; the rest
 # falls back to the reference with a reason).
 GPU_HEAD_DIMS = {
-    (arch, tile_class): 64
+    (arch, tile_class): 64 if tile_class.startswith(("tf32", "ieee")) else 128
     for arch in ("sm80", "sm90")
     for tile_class in ("16bit", "16bit,dropout", "tf32", "tf32,dropout", "ieee", "ieee,dropout")
 }
@@ -269,7 +271,7 @@ def test_arch_picks_the_tile_table(monkeypatch):
     [
         (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
         (torch.float32, 65, ValueError, r"d <= 64 for torch.float32 .*got d=65"),
-        (torch.float16, 65, ValueError, "d <= 64"),
+        (torch.float16, 129, ValueError, "d <= 128"),
     ],
 )
 def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, error, match):

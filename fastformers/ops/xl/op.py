@@ -14,9 +14,10 @@ A query row with no visible key (every key masked) has an undefined softmax: its
 behaviour, kept).
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
-(explicit masks included; float64, float32 and head dims over 64 run the
-reference formulas below on the GPU, with a ``FallbackWarning`` once per
-reason, see ``triton_kernel.gpu_unsupported_reason``); every other device, and
+(explicit masks included; float64, float32 with head dims over 64 and 16-bit
+floats with head dims over 128 run the reference formulas below on the GPU,
+with a ``FallbackWarning`` once per reason, see
+``triton_kernel.gpu_unsupported_reason``); every other device, and
 CPU without the extension, from the reference formulas.
 """
 import importlib

@@ -43,9 +43,10 @@ running maximum so that a fully masked key tile before visible ones does no harm
 when torch allows TF32 matmuls, "ieee" at "highest"; 16-bit products are exact
 in float32 accumulation either way.
 
-Launchers take CUDA tensors (bfloat16 and float16 with d <= 64, the
-configurations of ``AOT_SPECS``, see ``_TILES``; the forward autotuned among
-them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
+Launchers take CUDA tensors (bfloat16 and float16 with d <= 128, float32 as
+TF32 or IEEE with d <= 64, with and without dropout: the configurations of
+``AOT_SPECS``, see ``_TILES``, whose tiles differ per arch; the forward
+autotuned among them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
 """
 import itertools
@@ -744,11 +745,26 @@ _FLOAT32_TILES = {
 _TILES_SM80 = {
     **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
                table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    # d = 128: 32-row forward tiles on 8 warps (64 rows, or 4 warps, spilled),
+    # 16-row dq and dk/dv tiles (32 rows spilled 8-80 B).
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1),), dq=((16, 32, 4, 1),),
+               table=((32, 32, 8, 1),), dkdv=((16, 32, 8, 1),)),
     **_FLOAT32_TILES,
 }
 _TILES_SM90 = {
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
-               table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    # wgmma (HGMMA) takes 64-row tiles: dq and table launches at 64x64 without
+    # dropout; with it they spilled 104 B, so they stay at sm_80's tiles
+    # (HMMA). dk/dv at 64x64 spilled 24 B (344 B with dropout): 32x64, whose
+    # 64-key products run on wgmma.
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dkdv=((32, 64, 8, 1),)),
+    **_entries(("16bit",), 64, dq=((64, 64, 8, 1),), table=((64, 64, 8, 1),)),
+    **_entries(("16bit,dropout",), 64, dq=((32, 64, 8, 1),), table=((32, 32, 8, 1),)),
+    # d = 128: the forward's 64-row tile on wgmma; the backward on 32-row
+    # tiles (16-row dq with dropout: 32 rows spilled 24 B).
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((64, 32, 8, 1),), table=((32, 32, 8, 1),),
+               dkdv=((32, 32, 8, 1),)),
+    ("dq", "16bit", 128): ((32, 32, 8, 1),),
+    ("dq", "16bit,dropout", 128): ((16, 32, 4, 1),),
     **_FLOAT32_TILES,
     # IEEE table launch with dropout: 4 warps spilled 16 B on sm_90 (8 warps without dropout spilled 24 B).
     ("table", "ieee,dropout", 64): ((16, 32, 8, 1),),
