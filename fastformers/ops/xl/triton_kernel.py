@@ -715,6 +715,11 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
+    """The same tiles for several tile classes at one BLOCK_D."""
+    return {(name, tile_class, block_d): tiles for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
+
+
 # The configurations the GPU launches, every one of them in AOT_SPECS, per
 # arch: {arch: {(kernel, tile class, BLOCK_D): the (BLOCK_M, BLOCK_N,
 # num_warps, num_stages) that ``triton.autotune`` picks from}}, keyed on (L, K)
@@ -728,14 +733,11 @@ def _acc_dtype(dtype: torch.dtype):
 # reason (:func:`gpu_unsupported_reason`). "dq" and "table" are the two
 # launches of the dq kernel (TABLE_GRAD off and on); "table" is not
 # autotuned (its scratch depends on the tile), and both need BLOCK_M <= BLOCK_N.
-def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
-    """The same tiles for several tile classes at one BLOCK_D."""
-    return {(name, tile_class, block_d): tiles for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
-
-
+#
 # float32 at d <= 64: 16-row query tiles, 4 warps, 1 stage (32-row TF32
 # forwards); dk/dv 32x32 on 8 warps (4 spilled). IEEE products take CUDA-core
-# FMAs, TF32 ones HMMA on both archs (wgmma wants 64-row tiles, which spill).
+# FMAs, TF32 ones HMMA on both archs (wgmma wants 64-row tiles; the 64x32 TF32
+# forward with dropout spilled on sm_90).
 _FLOAT32_TILES = {
     **_entries(("tf32", "tf32,dropout"), 64, fwd=((32, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
                dkdv=((32, 32, 8, 1),)),
