@@ -3,7 +3,7 @@ ahead-of-time compile specs every kernel module declares (``AOT_SPECS``)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,7 +11,10 @@ class AotSpec:
     """One concrete compilation of a ``@triton.jit`` kernel for the AOT check.
 
     ``signature`` maps every argument to a Triton type (``*fp32``, ``i32``,
-    ``constexpr``); ``constexprs`` gives the constexpr values.
+    ``constexpr``); ``constexprs`` gives the constexpr values. ``archs``: the
+    compute capabilities (e.g. ``(90,)``) a launcher launches this
+    configuration on, so the only ones it must compile spill-free for; None
+    for every arch.
     """
 
     kernel: Any
@@ -20,6 +23,10 @@ class AotSpec:
     label: str = ""
     num_warps: int = 4
     num_stages: int = 3
+    archs: Optional[Tuple[int, ...]] = None
+
+    def compiles_for(self, arch: int) -> bool:
+        return self.archs is None or arch in self.archs
 
     @property
     def attrs(self) -> dict:

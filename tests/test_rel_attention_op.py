@@ -275,10 +275,10 @@ def test_transformer_xl_cpp_matches_labml_float32():
 
 
 @pytest.mark.parametrize("dtype,d,masked,expected", [
-    (torch.float64, 24, True, "explicit (non-causal) mask"),
-    (torch.float16, 24, False, "float16"),
-    (torch.float32, 96, False, "d=96"),
-], ids=["mask", "float16", "float32-d96"])
+    (torch.float64, 24, True, "got torch.float64"),
+    (torch.float32, 80, False, "d <= 64 for torch.float32"),
+    (torch.bfloat16, 160, False, "d <= 128 for torch.bfloat16"),
+], ids=["float64-masked", "float32-d80", "bfloat16-d160"])
 def test_cuda_reference_route_warns_once_per_reason(monkeypatch, dtype, d, masked, expected):
     """The function registered for CUDA runs the reference for calls the
     kernels do not take (run here on CPU tensors: the route needs no GPU) and

@@ -1,22 +1,25 @@
 """Triton relative-position attention kernels under the interpreter, against
 the reference: output, log-sum-exp and every gradient."""
+import itertools
+import types
+
 import pytest
 import torch
 
 from fastformers.ops.xl import naive, triton_kernel
 from harness import assert_parity
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-# (L, M, batch, heads, d, causal): every value of L {1, 7, 64}, M {0, 5, 128},
-# d {24, 64}, heads {1, 4}, batch {1, 3}; decode steps (L = 1) with memory;
-# K = M + L not a multiple of the key tile (12, 69, 129); causal and not.
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (L, M, batch, heads, d, causal): every value of L {1, 7, 33}, M {0, 5, 40},
+# d {24, 32, 64, 128}, heads {1, 3}, batch {1, 2}; decode steps (L = 1) with
+# memory; L and K = M + L not multiples of the 16-row interpreter tiles; causal and not.
 CASES = [
-    (1, 5, 3, 4, 64, True),
-    (1, 128, 1, 1, 24, True),
-    (7, 5, 3, 4, 24, True),
-    (7, 0, 1, 1, 64, False),
-    (64, 5, 1, 1, 24, False),
-    (64, 128, 1, 1, 64, True),
+    (1, 5, 2, 3, 64, True),
+    (1, 40, 1, 1, 24, True),
+    (7, 5, 2, 3, 32, True),
+    (7, 0, 1, 1, 128, False),
+    (33, 5, 1, 1, 24, False),
+    (33, 40, 1, 1, 64, True),
 ]
 
 
@@ -37,16 +40,18 @@ class TritonRelAttention(torch.autograd.Function):
     """The two launchers as one differentiable function, the way the op uses them."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal):
-        out, lse = _kernels().rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
+    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask=None):
+        out, lse = _kernels().rel_attention_forward(
+            query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask=mask
+        )
         ctx.save_for_backward(query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.mask = scale, causal, mask
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = _kernels().rel_attention_backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.causal)
-        return (*grads, None, None)
+        grads = _kernels().rel_attention_backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.causal, mask=ctx.mask)
+        return (*grads, None, None, None)
 
 
 def make_inputs(L, M, B, H, d, dtype):
@@ -121,50 +126,183 @@ def test_strided_inputs_need_no_copies():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.fixture
-def gpu_configs(monkeypatch):
-    """The launchers' configuration choice as on a GPU (outside the interpreter)."""
+@pytest.mark.parametrize(
+    "mask_shape, causal", [((9, 13, 2), False), ((1, 13, 2), True), ((9, 13, 1), False)], ids=["LKB", "1KB", "LK1"]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_explicit_mask(mask_shape, causal, dtype):
+    """Explicit bool masks (padding, per query or broadcast) run in the kernels."""
+    L, M, B, H, d = 9, 4, 2, 2, 24
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[:, 0] = True  # every query sees a key
+    scale = d**-0.5
+    assert_parity(
+        lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal, mask),
+        lambda *inputs: naive.rel_attention(*inputs, scale, mask=mask, causal=causal),
+        make_inputs(L, M, B, H, d, dtype),
+    )
+
+
+def test_query_without_visible_key_is_nan_like_the_reference():
+    """A fully masked query row: NaN output, -inf log-sum-exp, the other rows
+    unharmed (also when whole key tiles before its visible keys are masked)."""
+    L, M, B, H, d = 5, 30, 1, 1, 16
+    inputs = make_inputs(L, M, B, H, d, torch.float64)
+    mask = torch.ones(L, L + M, B, dtype=torch.bool)
+    mask[1] = False
+    mask[3, :33] = False  # the first key tile (32 keys) and more hidden
+    out, lse = _kernels().rel_attention_forward(*inputs, d**-0.5, False, mask=mask)
+    expected = naive.rel_attention(*inputs, d**-0.5, mask=mask, causal=False)
+    assert torch.isnan(out[1]).all() and torch.isinf(lse[..., 1]).all() and (lse[..., 1] < 0).all()
+    keep = [0, 2, 3, 4]
+    torch.testing.assert_close(out[keep], expected[keep])
+
+
+@pytest.fixture(params=[
+    # forward and dk/dv tiles taller than wide: each score tile reads its band in three chunks
+    dict(fwd=(64, 32), dkdv=(64, 32), dq=(32, 64), table=(32, 64)),
+    # the shapes of sm_90's 16-bit tiles: square dq and table tiles (the
+    # widest query tile the unskew takes), dk/dv wider than tall
+    dict(fwd=(64, 32), dkdv=(32, 64), dq=(32, 32), table=(32, 32)),
+], ids=["three_band_chunks", "square_dq"])
+def tile_shapes(monkeypatch, request):
+    kernels = _kernels()
+    for kernel_name, tile in request.param.items():
+        monkeypatch.setitem(kernels.INTERPRETER_TILES, kernel_name, tile)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_tall_and_wide_tiles(tile_shapes, causal):
+    shape, scale = (70, 6, 1, 2, 24), 24**-0.5
+    assert_parity(
+        lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),
+        lambda *inputs: naive.rel_attention(*inputs, scale, causal=causal),
+        make_inputs(*shape, torch.float64),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_deterministic(dtype):
+    """Two identical backward calls give bit-identical gradients (no atomics:
+    the positional-table gradient is summed in a fixed order)."""
+    L, M, B, H, d = 20, 13, 2, 2, 32
+    inputs = make_inputs(L, M, B, H, d, dtype)
+    kernels = _kernels()
+    out, lse = kernels.rel_attention_forward(*inputs, d**-0.5, True, 0.2, 7, 11)
+    grad_out = torch.randn_like(out)
+    first = kernels.rel_attention_backward(grad_out, *inputs, out, lse, d**-0.5, True, 0.2, 7, 11)
+    second = kernels.rel_attention_backward(grad_out, *inputs, out, lse, d**-0.5, True, 0.2, 7, 11)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(params=["sm80", "sm90"])
+def gpu_configs(monkeypatch, request):
+    """The launchers' configuration choice as on a GPU of each arch (outside the interpreter)."""
     kernels = _kernels()
     monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
-    return kernels
+    monkeypatch.setattr(kernels, "_arch", lambda device: request.param)
+    kernels.arch_under_test = request.param
+    yield kernels
+    del kernels.arch_under_test
 
 
-@pytest.mark.parametrize("dtype, head_dims", [(torch.float32, range(1, 65)), (torch.bfloat16, range(1, 129))], ids=str)
-def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, head_dims):
-    """What the GPU launches is exactly what the AOT check compiled: same tiles,
-    warps, stages and padded head dim, for every head dim the GPU takes."""
+# The head dims each arch's tiles take, by tile class (see _TILES; the rest
+# falls back to the reference with a reason).
+GPU_HEAD_DIMS = {
+    (arch, tile_class): 64 if tile_class.startswith(("tf32", "ieee")) else 128
+    for arch in ("sm80", "sm90")
+    for tile_class in ("16bit", "16bit,dropout", "tf32", "tf32,dropout", "ieee", "ieee,dropout")
+}
+
+
+@pytest.mark.parametrize("dtype, precision", [(torch.bfloat16, "highest"), (torch.float16, "highest"),
+                                              (torch.float32, "high"), (torch.float32, "highest")], ids=str)
+def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypatch):
+    """Every configuration the GPU may launch (each autotuning candidate, for
+    every head dim it takes, with and without dropout) is one the AOT check
+    compiled for that arch: same tiles, warps, stages, padded head dim and modes."""
     kernels = gpu_configs
+    arch = kernels.arch_under_test
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=False))
     specs = {spec.name: spec for spec in kernels.AOT_SPECS}
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-    for head_dim in head_dims:
-        query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
-        for short, kernel_name in kernels._KERNEL_NAMES.items():
-            config = kernels._block_config(short, query)
-            launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-            for dropout in (False, True):
-                spec = specs[f"{kernel_name}[{dtype_name},d{config['BLOCK_D']}{',dropout' if dropout else ''}]"]
+    variant = kernels._variant(dtype)
+    for dropout in (False, True):
+        head_dims = [head_dim for head_dim in range(1, 129)
+                     if kernels.gpu_unsupported_reason(dtype, head_dim, dropout) is None]
+        assert head_dims == list(range(1, GPU_HEAD_DIMS[arch, kernels._tile_class(variant, dropout)] + 1))
+        for head_dim, (kernel_name, kernel) in itertools.product(head_dims, kernels._KERNELS.items()):
+            query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
+            tiles, block_d = kernels._gpu_tiles(kernel_name, query, dropout)
+            assert block_d >= head_dim
+            for tile in tiles:
+                config = kernels._config(kernel_name, tile, block_d)
+                launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                mode, mode_label = kernels._MODES.get(kernel_name, ({}, ""))
+                label = kernels._aot_label(arch, variant, block_d, tile, mode_label, dropout)
+                spec = specs[f"{kernel.fn.__name__}[{label}]"]
+                assert spec.archs == (kernels._ARCH_NUMBERS[arch],)
                 assert launch == {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-                assert {key: spec.constexprs[key] for key in config} == config
-                assert spec.constexprs["UPCAST_DOTS"] is False and spec.constexprs["DROPOUT"] is dropout
+                assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
+                assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
+                assert spec.constexprs["DROPOUT"] is dropout
+
+
+def test_dq_tiles_are_no_taller_than_wide():
+    for tiles_of in _kernels()._TILES.values():
+        for (kernel_name, _, _), tiles in tiles_of.items():
+            if kernel_name in ("dq", "table"):
+                assert all(block_m <= block_n for block_m, block_n, _, _ in tiles)
+
+
+def test_arch_picks_the_tile_table(monkeypatch):
+    """Compute capability 9.x launches sm_90's tiles, every other sm_80's."""
+    kernels = _kernels()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, arch in (((9, 0), "sm90"), ((8, 0), "sm80"), ((8, 9), "sm80"), ((10, 0), "sm80")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert kernels._arch(torch.device("cuda")) == arch
+    assert kernels._arch(torch.device("meta")) == "sm80"
 
 
 @pytest.mark.parametrize(
     "dtype, head_dim, error, match",
     [
-        (torch.float64, 32, TypeError, "float32 and bfloat16"),
-        (torch.float16, 32, TypeError, "float32 and bfloat16"),
-        (torch.float32, 65, ValueError, "d <= 64"),
-        (torch.bfloat16, 129, ValueError, "d <= 128"),
+        (torch.float64, 32, TypeError, "float32, bfloat16 and float16"),
+        (torch.float32, 65, ValueError, r"d <= 64 for torch.float32 .*got d=65"),
+        (torch.float16, 129, ValueError, "d <= 128"),
     ],
 )
 def test_gpu_refuses_unchecked_configurations(gpu_configs, dtype, head_dim, error, match):
     query = torch.empty(7, 1, 1, head_dim, dtype=dtype, device="meta")
     with pytest.raises(error, match=match):
-        gpu_configs._block_config("fwd", query)
+        gpu_configs._gpu_tiles("fwd", query, False)
 
 
-def test_gpu_unsupported_reason_names_what_runs_the_reference():
-    assert triton_kernel.gpu_unsupported_reason(torch.float32, 64) is None
-    assert triton_kernel.gpu_unsupported_reason(torch.bfloat16, 128) is None
-    assert "got torch.float64: use float32" in triton_kernel.gpu_unsupported_reason(torch.float64, 64)
-    assert "got d=128: use bfloat16 autocast" in triton_kernel.gpu_unsupported_reason(torch.float32, 128)
+def test_gpu_unsupported_reason_names_what_runs_the_reference(gpu_configs, monkeypatch):
+    kernels = gpu_configs
+    arch = kernels.arch_under_test
+    for dtype, dropout in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True)):
+        assert kernels.gpu_unsupported_reason(dtype, 64, dropout) is None
+    assert "got torch.float64: use one of those" in kernels.gpu_unsupported_reason(torch.float64, 64)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=False))
+    reason = kernels.gpu_unsupported_reason(torch.float32, 128, True)
+    assert f"d <= 64 for torch.float32 at 'highest' matmul precision with dropout on {arch}, got d=128" in reason
+    assert "torch.autocast('cuda', dtype=torch.bfloat16)" in reason
+    # an arch without tiles for a class says so
+    monkeypatch.setitem(kernels._TILES, arch, {})
+    assert f"no checked GPU configuration for torch.bfloat16 on {arch}" in kernels.gpu_unsupported_reason(
+        torch.bfloat16, 64
+    )
+
+
+def test_float32_precision_follows_torch(monkeypatch):
+    """TF32 products when torch allows TF32 matmuls, IEEE at "highest"."""
+    for allow_tf32, precision, expected in (
+        (False, "highest", "ieee"), (False, "high", "tf32"), (False, "medium", "tf32"), (True, "highest", "tf32"),
+    ):  # fmt: skip
+        monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow_tf32))
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda precision=precision: precision)
+        assert _kernels().float32_precision() == expected

@@ -199,27 +199,27 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         bd = bd_all[i, q_len - 1 - i + j]
         return ac + bd
 
-    def _backend_choice(self, device: torch.device, explicit_mask: bool) -> Tuple[str, Optional[str]]:
-        """``(backend, reason)`` of a forward on ``device``; ``reason`` (what to
-        change) only when that is the reference while a fused one was wanted or
-        automatic."""
+    def _backend_choice(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
+        """``(backend, reason)`` of a forward on ``device`` in train (``training``)
+        or eval mode (any mask: the kernels read explicit masks); ``reason``
+        (what to change) only when that is the reference while a fused one was
+        wanted or automatic."""
         backend, reason = resolve_fused_backend(self.backend, device)
-        if backend == "triton" and (explicit_mask or device.type == "cuda"):
-            if device.type == "cuda":
-                dtype = _autocast.dtype_for(device.type) or self.output.weight.dtype
-                reason = xl_op.gpu_unsupported_reason(dtype, self.d_k, explicit_mask)
-            else:
-                reason = xl_op.MASK_ON_TRITON
+        if backend == "triton" and device.type == "cuda":
+            dtype = _autocast.dtype_for(device.type) or self.output.weight.dtype
+            dropout = training and self.dropout.p > 0
+            reason = xl_op.gpu_unsupported_reason(dtype, self.d_k, dropout, device)
             if reason is not None:
                 return "reference", reason
         return backend, reason
 
     def fused_backend(self, device: torch.device, training: bool) -> Tuple[str, Optional[str]]:
         """The backend a forward on ``device`` in train (``training``) or eval mode
-        takes with the causal-with-memory mask (or none), without running it, and
-        why when that is ``"reference"`` (None otherwise). Dropout runs in the
-        fused kernels, so ``training`` does not change the choice."""
-        return self._backend_choice(torch.device(device), explicit_mask=False)
+        takes, without running it, and why when that is ``"reference"`` (None
+        otherwise). Masks never change the choice; on GPUs, ``training`` with
+        dropout can (dropout's kernels need more registers: some dtype and head
+        dim combinations fit an arch's tiles only without it)."""
+        return self._backend_choice(torch.device(device), training)
 
     def _op_mask(self, mask: Optional[torch.Tensor], query_shape, key_shape) -> tuple:
         """``(causal, explicit bool mask or None)`` for the op from a labml mask ``[L or 1, K, B or 1]``."""
@@ -247,7 +247,7 @@ class RelativeMultiHeadAttention(MultiHeadAttention):
         k_len = key.shape[0]
         self._check_lengths(q_len, k_len)
         causal, explicit = self._op_mask(mask, query.shape, key.shape)
-        backend, reason = self._backend_choice(query.device, explicit_mask=explicit is not None)
+        backend, reason = self._backend_choice(query.device, self.training)
         self.last_backend = backend
         if reason is not None:
             _backend.warn_fallback(self, reason)

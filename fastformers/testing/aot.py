@@ -115,14 +115,15 @@ def kernel_modules() -> list[ModuleType]:
     ]
 
 
-def collect_specs() -> list[tuple[str, AotSpec]]:
-    """``(module name, spec)`` for every spec of every kernel module."""
+def collect_specs(arch: int | None = None) -> list[tuple[str, AotSpec]]:
+    """``(module name, spec)`` for every spec of every kernel module (those
+    for ``sm_<arch>`` only, when given: see ``AotSpec.archs``)."""
     collected = []
     for module in kernel_modules():
         specs = getattr(module, "AOT_SPECS", None)
         if not specs:
             raise RuntimeError(f"{module.__name__} declares no AOT_SPECS; every Triton kernel module must")
-        collected.extend((module.__name__, spec) for spec in specs)
+        collected.extend((module.__name__, spec) for spec in specs if arch is None or spec.compiles_for(arch))
     return collected
 
 
@@ -212,7 +213,7 @@ def _compile_task(task: tuple[int, int, str]) -> AotResult:
 
 def run_aot_check(archs, jobs: int = 0, kernel_filter: str = "") -> list[AotResult]:
     """Compile every spec of the package (whose name contains ``kernel_filter``)
-    for every arch in ``archs``, on ``jobs`` processes (0: by the amount of
+    for every arch in ``archs`` that it is for (``AotSpec.archs``), on ``jobs`` processes (0: by the amount of
     work, at most one per CPU); results in spec, then arch, order."""
     unknown = sorted(set(archs) - MAX_SHARED_BYTES_PER_BLOCK.keys())
     if unknown:
@@ -222,7 +223,7 @@ def run_aot_check(archs, jobs: int = 0, kernel_filter: str = "") -> list[AotResu
     if not chosen:
         raise ValueError(f"no kernel spec name contains {kernel_filter!r}")
     with tempfile.TemporaryDirectory(prefix="fastformers-aot-") as workdir:
-        tasks = [(index, arch, workdir) for index in chosen for arch in archs]
+        tasks = [(index, arch, workdir) for index in chosen for arch in archs if specs[index][1].compiles_for(arch)]
         # A worker process costs an import of torch and triton: worth it only
         # when each has a few dozen compilations to do.
         jobs = jobs or max(1, min(os.cpu_count() or 1, len(tasks) // 24))

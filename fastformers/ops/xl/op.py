@@ -14,8 +14,10 @@ A query row with no visible key (every key masked) has an undefined softmax: its
 behaviour, kept).
 
 Kernels: CPU from ``csrc/rel_attention.cpp``; CUDA from :mod:`.triton_kernel`
-(causal or unmasked only: calls with an explicit ``mask`` run the reference
-formulas below on the GPU, with a ``FallbackWarning`` once per reason); every other device, and
+(explicit masks included; float64, float32 with head dims over 64 and 16-bit
+floats with head dims over 128 run the reference formulas below on the GPU,
+with a ``FallbackWarning`` once per reason, see
+``triton_kernel.gpu_unsupported_reason``); every other device, and
 CPU without the extension, from the reference formulas.
 """
 import importlib
@@ -222,41 +224,32 @@ def _triton_kernel():
         ) from error
 
 
-MASK_ON_TRITON = (
-    "the Triton rel_attention kernels take causal masking only and an explicit (non-causal) mask runs the "
-    "reference; pass the causal-with-memory mask (or none) to stay on the kernels"
-)
-
-
-def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, explicit_mask: bool) -> Optional[str]:
-    """Why the Triton kernels do not take a CUDA call of ``dtype`` and head dim
-    ``head_dim`` (with an explicit mask or not), saying what to change; None
-    when they do."""
-    if explicit_mask:
-        return MASK_ON_TRITON
-    return _triton_kernel().gpu_unsupported_reason(dtype, head_dim)
-
-
-def _cuda_reference_reason(query, mask) -> Optional[str]:
-    return gpu_unsupported_reason(query.dtype, query.shape[-1], mask is not None)
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, dropout: bool = False,
+                           device: Optional[torch.device] = None) -> Optional[str]:
+    """Why the Triton kernels do not take a call of ``dtype`` and head dim
+    ``head_dim`` (with attention dropout if ``dropout``) on CUDA ``device``
+    (None: the current one), saying what to change; None when they do (masks
+    never matter: the kernels read them). The answer depends on the GPU's arch:
+    each has its own spill-free tiles."""
+    return _triton_kernel().gpu_unsupported_reason(dtype, head_dim, dropout, device)
 
 
 def _cuda_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, mask, dropout_p=0.0, seed=0,
                   offset=0):
     args = (query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal)
-    reason = _cuda_reference_reason(query, mask)
+    reason = gpu_unsupported_reason(query.dtype, query.shape[-1], dropout_p > 0, query.device)
     if reason is not None:
         _backend.warn_op_fallback("rel_attention", reason)
         return reference_forward(*args, mask, dropout_p, seed, offset)
-    return _triton_kernel().rel_attention_forward(*args, dropout_p, seed, offset)
+    return _triton_kernel().rel_attention_forward(*args, dropout_p, seed, offset, mask)
 
 
 def _cuda_backward(grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal, mask,
                    dropout_p=0.0, seed=0, offset=0):
     args = (grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale, causal)
-    if _cuda_reference_reason(query, mask) is not None:
+    if gpu_unsupported_reason(query.dtype, query.shape[-1], dropout_p > 0, query.device) is not None:
         return reference_backward(*args, mask, dropout_p, seed, offset)
-    return _triton_kernel().rel_attention_backward(*args, dropout_p, seed, offset)
+    return _triton_kernel().rel_attention_backward(*args, dropout_p, seed, offset, mask)
 
 
 if _backend.triton_available():
@@ -268,8 +261,9 @@ class _InterpretedTriton(torch.autograd.Function):
     """The Triton kernels on CPU tensors (interpreter), with the same backward as the op."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, dropout_p, seed, offset):
-        ctx.options = (scale, causal, dropout_p, seed, offset)
+    def forward(ctx, query, key, value, pos_emb, pos_bias, query_pos_bias, scale, causal, dropout_p, seed, offset,
+                mask):
+        ctx.options = (scale, causal, dropout_p, seed, offset, mask)
         out, lse = _triton_kernel().rel_attention_forward(
             query, key, value, pos_emb, pos_bias, query_pos_bias, *ctx.options
         )
@@ -280,11 +274,6 @@ class _InterpretedTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         grads = _triton_kernel().rel_attention_backward(grad_out.contiguous(), *ctx.saved_tensors, *ctx.options)
         return (*grads, *([None] * len(ctx.options)))
-
-
-def effective_backend(name: str, mask: Optional[torch.Tensor]) -> str:
-    """``name`` unless it cannot take ``mask``: the Triton kernels are causal-only."""
-    return "reference" if name == "triton" and mask is not None else name
 
 
 def rel_attention(
@@ -319,8 +308,7 @@ def rel_attention(
     ``dropout.record()`` gives the mask back). Under ``torch.autocast`` every
     floating input is cast to the autocast dtype.
 
-    ``backend`` overrides the backend selection for this call. The Triton
-    kernels take no explicit mask: with one, ``triton`` runs the reference.
+    ``backend`` overrides the backend selection for this call.
     """
     dropout_p = dropout.check_p(dropout_p, "dropout_p")
     if isinstance(query, torch.Tensor):
@@ -328,7 +316,7 @@ def rel_attention(
             query.device.type, query, key, value, pos_emb, pos_bias, query_pos_bias
         )
     check_inputs(query, key, value, pos_emb, pos_bias, query_pos_bias, causal=causal, mask=mask)
-    name = effective_backend(_backend.resolve_backend(query.device, backend), mask)
+    name = _backend.resolve_backend(query.device, backend)
     L, B, H, _ = query.shape
     seed, offset = dropout.draw("rel_attention", dropout_p, (B, H, L, key.shape[0]), query.device, seed=seed)
     if name == "reference":
@@ -336,7 +324,7 @@ def rel_attention(
                                    causal=causal, dropout_p=dropout_p, seed=seed, offset=offset)
     if name == "triton" and query.device.type == "cpu":
         return _InterpretedTriton.apply(query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal,
-                                        dropout_p, seed, offset)
+                                        dropout_p, seed, offset, mask)
     out, _ = torch.ops.fastformers.rel_attention(
         query, key, value, pos_emb, pos_bias, query_pos_bias, float(scale), causal, mask, dropout_p, seed, offset
     )

@@ -1,21 +1,30 @@
 """Triton kernels of relative-position (Transformer-XL) attention, flash style.
 
 Shapes follow :mod:`fastformers.ops.xl.naive`: ``L`` queries, ``K = M + L`` keys
-(memory first), window tables ``pos_emb [K + L - 1, H, d]`` and
-``pos_bias [K + L - 1, H]`` indexed by ``r = L - 1 - i + j``.
+(memory first), window tables ``pos_emb [W, H, d]`` and ``pos_bias [W, H]``
+(``W = K + L - 1``) indexed by ``r = L - 1 - i + j``.
 
-The positional term ``q_i · pos_emb[r]`` of a score tile is skewed: along a
-tile row, ``r`` moves with ``j``, and from row to row it shifts by one. Every
-score tile (forward, and recomputed in both backward kernels) loads each
-(i, j)'s window row by pointer arithmetic, a few features at a time, and
-reduces on CUDA cores, so no skewed tensor is held in registers and
-no ``[L, K]`` tensor exists anywhere. The backward needs the skew the other way
-for the positional gradients: the score gradient of a ``[BLOCK_M, BLOCK_N]``
-tile is moved into band coordinates (``t = BLOCK_M - 1 - ii + jj`` over the
-``BLOCK_M + BLOCK_N - 1`` window rows the tile touches) by a one-hot sum,
-which gives the query gradient through the band (``dT · band``) and the band's
-gradient (``dTᵀ · Q``). (``tl.gather`` did the same with fewer instructions
-but spilled registers at every tile size tried.)
+The positional term runs on tensor cores as a band product, the C++ kernel's
+band GEMM: the ``[BLOCK_M, BLOCK_N]`` score tile at ``(m_start, n_start)``
+reads the ``BLOCK_M + BLOCK_N - 1`` window rows from
+``band_row0 = L - m_start - BLOCK_M + n_start``, score ``(ii, jj)`` the one at
+band column ``t = BLOCK_M - 1 - ii + jj``. The band is taken in chunks of
+``BLOCK_N`` rows (``tl.dot`` wants power-of-2 sides, and ``BLOCK_M + BLOCK_N -
+1`` is not one): ``Q_tile · chunkᵀ`` plus the chunk's biases is a
+``[BLOCK_M, BLOCK_N]`` product, skewed into score coordinates with
+``tl.gather`` along its rows (:func:`_skew`). The backward skews the score
+gradient back into band coordinates the same way (:func:`_unskew`), which gives
+the query gradient through the band (``dT · chunk``) and the band's gradient
+(``dTᵀ · Q``) as products too.
+
+The positional-table gradient takes no atomics: a second launch of the dq
+kernel's loop (``TABLE_GRAD``; one launch doing both needed more registers
+than a thread has) has each (batch, head, query tile) program write its own
+partial sums over the window rows it touches, a "slab" of scratch in two
+layers (band chunk ``c`` of key tile ``n`` lands on chunk ``n + c`` of layer
+``c``, so every element is stored once, from registers), and
+:func:`rel_attention_pos_grad_reduce_kernel` sums the slabs per window row in
+a fixed order: two identical backward calls give bit-identical gradients.
 
 Attention dropout (``DROPOUT``, a constexpr, so the kernels without it are
 unchanged) regenerates the keep bit of probability ``(b, h, i, j)`` from
@@ -24,14 +33,23 @@ forward applies it to the probabilities it multiplies with V (the softmax
 statistics stay those of the undropped scores), the backward to ``dO·Vᵀ`` and
 to the probabilities of ``dV``.
 
-Content dots are IEEE: float32 products in float32, bf16 products exact in
-float32 accumulation, float64 for float64 (interpreter only).
+An explicit bool mask (``[L or 1, K, B or 1]``) is passed as bits, 32 keys to
+an int32 word (:func:`_mask_args`), and read per score tile where ``has_mask``
+says so (a runtime flag: one compilation serves masked and unmasked calls). A query row that sees no key gives NaN output and
+``-inf`` log-sum-exp, as the reference does; the online softmax guards its
+running maximum so that a fully masked key tile before visible ones does no harm.
 
-Launchers take CUDA tensors (float32 with d <= 64, bfloat16 with d <= 128:
-the configurations of ``AOT_SPECS``; others raise), or CPU tensors of any
-float dtype when ``TRITON_INTERPRET=1`` was set before import (the Triton
-interpreter; how they are tested without a GPU).
+``PRECISION`` (constexpr) is the float32 products' ``input_precision``: "tf32"
+when torch allows TF32 matmuls, "ieee" at "highest"; 16-bit products are exact
+in float32 accumulation either way.
+
+Launchers take CUDA tensors (bfloat16 and float16 with d <= 128, float32 as
+TF32 or IEEE with d <= 64, with and without dropout: the configurations of
+``AOT_SPECS``, see ``_TILES``, whose tiles differ per arch; the forward
+autotuned among them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
+before import (the Triton interpreter; how they are tested without a GPU).
 """
+import itertools
 from typing import Optional
 
 import torch
@@ -44,16 +62,23 @@ from ..dropout.triton_kernel import keep
 
 
 @triton.jit
+def _dot_in(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """``a @ b`` accumulated in ACC, float32 products at ``PRECISION``."""
+    if UPCAST_DOTS:
+        # The interpreter multiplies 16-bit float tensors as their raw bit
+        # patterns; the conversion to float32 is exact and so are the products
+        # in float32, so this computes what the GPU's dot with float32
+        # accumulation does.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, out_dtype=ACC, input_precision=PRECISION)
+
+
+@triton.jit
 def _dot(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """``a @ b`` accumulated in ACC; float32 products in full IEEE precision
     (Triton's default for float32 would be TF32)."""
-    if UPCAST_DOTS:
-        # The interpreter multiplies bf16 tensors as their raw 16-bit patterns;
-        # bf16 -> float32 is exact and so are bf16 products in float32, so this
-        # computes what the GPU's bf16 dot with float32 accumulation does.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, out_dtype=ACC, input_precision="ieee")
+    return _dot_in(a, b, ACC, UPCAST_DOTS, "ieee")
 
 
 @triton.jit
@@ -66,95 +91,125 @@ def _tile_offsets(rows, stride_rows, cols, stride_cols):
 
 
 @triton.jit
-def _positional_scores(
-    q_head,  # query of this (batch, head)
-    pe_head,  # pos_emb of this head
-    stride_q_l,
-    stride_q_d,
-    stride_pe_r,
-    stride_pe_d,
-    m_start,
-    n_start,
-    L,
-    K,
-    d,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_CHUNK: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """``q_i · pos_emb[L - 1 - i + j]`` for the ``[BLOCK_M, BLOCK_N]`` tile, in ACC.
+def _band_chunk(pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, first_row, W, offs_d, d_ok,
+                BLOCK_N: tl.constexpr):
+    """Window rows ``first_row .. first_row + BLOCK_N`` of pos_emb ``[BLOCK_N, BLOCK_D]``
+    and pos_bias ``[BLOCK_N]`` of one head, zero outside the window."""
+    rows = first_row + tl.arange(0, BLOCK_N)
+    row_ok = (rows >= 0) & (rows < W)
+    band = tl.load(
+        pe_head + rows[:, None] * stride_pe_r + offs_d[None, :] * stride_pe_d,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    band_bias = tl.load(pb_head + rows * stride_pb_r, mask=row_ok, other=0.0)
+    return band, band_bias
 
-    Each (i, j) loads its own window row by pointer arithmetic, ``D_CHUNK``
-    features at a time, so no skewed tensor is ever held in registers; the
-    products run on CUDA cores in the accumulation dtype.
-    """
-    offs_i = m_start + tl.arange(0, BLOCK_M)
-    offs_j = n_start + tl.arange(0, BLOCK_N)
-    rows = (L - 1 - offs_i)[:, None] + offs_j[None, :]
-    row_ok = (rows >= 0) & (rows < K + L - 1) & (offs_i < L)[:, None]
-    positional = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for chunk in range(0, BLOCK_D, D_CHUNK):
-        offs_c = chunk + tl.arange(0, D_CHUNK)
-        c_ok = offs_c < d
-        q = tl.load(
-            q_head + _tile_offsets(offs_i, stride_q_l, offs_c, stride_q_d),
-            mask=(offs_i < L)[:, None] & c_ok[None, :],
-            other=0.0,
-        ).to(ACC)
-        pe = tl.load(
-            pe_head + rows[:, :, None] * stride_pe_r + offs_c[None, None, :] * stride_pe_d,
-            mask=row_ok[:, :, None] & c_ok[None, None, :],
-            other=0.0,
-        ).to(ACC)
-        positional += tl.sum(q[:, None, :] * pe, axis=2)
-    return positional
+
+@triton.constexpr_function
+def band_chunks(block_m, block_n):
+    """Chunks of ``block_n`` window rows that cover a tile's ``block_m + block_n - 1``."""
+    return (block_m + block_n - 2) // block_n + 1
 
 
 @triton.jit
-def _tile_scores(
+def _band_column(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Band column ``t = BLOCK_M - 1 - ii + jj`` of score ``(ii, jj)``."""
+    return (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None] + tl.arange(0, BLOCK_N)[None, :]
+
+
+@triton.jit
+def _skew(band_scores, chunk: tl.constexpr, positional, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``positional`` with the products of band chunk ``chunk`` (``[BLOCK_M,
+    BLOCK_N]``, band columns ``chunk·BLOCK_N ..``) moved to the scores that read
+    them: score ``(ii, jj)`` reads band column ``t``, chunk ``t // BLOCK_N``.
+
+    Every chunk gathers with the same index (``t mod BLOCK_N``) and the chunks
+    are told apart by one comparison each: the compiler keeps such loop
+    invariants in registers for the whole key loop, one register per thread
+    and score each, so the fewer the better."""
+    column = _band_column(BLOCK_M, BLOCK_N)
+    picked = tl.gather(band_scores, column & (BLOCK_N - 1), axis=1)
+    if chunk == 0:
+        return picked
+    return tl.where(column >= chunk * BLOCK_N, picked, positional)
+
+
+@triton.jit
+def _unskew(grad_scores, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The score gradient ``[BLOCK_M, BLOCK_N]`` in band coordinates, the
+    inverse of :func:`_skew` for tiles of two chunks (``BLOCK_M <= BLOCK_N``):
+    band column ``c·BLOCK_N + tt`` of row ii comes from score column
+    ``jj = c·BLOCK_N + tt - (BLOCK_M - 1 - ii)``, inside the tile for exactly
+    one ``c``: chunk 0 where ``tt >= BLOCK_M - 1 - ii``, chunk 1 elsewhere. So
+    one gather (index ``jj mod BLOCK_N``, the same for both) and one
+    comparison give both: ``(gathered, in_chunk0)``."""
+    tl.static_assert(BLOCK_M <= BLOCK_N)
+    shift = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
+    band_column = tl.arange(0, BLOCK_N)[None, :]
+    gathered = tl.gather(grad_scores, (band_column - shift) & (BLOCK_N - 1), axis=1)
+    return gathered, band_column >= shift
+
+
+@triton.jit
+def _masked_scores(
     qu,  # [BLOCK_M, BLOCK_D] query + query_pos_bias, input dtype
+    q,  # [BLOCK_M, BLOCK_D] query, input dtype
     k,  # [BLOCK_N, BLOCK_D] keys, input dtype
-    q_head,
     pe_head,
     pb_head,
-    stride_q_l,
-    stride_q_d,
+    mask_batch,  # the explicit mask of this batch (read only when has_mask)
     stride_pe_r,
     stride_pe_d,
     stride_pb_r,
+    stride_mask_l,
     m_start,
     n_start,
     L,
     K,
-    d,
+    offs_d,
+    d_ok,
     scale,
     causal,
+    has_mask,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_CHUNK: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Scaled scores ``[BLOCK_M, BLOCK_N]``, -inf where not visible."""
+    tl.static_assert(BLOCK_N % 32 == 0)  # whole words of the mask bits
     offs_i = m_start + tl.arange(0, BLOCK_M)
     offs_j = n_start + tl.arange(0, BLOCK_N)
-    content = _dot(qu, tl.trans(k), ACC, UPCAST_DOTS)
-    positional = _positional_scores(
-        q_head, pe_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, m_start, n_start,
-        L, K, d, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, ACC,
-    )  # fmt: skip
-    # Padded query rows (i >= L) stay visible so that no row is all -inf
-    # (which would turn the online softmax into NaN); they are never stored.
+    # Padded query rows (i >= L) stay visible so that their softmax is defined;
+    # they are never stored.
     visible = (offs_j[None, :] < K) & (offs_i[:, None] >= 0)
     if causal:
         visible = visible & (offs_j[None, :] <= K - L + offs_i[:, None])
-    rows = (L - 1 - offs_i)[:, None] + offs_j[None, :]
-    bias = tl.load(pb_head + rows * stride_pb_r, mask=visible & (offs_i[:, None] < L), other=0.0).to(ACC)
-    scores = (content + positional + bias) * scale
-    return tl.where(visible, scores, -float("inf"))
+    # The mask as bits, 32 keys a word: a [BLOCK_M, BLOCK_N / 32] load (a byte
+    # or a pointer per score cost more registers than the rest of the tile),
+    # predicated rather than branched on: without a mask (has_mask = 0) no row
+    # is below L · has_mask and no lane reads.
+    offs_word = n_start // 32 + tl.arange(0, BLOCK_N // 32)
+    words = tl.load(
+        mask_batch + (offs_i[:, None] * stride_mask_l + offs_word[None, :]),
+        mask=(offs_i[:, None] < L * has_mask) & (offs_word[None, :] < tl.cdiv(K, 32)),
+        other=-1,
+    )
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    visible = visible & (tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0)
+    positional = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    band_row0 = L - m_start - BLOCK_M + n_start
+    for chunk in tl.static_range(band_chunks(BLOCK_M, BLOCK_N)):
+        band, band_bias = _band_chunk(
+            pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
+            offs_d, d_ok, BLOCK_N,
+        )  # fmt: skip
+        band_scores = _dot_in(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
+        positional = _skew(band_scores, chunk, positional, BLOCK_M, BLOCK_N)
+    scores = _dot_in(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION) + positional
+    return tl.where(visible, scores * scale, -float("inf"))
 
 
 @triton.jit
@@ -165,7 +220,19 @@ def _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j):
 
 
 # Scalars that change from call to call: no specialisation on their values.
-_RUNTIME_ARGS = ["causal", "seed", "offset", "threshold"]
+_RUNTIME_ARGS = ["causal", "has_mask", "seed", "offset", "threshold", "L_bucket", "K_bucket"]
+
+
+@triton.jit
+def _online_softmax_step(scores, row_max, row_sum):
+    """One key tile of the online softmax: ``(probs, rescale, new row_max, new
+    row_sum)``; a row with nothing visible so far keeps max -inf and sum 0
+    (its probabilities 0, not the NaN of ``exp(-inf - -inf)``)."""
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    finite_max = tl.where(new_max == -float("inf"), 0.0, new_max)
+    rescale = tl.exp(row_max - finite_max)
+    probs = tl.exp(scores - finite_max[:, None])
+    return probs, rescale, new_max, row_sum * rescale + tl.sum(probs, axis=1)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -176,6 +243,7 @@ def rel_attention_fwd_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits (bit j % 32 of word j // 32: key j visible); read only when has_mask
     out_ptr,  # [L, B, H, d]
     lse_ptr,  # [B, H, L] contiguous, ACC
     stride_q_l,
@@ -197,6 +265,8 @@ def rel_attention_fwd_kernel(
     stride_pb_h,
     stride_u_h,
     stride_u_d,
+    stride_mask_b,
+    stride_mask_l,
     stride_o_l,
     stride_o_b,
     stride_o_h,
@@ -207,16 +277,19 @@ def rel_attention_fwd_kernel(
     d,
     scale,
     causal,  # 1: query i sees keys j <= K - L + i; 0: every key
+    has_mask,  # 1: mask_ptr hides keys as well
     seed,  # attention dropout: Philox key and stream offset,
     offset,
     threshold,  # dropout_naive.threshold(p)
     dropout_scale,  # and 1 / (1 - p); read only with DROPOUT
+    L_bucket,  # the autotuning key (powers of 2 of L and K); unused by the kernel
+    K_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    D_CHUNK: tl.constexpr,  # features per step of the positional term, see _positional_scores
     ACC: tl.constexpr,  # accumulation dtype: float64 for float64 inputs, else float32
-    UPCAST_DOTS: tl.constexpr,  # bf16 under the interpreter, see _dot
+    UPCAST_DOTS: tl.constexpr,  # 16-bit floats under the interpreter, see _dot_in
+    PRECISION: tl.constexpr,  # input_precision of float32 products
     DROPOUT: tl.constexpr,  # dropout_p > 0
 ):
     # B·H on axis 0: axes 1 and 2 of a CUDA grid stop at 65535 blocks.
@@ -229,9 +302,8 @@ def rel_attention_fwd_kernel(
     i_ok = offs_i < L
     d_ok = offs_d < d
 
-    q_head = q_ptr + b * stride_q_b + h * stride_q_h
     q = tl.load(
-        q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
+        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
         mask=i_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -241,6 +313,7 @@ def rel_attention_fwd_kernel(
     v_head = v_ptr + b * stride_v_b + h * stride_v_h
     pe_head = pe_ptr + h * stride_pe_h
     pb_head = pb_ptr + h * stride_pb_h
+    mask_batch = mask_ptr + b * stride_mask_b
 
     row_max = tl.full([BLOCK_M], -float("inf"), dtype=ACC)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC)
@@ -254,25 +327,31 @@ def rel_attention_fwd_kernel(
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
-        scores = _tile_scores(
-            qu, k, q_head, pe_head, pb_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, stride_pb_r,
-            m_start, n_start, L, K, d, scale, causal,
-            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, ACC, UPCAST_DOTS,
+        scores = _masked_scores(
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp(row_max - new_max)
-        probs = tl.exp(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        probs, rescale, row_max, row_sum = _online_softmax_step(scores, row_max, row_sum)
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             probs = tl.where(kept, probs * dropout_scale, 0.0)
-        acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, ACC, UPCAST_DOTS)
-        row_max = new_max
+        acc = acc * rescale[:, None] + _dot_in(probs.to(v.dtype), v, ACC, UPCAST_DOTS, PRECISION)
 
+    # A row that saw no key: 0 / 0 = NaN output and log(0) = -inf log-sum-exp.
     out = acc / row_sum[:, None]
     out_tile = out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d)
     tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + (batch_head.to(tl.int64) * L + offs_i), row_max + tl.log(row_sum), mask=i_ok)
+
+
+@triton.jit
+def _store_slab_chunk(slab_pe_tile, slab_pb_tile, slab_row, grad_band, grad_band_bias, d, offs_d, d_ok,
+                      BLOCK_N: tl.constexpr):
+    rows = slab_row + tl.arange(0, BLOCK_N)
+    # int64 per element: the slabs of large calls pass 2^31 elements.
+    tl.store(slab_pe_tile + (rows.to(tl.int64)[:, None] * d + offs_d[None, :]), grad_band, mask=d_ok[None, :])
+    tl.store(slab_pb_tile + rows, grad_band_bias)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -283,13 +362,14 @@ def rel_attention_bwd_dq_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits; read only when has_mask
     out_ptr,  # [L, B, H, d]
     do_ptr,  # [L, B, H, d] gradient of out
     lse_ptr,  # [B, H, L] contiguous, ACC
-    delta_ptr,  # [B, H, L] contiguous, ACC: written here, read by the dk/dv kernel
-    dq_ptr,  # [L, B, H, d] contiguous
-    grad_pe_ptr,  # [K + L - 1, H, d] contiguous, ACC, zeroed: atomically accumulated
-    grad_pb_ptr,  # [K + L - 1, H] contiguous, ACC, zeroed: atomically accumulated
+    delta_ptr,  # [B, H, L] contiguous, ACC: written by the dq launch, read by the table one and dk/dv
+    dq_ptr,  # [L, B, H, d] contiguous: written without TABLE_GRAD
+    slab_pe_ptr,  # [B, H, n_query_tiles, 2, slab_rows, d] contiguous, ACC: every element written with TABLE_GRAD
+    slab_pb_ptr,  # [B, H, n_query_tiles, 2, slab_rows] contiguous, ACC: every element written with TABLE_GRAD
     stride_q_l,
     stride_q_b,
     stride_q_h,
@@ -309,6 +389,8 @@ def rel_attention_bwd_dq_kernel(
     stride_pb_h,
     stride_u_h,
     stride_u_d,
+    stride_mask_b,
+    stride_mask_l,
     stride_o_l,
     stride_o_b,
     stride_o_h,
@@ -322,36 +404,37 @@ def rel_attention_bwd_dq_kernel(
     B,
     H,
     d,
+    slab_rows,  # (cdiv(K, BLOCK_N) + n_chunks - 1) · BLOCK_N: window rows L - m_start - BLOCK_M onwards
     scale,
     causal,
+    has_mask,
     seed,
     offset,
     threshold,
     dropout_scale,
+    L_bucket,
+    K_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # window rows one score tile reads: next power of 2 >= BLOCK_M + BLOCK_N - 1
     BLOCK_D: tl.constexpr,
-    D_CHUNK: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    TABLE_GRAD: tl.constexpr,  # False: dq and delta; True: the positional-table slabs (delta read)
 ):
-    # B·H on axis 0: axes 1 and 2 of a CUDA grid stop at 65535 blocks.
     batch_head = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     b = (batch_head // H).to(tl.int64)
     h = (batch_head % H).to(tl.int64)
     offs_i = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_band = tl.arange(0, BLOCK_R)
     i_ok = offs_i < L
     d_ok = offs_d < d
     tile_mask = i_ok[:, None] & d_ok[None, :]
 
-    q_head = q_ptr + b * stride_q_b + h * stride_q_h
     q = tl.load(
-        q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
+        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
         mask=tile_mask,
         other=0.0,
     )
@@ -362,14 +445,17 @@ def rel_attention_bwd_dq_kernel(
         mask=tile_mask,
         other=0.0,
     )
-    out = tl.load(
-        out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
-        mask=tile_mask,
-        other=0.0,
-    )
-    delta = tl.sum(do.to(ACC) * out.to(ACC), axis=1)
     stats_offset = batch_head.to(tl.int64) * L + offs_i
-    tl.store(delta_ptr + stats_offset, delta, mask=i_ok)
+    if TABLE_GRAD:
+        delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
+    else:
+        out = tl.load(
+            out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
+            mask=tile_mask,
+            other=0.0,
+        )
+        delta = tl.sum(do.to(ACC) * out.to(ACC), axis=1)
+        tl.store(delta_ptr + stats_offset, delta, mask=i_ok)
     # +inf on padded rows makes their probabilities exactly zero.
     lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
 
@@ -377,9 +463,12 @@ def rel_attention_bwd_dq_kernel(
     v_head = v_ptr + b * stride_v_b + h * stride_v_h
     pe_head = pe_ptr + h * stride_pe_h
     pb_head = pb_ptr + h * stride_pb_h
-    # Score column jj of query row ii lands on band column t = BLOCK_M - 1 - ii + jj.
-    score_column = offs_band[None, :] - (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]  # [BLOCK_M, BLOCK_R]
-    lands_on = score_column[:, :, None] == tl.arange(0, BLOCK_N)[None, None, :]  # [BLOCK_M, BLOCK_R, BLOCK_N]
+    mask_batch = mask_ptr + b * stride_mask_b
+    n_chunks: tl.constexpr = 2  # BLOCK_M <= BLOCK_N, see _unskew
+    slab_tile = (batch_head.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n_chunks * slab_rows
+    slab_pe_tile = slab_pe_ptr + slab_tile * d
+    slab_pb_tile = slab_pb_ptr + slab_tile
+    band_first = L - m_start - BLOCK_M  # window row of slab row 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     n_end = K
@@ -390,43 +479,98 @@ def rel_attention_bwd_dq_kernel(
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
-        scores = _tile_scores(
-            qu, k, q_head, pe_head, pb_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, stride_pb_r,
-            m_start, n_start, L, K, d, scale, causal,
-            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, ACC, UPCAST_DOTS,
+        scores = _masked_scores(
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
-        grad_probs = _dot(do, tl.trans(v), ACC, UPCAST_DOTS)
+        grad_probs = _dot_in(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
         # Gradient of the unscaled score (content + positional + bias).
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
-        dq += _dot(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS)
+        if not TABLE_GRAD:
+            dq += _dot_in(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
 
-        # The skew into band coordinates as a one-hot sum: register-only, unlike
-        # tl.gather, whose lowering spilled at every tile size tried.
-        grad_band_scores = tl.sum(tl.where(lands_on, grad_scores[:, None, :], 0.0), axis=2)
-        band_row0 = L - m_start - BLOCK_M + n_start
-        rows = band_row0 + offs_band
-        row_ok = (rows >= 0) & (rows < K + L - 1)
-        band = tl.load(
-            pe_head + rows[:, None] * stride_pe_r + offs_d[None, :] * stride_pe_d,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        dq += _dot(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS)
-        grad_band = _dot(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS)
-        tl.atomic_add(
-            grad_pe_ptr + (rows[:, None] * H + h) * d + offs_d[None, :],
-            grad_band,
-            mask=row_ok[:, None] & d_ok[None, :],
-            sem="relaxed",
-        )
-        tl.atomic_add(grad_pb_ptr + rows * H + h, tl.sum(grad_band_scores, axis=0), mask=row_ok, sem="relaxed")
+        gathered, in_chunk0 = _unskew(grad_scores, BLOCK_M, BLOCK_N)
+        for chunk in tl.static_range(2):
+            if chunk == 0:
+                grad_band_scores = tl.where(in_chunk0, gathered, 0.0)
+            else:
+                grad_band_scores = tl.where(in_chunk0, 0.0, gathered)
+            if TABLE_GRAD:
+                grad_band = _dot_in(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
+                _store_slab_chunk(
+                    slab_pe_tile, slab_pb_tile, chunk * slab_rows + n_start + chunk * BLOCK_N, grad_band,
+                    tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
+                )  # fmt: skip
+            else:
+                band, _ = _band_chunk(
+                    pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
+                    K + L - 1, offs_d, d_ok, BLOCK_N,
+                )  # fmt: skip
+                dq += _dot_in(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
 
-    dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
-    tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    if TABLE_GRAD:
+        # Zeros over the slab chunks of each layer that no key tile wrote: before
+        # the layer's first and after its last (causal attention stops early).
+        n_done = tl.cdiv(n_end, BLOCK_N) * BLOCK_N
+        for chunk in tl.static_range(n_chunks):
+            for rest in range(0, slab_rows, BLOCK_N):
+                if (rest < chunk * BLOCK_N) | (rest >= n_done + chunk * BLOCK_N):
+                    _store_slab_chunk(
+                        slab_pe_tile, slab_pb_tile, chunk * slab_rows + rest, tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC),
+                        tl.zeros([BLOCK_N], dtype=ACC), d, offs_d, d_ok, BLOCK_N,
+                    )  # fmt: skip
+    else:
+        dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
+        tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def rel_attention_pos_grad_reduce_kernel(
+    slab_pe_ptr,  # [B, H, n_query_tiles, n_chunks, slab_rows, d] contiguous, ACC
+    slab_pb_ptr,  # [B, H, n_query_tiles, n_chunks, slab_rows] contiguous, ACC
+    grad_pe_ptr,  # [W, H, d] contiguous, ACC
+    grad_pb_ptr,  # [W, H] contiguous, ACC
+    L,
+    B,
+    H,
+    d,
+    W,
+    n_query_tiles,
+    slab_rows,
+    QUERY_TILE: tl.constexpr,  # the dq kernel's BLOCK_M
+    KEY_TILE: tl.constexpr,  # and BLOCK_N
+    BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Sum of the dq kernel's slabs per window row, batch after batch, query
+    tile after query tile, chunk after chunk: the same order on every call."""
+    n_chunks: tl.constexpr = band_chunks(QUERY_TILE, KEY_TILE)
+    # Row blocks on grid axis 0: their count grows with the sequence (axis 1
+    # stops at 65535 blocks), heads on axis 1.
+    rows = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < d
+    grad_pe = tl.zeros([BLOCK_W, BLOCK_D], dtype=grad_pe_ptr.dtype.element_ty)
+    grad_pb = tl.zeros([BLOCK_W], dtype=grad_pb_ptr.dtype.element_ty)
+    for b in range(B):
+        for tile in range(n_query_tiles):
+            slab_row = rows - (L - (tile + 1) * QUERY_TILE)
+            row_ok = (slab_row >= 0) & (slab_row < slab_rows) & (rows < W)
+            for chunk in tl.static_range(n_chunks):
+                slab = (((b * H + h) * n_query_tiles + tile) * n_chunks + chunk).to(tl.int64) * slab_rows + slab_row
+                grad_pe += tl.load(
+                    slab_pe_ptr + (slab[:, None] * d + offs_d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                )
+                grad_pb += tl.load(slab_pb_ptr + slab, mask=row_ok, other=0.0)
+    row_ok = rows < W
+    tl.store(grad_pe_ptr + (rows[:, None] * H + h) * d + offs_d[None, :], grad_pe, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(grad_pb_ptr + rows * H + h, grad_pb, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -437,12 +581,13 @@ def rel_attention_bwd_dkdv_kernel(
     pe_ptr,  # [K + L - 1, H, d]
     pb_ptr,  # [K + L - 1, H]
     u_ptr,  # [H, d]
+    mask_ptr,  # [B or 1, L or 1, cdiv(K, 32)] int32 bits; read only when has_mask
     do_ptr,  # [L, B, H, d] gradient of out
     lse_ptr,  # [B, H, L] contiguous, ACC
     delta_ptr,  # [B, H, L] contiguous, ACC
     dk_ptr,  # [K, B, H, d] contiguous
     dv_ptr,  # [K, B, H, d] contiguous
-    grad_u_partial_ptr,  # [B, H, n_key_tiles, d] contiguous, ACC
+    grad_u_partial_ptr,  # [B, H, key_tile_slots, d] contiguous, ACC, zeroed
     stride_q_l,
     stride_q_b,
     stride_q_h,
@@ -462,6 +607,8 @@ def rel_attention_bwd_dkdv_kernel(
     stride_pb_h,
     stride_u_h,
     stride_u_d,
+    stride_mask_b,
+    stride_mask_l,
     stride_do_l,
     stride_do_b,
     stride_do_h,
@@ -471,18 +618,22 @@ def rel_attention_bwd_dkdv_kernel(
     B,
     H,
     d,
+    key_tile_slots,  # key tiles of the narrowest autotuned BLOCK_N: room for any config's
     scale,
     causal,
+    has_mask,
     seed,
     offset,
     threshold,
     dropout_scale,
+    L_bucket,
+    K_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    D_CHUNK: tl.constexpr,
     ACC: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
     batch_head = tl.program_id(0)
@@ -509,6 +660,7 @@ def rel_attention_bwd_dkdv_kernel(
     do_head = do_ptr + b * stride_do_b + h * stride_do_h
     pe_head = pe_ptr + h * stride_pe_h
     pb_head = pb_ptr + h * stride_pb_h
+    mask_batch = mask_ptr + b * stride_mask_b
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
@@ -531,29 +683,29 @@ def rel_attention_bwd_dkdv_kernel(
         stats_offset = batch_head.to(tl.int64) * L + offs_i
         lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
-        scores = _tile_scores(
-            qu, k, q_head, pe_head, pb_head, stride_q_l, stride_q_d, stride_pe_r, stride_pe_d, stride_pb_r,
-            m_start, n_start, L, K, d, scale, causal,
-            BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNK, ACC, UPCAST_DOTS,
+        scores = _masked_scores(
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
-        grad_probs = _dot(do, tl.trans(v), ACC, UPCAST_DOTS)
+        grad_probs = _dot_in(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
-            dv += _dot(tl.trans(tl.where(kept, probs * dropout_scale, 0.0).to(do.dtype)), do, ACC, UPCAST_DOTS)
+            dropped_probs = tl.where(kept, probs * dropout_scale, 0.0)
         else:
-            dv += _dot(tl.trans(probs.to(do.dtype)), do, ACC, UPCAST_DOTS)
+            dropped_probs = probs
+        dv += _dot_in(tl.trans(dropped_probs.to(do.dtype)), do, ACC, UPCAST_DOTS, PRECISION)
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
-        dk += _dot(tl.trans(grad_scores.to(qu.dtype)), qu, ACC, UPCAST_DOTS)
+        dk += _dot_in(tl.trans(grad_scores.to(qu.dtype)), qu, ACC, UPCAST_DOTS, PRECISION)
         grad_scores_colsum += tl.sum(grad_scores, axis=0)
 
     out_offset = ((offs_j[:, None] * B + b) * H + h) * d + offs_d[None, :]
     tl.store(dk_ptr + out_offset, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offset, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    n_key_tiles = tl.num_programs(1)
     tl.store(
-        grad_u_partial_ptr + ((batch_head.to(tl.int64) * n_key_tiles + tl.program_id(1)) * d + offs_d),
+        grad_u_partial_ptr + ((batch_head.to(tl.int64) * key_tile_slots + tl.program_id(1)) * d + offs_d),
         tl.sum(grad_scores_colsum[:, None] * k.to(ACC), axis=0),
         mask=d_ok,
     )
@@ -563,106 +715,253 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _interpreter_options(dtype: torch.dtype) -> dict:
-    return dict(UPCAST_DOTS=dtype == torch.bfloat16 and interpreter_enabled())
+def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
+    """The same tiles for several tile classes at one BLOCK_D."""
+    return {(name, tile_class, block_d): tiles for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
 
 
-# The configurations the GPU launches, every one of them in AOT_SPECS:
-# (kernel, dtype, BLOCK_D) -> (BLOCK_M, BLOCK_N, num_warps, D_CHUNK). Measured
-# with ``python -m fastformers.gpu_report`` as tiles that compile without
-# spills on sm_80 and sm_90; float32 with BLOCK_D = 128 spilled at every tile
-# tried (its "ieee" dots run on CUDA cores, which replicate the d-long operand
-# rows per thread), so it is not offered.
-_TILES = {
-    ("fwd", "fp32", 32): (32, 32, 8, 2),
-    ("fwd", "fp32", 64): (32, 32, 8, 2),
-    ("fwd", "bf16", 32): (32, 32, 8, 2),
-    ("fwd", "bf16", 64): (32, 32, 8, 2),
-    ("fwd", "bf16", 128): (32, 32, 8, 2),
-    ("dq", "fp32", 32): (16, 16, 8, 8),
-    ("dq", "fp32", 64): (16, 16, 8, 8),
-    ("dq", "bf16", 32): (16, 16, 8, 8),
-    ("dq", "bf16", 64): (16, 16, 8, 8),
-    ("dq", "bf16", 128): (16, 16, 8, 4),
-    ("dkdv", "fp32", 32): (32, 32, 8, 2),
-    ("dkdv", "fp32", 64): (16, 16, 8, 8),
-    ("dkdv", "bf16", 32): (32, 32, 4, 1),
-    ("dkdv", "bf16", 64): (32, 32, 8, 2),
-    ("dkdv", "bf16", 128): (16, 32, 8, 4),
+# The configurations the GPU launches, every one of them in AOT_SPECS, per
+# arch: {arch: {(kernel, tile class, BLOCK_D): the (BLOCK_M, BLOCK_N,
+# num_warps, num_stages) that ``triton.autotune`` picks from}}, keyed on (L, K)
+# rounded up to powers of 2. A GPU launches its arch's table (:func:`_arch`),
+# and each entry is a tile that compiles without spills on that arch
+# (``python -m fastformers.gpu_report --kernel rel_attention``). Classes:
+# "16bit" (bfloat16, float16), "tf32" and "ieee" (float32 at "highest"
+# precision, whose products run on CUDA cores), each with ",dropout" (the
+# Philox bits cost registers). A (class, BLOCK_D) runs on the kernels only
+# where all four launches have an entry; the rest runs the reference with a
+# reason (:func:`gpu_unsupported_reason`). "dq" and "table" are the two
+# launches of the dq kernel (TABLE_GRAD off and on); "table" is not
+# autotuned (its scratch depends on the tile), and both need BLOCK_M <= BLOCK_N.
+#
+# float32 at d <= 64: 16-row query tiles, 4 warps, 1 stage (32-row TF32
+# forwards); dk/dv 32x32 on 8 warps (4 spilled). IEEE products take CUDA-core
+# FMAs, TF32 ones HMMA on both archs (wgmma wants 64-row tiles; the 64x32 TF32
+# forward with dropout spilled on sm_90).
+_FLOAT32_TILES = {
+    **_entries(("tf32", "tf32,dropout"), 64, fwd=((32, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
+               dkdv=((32, 32, 8, 1),)),
+    **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
+               dkdv=((32, 32, 8, 1),)),
 }
-_GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-_MIN_BLOCK_D = 32
+_TILES_SM80 = {
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
+               table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    # d = 128: 32-row forward tiles on 8 warps (64 rows, or 4 warps, spilled),
+    # 16-row dq and dk/dv tiles (32 rows spilled 8-80 B).
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1),), dq=((16, 32, 4, 1),),
+               table=((32, 32, 8, 1),), dkdv=((16, 32, 8, 1),)),
+    **_FLOAT32_TILES,
+}
+_TILES_SM90 = {
+    # wgmma (HGMMA) takes 64-row tiles: dq and table launches at 64x64 without
+    # dropout; with it they spilled 104 B, so they stay at sm_80's tiles
+    # (HMMA). dk/dv at 64x64 spilled 24 B (344 B with dropout): 32x64, whose
+    # 64-key products run on wgmma.
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dkdv=((32, 64, 8, 1),)),
+    **_entries(("16bit",), 64, dq=((64, 64, 8, 1),), table=((64, 64, 8, 1),)),
+    **_entries(("16bit,dropout",), 64, dq=((32, 64, 8, 1),), table=((32, 32, 8, 1),)),
+    # d = 128: the forward's 64-row tile on wgmma; the backward on 32-row
+    # tiles (16-row dq with dropout: 32 rows spilled 24 B).
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((64, 32, 8, 1),), table=((32, 32, 8, 1),),
+               dkdv=((32, 32, 8, 1),)),
+    ("dq", "16bit", 128): ((32, 32, 8, 1),),
+    ("dq", "16bit,dropout", 128): ((16, 32, 4, 1),),
+    **_FLOAT32_TILES,
+    # IEEE table launch with dropout: 4 warps spilled 16 B on sm_90 (8 warps without dropout spilled 24 B).
+    ("table", "ieee,dropout", 64): ((16, 32, 8, 1),),
+}
+_TILES = {"sm80": _TILES_SM80, "sm90": _TILES_SM90}
+_ARCH_NUMBERS = {"sm80": 80, "sm90": 90}
+# GPU dtype -> (name in kernel labels, AOT pointer type); float32 splits by precision.
+_GPU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_VARIANTS = {"fp32": ("fp32", "ieee"), "tf32": ("fp32", "tf32"), "bf16": ("bf16", "ieee"), "fp16": ("fp16", "ieee")}
+_BLOCK_DS = (64, 128)
+_KERNELS = {
+    "fwd": rel_attention_fwd_kernel,
+    "dq": rel_attention_bwd_dq_kernel,
+    "table": rel_attention_bwd_dq_kernel,
+    "dkdv": rel_attention_bwd_dkdv_kernel,
+}
+# Constexpr modes of the launches that share a kernel, with their AOT label suffixes.
+_MODES = {"dq": (dict(TABLE_GRAD=False), ""), "table": (dict(TABLE_GRAD=True), ",table")}
 
 
-def _widest_block_d(dtype_name: str) -> int:
-    return max(block_d for _, name, block_d in _TILES if name == dtype_name)
+def _kernel(kernel_name: str):
+    """The kernel by its module-level name at launch time (which
+    :mod:`fastformers.testing.launch_check` swaps for recorders)."""
+    return globals()[_KERNELS[kernel_name].fn.__name__]
+# The interpreter's tiles: small (BLOCK_N a whole mask word), so that tiny test
+# shapes span several tiles; tests swap in others (e.g. BLOCK_M > BLOCK_N,
+# three band chunks per tile).
+INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "table": (16, 32), "dkdv": (16, 32)}
+# Window rows per program of the positional-gradient reduction, and its launch
+# options (4 warps spilled on sm_90).
+_REDUCE_ROWS = 32
+_REDUCE_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
-def _tile_config(kernel_name: str, dtype_name: str, block_d: int) -> dict:
-    """Constexprs and launch options of one ``_TILES`` entry."""
-    block_m, block_n, num_warps, d_chunk = _TILES[kernel_name, dtype_name, block_d]
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNK=d_chunk)
-    if kernel_name == "dq":
-        config["BLOCK_R"] = triton.next_power_of_2(block_m + block_n - 1)
-    return dict(config, num_warps=num_warps, num_stages=2)
+def _tile_class(variant: str, dropout: bool) -> str:
+    """The ``_TILES`` class of a dtype variant: dropout's Philox bits need registers too."""
+    return {"fp32": "ieee", "tf32": "tf32"}.get(variant, "16bit") + (",dropout" if dropout else "")
 
 
-def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def float32_precision() -> str:
+    """``input_precision`` of float32 products: TF32 when torch allows it for matmuls."""
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
+def _variant(dtype: torch.dtype) -> str:
+    name = _GPU_DTYPES[dtype]
+    return "tf32" if name == "fp32" and float32_precision() == "tf32" else name
+
+
+def _arch(device: Optional[torch.device]) -> str:
+    """The ``_TILES`` table a GPU launches: sm_90's on compute capability 9.x,
+    sm_80's on every other (and where no GPU says, e.g. meta tensors)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(device)
+        return "sm90" if major == 9 else "sm80"
+    return "sm80"
+
+
+def _block_ds(arch: str, tile_class: str) -> list:
+    """The BLOCK_Ds at which all four launches of ``tile_class`` have tiles on ``arch``."""
+    return [
+        block_d for block_d in _BLOCK_DS
+        if all((name, tile_class, block_d) in _TILES[arch] for name in _KERNELS)
+    ]  # fmt: skip
+
+
+def gpu_unsupported_reason(dtype: torch.dtype, head_dim: int, dropout: bool = False,
+                           device: Optional[torch.device] = None) -> Optional[str]:
     """Why no checked GPU configuration takes queries of ``dtype`` with head dim
-    ``head_dim``, and what to change (None if one does)."""
-    dtype_name = _GPU_DTYPES.get(dtype)
-    if dtype_name is None:
+    ``head_dim`` (with attention dropout if ``dropout``) on ``device`` (a CUDA
+    device; None: the current one), and what to change (None if one does)."""
+    if dtype not in _GPU_DTYPES:
         return (
-            f"the Triton rel_attention kernels run float32 and bfloat16 on GPUs, got {dtype}: use float32 or "
-            "torch.autocast('cuda', dtype=torch.bfloat16)"
+            f"the Triton rel_attention kernels run float32, bfloat16 and float16 on GPUs, got {dtype}: use one of "
+            "those (or torch.autocast('cuda'))"
         )
-    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(head_dim))
-    if (dtype_name, block_d) not in {(name, width) for _, name, width in _TILES}:
-        widest = _widest_block_d(dtype_name)
-        advice = "use more heads" if dtype_name == "bf16" else "use bfloat16 autocast (d <= 128) or more heads"
+    arch = _arch(device)
+    variant = _variant(dtype)
+    widths = _block_ds(arch, _tile_class(variant, dropout))
+    what = (
+        f"{dtype}" + {"fp32": " at 'highest' matmul precision", "tf32": " as TF32"}.get(variant, "")
+        + (" with dropout" if dropout else "") + f" on {arch}"
+    )  # fmt: skip
+    if not widths:
         return (
-            f"the Triton rel_attention kernels take head dim d <= {widest} for {dtype} on GPUs, got d={head_dim}: "
-            f"{advice}"
+            f"the Triton rel_attention kernels have no checked GPU configuration for {what} (every tile tried "
+            "spilled registers): use torch.autocast('cuda', dtype=torch.bfloat16)"
+        )
+    if head_dim > max(widths):
+        return (
+            f"the Triton rel_attention kernels take head dim d <= {max(widths)} for {what}, got d={head_dim}: use "
+            "more heads" + ("" if variant in ("bf16", "fp16") else " or torch.autocast('cuda', dtype=torch.bfloat16)")
         )
     return None
 
 
-def _block_config(kernel_name: str, query: torch.Tensor) -> dict:
-    """The launch configuration of ``kernel_name`` for ``query [L, B, H, d]``.
-
-    On a GPU only the ``_TILES`` configurations launch (float32 with d <= 64,
-    bfloat16 with d <= 128; d is padded to a power of 2 >= 32), each compiled
-    and checked for spills by the AOT check; anything else is refused here
-    rather than compiled unchecked. The interpreter takes every dtype (float64
-    is how the kernels are verified) and head dim, with the float32 tiles of
-    the widest entry for wider heads, and steps through the positional term in
-    two chunks: registers are no concern there, but each loop step costs
-    interpreter time (the second chunk is partly masked when d is not a power
-    of 2, which the tests rely on).
-    """
-    head_dim = query.shape[-1]
-    block_d = max(_MIN_BLOCK_D, triton.next_power_of_2(head_dim))
-    dtype_name = _GPU_DTYPES.get(query.dtype)
-    if not interpreter_enabled():
-        if dtype_name is None:
-            raise TypeError(
-                f"the Triton rel_attention kernels run float32 and bfloat16 on GPUs, got {query.dtype}"
-                " (use backend='reference')"
-            )
-        if (kernel_name, dtype_name, block_d) not in _TILES:
-            raise ValueError(
-                f"the Triton rel_attention kernels take head dim d <= {_widest_block_d(dtype_name)} for {query.dtype}"
-                f" on GPUs, got d={head_dim} (use backend='reference')"
-            )
-        return _tile_config(kernel_name, dtype_name, block_d)
-    dtype_name = dtype_name or "fp32"
-    config = _tile_config(kernel_name, dtype_name, min(block_d, _widest_block_d(dtype_name)))
-    config.update(BLOCK_D=block_d, D_CHUNK=block_d // 2)
-    return config
+def _gpu_block_d(arch: str, tile_class: str, head_dim: int) -> int:
+    return next(block_d for block_d in _block_ds(arch, tile_class) if head_dim <= block_d)
 
 
-def _strides4(tensor: torch.Tensor):
-    return tuple(tensor.stride())
+def _config(kernel_name: str, tile: tuple, block_d: int) -> dict:
+    block_m, block_n, num_warps, num_stages = tile
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+
+
+def _gpu_tiles(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
+    """``(the _TILES entry, BLOCK_D)`` the GPU of ``query`` launches ``kernel_name`` with."""
+    reason = gpu_unsupported_reason(query.dtype, query.shape[-1], dropout, query.device)
+    if reason is not None:
+        raise (TypeError if query.dtype not in _GPU_DTYPES else ValueError)(reason + " (or backend='reference')")
+    arch, tile_class = _arch(query.device), _tile_class(_variant(query.dtype), dropout)
+    block_d = _gpu_block_d(arch, tile_class, query.shape[-1])
+    return _TILES[arch][kernel_name, tile_class, block_d], block_d
+
+
+_AUTOTUNED = {}
+
+
+def _autotuned(kernel_name: str, arch: str, variant: str, block_d: int, dropout: bool):
+    """The kernel autotuned over its ``_TILES`` entry (one autotuner, and cache, per entry)."""
+    key = (kernel_name, arch, variant, block_d, dropout)
+    if key not in _AUTOTUNED:
+        configs = [
+            triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in _TILES[arch][kernel_name, _tile_class(variant, dropout), block_d]
+        ]
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["L_bucket", "K_bucket"])(_KERNELS[kernel_name])
+    return _AUTOTUNED[key]
+
+
+def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
+    """Launch ``kernel_name``: on a GPU autotuned over its ``_TILES`` entry, under
+    the interpreter with :data:`INTERPRETER_TILES`. ``grid`` maps the chosen
+    constexprs to the grid."""
+    arg_names = _KERNELS[kernel_name].arg_names
+    L, K = args[arg_names.index("L")], args[arg_names.index("K")]
+    buckets = dict(L_bucket=max(16, triton.next_power_of_2(L)), K_bucket=max(16, triton.next_power_of_2(K)))
+    acc_tl, _ = _acc_dtype(query.dtype)
+    options = dict(ACC=acc_tl, PRECISION="ieee" if query.dtype != torch.float32 else float32_precision(), **constexprs,
+                   **_MODES.get(kernel_name, ({}, ""))[0])
+    if interpreter_enabled():
+        block_m, block_n = INTERPRETER_TILES[kernel_name]
+        options.update(
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
+            UPCAST_DOTS=query.dtype in (torch.bfloat16, torch.float16),
+        )  # fmt: skip
+        _kernel(kernel_name)[grid(options)](*args, **buckets, **options)
+        return
+    dropout = constexprs["DROPOUT"]
+    tiles, block_d = _gpu_tiles(kernel_name, query, dropout)
+    options.update(UPCAST_DOTS=False)
+    # Autotuning times launches, which needs a GPU; elsewhere (meta tensors of
+    # the launch check) the first tile stands for them all.
+    if len(tiles) == 1 or not query.is_cuda:
+        config = _config(kernel_name, tiles[0], block_d)
+        _kernel(kernel_name)[grid(config)](*args, **buckets, **options, **config)
+        return
+    _autotuned(kernel_name, _arch(query.device), _variant(query.dtype), block_d, dropout)[grid](
+        *args, **buckets, **options, BLOCK_D=block_d
+    )
+
+
+def _tile_shape(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
+    """(BLOCK_M, BLOCK_N) of a kernel that is not autotuned, as :func:`_launch` launches it."""
+    if interpreter_enabled():
+        return INTERPRETER_TILES[kernel_name]
+    tiles, _ = _gpu_tiles(kernel_name, query, dropout)
+    (block_m, block_n, _, _), = tiles
+    return block_m, block_n
+
+
+def _min_block_n(kernel_name: str, query: torch.Tensor, dropout: bool) -> int:
+    if interpreter_enabled():
+        return INTERPRETER_TILES[kernel_name][1]
+    tiles, _ = _gpu_tiles(kernel_name, query, dropout)
+    return min(block_n for _, block_n, _, _ in tiles)
+
+
+def _mask_args(mask: Optional[torch.Tensor], device) -> tuple:
+    """``(mask bits, (batch, query) strides, has_mask)`` for the kernels: the
+    bool ``[L or 1, K, B or 1]`` mask as ``[B or 1, L or 1, cdiv(K, 32)]`` int32
+    words (bit ``j % 32`` of word ``j // 32`` says whether key ``j`` is
+    visible), broadcast dimensions with stride 0; a one-word stand-in without a mask."""
+    if mask is None:
+        return torch.full((1,), -1, dtype=torch.int32, device=device), (0, 0), 0
+    K = mask.shape[1]
+    padded = torch.nn.functional.pad(mask.permute(2, 0, 1), (0, -K % 32))
+    weights = torch.ones((), dtype=torch.int64, device=device) << torch.arange(32, device=device)
+    words = (padded.unflatten(-1, (-1, 32)).to(torch.int64) * weights).sum(-1)
+    # Bit 31 set is a negative int32: keep the low 32 bits.
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    strides = tuple(0 if words.shape[dim] == 1 else words.stride(dim) for dim in (0, 1))
+    return words, strides, 1
 
 
 def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple:
@@ -673,83 +972,99 @@ def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple:
 
 
 def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale: float, causal: bool,
-                          dropout_p: float = 0.0, seed: int = 0, offset: int = 0):
+                          dropout_p: float = 0.0, seed: int = 0, offset: int = 0, mask: Optional[torch.Tensor] = None):
     """Forward of relative-position attention.
 
     query ``[L, B, H, d]``, key and value ``[K, B, H, d]`` (``K = M + L``),
     pos_emb ``[K + L - 1, H, d]``, pos_bias ``[K + L - 1, H]``, query_pos_bias
     ``[H, d]``; any strides. ``dropout_p``, ``seed``, ``offset``: attention
-    dropout (mask layout ``[B, H, L, K]``). Returns ``out [L, B, H, d]``
-    (query's dtype) and the row log-sum-exp ``lse [B, H, L]`` (float32, float64
-    for float64 inputs) of the undropped scores.
+    dropout (mask layout ``[B, H, L, K]``). ``mask``: bool ``[L or 1, K, B or
+    1]`` (True = visible) besides ``causal``, or None. Returns ``out [L, B, H,
+    d]`` (query's dtype) and the row log-sum-exp ``lse [B, H, L]`` (float32,
+    float64 for float64 inputs) of the undropped scores.
     """
     L, B, H, d = query.shape
     K = key.shape[0]
-    acc_tl, acc_torch = _acc_dtype(query.dtype)
+    _, acc_torch = _acc_dtype(query.dtype)
     out = query.new_empty((L, B, H, d))
     lse = torch.empty((B, H, L), dtype=acc_torch, device=query.device)
-    config = _block_config("fwd", query)
+    mask_bytes, mask_strides, has_mask = _mask_args(mask, query.device)
     dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
-    grid = (B * H, triton.cdiv(L, config["BLOCK_M"]))
-    rel_attention_fwd_kernel[grid](
-        query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse,
-        *_strides4(query), *_strides4(key), *_strides4(value),
-        *pos_emb.stride(), *pos_bias.stride(), *query_pos_bias.stride(), *_strides4(out),
-        L, K, H, d, float(scale), int(causal), *dropout_args,
-        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **config,
+    _launch(
+        "fwd", query, lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"])),
+        query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, lse,
+        *query.stride(), *key.stride(), *value.stride(), *pos_emb.stride(), *pos_bias.stride(),
+        *query_pos_bias.stride(), *mask_strides, *out.stride(),
+        L, K, H, d, float(scale), int(causal), has_mask, *dropout_args,
+        **dropout_flag,
     )  # fmt: skip
     return out, lse
 
 
 def rel_attention_backward(
     grad_out, query, key, value, pos_emb, pos_bias, query_pos_bias, out, lse, scale: float, causal: bool,
-    dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
+    dropout_p: float = 0.0, seed: int = 0, offset: int = 0, mask: Optional[torch.Tensor] = None,
 ):
     """Gradients of :func:`rel_attention_forward` from ``grad_out [L, B, H, d]``.
 
     Returns grad_query ``[L, B, H, d]``, grad_key and grad_value ``[K, B, H, d]``,
     grad_pos_emb ``[K + L - 1, H, d]``, grad_pos_bias ``[K + L - 1, H]`` and
-    grad_query_pos_bias ``[H, d]``. The positional gradients are summed with
-    atomic adds in the accumulation dtype (float32, float64 for float64 inputs),
-    so their last bits may vary between runs; every other gradient is
-    deterministic.
+    grad_query_pos_bias ``[H, d]``, all summed in a fixed order: identical
+    calls give bit-identical gradients. The positional gradients go through a
+    scratch of ``B·H·cdiv(L, BLOCK_M)·(K + 2·BLOCK_N)·d`` accumulation-dtype
+    elements (each query tile's partial sums over its window rows).
     """
     L, B, H, d = query.shape
     K = key.shape[0]
-    acc_tl, acc_torch = _acc_dtype(query.dtype)
-    dq_config = _block_config("dq", query)
-    dkdv_config = _block_config("dkdv", query)
-    n_query_tiles = triton.cdiv(L, dq_config["BLOCK_M"])
-    n_key_tiles = triton.cdiv(K, dkdv_config["BLOCK_N"])
-    dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
+    W = K + L - 1
+    _, acc_torch = _acc_dtype(query.dtype)
     device = query.device
+    mask_bytes, mask_strides, has_mask = _mask_args(mask, device)
+    dropout_args, dropout_flag = _dropout_args(dropout_p, seed, offset)
+    common = (L, K, B, H, d)
+    runtime = (float(scale), int(causal), has_mask, *dropout_args)
+    input_strides = (
+        *query.stride(), *key.stride(), *value.stride(), *pos_emb.stride(), *pos_bias.stride(),
+        *query_pos_bias.stride(), *mask_strides,
+    )  # fmt: skip
 
     grad_query = query.new_empty((L, B, H, d))
+    delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
+    dq_block_m, dq_block_n = _tile_shape("table", query, dropout_flag["DROPOUT"])
+    n_query_tiles = triton.cdiv(L, dq_block_m)
+    n_chunks = band_chunks(dq_block_m, dq_block_n)
+    slab_rows = (triton.cdiv(K, dq_block_n) + n_chunks - 1) * dq_block_n
+    slab_pe = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows, d), dtype=acc_torch, device=device)
+    slab_pb = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows), dtype=acc_torch, device=device)
+    # The same loop twice: one launch accumulating dq, one writing the table's
+    # partial sums; together they needed more registers than a GPU thread has.
+    for kernel_name in ("dq", "table"):
+        _launch(
+            kernel_name, query, lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"])),
+            query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, grad_out, lse, delta,
+            grad_query, slab_pe, slab_pb, *input_strides, *out.stride(), *grad_out.stride(),
+            *common, slab_rows, *runtime,
+            **dropout_flag,
+        )  # fmt: skip
+
+    grad_pos_emb = torch.empty((W, H, d), dtype=acc_torch, device=device)
+    grad_pos_bias = torch.empty((W, H), dtype=acc_torch, device=device)
+    rel_attention_pos_grad_reduce_kernel[(triton.cdiv(W, _REDUCE_ROWS), H)](
+        slab_pe, slab_pb, grad_pos_emb, grad_pos_bias, L, B, H, d, W, n_query_tiles, slab_rows,
+        QUERY_TILE=dq_block_m, KEY_TILE=dq_block_n, BLOCK_W=_REDUCE_ROWS, BLOCK_D=_reduce_block_d(query, dropout_flag["DROPOUT"]), **_REDUCE_LAUNCH,
+    )  # fmt: skip
+
     grad_key = key.new_empty((K, B, H, d))
     grad_value = value.new_empty((K, B, H, d))
-    # Only the window's rows, never the full [2P, H, d] table.
-    grad_pos_emb = torch.zeros((K + L - 1, H, d), dtype=acc_torch, device=device)
-    grad_pos_bias = torch.zeros((K + L - 1, H), dtype=acc_torch, device=device)
-    grad_u_partial = torch.empty((B, H, n_key_tiles, d), dtype=acc_torch, device=device)
-    delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
-
-    common_strides = (
-        *_strides4(query), *_strides4(key), *_strides4(value),
-        *pos_emb.stride(), *pos_bias.stride(), *query_pos_bias.stride(),
-    )  # fmt: skip
-    rel_attention_bwd_dq_kernel[(B * H, n_query_tiles)](
-        query, key, value, pos_emb, pos_bias, query_pos_bias, out, grad_out, lse, delta,
-        grad_query, grad_pos_emb, grad_pos_bias,
-        *common_strides, *_strides4(out), *_strides4(grad_out),
-        L, K, B, H, d, float(scale), int(causal), *dropout_args,
-        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **dq_config,
-    )  # fmt: skip
-    rel_attention_bwd_dkdv_kernel[(B * H, n_key_tiles)](
-        query, key, value, pos_emb, pos_bias, query_pos_bias, grad_out, lse, delta,
-        grad_key, grad_value, grad_u_partial,
-        *common_strides, *_strides4(grad_out),
-        L, K, B, H, d, float(scale), int(causal), *dropout_args,
-        ACC=acc_tl, **_interpreter_options(query.dtype), **dropout_flag, **dkdv_config,
+    key_tile_slots = triton.cdiv(K, _min_block_n("dkdv", query, dropout_flag["DROPOUT"]))
+    # Zeroed: a wider autotuned key tile fills fewer slots than there are.
+    grad_u_partial = torch.zeros((B, H, key_tile_slots, d), dtype=acc_torch, device=device)
+    _launch(
+        "dkdv", query, lambda meta: (B * H, triton.cdiv(K, meta["BLOCK_N"])),
+        query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, grad_out, lse, delta,
+        grad_key, grad_value, grad_u_partial, *input_strides, *grad_out.stride(),
+        *common, key_tile_slots, *runtime,
+        **dropout_flag,
     )  # fmt: skip
     grad_query_pos_bias = grad_u_partial.sum(dim=(0, 2))
     return (
@@ -762,25 +1077,41 @@ def rel_attention_backward(
     )
 
 
-_KERNEL_NAMES = {"fwd": "rel_attention_fwd_kernel", "dq": "rel_attention_bwd_dq_kernel", "dkdv": "rel_attention_bwd_dkdv_kernel"}
+def _reduce_block_d(query: torch.Tensor, dropout: bool) -> int:
+    """BLOCK_D of the reduction: the table launch's."""
+    if interpreter_enabled():
+        return max(16, triton.next_power_of_2(query.shape[-1]))
+    _, block_d = _gpu_tiles("table", query, dropout)
+    return block_d
+
+
 _POINTERS = {
-    rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", "out", ("lse", "acc")),
+    rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", ("lse", "acc")),
     rel_attention_bwd_dq_kernel: (
-        "q", "k", "v", "pe", "pb", "u", "out", "do", ("lse", "acc"), ("delta", "acc"),
-        "dq", ("grad_pe", "acc"), ("grad_pb", "acc"),
+        "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", "do", ("lse", "acc"), ("delta", "acc"),
+        "dq", ("slab_pe", "acc"), ("slab_pb", "acc"),
     ),
-    rel_attention_bwd_dkdv_kernel: ("q", "k", "v", "pe", "pb", "u", "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv", ("grad_u_partial", "acc")),
+    rel_attention_bwd_dkdv_kernel: (
+        "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv",
+        ("grad_u_partial", "acc"),
+    ),
+    rel_attention_pos_grad_reduce_kernel: (
+        ("slab_pe", "acc"), ("slab_pb", "acc"), ("grad_pe", "acc"), ("grad_pb", "acc"),
+    ),
 }  # fmt: skip
-_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_R", "BLOCK_D", "D_CHUNK", "ACC", "UPCAST_DOTS", "DROPOUT")
+_CONSTEXPRS = (
+    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "TABLE_GRAD", "QUERY_TILE",
+    "KEY_TILE", "BLOCK_W",
+)  # fmt: skip
 _FLOAT_SCALARS = ("scale", "dropout_scale")
 _INT64_SCALARS = ("seed", "offset", "threshold")
 
 
-def _signature(kernel, dtype: str, acc: str) -> dict:
+def _signature(kernel, dtype: str) -> dict:
     pointer_types = {}
     for entry in _POINTERS[kernel]:
         name, kind = entry if isinstance(entry, tuple) else (entry, "input")
-        pointer_types[f"{name}_ptr"] = f"*{acc if kind == 'acc' else dtype}"
+        pointer_types[f"{name}_ptr"] = "*" + {"acc": "fp32", "i32": "i32", "input": dtype}[kind]
     signature = {}
     for name in kernel.arg_names:
         if name in pointer_types:
@@ -797,21 +1128,39 @@ def _signature(kernel, dtype: str, acc: str) -> dict:
 
 
 def _aot_specs():
-    """Every configuration the GPU launches: each kernel at each ``_TILES``
-    entry, with the launchers' precision options, without and with dropout
-    (``causal`` is a runtime argument, so one compilation serves causal and
-    full attention)."""
-    kernels = dict(zip(_KERNEL_NAMES, _POINTERS))
+    """Every configuration a GPU launches, for the arch it launches on: each
+    kernel at each tile of its ``_TILES`` entry for every dtype variant, in
+    each of its modes, without and with dropout (``causal`` and ``has_mask``
+    are runtime arguments, so one compilation serves causal, full and
+    explicitly masked attention), and the reduction for each table tile."""
     specs = []
-    for (name, dtype_name, block_d) in _TILES:
-        config = _tile_config(name, dtype_name, block_d)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-        kernel = kernels[name]
-        for dropout in (False, True):
-            constexprs = {"ACC": tl.float32, "UPCAST_DOTS": False, "DROPOUT": dropout, **config}
-            label = f"{dtype_name},d{block_d}" + (",dropout" if dropout else "")
-            specs.append(AotSpec(kernel, _signature(kernel, dtype_name, "fp32"), constexprs, label=label, **launch))
+    for arch, tiles_of in _TILES.items():
+        on_arch = dict(archs=(_ARCH_NUMBERS[arch],))
+        for variant, (dtype, precision) in _VARIANTS.items():
+            for block_d, (name, kernel), dropout in itertools.product(_BLOCK_DS, _KERNELS.items(), (False, True)):
+                for tile in tiles_of.get((name, _tile_class(variant, dropout), block_d), ()):
+                    config = _config(name, tile, block_d)
+                    launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+                    mode, mode_label = _MODES.get(name, ({}, ""))
+                    constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
+                                      **mode, **config)
+                    label = _aot_label(arch, variant, block_d, tile, mode_label, dropout)
+                    specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch,
+                                         **on_arch))
+        kernel = rel_attention_pos_grad_reduce_kernel
+        table_tiles = {(block_d, m, n) for (name, _, block_d), tiles in tiles_of.items() if name == "table"
+                       for m, n, _, _ in tiles}
+        for block_d, query_tile, key_tile in sorted(table_tiles):
+            constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
+            label = f"{arch},d{block_d},m{query_tile}n{key_tile}"
+            specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, **_REDUCE_LAUNCH,
+                                 **on_arch))
     return specs
+
+
+def _aot_label(arch: str, variant: str, block_d: int, tile: tuple, mode_label: str, dropout: bool) -> str:
+    """The AOT spec label of a launch configuration (tests find a launch's spec by it)."""
+    return f"{arch},{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
 
 
 AOT_SPECS = _aot_specs()
