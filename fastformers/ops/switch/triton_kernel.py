@@ -84,6 +84,7 @@ import triton.language as tl
 from ...triton_utils import AotSpec, interpreter_enabled
 from ..dropout import naive as dropout_naive
 from ..dropout.triton_kernel import keep
+from ..triton_dot import mma
 
 ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "sigmoid": 3, "identity": 4}
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -101,18 +102,6 @@ def _jit(fn):
     """``triton.jit`` with no value specialisation of the kernel's _RUNTIME_ARGS."""
     return triton.jit(fn, do_not_specialize=[name for name in _RUNTIME_ARGS
                                              if name in inspect.signature(fn).parameters])
-
-
-@triton.jit
-def _mma(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """``a @ b`` accumulated in ACC; float32 operands as PRECISION says ("tf32" or "ieee")."""
-    if UPCAST_DOTS:
-        # The interpreter multiplies 16-bit tensors as numpy does (bf16 as raw
-        # bit patterns); their float32 forms are exact and so are the products,
-        # which is what the GPU's tensor cores accumulate in float32.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, out_dtype=ACC, input_precision=PRECISION)
 
 
 @triton.jit
@@ -340,7 +329,7 @@ def switch_in_kernel(
         k_ok = ks < d
         a = tl.load(x_ptr + (tokens[:, None] * d + ks[None, :]), mask=kept[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + (cols[None, :].to(tl.int64) * d + ks[:, None]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _mma(a, w, ACC, PRECISION, UPCAST_DOTS)
+        acc += mma(a, w, ACC, UPCAST_DOTS, PRECISION)
     acc += tl.load(b_ptr + expert * d_ff + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     acc = tl.where(kept[:, None], acc, 0.0)
     # hidden passes 2^31 elements on large inputs: one int64 offset per element.
@@ -404,7 +393,7 @@ def switch_out_kernel(
             a = a * _keep_scale(tokens, ks, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         w = tl.load(w_ptr + (cols[None, :].to(tl.int64) * d_ff + ks[:, None]), mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        acc += _mma(a.to(w.dtype), w, ACC, PRECISION, UPCAST_DOTS)
+        acc += mma(a.to(w.dtype), w, ACC, UPCAST_DOTS, PRECISION)
     acc += tl.load(b2_ptr + expert * d + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     at = tokens[:, None] * d + cols[None, :]
     mask = in_segment[:, None] & col_ok[None, :]
@@ -470,7 +459,7 @@ def switch_grad_hidden_kernel(
         gy = tl.load(grad_y_ptr + (tokens[:, None] * d + ks[None, :]), mask=kept[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + (ks[:, None].to(tl.int64) * d_ff + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        g += _mma(gy, w, ACC, PRECISION, UPCAST_DOTS)
+        g += mma(gy, w, ACC, UPCAST_DOTS, PRECISION)
     mask = kept[:, None] & col_ok[None, :]
     a, act, slope, v = _activated(hidden_ptr, rows, cols, mask, d_ff, activation, GATED, ACC)
     # G is the gradient of the activations after dropout: the mask scales a (for grad(scale)) and G
@@ -529,10 +518,10 @@ def switch_grad_x_kernel(
         w_at = weights + ks[:, None].to(tl.int64) * d + cols[None, :]
         w_mask = k_ok[:, None] & col_ok[None, :]
         gh = tl.load(grad_hidden_ptr + (gh_rows + ks[None, :]), mask=a_mask, other=0.0)
-        acc += _mma(gh, tl.load(w1_ptr + w_at, mask=w_mask, other=0.0), ACC, PRECISION, UPCAST_DOTS)
+        acc += mma(gh, tl.load(w1_ptr + w_at, mask=w_mask, other=0.0), ACC, UPCAST_DOTS, PRECISION)
         if GATED:
             gv = tl.load(grad_hidden_ptr + (gh_rows + d_ff + ks[None, :]), mask=a_mask, other=0.0)
-            acc += _mma(gv, tl.load(wg_ptr + w_at, mask=w_mask, other=0.0), ACC, PRECISION, UPCAST_DOTS)
+            acc += mma(gv, tl.load(wg_ptr + w_at, mask=w_mask, other=0.0), ACC, UPCAST_DOTS, PRECISION)
     at = tokens[:, None] * d + cols[None, :]
     mask = in_segment[:, None] & col_ok[None, :]
     gy = tl.load(grad_y_ptr + at, mask=mask & ~kept[:, None], other=0.0).to(ACC)
@@ -596,7 +585,7 @@ def switch_grad_w_in_kernel(
         gh = tl.load(grad_hidden_ptr + (ps[None, :] * width + half * d_ff + feats[:, None]),
                      mask=feat_ok[:, None] & p_ok[None, :], other=0.0)
         xs = tl.load(x_ptr + (tokens[:, None] * d + cols[None, :]), mask=p_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += _mma(gh, xs, ACC, PRECISION, UPCAST_DOTS)
+        acc += mma(gh, xs, ACC, UPCAST_DOTS, PRECISION)
         bias += tl.sum(gh.to(ACC), axis=1)
     _store_weight_grad(grad_w_ptr, grad_b_ptr, half * n_experts + expert, feats, cols, d_ff, d, acc, bias)
 
@@ -645,7 +634,7 @@ def switch_grad_w_out_kernel(
         if threshold > 0:
             a = a * _keep_scale(tokens, feats, d_ff, seed, offset, threshold, tl.load(keep_scale_ptr))
         operand = grad_y_ptr.dtype.element_ty
-        acc += _mma(gy.to(operand), a.to(operand), ACC, PRECISION, UPCAST_DOTS)
+        acc += mma(gy.to(operand), a.to(operand), ACC, UPCAST_DOTS, PRECISION)
         bias += tl.sum(gy, axis=1)
     _store_weight_grad(grad_w2_ptr, grad_b2_ptr, expert, outs, feats, d, d_ff, acc, bias)
 

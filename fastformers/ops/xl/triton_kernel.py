@@ -59,26 +59,14 @@ import triton.language as tl
 from ...triton_utils import AotSpec, interpreter_enabled
 from ..dropout import naive as dropout_naive
 from ..dropout.triton_kernel import keep
-
-
-@triton.jit
-def _dot_in(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
-    """``a @ b`` accumulated in ACC, float32 products at ``PRECISION``."""
-    if UPCAST_DOTS:
-        # The interpreter multiplies 16-bit float tensors as their raw bit
-        # patterns; the conversion to float32 is exact and so are the products
-        # in float32, so this computes what the GPU's dot with float32
-        # accumulation does.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, out_dtype=ACC, input_precision=PRECISION)
+from ..triton_dot import mma
 
 
 @triton.jit
 def _dot(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """``a @ b`` accumulated in ACC; float32 products in full IEEE precision
     (Triton's default for float32 would be TF32)."""
-    return _dot_in(a, b, ACC, UPCAST_DOTS, "ieee")
+    return mma(a, b, ACC, UPCAST_DOTS, "ieee")
 
 
 @triton.jit
@@ -206,9 +194,9 @@ def _masked_scores(
             pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
             offs_d, d_ok, BLOCK_N,
         )  # fmt: skip
-        band_scores = _dot_in(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
+        band_scores = mma(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
         positional = _skew(band_scores, chunk, positional, BLOCK_M, BLOCK_N)
-    scores = _dot_in(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION) + positional
+    scores = mma(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION) + positional
     return tl.where(visible, scores * scale, -float("inf"))
 
 
@@ -336,7 +324,7 @@ def rel_attention_fwd_kernel(
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             probs = tl.where(kept, probs * dropout_scale, 0.0)
-        acc = acc * rescale[:, None] + _dot_in(probs.to(v.dtype), v, ACC, UPCAST_DOTS, PRECISION)
+        acc = acc * rescale[:, None] + mma(probs.to(v.dtype), v, ACC, UPCAST_DOTS, PRECISION)
 
     # A row that saw no key: 0 / 0 = NaN output and log(0) = -inf log-sum-exp.
     out = acc / row_sum[:, None]
@@ -485,14 +473,14 @@ def rel_attention_bwd_dq_kernel(
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
-        grad_probs = _dot_in(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
+        grad_probs = mma(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
         # Gradient of the unscaled score (content + positional + bias).
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
         if not TABLE_GRAD:
-            dq += _dot_in(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
+            dq += mma(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
 
         gathered, in_chunk0 = _unskew(grad_scores, BLOCK_M, BLOCK_N)
         for chunk in tl.static_range(2):
@@ -501,7 +489,7 @@ def rel_attention_bwd_dq_kernel(
             else:
                 grad_band_scores = tl.where(in_chunk0, 0.0, gathered)
             if TABLE_GRAD:
-                grad_band = _dot_in(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
+                grad_band = mma(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
                 _store_slab_chunk(
                     slab_pe_tile, slab_pb_tile, chunk * slab_rows + n_start + chunk * BLOCK_N, grad_band,
                     tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
@@ -511,7 +499,7 @@ def rel_attention_bwd_dq_kernel(
                     pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
                     K + L - 1, offs_d, d_ok, BLOCK_N,
                 )  # fmt: skip
-                dq += _dot_in(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
+                dq += mma(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
 
     if TABLE_GRAD:
         # Zeros over the slab chunks of each layer that no key tile wrote: before
@@ -689,16 +677,16 @@ def rel_attention_bwd_dkdv_kernel(
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
-        grad_probs = _dot_in(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
+        grad_probs = mma(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
         if DROPOUT:
             kept = _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j)
             grad_probs = tl.where(kept, grad_probs * dropout_scale, 0.0)
             dropped_probs = tl.where(kept, probs * dropout_scale, 0.0)
         else:
             dropped_probs = probs
-        dv += _dot_in(tl.trans(dropped_probs.to(do.dtype)), do, ACC, UPCAST_DOTS, PRECISION)
+        dv += mma(tl.trans(dropped_probs.to(do.dtype)), do, ACC, UPCAST_DOTS, PRECISION)
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
-        dk += _dot_in(tl.trans(grad_scores.to(qu.dtype)), qu, ACC, UPCAST_DOTS, PRECISION)
+        dk += mma(tl.trans(grad_scores.to(qu.dtype)), qu, ACC, UPCAST_DOTS, PRECISION)
         grad_scores_colsum += tl.sum(grad_scores, axis=0)
 
     out_offset = ((offs_j[:, None] * B + b) * H + h) * d + offs_d[None, :]
