@@ -12,7 +12,9 @@ from fastformers.ops.feedback.op import feedback_memory
 
 checkout = pathlib.Path(__file__).resolve().parents[1]
 package = pathlib.Path(fastformers.__file__).resolve().parent
-if checkout in package.parents:
+# the checkout's own source tree; the virtualenv may live inside the checkout (.venv), and what is
+# installed into its site-packages is the installed package
+if package == checkout / "fastformers":
     sys.exit(f"fastformers was imported from the checkout ({package}), not from the installed package")
 if "cpp" not in fastformers.available_backends():
     sys.exit(f"the installed fastformers has no C++ extension (backends: {fastformers.available_backends()})")
