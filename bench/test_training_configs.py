@@ -25,5 +25,8 @@ def test_training_step(benchmark, size, implementation, dropout, precision):
         step = tb.step_fn(model, size, precision, DEVICE)
         step()
     except (RuntimeError, TypeError) as error:
-        pytest.skip(f"{implementation} cannot run this configuration: {str(error).splitlines()[0]}")
+        if implementation != "labml_nn":
+            raise  # our fused path must run every configuration
+        # labml_nn's Switch fails under CPU autocast (README: training configurations)
+        pytest.skip(f"labml_nn cannot run this configuration: {str(error).splitlines()[0]}")
     benchmark(step)
