@@ -14,7 +14,10 @@ class AotSpec:
     ``constexpr``); ``constexprs`` gives the constexpr values. ``archs``: the
     compute capabilities (e.g. ``(90,)``) a launcher launches this
     configuration on, so the only ones it must compile spill-free for; None
-    for every arch.
+    for every arch. ``divisible``: integer arguments the launcher guarantees
+    to be multiples of 16 (e.g. strides it makes so), compiled as such the way
+    Triton compiles them at launch; every other integer is compiled as not
+    16-divisible.
     """
 
     kernel: Any
@@ -24,13 +27,15 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     archs: Optional[Tuple[int, ...]] = None
+    divisible: Tuple[str, ...] = ()
 
     def compiles_for(self, arch: int) -> bool:
         return self.archs is None or arch in self.archs
 
     @property
     def attrs(self) -> dict:
-        """Pointers compiled as 16-byte aligned, integers as not 16-divisible.
+        """Pointers compiled as 16-byte aligned, integers as not 16-divisible
+        but for ``divisible``.
 
         Triton specialises on both at launch; torch allocations are aligned, and
         that variant with odd sizes is the one that needs the most registers.
@@ -38,7 +43,7 @@ class AotSpec:
         return {
             (self.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
             for name, kind in self.signature.items()
-            if kind.startswith("*")
+            if kind.startswith("*") or (name in self.divisible and kind in ("i32", "i64"))
         }
 
     @property

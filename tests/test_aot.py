@@ -148,38 +148,38 @@ def test_report_counts_sass_instructions_and_models_the_roofline(report):
 
 # The op families whose 16-bit products must run on Hopper's wgmma (issue #18's gate).
 TENSOR_CORE_FAMILIES = ("fastformers.ops.xl.", "fastformers.ops.switch.")
-# rel_attention's backward keeps 16- and 32-row tiles where 64-row ones spill
-# (dropout at d 64, every d 128 launch, dk/dv), too small for wgmma's 64 rows.
-REL_ATTENTION_BACKWARD = ("rel_attention_bwd_dq_kernel", "rel_attention_bwd_dkdv_kernel")
 
 
 def _family_records(records):
     return [record for record in records if record["module"].startswith(TENSOR_CORE_FAMILIES)]
 
 
-def _half_precision_products_without_wgmma(records):
+def _half_precision_products(records):
     half = [record for record in _family_records(records)
             if record["arch"] == 90 and any(dtype in record["kernel"] for dtype in ("bf16", "fp16"))]
     assert half
     # a kernel with no product at all (a reduction) has nothing to put on tensor cores
-    products = [record for record in half if record["sass"]["HMMA"] + record["sass"]["HGMMA"] > 0]
-    return [record for record in products if record["sass"]["HGMMA"] == 0]
+    return [record for record in half if record["sass"]["HMMA"] + record["sass"]["HGMMA"] > 0]
 
 
-def test_half_precision_expert_and_attention_forward_products_use_wgmma_on_hopper(report):
+def test_half_precision_expert_and_attention_products_use_wgmma_on_hopper(report):
     _, records, _ = report
-    without = [record for record in _half_precision_products_without_wgmma(records)
-               if not record["kernel"].startswith(REL_ATTENTION_BACKWARD)]
-    assert not without, "bf16/fp16 kernels on sm_90 without HGMMA:\n" + format_table(without)
+    without = [record for record in _half_precision_products(records) if record["sass"]["HGMMA"] == 0]
+    assert not without, "bf16/fp16 kernels on sm_90 without HGMMA:
+" + format_table(without)
 
 
-@pytest.mark.xfail(strict=True, reason="rel_attention backward tiles that fit the registers are below wgmma's 64 rows "
-                                       "for dropout at d 64 and for d 128 (README: what the static evidence says)")
-def test_half_precision_attention_backward_products_use_wgmma_on_hopper(report):
+def test_attention_forward_and_query_gradient_products_all_on_wgmma(report):
+    """rel_attention's forward and query-gradient launches (not the table one)
+    have every product on wgmma, none on mma.sync (README: what the static
+    evidence says, for the launches that keep 16- and 32-row products)."""
     _, records, _ = report
-    without = [record for record in _half_precision_products_without_wgmma(records)
-               if record["kernel"].startswith(REL_ATTENTION_BACKWARD)]
-    assert not without, "bf16/fp16 kernels on sm_90 without HGMMA:\n" + format_table(without)
+    launches = [record for record in _half_precision_products(records)
+                if record["kernel"].startswith(("rel_attention_fwd_kernel", "rel_attention_bwd_dq_kernel"))
+                and ",table" not in record["kernel"]]
+    assert launches
+    mixed = [record for record in launches if record["sass"]["HMMA"]]
+    assert not mixed, "products on mma.sync:\n" + format_table(mixed)
 
 
 def test_attention_and_expert_kernels_use_no_atomics(report):

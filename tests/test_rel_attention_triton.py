@@ -159,20 +159,25 @@ def test_query_without_visible_key_is_nan_like_the_reference():
 
 
 @pytest.fixture(params=[
-    # forward and dk/dv tiles taller than wide: each score tile reads its band in three chunks
-    dict(fwd=(64, 32), dkdv=(64, 32), dq=(32, 64), table=(32, 64)),
-    # the shapes of sm_90's 16-bit tiles: square dq and table tiles (the
-    # widest query tile the unskew takes), dk/dv wider than tall
-    dict(fwd=(64, 32), dkdv=(32, 64), dq=(32, 32), table=(32, 32)),
-], ids=["three_band_chunks", "square_dq"])
+    # tiles taller than wide: each score tile reads its band in three chunks
+    dict(fwd=(64, 32), dkdv=(64, 32), dq=(64, 32), table=(64, 32)),
+    # tiles wider than tall (sm_90's dk/dv and d-128 table tiles): two chunks
+    dict(fwd=(64, 32), dkdv=(32, 64), dq=(32, 32), table=(32, 64)),
+], ids=["three_band_chunks", "two_band_chunks"])
 def tile_shapes(monkeypatch, request):
     kernels = _kernels()
     for kernel_name, tile in request.param.items():
         monkeypatch.setitem(kernels.INTERPRETER_TILES, kernel_name, tile)
 
 
+@pytest.fixture(params=[True, False], ids=["table_adds_band", "dq_adds_band"])
+def splits_dq(monkeypatch, request):
+    """Either launch of the dq kernel adding dT·band to the query gradient (tensor-core and IEEE float32 GPUs)."""
+    monkeypatch.setattr(_kernels(), "INTERPRETER_SPLITS_DQ", request.param)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tall_and_wide_tiles(tile_shapes, causal):
+def test_tall_and_wide_tiles(tile_shapes, splits_dq, causal):
     shape, scale = (70, 6, 1, 2, 24), 24**-0.5
     assert_parity(
         lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),
@@ -182,7 +187,7 @@ def test_tall_and_wide_tiles(tile_shapes, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_is_deterministic(dtype):
+def test_backward_is_deterministic(splits_dq, dtype):
     """Two identical backward calls give bit-identical gradients (no atomics:
     the positional-table gradient is summed in a fixed order)."""
     L, M, B, H, d = 20, 13, 2, 2, 32
@@ -239,7 +244,7 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypa
             for tile in tiles:
                 config = kernels._config(kernel_name, tile, block_d)
                 launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                mode, mode_label = kernels._MODES.get(kernel_name, ({}, ""))
+                mode, mode_label = kernels._mode(kernel_name, kernels._variant_splits_dq(variant))
                 label = kernels._aot_label(arch, variant, block_d, tile, mode_label, dropout)
                 spec = specs[f"{kernel.fn.__name__}[{label}]"]
                 assert spec.archs == (kernels._ARCH_NUMBERS[arch],)
@@ -247,13 +252,6 @@ def test_every_gpu_launch_is_an_aot_spec(gpu_configs, dtype, precision, monkeypa
                 assert {key: spec.constexprs[key] for key in {**config, **mode}} == {**config, **mode}
                 assert spec.constexprs["PRECISION"] == ("tf32" if variant == "tf32" else "ieee")
                 assert spec.constexprs["DROPOUT"] is dropout
-
-
-def test_dq_tiles_are_no_taller_than_wide():
-    for tiles_of in _kernels()._TILES.values():
-        for (kernel_name, _, _), tiles in tiles_of.items():
-            if kernel_name in ("dq", "table"):
-                assert all(block_m <= block_n for block_m, block_n, _, _ in tiles)
 
 
 def test_arch_picks_the_tile_table(monkeypatch):
@@ -306,3 +304,22 @@ def test_float32_precision_follows_torch(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=allow_tf32))
         monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda precision=precision: precision)
         assert _kernels().float32_precision() == expected
+
+
+@pytest.mark.parametrize("head_dim", [24, 32], ids=lambda d: f"d{d}")
+def test_inputs_of_any_layout(head_dim):
+    """The launchers hand the kernels unit-stride, 16-aligned, 16-wide tensors
+    (padding d, copying misaligned or strided inputs), whatever they get."""
+    L, M, B, H = 9, 4, 2, 3
+    query, key, value, pos_emb, pos_bias, query_pos_bias = make_inputs(L, M, B, H, head_dim, torch.float64)
+    misaligned = torch.empty(query.numel() + 1, dtype=query.dtype)[1:].view(query.shape).copy_(query)
+    strided_d = key.transpose(0, 3).contiguous().transpose(0, 3)  # stride 1 on the sequence, not on d
+    inputs = (misaligned, strided_d, value.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3), pos_emb, pos_bias,
+              query_pos_bias)
+    assert misaligned.data_ptr() % 16 and strided_d.stride(-1) != 1
+    scale = head_dim**-0.5
+    assert_parity(
+        lambda *x: TritonRelAttention.apply(*x, scale, True),
+        lambda *x: naive.rel_attention(*x, scale, causal=True),
+        inputs,
+    )

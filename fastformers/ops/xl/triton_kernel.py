@@ -20,11 +20,14 @@ the query gradient through the band (``dT · chunk``) and the band's gradient
 The positional-table gradient takes no atomics: a second launch of the dq
 kernel's loop (``TABLE_GRAD``; one launch doing both needed more registers
 than a thread has) has each (batch, head, query tile) program write its own
-partial sums over the window rows it touches, a "slab" of scratch in two
-layers (band chunk ``c`` of key tile ``n`` lands on chunk ``n + c`` of layer
-``c``, so every element is stored once, from registers), and
+partial sums over the window rows it touches, a "slab" of scratch in one
+layer per band chunk (band chunk ``c`` of key tile ``n`` lands on chunk ``n +
+c`` of layer ``c``, so every element is stored once, from registers), and
 :func:`rel_attention_pos_grad_reduce_kernel` sums the slabs per window row in
-a fixed order: two identical backward calls give bit-identical gradients.
+a fixed order: two identical backward calls give bit-identical gradients. On
+tensor cores that second launch also adds the query gradient's band part
+(``DQ_BAND``) to the first launch's ``dS·K``, so that the first fits wgmma's
+64- and 128-row tiles (:func:`_variant_splits_dq`).
 
 Attention dropout (``DROPOUT``, a constexpr, so the kernels without it are
 unchanged) regenerates the keep bit of probability ``(b, h, i, j)`` from
@@ -70,23 +73,23 @@ def _dot(a, b, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(rows, stride_rows, cols, stride_cols):
+def _tile_offsets(rows, stride_rows, cols):
     """Element offsets of a ``[rows, cols]`` tile of a ``[seq, B, H, d]``
     tensor from its (batch, head) base: the sequence part in int64, since
     ``rows * stride_rows`` passes 2^31 on large inputs (stride_rows is
     ``B·H·d`` when contiguous); the feature part stays int32."""
-    return rows.to(tl.int64)[:, None] * stride_rows + (cols * stride_cols)[None, :]
+    return rows.to(tl.int64)[:, None] * stride_rows + cols[None, :]
 
 
 @triton.jit
-def _band_chunk(pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, first_row, W, offs_d, d_ok,
+def _band_chunk(pe_head, pb_head, stride_pe_r, stride_pb_r, first_row, W, offs_d, d_ok,
                 BLOCK_N: tl.constexpr):
     """Window rows ``first_row .. first_row + BLOCK_N`` of pos_emb ``[BLOCK_N, BLOCK_D]``
     and pos_bias ``[BLOCK_N]`` of one head, zero outside the window."""
     rows = first_row + tl.arange(0, BLOCK_N)
     row_ok = (rows >= 0) & (rows < W)
     band = tl.load(
-        pe_head + rows[:, None] * stride_pe_r + offs_d[None, :] * stride_pe_d,
+        pe_head + rows[:, None] * stride_pe_r + offs_d[None, :],
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -126,17 +129,23 @@ def _skew(band_scores, chunk: tl.constexpr, positional, BLOCK_M: tl.constexpr, B
 @triton.jit
 def _unskew(grad_scores, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The score gradient ``[BLOCK_M, BLOCK_N]`` in band coordinates, the
-    inverse of :func:`_skew` for tiles of two chunks (``BLOCK_M <= BLOCK_N``):
-    band column ``c·BLOCK_N + tt`` of row ii comes from score column
-    ``jj = c·BLOCK_N + tt - (BLOCK_M - 1 - ii)``, inside the tile for exactly
-    one ``c``: chunk 0 where ``tt >= BLOCK_M - 1 - ii``, chunk 1 elsewhere. So
-    one gather (index ``jj mod BLOCK_N``, the same for both) and one
-    comparison give both: ``(gathered, in_chunk0)``."""
-    tl.static_assert(BLOCK_M <= BLOCK_N)
+    inverse of :func:`_skew`: band column ``c·BLOCK_N + tt`` of row ii comes
+    from score column ``jj = c·BLOCK_N + tt - (BLOCK_M - 1 - ii)``, inside the
+    tile for at most one chunk ``c``. The gather index ``jj mod BLOCK_N`` is
+    the same for every chunk, so one gather serves them all: ``(gathered,
+    source)`` with ``source = tt - (BLOCK_M - 1 - ii)``, which
+    :func:`_band_chunk_of` turns into each chunk."""
     shift = (BLOCK_M - 1 - tl.arange(0, BLOCK_M))[:, None]
-    band_column = tl.arange(0, BLOCK_N)[None, :]
-    gathered = tl.gather(grad_scores, (band_column - shift) & (BLOCK_N - 1), axis=1)
-    return gathered, band_column >= shift
+    source = tl.arange(0, BLOCK_N)[None, :] - shift
+    return tl.gather(grad_scores, source & (BLOCK_N - 1), axis=1), source
+
+
+@triton.jit
+def _band_chunk_of(gathered, source, chunk: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk ``chunk`` of :func:`_unskew`'s gradient: its entries whose score
+    column ``source + chunk·BLOCK_N`` lies in the tile, zero elsewhere."""
+    column = source + chunk * BLOCK_N
+    return tl.where((column >= 0) & (column < BLOCK_N), gathered, 0.0)
 
 
 @triton.jit
@@ -148,7 +157,6 @@ def _masked_scores(
     pb_head,
     mask_batch,  # the explicit mask of this batch (read only when has_mask)
     stride_pe_r,
-    stride_pe_d,
     stride_pb_r,
     stride_mask_l,
     m_start,
@@ -191,7 +199,7 @@ def _masked_scores(
     band_row0 = L - m_start - BLOCK_M + n_start
     for chunk in tl.static_range(band_chunks(BLOCK_M, BLOCK_N)):
         band, band_bias = _band_chunk(
-            pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
+            pe_head, pb_head, stride_pe_r, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
             offs_d, d_ok, BLOCK_N,
         )  # fmt: skip
         band_scores = mma(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
@@ -237,28 +245,22 @@ def rel_attention_fwd_kernel(
     stride_q_l,
     stride_q_b,
     stride_q_h,
-    stride_q_d,
     stride_k_l,
     stride_k_b,
     stride_k_h,
-    stride_k_d,
     stride_v_l,
     stride_v_b,
     stride_v_h,
-    stride_v_d,
     stride_pe_r,
     stride_pe_h,
-    stride_pe_d,
     stride_pb_r,
     stride_pb_h,
     stride_u_h,
-    stride_u_d,
     stride_mask_b,
     stride_mask_l,
     stride_o_l,
     stride_o_b,
     stride_o_h,
-    stride_o_d,
     L,
     K,
     H,
@@ -291,11 +293,11 @@ def rel_attention_fwd_kernel(
     d_ok = offs_d < d
 
     q = tl.load(
-        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
+        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d),
         mask=i_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
-    u = tl.load(u_ptr + h * stride_u_h + offs_d * stride_u_d, mask=d_ok, other=0.0)
+    u = tl.load(u_ptr + h * stride_u_h + offs_d, mask=d_ok, other=0.0)
     qu = (q.to(ACC) + u.to(ACC)[None, :]).to(q.dtype)
     k_head = k_ptr + b * stride_k_b + h * stride_k_h
     v_head = v_ptr + b * stride_v_b + h * stride_v_h
@@ -313,10 +315,10 @@ def rel_attention_fwd_kernel(
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
-        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
+        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
             m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
@@ -328,7 +330,7 @@ def rel_attention_fwd_kernel(
 
     # A row that saw no key: 0 / 0 = NaN output and log(0) = -inf log-sum-exp.
     out = acc / row_sum[:, None]
-    out_tile = out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d)
+    out_tile = out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d)
     tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + (batch_head.to(tl.int64) * L + offs_i), row_max + tl.log(row_sum), mask=i_ok)
 
@@ -355,38 +357,32 @@ def rel_attention_bwd_dq_kernel(
     do_ptr,  # [L, B, H, d] gradient of out
     lse_ptr,  # [B, H, L] contiguous, ACC
     delta_ptr,  # [B, H, L] contiguous, ACC: written by the dq launch, read by the table one and dk/dv
-    dq_ptr,  # [L, B, H, d] contiguous: written without TABLE_GRAD
+    dq_content_ptr,  # [L, B, H, d] contiguous, ACC: dS·K, when the table launch adds dT·band (read only then)
+    dq_ptr,  # [L, B, H, d] contiguous: dS·K + dT·band, written by the launch with DQ_BAND
     slab_pe_ptr,  # [B, H, n_query_tiles, 2, slab_rows, d] contiguous, ACC: every element written with TABLE_GRAD
     slab_pb_ptr,  # [B, H, n_query_tiles, 2, slab_rows] contiguous, ACC: every element written with TABLE_GRAD
     stride_q_l,
     stride_q_b,
     stride_q_h,
-    stride_q_d,
     stride_k_l,
     stride_k_b,
     stride_k_h,
-    stride_k_d,
     stride_v_l,
     stride_v_b,
     stride_v_h,
-    stride_v_d,
     stride_pe_r,
     stride_pe_h,
-    stride_pe_d,
     stride_pb_r,
     stride_pb_h,
     stride_u_h,
-    stride_u_d,
     stride_mask_b,
     stride_mask_l,
     stride_o_l,
     stride_o_b,
     stride_o_h,
-    stride_o_d,
     stride_do_l,
     stride_do_b,
     stride_do_h,
-    stride_do_d,
     L,
     K,
     B,
@@ -409,7 +405,8 @@ def rel_attention_bwd_dq_kernel(
     UPCAST_DOTS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
-    TABLE_GRAD: tl.constexpr,  # False: dq and delta; True: the positional-table slabs (delta read)
+    TABLE_GRAD: tl.constexpr,  # False: dS·K and delta; True: the positional-table slabs (delta read)
+    DQ_BAND: tl.constexpr,  # this launch adds dT·band and stores the final dq
 ):
     batch_head = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
@@ -422,14 +419,14 @@ def rel_attention_bwd_dq_kernel(
     tile_mask = i_ok[:, None] & d_ok[None, :]
 
     q = tl.load(
-        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d),
+        q_ptr + b * stride_q_b + h * stride_q_h + _tile_offsets(offs_i, stride_q_l, offs_d),
         mask=tile_mask,
         other=0.0,
     )
-    u = tl.load(u_ptr + h * stride_u_h + offs_d * stride_u_d, mask=d_ok, other=0.0)
+    u = tl.load(u_ptr + h * stride_u_h + offs_d, mask=d_ok, other=0.0)
     qu = (q.to(ACC) + u.to(ACC)[None, :]).to(q.dtype)
     do = tl.load(
-        do_ptr + b * stride_do_b + h * stride_do_h + _tile_offsets(offs_i, stride_do_l, offs_d, stride_do_d),
+        do_ptr + b * stride_do_b + h * stride_do_h + _tile_offsets(offs_i, stride_do_l, offs_d),
         mask=tile_mask,
         other=0.0,
     )
@@ -438,7 +435,7 @@ def rel_attention_bwd_dq_kernel(
         delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
     else:
         out = tl.load(
-            out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d, stride_o_d),
+            out_ptr + b * stride_o_b + h * stride_o_h + _tile_offsets(offs_i, stride_o_l, offs_d),
             mask=tile_mask,
             other=0.0,
         )
@@ -452,7 +449,7 @@ def rel_attention_bwd_dq_kernel(
     pe_head = pe_ptr + h * stride_pe_h
     pb_head = pb_ptr + h * stride_pb_h
     mask_batch = mask_ptr + b * stride_mask_b
-    n_chunks: tl.constexpr = 2  # BLOCK_M <= BLOCK_N, see _unskew
+    n_chunks: tl.constexpr = band_chunks(BLOCK_M, BLOCK_N)
     slab_tile = (batch_head.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * n_chunks * slab_rows
     slab_pe_tile = slab_pe_ptr + slab_tile * d
     slab_pb_tile = slab_pb_ptr + slab_tile
@@ -465,10 +462,10 @@ def rel_attention_bwd_dq_kernel(
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d), mask=kv_mask, other=0.0)
-        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d), mask=kv_mask, other=0.0)
+        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
             m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
@@ -481,25 +478,23 @@ def rel_attention_bwd_dq_kernel(
         grad_scores = probs * (grad_probs - delta[:, None]) * scale
         if not TABLE_GRAD:
             dq += mma(grad_scores.to(k.dtype), k, ACC, UPCAST_DOTS, PRECISION)
-
-        gathered, in_chunk0 = _unskew(grad_scores, BLOCK_M, BLOCK_N)
-        for chunk in tl.static_range(2):
-            if chunk == 0:
-                grad_band_scores = tl.where(in_chunk0, gathered, 0.0)
-            else:
-                grad_band_scores = tl.where(in_chunk0, 0.0, gathered)
-            if TABLE_GRAD:
-                grad_band = mma(tl.trans(grad_band_scores.to(q.dtype)), q, ACC, UPCAST_DOTS, PRECISION)
-                _store_slab_chunk(
-                    slab_pe_tile, slab_pb_tile, chunk * slab_rows + n_start + chunk * BLOCK_N, grad_band,
-                    tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
-                )  # fmt: skip
-            else:
-                band, _ = _band_chunk(
-                    pe_head, pb_head, stride_pe_r, stride_pe_d, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
-                    K + L - 1, offs_d, d_ok, BLOCK_N,
-                )  # fmt: skip
-                dq += mma(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
+        if TABLE_GRAD or DQ_BAND:
+            gathered, source = _unskew(grad_scores, BLOCK_M, BLOCK_N)
+            for chunk in tl.static_range(n_chunks):
+                grad_band_scores = _band_chunk_of(gathered, source, chunk, BLOCK_N)
+                if TABLE_GRAD:
+                    # As qᵀ·dT ([BLOCK_D, BLOCK_N]): BLOCK_D rows are enough for wgmma at any tile.
+                    grad_band = mma(tl.trans(q), grad_band_scores.to(q.dtype), ACC, UPCAST_DOTS, PRECISION)
+                    _store_slab_chunk(
+                        slab_pe_tile, slab_pb_tile, chunk * slab_rows + n_start + chunk * BLOCK_N, tl.trans(grad_band),
+                        tl.sum(grad_band_scores, axis=0), d, offs_d, d_ok, BLOCK_N,
+                    )  # fmt: skip
+                if DQ_BAND:
+                    band, _ = _band_chunk(
+                        pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + n_start + chunk * BLOCK_N,
+                        K + L - 1, offs_d, d_ok, BLOCK_N,
+                    )  # fmt: skip
+                    dq += mma(grad_band_scores.to(band.dtype), band, ACC, UPCAST_DOTS, PRECISION)
 
     if TABLE_GRAD:
         # Zeros over the slab chunks of each layer that no key tile wrote: before
@@ -512,9 +507,13 @@ def rel_attention_bwd_dq_kernel(
                         slab_pe_tile, slab_pb_tile, chunk * slab_rows + rest, tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC),
                         tl.zeros([BLOCK_N], dtype=ACC), d, offs_d, d_ok, BLOCK_N,
                     )  # fmt: skip
-    else:
-        dq_tile = dq_ptr + (((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :])
-        tl.store(dq_tile, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    dq_offsets = ((offs_i[:, None] * B + b) * H + h) * d + offs_d[None, :]
+    if TABLE_GRAD and DQ_BAND:
+        dq += tl.load(dq_content_ptr + dq_offsets, mask=tile_mask, other=0.0)
+    if DQ_BAND:
+        tl.store(dq_ptr + dq_offsets, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+    elif not TABLE_GRAD:
+        tl.store(dq_content_ptr + dq_offsets, dq, mask=tile_mask)
 
 
 @triton.jit
@@ -579,28 +578,22 @@ def rel_attention_bwd_dkdv_kernel(
     stride_q_l,
     stride_q_b,
     stride_q_h,
-    stride_q_d,
     stride_k_l,
     stride_k_b,
     stride_k_h,
-    stride_k_d,
     stride_v_l,
     stride_v_b,
     stride_v_h,
-    stride_v_d,
     stride_pe_r,
     stride_pe_h,
-    stride_pe_d,
     stride_pb_r,
     stride_pb_h,
     stride_u_h,
-    stride_u_d,
     stride_mask_b,
     stride_mask_l,
     stride_do_l,
     stride_do_b,
     stride_do_h,
-    stride_do_d,
     L,
     K,
     B,
@@ -634,16 +627,16 @@ def rel_attention_bwd_dkdv_kernel(
     kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
 
     k = tl.load(
-        k_ptr + b * stride_k_b + h * stride_k_h + _tile_offsets(offs_j, stride_k_l, offs_d, stride_k_d),
+        k_ptr + b * stride_k_b + h * stride_k_h + _tile_offsets(offs_j, stride_k_l, offs_d),
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        v_ptr + b * stride_v_b + h * stride_v_h + _tile_offsets(offs_j, stride_v_l, offs_d, stride_v_d),
+        v_ptr + b * stride_v_b + h * stride_v_h + _tile_offsets(offs_j, stride_v_l, offs_d),
         mask=kv_mask,
         other=0.0,
     )
-    u = tl.load(u_ptr + h * stride_u_h + offs_d * stride_u_d, mask=d_ok, other=0.0)
+    u = tl.load(u_ptr + h * stride_u_h + offs_d, mask=d_ok, other=0.0)
     q_head = q_ptr + b * stride_q_b + h * stride_q_h
     do_head = do_ptr + b * stride_do_b + h * stride_do_h
     pe_head = pe_ptr + h * stride_pe_h
@@ -663,16 +656,16 @@ def rel_attention_bwd_dkdv_kernel(
         offs_i = m_start + tl.arange(0, BLOCK_M)
         i_ok = offs_i < L
         tile_mask = i_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_head + _tile_offsets(offs_i, stride_q_l, offs_d, stride_q_d), mask=tile_mask, other=0.0)
+        q = tl.load(q_head + _tile_offsets(offs_i, stride_q_l, offs_d), mask=tile_mask, other=0.0)
         qu = (q.to(ACC) + u.to(ACC)[None, :]).to(q.dtype)
         do = tl.load(
-            do_head + _tile_offsets(offs_i, stride_do_l, offs_d, stride_do_d), mask=tile_mask, other=0.0
+            do_head + _tile_offsets(offs_i, stride_do_l, offs_d), mask=tile_mask, other=0.0
         )
         stats_offset = batch_head.to(tl.int64) * L + offs_i
         lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pe_d, stride_pb_r, stride_mask_l,
+            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
             m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
@@ -719,8 +712,9 @@ def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
 # Philox bits cost registers). A (class, BLOCK_D) runs on the kernels only
 # where all four launches have an entry; the rest runs the reference with a
 # reason (:func:`gpu_unsupported_reason`). "dq" and "table" are the two
-# launches of the dq kernel (TABLE_GRAD off and on); "table" is not
-# autotuned (its scratch depends on the tile), and both need BLOCK_M <= BLOCK_N.
+# launches of the dq kernel (TABLE_GRAD off and on, :func:`_mode`); "table" is
+# not autotuned (its scratch depends on the tile). Registers are those of the
+# variant the launchers guarantee (``_ALIGNMENT``).
 #
 # float32 at d <= 64: 16-row query tiles, 4 warps, 1 stage (32-row TF32
 # forwards); dk/dv 32x32 on 8 warps (4 spilled). IEEE products take CUDA-core
@@ -742,22 +736,22 @@ _TILES_SM80 = {
     **_FLOAT32_TILES,
 }
 _TILES_SM90 = {
-    # wgmma (HGMMA) takes 64-row tiles: dq and table launches at 64x64 without
-    # dropout; with it they spilled 104 B, so they stay at sm_80's tiles
-    # (HMMA). dk/dv at 64x64 spilled 24 B (344 B with dropout): 32x64, whose
-    # 64-key products run on wgmma.
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dkdv=((32, 64, 8, 1),)),
-    **_entries(("16bit",), 64, dq=((64, 64, 8, 1),), table=((64, 64, 8, 1),)),
-    **_entries(("16bit,dropout",), 64, dq=((32, 64, 8, 1),), table=((32, 32, 8, 1),)),
-    # d = 128: the forward's 64-row tile on wgmma; the backward on 32-row
-    # tiles (16-row dq with dropout: 32 rows spilled 24 B).
-    **_entries(("16bit", "16bit,dropout"), 128, fwd=((64, 32, 8, 1),), table=((32, 32, 8, 1),),
-               dkdv=((32, 32, 8, 1),)),
-    ("dq", "16bit", 128): ((32, 32, 8, 1),),
-    ("dq", "16bit,dropout", 128): ((16, 32, 4, 1),),
+    # wgmma (HGMMA) takes 64 rows a warpgroup. d = 64: every product of the
+    # forward, dq and table launches on 64- and 128-row tiles; dk/dv on 32x64,
+    # whose 64-key products (dV, dK) run on wgmma and its 32-query ones (the
+    # recomputed scores) on mma.sync (64x64 spilled).
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), table=((64, 32, 8, 1),),
+               dkdv=((32, 64, 8, 1),)),
+    ("dq", "16bit", 64): ((64, 64, 8, 1), (128, 32, 8, 1)),
+    ("dq", "16bit,dropout", 64): ((64, 32, 4, 1), (128, 32, 8, 1)),
+    # d = 128: forward and dq on wgmma (128-row dq tiles: 64-row ones spilled
+    # with dropout); the table launch on 32x64, whose qᵀ·dT products (BLOCK_D
+    # rows) run on wgmma; dk/dv as at d 64, 16 queries a tile with dropout.
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((64, 32, 8, 1),), dq=((128, 32, 8, 1),),
+               table=((32, 64, 8, 1),)),
+    ("dkdv", "16bit", 128): ((32, 64, 8, 1),),
+    ("dkdv", "16bit,dropout", 128): ((16, 64, 8, 1),),
     **_FLOAT32_TILES,
-    # IEEE table launch with dropout: 4 warps spilled 16 B on sm_90 (8 warps without dropout spilled 24 B).
-    ("table", "ieee,dropout", 64): ((16, 32, 8, 1),),
 }
 _TILES = {"sm80": _TILES_SM80, "sm90": _TILES_SM90}
 _ARCH_NUMBERS = {"sm80": 80, "sm90": 90}
@@ -771,8 +765,6 @@ _KERNELS = {
     "table": rel_attention_bwd_dq_kernel,
     "dkdv": rel_attention_bwd_dkdv_kernel,
 }
-# Constexpr modes of the launches that share a kernel, with their AOT label suffixes.
-_MODES = {"dq": (dict(TABLE_GRAD=False), ""), "table": (dict(TABLE_GRAD=True), ",table")}
 
 
 def _kernel(kernel_name: str):
@@ -783,6 +775,8 @@ def _kernel(kernel_name: str):
 # shapes span several tiles; tests swap in others (e.g. BLOCK_M > BLOCK_N,
 # three band chunks per tile).
 INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "table": (16, 32), "dkdv": (16, 32)}
+# Which launch adds dT·band to dq under the interpreter (tests run both ways).
+INTERPRETER_SPLITS_DQ = True
 # Window rows per program of the positional-gradient reduction, and its launch
 # options (4 warps spilled on sm_90).
 _REDUCE_ROWS = 32
@@ -803,6 +797,32 @@ def float32_precision() -> str:
 def _variant(dtype: torch.dtype) -> str:
     name = _GPU_DTYPES[dtype]
     return "tf32" if name == "fp32" and float32_precision() == "tf32" else name
+
+
+def _variant_splits_dq(variant: str) -> bool:
+    """Whether the table launch, not the dq one, adds dT·band to the query
+    gradient (which then goes through a float32 scratch): so on tensor cores,
+    where the dq launch with both parts needed more registers than a thread
+    has at wgmma's 64-row tiles. Not for IEEE float32, whose products on CUDA
+    cores hold their operands in registers: there the table launch has no room
+    for dq, and the dq launch has room for the band."""
+    return variant != "fp32"
+
+
+def _mode(kernel_name: str, splits_dq: bool) -> tuple:
+    """``(constexprs, AOT label suffix)`` of a launch: the dq kernel's two
+    launches differ in ``TABLE_GRAD`` and in which adds dT·band (``DQ_BAND``)."""
+    if kernel_name == "dq":
+        return dict(TABLE_GRAD=False, DQ_BAND=not splits_dq), "" if splits_dq else ",dq-band"
+    if kernel_name == "table":
+        return dict(TABLE_GRAD=True, DQ_BAND=splits_dq), ",table" + (",dq-band" if splits_dq else "")
+    return {}, ""
+
+
+def _splits_dq(query: torch.Tensor) -> bool:
+    if interpreter_enabled():
+        return INTERPRETER_SPLITS_DQ
+    return _variant_splits_dq(_variant(query.dtype))
 
 
 def _arch(device: Optional[torch.device]) -> str:
@@ -896,7 +916,7 @@ def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
     buckets = dict(L_bucket=max(16, triton.next_power_of_2(L)), K_bucket=max(16, triton.next_power_of_2(K)))
     acc_tl, _ = _acc_dtype(query.dtype)
     options = dict(ACC=acc_tl, PRECISION="ieee" if query.dtype != torch.float32 else float32_precision(), **constexprs,
-                   **_MODES.get(kernel_name, ({}, ""))[0])
+                   **_mode(kernel_name, _splits_dq(query))[0])
     if interpreter_enabled():
         block_m, block_n = INTERPRETER_TILES[kernel_name]
         options.update(
@@ -959,6 +979,45 @@ def _dropout_args(dropout_p: float, seed: int, offset: int) -> tuple:
     return (int(seed), int(offset), dropout_naive.threshold(dropout_p), scale), dict(DROPOUT=active)
 
 
+# Triton compiles what it can prove about a launch's integers and pointers into
+# the kernel: 16-divisible sizes and strides, 16-byte aligned pointers, unit
+# strides. The kernels take every ``[..., d]`` tensor with a unit stride along d,
+# d a multiple of 16 and its other strides multiples of 16 (:func:`_kernel_layout`
+# makes it so), which lets loads and stores move 16 bytes at a time; AOT_SPECS
+# compiles that variant (``AotSpec.divisible``), so its register counts are the
+# ones a GPU gets.
+_ALIGNMENT = 16
+# Integer arguments the launchers make 16-divisible: the strides of the [..., d]
+# tensors and d itself.
+_DIVISIBLE_ARGS = tuple(
+    f"stride_{tensor}_{dim}" for tensor, dims in (("q", "lbh"), ("k", "lbh"), ("v", "lbh"), ("o", "lbh"),
+                                                  ("do", "lbh"), ("pe", "rh"), ("u", "h")) for dim in dims
+) + ("d",)
+
+
+def _kernel_layout(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``tensor [..., d]`` as the kernels take it (see ``_ALIGNMENT``): d padded
+    with zeros to ``head_dim`` (zeros add nothing to any product), unit stride
+    along it, every other stride a multiple of 16 elements and a 16-byte aligned
+    start; ``tensor`` itself when it already is, else a copy."""
+    if tensor.shape[-1] != head_dim:
+        return torch.nn.functional.pad(tensor, (0, head_dim - tensor.shape[-1]))
+    aligned = (
+        tensor.stride(-1) == 1 and all(stride % _ALIGNMENT == 0 for stride in tensor.stride()[:-1])
+        and tensor.data_ptr() % _ALIGNMENT == 0
+    )  # fmt: skip
+    return tensor if aligned else tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _kernel_head_dim(head_dim: int) -> int:
+    return triton.cdiv(head_dim, _ALIGNMENT) * _ALIGNMENT
+
+
+def _row_strides(tensor: torch.Tensor) -> tuple:
+    """Strides of every dimension but the unit-stride last one."""
+    return tensor.stride()[:-1]
+
+
 def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, scale: float, causal: bool,
                           dropout_p: float = 0.0, seed: int = 0, offset: int = 0, mask: Optional[torch.Tensor] = None):
     """Forward of relative-position attention.
@@ -971,8 +1030,12 @@ def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, 
     d]`` (query's dtype) and the row log-sum-exp ``lse [B, H, L]`` (float32,
     float64 for float64 inputs) of the undropped scores.
     """
-    L, B, H, d = query.shape
+    L, B, H, head_dim = query.shape
     K = key.shape[0]
+    d = _kernel_head_dim(head_dim)
+    query, key, value, pos_emb, query_pos_bias = (
+        _kernel_layout(tensor, d) for tensor in (query, key, value, pos_emb, query_pos_bias)
+    )
     _, acc_torch = _acc_dtype(query.dtype)
     out = query.new_empty((L, B, H, d))
     lse = torch.empty((B, H, L), dtype=acc_torch, device=query.device)
@@ -981,12 +1044,17 @@ def rel_attention_forward(query, key, value, pos_emb, pos_bias, query_pos_bias, 
     _launch(
         "fwd", query, lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"])),
         query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, lse,
-        *query.stride(), *key.stride(), *value.stride(), *pos_emb.stride(), *pos_bias.stride(),
-        *query_pos_bias.stride(), *mask_strides, *out.stride(),
+        *_row_strides(query), *_row_strides(key), *_row_strides(value), *_row_strides(pos_emb), *pos_bias.stride(),
+        *_row_strides(query_pos_bias), *mask_strides, *_row_strides(out),
         L, K, H, d, float(scale), int(causal), has_mask, *dropout_args,
         **dropout_flag,
     )  # fmt: skip
-    return out, lse
+    return _unpadded(out, head_dim), lse
+
+
+def _unpadded(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``tensor`` without the zero padding :func:`_kernel_layout` added to its last dimension."""
+    return tensor if tensor.shape[-1] == head_dim else tensor[..., :head_dim].contiguous()
 
 
 def rel_attention_backward(
@@ -1000,11 +1068,17 @@ def rel_attention_backward(
     grad_query_pos_bias ``[H, d]``, all summed in a fixed order: identical
     calls give bit-identical gradients. The positional gradients go through a
     scratch of ``B·H·cdiv(L, BLOCK_M)·(K + 2·BLOCK_N)·d`` accumulation-dtype
-    elements (each query tile's partial sums over its window rows).
+    elements (each query tile's partial sums over its window rows), and (when
+    the table launch adds dT·band, :func:`_variant_splits_dq`) the query
+    gradient through one of ``L·B·H·d``.
     """
-    L, B, H, d = query.shape
+    L, B, H, head_dim = query.shape
     K = key.shape[0]
     W = K + L - 1
+    d = _kernel_head_dim(head_dim)
+    grad_out, query, key, value, pos_emb, query_pos_bias, out = (
+        _kernel_layout(tensor, d) for tensor in (grad_out, query, key, value, pos_emb, query_pos_bias, out)
+    )
     _, acc_torch = _acc_dtype(query.dtype)
     device = query.device
     mask_bytes, mask_strides, has_mask = _mask_args(mask, device)
@@ -1012,11 +1086,14 @@ def rel_attention_backward(
     common = (L, K, B, H, d)
     runtime = (float(scale), int(causal), has_mask, *dropout_args)
     input_strides = (
-        *query.stride(), *key.stride(), *value.stride(), *pos_emb.stride(), *pos_bias.stride(),
-        *query_pos_bias.stride(), *mask_strides,
+        *_row_strides(query), *_row_strides(key), *_row_strides(value), *_row_strides(pos_emb), *pos_bias.stride(),
+        *_row_strides(query_pos_bias), *mask_strides,
     )  # fmt: skip
 
     grad_query = query.new_empty((L, B, H, d))
+    # dS·K of the dq launch, when the table launch adds dT·band to it.
+    content_shape = (L, B, H, d) if _splits_dq(query) else (1,)
+    grad_query_content = torch.empty(content_shape, dtype=acc_torch, device=device)
     delta = torch.empty((B, H, L), dtype=acc_torch, device=device)
     dq_block_m, dq_block_n = _tile_shape("table", query, dropout_flag["DROPOUT"])
     n_query_tiles = triton.cdiv(L, dq_block_m)
@@ -1024,14 +1101,15 @@ def rel_attention_backward(
     slab_rows = (triton.cdiv(K, dq_block_n) + n_chunks - 1) * dq_block_n
     slab_pe = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows, d), dtype=acc_torch, device=device)
     slab_pb = torch.empty((B, H, n_query_tiles, n_chunks, slab_rows), dtype=acc_torch, device=device)
-    # The same loop twice: one launch accumulating dq, one writing the table's
-    # partial sums; together they needed more registers than a GPU thread has.
+    # The same loop twice: one launch with dS·K and delta, one with the
+    # table's partial sums; one of them adds dT·band (_variant_splits_dq). All
+    # in one launch needed more registers than a thread has.
     for kernel_name in ("dq", "table"):
         _launch(
             kernel_name, query, lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"])),
             query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, out, grad_out, lse, delta,
-            grad_query, slab_pe, slab_pb, *input_strides, *out.stride(), *grad_out.stride(),
-            *common, slab_rows, *runtime,
+            grad_query_content, grad_query, slab_pe, slab_pb, *input_strides, *_row_strides(out),
+            *_row_strides(grad_out), *common, slab_rows, *runtime,
             **dropout_flag,
         )  # fmt: skip
 
@@ -1050,18 +1128,18 @@ def rel_attention_backward(
     _launch(
         "dkdv", query, lambda meta: (B * H, triton.cdiv(K, meta["BLOCK_N"])),
         query, key, value, pos_emb, pos_bias, query_pos_bias, mask_bytes, grad_out, lse, delta,
-        grad_key, grad_value, grad_u_partial, *input_strides, *grad_out.stride(),
+        grad_key, grad_value, grad_u_partial, *input_strides, *_row_strides(grad_out),
         *common, key_tile_slots, *runtime,
         **dropout_flag,
     )  # fmt: skip
     grad_query_pos_bias = grad_u_partial.sum(dim=(0, 2))
     return (
-        grad_query,
-        grad_key,
-        grad_value,
-        grad_pos_emb.to(pos_emb.dtype),
+        _unpadded(grad_query, head_dim),
+        _unpadded(grad_key, head_dim),
+        _unpadded(grad_value, head_dim),
+        _unpadded(grad_pos_emb, head_dim).to(pos_emb.dtype),
         grad_pos_bias.to(pos_bias.dtype),
-        grad_query_pos_bias.to(query_pos_bias.dtype),
+        _unpadded(grad_query_pos_bias, head_dim).to(query_pos_bias.dtype),
     )
 
 
@@ -1077,7 +1155,7 @@ _POINTERS = {
     rel_attention_fwd_kernel: ("q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", ("lse", "acc")),
     rel_attention_bwd_dq_kernel: (
         "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "out", "do", ("lse", "acc"), ("delta", "acc"),
-        "dq", ("slab_pe", "acc"), ("slab_pb", "acc"),
+        ("dq_content", "acc"), "dq", ("slab_pe", "acc"), ("slab_pb", "acc"),
     ),
     rel_attention_bwd_dkdv_kernel: (
         "q", "k", "v", "pe", "pb", "u", ("mask", "i32"), "do", ("lse", "acc"), ("delta", "acc"), "dk", "dv",
@@ -1088,7 +1166,7 @@ _POINTERS = {
     ),
 }  # fmt: skip
 _CONSTEXPRS = (
-    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "TABLE_GRAD", "QUERY_TILE",
+    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "TABLE_GRAD", "DQ_BAND", "QUERY_TILE",
     "KEY_TILE", "BLOCK_W",
 )  # fmt: skip
 _FLOAT_SCALARS = ("scale", "dropout_scale")
@@ -1129,12 +1207,12 @@ def _aot_specs():
                 for tile in tiles_of.get((name, _tile_class(variant, dropout), block_d), ()):
                     config = _config(name, tile, block_d)
                     launch = {key: config.pop(key) for key in ("num_warps", "num_stages")}
-                    mode, mode_label = _MODES.get(name, ({}, ""))
+                    mode, mode_label = _mode(name, _variant_splits_dq(variant))
                     constexprs = dict(ACC=tl.float32, UPCAST_DOTS=False, PRECISION=precision, DROPOUT=dropout,
                                       **mode, **config)
                     label = _aot_label(arch, variant, block_d, tile, mode_label, dropout)
                     specs.append(AotSpec(kernel, _signature(kernel, dtype), constexprs, label=label, **launch,
-                                         **on_arch))
+                                         divisible=_DIVISIBLE_ARGS, **on_arch))
         kernel = rel_attention_pos_grad_reduce_kernel
         table_tiles = {(block_d, m, n) for (name, _, block_d), tiles in tiles_of.items() if name == "table"
                        for m, n, _, _ in tiles}
@@ -1142,7 +1220,7 @@ def _aot_specs():
             constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
             label = f"{arch},d{block_d},m{query_tile}n{key_tile}"
             specs.append(AotSpec(kernel, _signature(kernel, "fp32"), constexprs, label=label, **_REDUCE_LAUNCH,
-                                 **on_arch))
+                                 divisible=("d",), **on_arch))
     return specs
 
 
