@@ -305,8 +305,9 @@ LAUNCHERS: Dict[str, Callable] = {
 STRESS_SHAPES = {
     "rel_attention": [(512, 1536, 4096, 8, 64), (64, 64, 8192, 16, 64)],
     "feedback_memory": [(3, 2**15, 2**15)],
-    # Many pairs (one program each), and few pairs over a long cache (the split walk and its merge).
-    "feedback_attention_step": [(8192, 1024, 8, 64), (4096, 4, 8, 128)],
+    # Many pairs (one program each), few pairs over a long cache (the split walk and its merge), and a
+    # memory of more step blocks than grid axis 1 takes (the positional gradient's blocks).
+    "feedback_attention_step": [(8192, 1024, 8, 64), (4096, 4, 8, 128), (2**21, 1, 2, 64)],
     "feedback_recurrence_rows": [(2**20, 4096, 4096)],
     "conv_compress": [(1024, 2048, 1536, 4)],
     "attention_reconstruction_loss": [(128, 2048, 4, 1024, 1024, 8)],

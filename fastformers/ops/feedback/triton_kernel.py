@@ -404,8 +404,9 @@ def attention_step_pos_grad_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    h = tl.program_id(0)
-    offs_j = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Step blocks on grid axis 0: their count grows with the memory (axis 1 stops at 65535 blocks).
+    offs_j = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     mask_j = offs_j < steps
     mask_d = offs_d < d
@@ -558,7 +559,7 @@ def attention_step_backward_accumulate(grad, query, key_cache, value_cache, step
         num_warps=_backward_warps(query.element_size(), block_d, dropout_active, split),
     )
     pos_block_t = _block_t(block_d, query.element_size())
-    attention_step_pos_grad_kernel[(H, triton.cdiv(steps, pos_block_t))](
+    attention_step_pos_grad_kernel[(triton.cdiv(steps, pos_block_t), H)](
         score_grads, query, grad_key_pos_embeddings, grad_key_pos_bias,
         steps, B, H, d, grad_key_pos_embeddings.shape[0] - steps,
         BLOCK_T=pos_block_t, BLOCK_D=block_d, ACC=acc_tl,
