@@ -46,8 +46,8 @@ running maximum so that a fully masked key tile before visible ones does no harm
 when torch allows TF32 matmuls, "ieee" at "highest"; 16-bit products are exact
 in float32 accumulation either way.
 
-Launchers take CUDA tensors (bfloat16 and float16 with d <= 128, float32 as
-TF32 or IEEE with d <= 64, with and without dropout: the configurations of
+Launchers take CUDA tensors (bfloat16, float16 and float32 as TF32 with d <=
+128, float32 as IEEE with d <= 64, with and without dropout: the configurations of
 ``AOT_SPECS``, see ``_TILES``, whose tiles differ per arch; the forward
 autotuned among them), or CPU tensors of any float dtype when ``TRITON_INTERPRET=1`` was set
 before import (the Triton interpreter; how they are tested without a GPU).
@@ -716,13 +716,18 @@ def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
 # not autotuned (its scratch depends on the tile). Registers are those of the
 # variant the launchers guarantee (``_ALIGNMENT``).
 #
-# float32 at d <= 64: 16-row query tiles, 4 warps, 1 stage (32-row TF32
-# forwards); dk/dv 32x32 on 8 warps (4 spilled). IEEE products take CUDA-core
-# FMAs, TF32 ones HMMA on both archs (wgmma wants 64-row tiles; the 64x32 TF32
-# forward with dropout spilled on sm_90).
+# float32: 16-row query tiles, 4 warps, 1 stage (32-row TF32 forwards at d
+# 64); dk/dv 32x32 on 8 warps at d 64 (4 spilled). TF32 products take HMMA on
+# both archs (wgmma wants 64-row tiles; the 64x32 TF32 forward with dropout
+# spilled on sm_90), IEEE ones CUDA-core FMAs, which hold both operands in
+# registers: IEEE stops at d 64 (at d 128 the smallest tiles, 16x32, spilled
+# 250-600 B on 4 or 8 warps). TF32 at d 128: 16x32 tiles, 8 warps for the
+# table and dk/dv launches (2 stages for dk/dv: 1 spilled 8 B on sm_80).
 _FLOAT32_TILES = {
     **_entries(("tf32", "tf32,dropout"), 64, fwd=((32, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
                dkdv=((32, 32, 8, 1),)),
+    **_entries(("tf32", "tf32,dropout"), 128, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 8, 1),),
+               dkdv=((16, 32, 8, 2),)),
     **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
                dkdv=((32, 32, 8, 1),)),
 }
