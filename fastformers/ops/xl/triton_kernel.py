@@ -744,8 +744,11 @@ _TILES_SM90 = {
     # wgmma (HGMMA) takes 64 rows a warpgroup. d = 64: every product of the
     # forward, dq and table launches on 64- and 128-row tiles; dk/dv on 32x64,
     # whose 64-key products (dV, dK) run on wgmma and its 32-query ones (the
-    # recomputed scores) on mma.sync (64x64 spilled).
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), table=((64, 32, 8, 1),),
+    # recomputed scores) on mma.sync (64x64 spilled). A tile reads its band in
+    # band_chunks(BLOCK_M, BLOCK_N) products, each as large as its content
+    # product: the square 64x64 forward takes 2, the 64x32 one 3 (128x32,
+    # sm_80's, 5).
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (64, 64, 8, 2)), table=((64, 32, 8, 1),),
                dkdv=((32, 64, 8, 1),)),
     ("dq", "16bit", 64): ((64, 64, 8, 1), (128, 32, 8, 1)),
     ("dq", "16bit,dropout", 64): ((64, 32, 4, 1), (128, 32, 8, 1)),
