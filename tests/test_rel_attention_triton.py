@@ -162,12 +162,20 @@ def test_query_without_visible_key_is_nan_like_the_reference():
     # tiles taller than wide: each score tile reads its band in three chunks
     dict(fwd=(64, 32), dkdv=(64, 32), dq=(64, 32), table=(64, 32)),
     # tiles wider than tall (sm_90's dk/dv and d-128 table tiles): two chunks
-    dict(fwd=(64, 32), dkdv=(32, 64), dq=(32, 32), table=(32, 64)),
-], ids=["three_band_chunks", "two_band_chunks"])
+    dict(fwd=(64, 64), dkdv=(32, 64), dq=(32, 32), table=(32, 64)),
+    # five chunks: more than the forward keeps, it computes every chunk of every tile
+    dict(fwd=(128, 32), dkdv=(16, 32), dq=(128, 32), table=(16, 32)),
+], ids=["three_band_chunks", "two_band_chunks", "five_band_chunks"])
 def tile_shapes(monkeypatch, request):
     kernels = _kernels()
     for kernel_name, tile in request.param.items():
         monkeypatch.setitem(kernels.INTERPRETER_TILES, kernel_name, tile)
+
+
+@pytest.fixture(params=[True, False], ids=["kept_band", "band_per_tile"])
+def slides_band(monkeypatch, request):
+    """The forward keeping its band products across key tiles, or computing every chunk of every tile."""
+    monkeypatch.setattr(_kernels(), "INTERPRETER_SLIDES_BAND", request.param)
 
 
 @pytest.fixture(params=[True, False], ids=["table_adds_band", "dq_adds_band"])
@@ -177,7 +185,7 @@ def splits_dq(monkeypatch, request):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tall_and_wide_tiles(tile_shapes, splits_dq, causal):
+def test_tall_and_wide_tiles(tile_shapes, slides_band, splits_dq, causal):
     shape, scale = (70, 6, 1, 2, 24), 24**-0.5
     assert_parity(
         lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),

@@ -53,7 +53,7 @@ autotuned among them), or CPU tensors of any float dtype when ``TRITON_INTERPRET
 before import (the Triton interpreter; how they are tested without a GPU).
 """
 import itertools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -149,22 +149,58 @@ def _band_chunk_of(gathered, source, chunk: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
+def _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, first_row, W, offs_d, d_ok, BLOCK_N: tl.constexpr,
+                 ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """``q · chunkᵀ + chunk bias`` ``[BLOCK_M, BLOCK_N]`` for the ``BLOCK_N``
+    window rows from ``first_row``: one band chunk's products, unskewed."""
+    band, band_bias = _band_chunk(pe_head, pb_head, stride_pe_r, stride_pb_r, first_row, W, offs_d, d_ok, BLOCK_N)
+    return mma(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
+
+
+@triton.jit
+def _tile_positional(q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """The positional scores ``[BLOCK_M, BLOCK_N]`` of the tile at ``(m_start,
+    n_start)``, every band chunk of it computed here."""
+    positional = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    band_row0 = L - m_start - BLOCK_M + n_start
+    for chunk in tl.static_range(band_chunks(BLOCK_M, BLOCK_N)):
+        band_scores = _band_scores(
+            q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1, offs_d, d_ok,
+            BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+        )  # fmt: skip
+        positional = _skew(band_scores, chunk, positional, BLOCK_M, BLOCK_N)
+    return positional
+
+
+@triton.jit
+def _slid_positional(older, old, newest, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(positional scores of this key tile, the products the next tile
+    keeps)`` from the band products the previous tiles kept and the one
+    computed for this tile. The band of key tile ``n`` is window rows ``L -
+    m_start - BLOCK_M + n·BLOCK_N`` onwards: it slides by one chunk a tile, so
+    chunk ``c`` of tile ``n`` is chunk ``c - 1`` of tile ``n + 1``, and a tile
+    needs one new product (its last chunk), not one per chunk. ``older``,
+    ``old``: chunks 0 and 1 (``old`` unused with two chunks)."""
+    positional = _skew(older, 0, older, BLOCK_M, BLOCK_N)
+    if band_chunks(BLOCK_M, BLOCK_N) == 3:
+        positional = _skew(old, 1, positional, BLOCK_M, BLOCK_N)
+        return _skew(newest, 2, positional, BLOCK_M, BLOCK_N), old, newest
+    return _skew(newest, 1, positional, BLOCK_M, BLOCK_N), newest, old
+
+
+@triton.jit
 def _masked_scores(
     qu,  # [BLOCK_M, BLOCK_D] query + query_pos_bias, input dtype
-    q,  # [BLOCK_M, BLOCK_D] query, input dtype
     k,  # [BLOCK_N, BLOCK_D] keys, input dtype
-    pe_head,
-    pb_head,
+    positional,  # [BLOCK_M, BLOCK_N] ACC: the positional scores of the tile
     mask_batch,  # the explicit mask of this batch (read only when has_mask)
-    stride_pe_r,
-    stride_pb_r,
     stride_mask_l,
     m_start,
     n_start,
     L,
     K,
-    offs_d,
-    d_ok,
     scale,
     causal,
     has_mask,
@@ -195,15 +231,6 @@ def _masked_scores(
     )
     bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
     visible = visible & (tl.reshape(bits, [BLOCK_M, BLOCK_N]) != 0)
-    positional = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    band_row0 = L - m_start - BLOCK_M + n_start
-    for chunk in tl.static_range(band_chunks(BLOCK_M, BLOCK_N)):
-        band, band_bias = _band_chunk(
-            pe_head, pb_head, stride_pe_r, stride_pb_r, band_row0 + chunk * BLOCK_N, K + L - 1,
-            offs_d, d_ok, BLOCK_N,
-        )  # fmt: skip
-        band_scores = mma(q, tl.trans(band), ACC, UPCAST_DOTS, PRECISION) + band_bias.to(ACC)[None, :]
-        positional = _skew(band_scores, chunk, positional, BLOCK_M, BLOCK_N)
     scores = mma(qu, tl.trans(k), ACC, UPCAST_DOTS, PRECISION) + positional
     return tl.where(visible, scores * scale, -float("inf"))
 
@@ -281,6 +308,7 @@ def rel_attention_fwd_kernel(
     UPCAST_DOTS: tl.constexpr,  # 16-bit floats under the interpreter, see _dot_in
     PRECISION: tl.constexpr,  # input_precision of float32 products
     DROPOUT: tl.constexpr,  # dropout_p > 0
+    SLIDE_BAND: tl.constexpr,  # keep band products for the next key tiles (_slid_positional)
 ):
     # B·H on axis 0: axes 1 and 2 of a CUDA grid stop at 65535 blocks.
     batch_head = tl.program_id(0)
@@ -312,14 +340,37 @@ def rel_attention_fwd_kernel(
     if causal:
         # Keys after the tile's last query (j > M + i) are all masked: skip their tiles.
         n_end = tl.minimum(K, K - L + m_start + BLOCK_M)
+    n_chunks: tl.constexpr = band_chunks(BLOCK_M, BLOCK_N)
+    band_first = L - m_start - BLOCK_M  # key tile 0's first window row
+    W = K + L - 1
+    if SLIDE_BAND:
+        # The kept products, one [BLOCK_M, BLOCK_N] tile of registers each: two at most.
+        tl.static_assert(n_chunks <= 3)
+        # Key tile 0's chunks but its last, which the loop computes.
+        kept_older = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first, W, offs_d, d_ok, BLOCK_N,
+                                  ACC, UPCAST_DOTS, PRECISION)
+        kept_old = kept_older
+        if n_chunks == 3:
+            kept_old = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + BLOCK_N, W, offs_d,
+                                    d_ok, BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
+        if SLIDE_BAND:
+            newest = _band_scores(
+                q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + n_start + (n_chunks - 1) * BLOCK_N, W,
+                offs_d, d_ok, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+            )  # fmt: skip
+            positional, kept_older, kept_old = _slid_positional(kept_older, kept_old, newest, BLOCK_M, BLOCK_N)
+        else:
+            positional = _tile_positional(
+                q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+                BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+            )  # fmt: skip
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
-            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs, rescale, row_max, row_sum = _online_softmax_step(scores, row_max, row_sum)
@@ -464,9 +515,12 @@ def rel_attention_bwd_dq_kernel(
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
+        positional = _tile_positional(
+            q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+        )  # fmt: skip
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
-            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
@@ -664,9 +718,12 @@ def rel_attention_bwd_dkdv_kernel(
         stats_offset = batch_head.to(tl.int64) * L + offs_i
         lse = tl.load(lse_ptr + stats_offset, mask=i_ok, other=float("inf"))
         delta = tl.load(delta_ptr + stats_offset, mask=i_ok, other=0.0)
+        positional = _tile_positional(
+            q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+        )  # fmt: skip
         scores = _masked_scores(
-            qu, q, k, pe_head, pb_head, mask_batch, stride_pe_r, stride_pb_r, stride_mask_l,
-            m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+            qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
@@ -696,9 +753,23 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
+class Tile(NamedTuple):
+    """One launch configuration of ``_TILES``: the tile, warps, pipeline
+    stages, and for the forward whether its key loop keeps band products
+    (``SLIDE_BAND``: one band product a key tile instead of
+    ``band_chunks(block_m, block_n)``, for a tile of registers per kept one)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    slide_band: bool = False
+
+
 def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
     """The same tiles for several tile classes at one BLOCK_D."""
-    return {(name, tile_class, block_d): tiles for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
+    return {(name, tile_class, block_d): tuple(Tile(*tile) for tile in tiles)
+            for tile_class in tile_classes for name, tiles in tiles_by_kernel.items()}
 
 
 # The configurations the GPU launches, every one of them in AOT_SPECS, per
@@ -722,21 +793,26 @@ def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
 # spilled on sm_90), IEEE ones CUDA-core FMAs, which hold both operands in
 # registers: IEEE stops at d 64 (at d 128 the smallest tiles, 16x32, spilled
 # 250-600 B on 4 or 8 warps). TF32 at d 128: 16x32 tiles, 8 warps for the
-# table and dk/dv launches (2 stages for dk/dv: 1 spilled 8 B on sm_80).
+# table and dk/dv launches (2 stages for dk/dv: 1 spilled 8 B on sm_80). The
+# forwards keep band products (SLIDE_BAND) where that fits: not TF32 with
+# dropout or at d 128 (8-104 B spilled).
 _FLOAT32_TILES = {
-    **_entries(("tf32", "tf32,dropout"), 64, fwd=((32, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
-               dkdv=((32, 32, 8, 1),)),
+    **_entries(("tf32",), 64, fwd=((32, 32, 4, 1, True),)),
+    **_entries(("tf32,dropout",), 64, fwd=((32, 32, 4, 1),)),
+    **_entries(("tf32", "tf32,dropout"), 64, dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),), dkdv=((32, 32, 8, 1),)),
     **_entries(("tf32", "tf32,dropout"), 128, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 8, 1),),
                dkdv=((16, 32, 8, 2),)),
-    **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),),
-               dkdv=((32, 32, 8, 1),)),
+    **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1, True),), dq=((16, 32, 4, 1),),
+               table=((16, 32, 4, 1),), dkdv=((32, 32, 8, 1),)),
 }
 _TILES_SM80 = {
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
+    # The 64x32 forward keeps its band products; the 128x32 one reads five
+    # chunks a tile, more than it has registers to keep.
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2, True), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
                table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
     # d = 128: 32-row forward tiles on 8 warps (64 rows, or 4 warps, spilled),
     # 16-row dq and dk/dv tiles (32 rows spilled 8-80 B).
-    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1),), dq=((16, 32, 4, 1),),
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1, True),), dq=((16, 32, 4, 1),),
                table=((32, 32, 8, 1),), dkdv=((16, 32, 8, 1),)),
     **_FLOAT32_TILES,
 }
@@ -746,19 +822,22 @@ _TILES_SM90 = {
     # whose 64-key products (dV, dK) run on wgmma and its 32-query ones (the
     # recomputed scores) on mma.sync (64x64 spilled). A tile reads its band in
     # band_chunks(BLOCK_M, BLOCK_N) products, each as large as its content
-    # product: the square 64x64 forward takes 2, the 64x32 one 3 (128x32,
-    # sm_80's, 5).
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2), (64, 64, 8, 2)), table=((64, 32, 8, 1),),
-               dkdv=((32, 64, 8, 1),)),
-    ("dq", "16bit", 64): ((64, 64, 8, 1), (128, 32, 8, 1)),
-    ("dq", "16bit,dropout", 64): ((64, 32, 4, 1), (128, 32, 8, 1)),
+    # product, unless its loop keeps them (SLIDE_BAND: one a tile): the
+    # forwards keep them but for the 64x64 one with dropout and d 128 with
+    # dropout (8 and 32 B spilled).
+    **_entries(("16bit",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2, True))),
+    **_entries(("16bit,dropout",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2))),
+    **_entries(("16bit", "16bit,dropout"), 64, table=((64, 32, 8, 1),), dkdv=((32, 64, 8, 1),)),
+    ("dq", "16bit", 64): (Tile(64, 64, 8, 1), Tile(128, 32, 8, 1)),
+    ("dq", "16bit,dropout", 64): (Tile(64, 32, 4, 1), Tile(128, 32, 8, 1)),
     # d = 128: forward and dq on wgmma (128-row dq tiles: 64-row ones spilled
     # with dropout); the table launch on 32x64, whose qᵀ·dT products (BLOCK_D
     # rows) run on wgmma; dk/dv as at d 64, 16 queries a tile with dropout.
-    **_entries(("16bit", "16bit,dropout"), 128, fwd=((64, 32, 8, 1),), dq=((128, 32, 8, 1),),
-               table=((32, 64, 8, 1),)),
-    ("dkdv", "16bit", 128): ((32, 64, 8, 1),),
-    ("dkdv", "16bit,dropout", 128): ((16, 64, 8, 1),),
+    **_entries(("16bit",), 128, fwd=((64, 32, 8, 1, True),)),
+    **_entries(("16bit,dropout",), 128, fwd=((64, 32, 8, 1),)),
+    **_entries(("16bit", "16bit,dropout"), 128, dq=((128, 32, 8, 1),), table=((32, 64, 8, 1),)),
+    ("dkdv", "16bit", 128): (Tile(32, 64, 8, 1),),
+    ("dkdv", "16bit,dropout", 128): (Tile(16, 64, 8, 1),),
     **_FLOAT32_TILES,
 }
 _TILES = {"sm80": _TILES_SM80, "sm90": _TILES_SM90}
@@ -785,6 +864,8 @@ def _kernel(kernel_name: str):
 INTERPRETER_TILES = {"fwd": (16, 32), "dq": (16, 32), "table": (16, 32), "dkdv": (16, 32)}
 # Which launch adds dT·band to dq under the interpreter (tests run both ways).
 INTERPRETER_SPLITS_DQ = True
+# Whether the interpreter's forwards keep band products (where they read at most three chunks).
+INTERPRETER_SLIDES_BAND = True
 # Window rows per program of the positional-gradient reduction, and its launch
 # options (4 warps spilled on sm_90).
 _REDUCE_ROWS = 32
@@ -885,9 +966,15 @@ def _gpu_block_d(arch: str, tile_class: str, head_dim: int) -> int:
     return next(block_d for block_d in _block_ds(arch, tile_class) if head_dim <= block_d)
 
 
-def _config(kernel_name: str, tile: tuple, block_d: int) -> dict:
-    block_m, block_n, num_warps, num_stages = tile
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+def _tile_constexprs(kernel_name: str, tile: Tile) -> dict:
+    """The constexprs a tile sets: its sides, and the forward's SLIDE_BAND."""
+    sides = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+    return {**sides, "SLIDE_BAND": tile.slide_band} if kernel_name == "fwd" else sides
+
+
+def _config(kernel_name: str, tile: Tile, block_d: int) -> dict:
+    return dict(**_tile_constexprs(kernel_name, tile), BLOCK_D=block_d, num_warps=tile.num_warps,
+                num_stages=tile.num_stages)
 
 
 def _gpu_tiles(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
@@ -908,8 +995,8 @@ def _autotuned(kernel_name: str, arch: str, variant: str, block_d: int, dropout:
     key = (kernel_name, arch, variant, block_d, dropout)
     if key not in _AUTOTUNED:
         configs = [
-            triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in _TILES[arch][kernel_name, _tile_class(variant, dropout), block_d]
+            triton.Config(_tile_constexprs(kernel_name, tile), num_warps=tile.num_warps, num_stages=tile.num_stages)
+            for tile in _TILES[arch][kernel_name, _tile_class(variant, dropout), block_d]
         ]
         _AUTOTUNED[key] = triton.autotune(configs=configs, key=["L_bucket", "K_bucket"])(_KERNELS[kernel_name])
     return _AUTOTUNED[key]
@@ -927,8 +1014,10 @@ def _launch(kernel_name: str, query: torch.Tensor, grid, *args, **constexprs):
                    **_mode(kernel_name, _splits_dq(query))[0])
     if interpreter_enabled():
         block_m, block_n = INTERPRETER_TILES[kernel_name]
+        slide_band = INTERPRETER_SLIDES_BAND and band_chunks(block_m, block_n) <= 3
         options.update(
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
+            **_tile_constexprs(kernel_name, Tile(block_m, block_n, 0, 0, slide_band)),
+            BLOCK_D=max(16, triton.next_power_of_2(query.shape[-1])),
             UPCAST_DOTS=query.dtype in (torch.bfloat16, torch.float16),
         )  # fmt: skip
         _kernel(kernel_name)[grid(options)](*args, **buckets, **options)
@@ -952,15 +1041,15 @@ def _tile_shape(kernel_name: str, query: torch.Tensor, dropout: bool) -> tuple:
     if interpreter_enabled():
         return INTERPRETER_TILES[kernel_name]
     tiles, _ = _gpu_tiles(kernel_name, query, dropout)
-    (block_m, block_n, _, _), = tiles
-    return block_m, block_n
+    (tile,) = tiles
+    return tile.block_m, tile.block_n
 
 
 def _min_block_n(kernel_name: str, query: torch.Tensor, dropout: bool) -> int:
     if interpreter_enabled():
         return INTERPRETER_TILES[kernel_name][1]
     tiles, _ = _gpu_tiles(kernel_name, query, dropout)
-    return min(block_n for _, block_n, _, _ in tiles)
+    return min(tile.block_n for tile in tiles)
 
 
 def _mask_args(mask: Optional[torch.Tensor], device) -> tuple:
@@ -1174,8 +1263,8 @@ _POINTERS = {
     ),
 }  # fmt: skip
 _CONSTEXPRS = (
-    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "TABLE_GRAD", "DQ_BAND", "QUERY_TILE",
-    "KEY_TILE", "BLOCK_W",
+    "BLOCK_M", "BLOCK_N", "BLOCK_D", "ACC", "UPCAST_DOTS", "PRECISION", "DROPOUT", "SLIDE_BAND", "TABLE_GRAD", "DQ_BAND",
+    "QUERY_TILE", "KEY_TILE", "BLOCK_W",
 )  # fmt: skip
 _FLOAT_SCALARS = ("scale", "dropout_scale")
 _INT64_SCALARS = ("seed", "offset", "threshold")
@@ -1223,7 +1312,7 @@ def _aot_specs():
                                          divisible=_DIVISIBLE_ARGS, **on_arch))
         kernel = rel_attention_pos_grad_reduce_kernel
         table_tiles = {(block_d, m, n) for (name, _, block_d), tiles in tiles_of.items() if name == "table"
-                       for m, n, _, _ in tiles}
+                       for m, n, *_ in tiles}
         for block_d, query_tile, key_tile in sorted(table_tiles):
             constexprs = dict(QUERY_TILE=query_tile, KEY_TILE=key_tile, BLOCK_W=_REDUCE_ROWS, BLOCK_D=block_d)
             label = f"{arch},d{block_d},m{query_tile}n{key_tile}"
@@ -1234,7 +1323,8 @@ def _aot_specs():
 
 def _aot_label(arch: str, variant: str, block_d: int, tile: tuple, mode_label: str, dropout: bool) -> str:
     """The AOT spec label of a launch configuration (tests find a launch's spec by it)."""
-    return f"{arch},{variant},d{block_d},m{tile[0]}n{tile[1]}{mode_label}" + (",dropout" if dropout else "")
+    return (f"{arch},{variant},d{block_d},m{tile.block_m}n{tile.block_n}{mode_label}" + (",dropout" if dropout else "")
+            + (",slide" if tile.slide_band else ""))
 
 
 AOT_SPECS = _aot_specs()
