@@ -174,7 +174,8 @@ def tile_shapes(monkeypatch, request):
 
 @pytest.fixture(params=[True, False], ids=["kept_band", "band_per_tile"])
 def slides_band(monkeypatch, request):
-    """The forward keeping its band products across key tiles, or computing every chunk of every tile."""
+    """The key loops (forward, dq and table launches) keeping their band products across key tiles, or
+    computing every chunk of every tile."""
     monkeypatch.setattr(_kernels(), "INTERPRETER_SLIDES_BAND", request.param)
 
 

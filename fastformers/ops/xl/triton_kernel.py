@@ -191,6 +191,44 @@ def _slid_positional(older, old, newest, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _first_kept_band(q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, L, K, offs_d, d_ok,
+                     SLIDE_BAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+                     UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """What a key loop keeps before its first tile: ``(older, old)``, key tile
+    0's chunks 0 and 1 (its last one the loop computes); zeros the loop never
+    reads without ``SLIDE_BAND``."""
+    if SLIDE_BAND:
+        # The kept products, one [BLOCK_M, BLOCK_N] tile of registers each: two at most.
+        tl.static_assert(band_chunks(BLOCK_M, BLOCK_N) <= 3)
+        band_first = L - m_start - BLOCK_M
+        older = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first, K + L - 1, offs_d, d_ok,
+                             BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
+        old = older
+        if band_chunks(BLOCK_M, BLOCK_N) == 3:
+            old = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + BLOCK_N, K + L - 1, offs_d,
+                               d_ok, BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
+        return older, old
+    return tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+
+
+@triton.jit
+def _key_tile_positional(kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K,
+                         offs_d, d_ok, SLIDE_BAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ACC: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """``(positional scores of the key tile at n_start, what the loop keeps
+    for the next tile)``: with ``SLIDE_BAND`` from the kept products and the
+    tile's last chunk (:func:`_slid_positional`), else every chunk anew."""
+    if SLIDE_BAND:
+        last_chunk_row = L - m_start - BLOCK_M + n_start + (band_chunks(BLOCK_M, BLOCK_N) - 1) * BLOCK_N
+        newest = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, last_chunk_row, K + L - 1, offs_d, d_ok,
+                              BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
+        return _slid_positional(kept_older, kept_old, newest, BLOCK_M, BLOCK_N)
+    positional = _tile_positional(q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+                                  BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
+    return positional, kept_older, kept_old
+
+
+@triton.jit
 def _masked_scores(
     qu,  # [BLOCK_M, BLOCK_D] query + query_pos_bias, input dtype
     k,  # [BLOCK_N, BLOCK_D] keys, input dtype
@@ -340,35 +378,19 @@ def rel_attention_fwd_kernel(
     if causal:
         # Keys after the tile's last query (j > M + i) are all masked: skip their tiles.
         n_end = tl.minimum(K, K - L + m_start + BLOCK_M)
-    n_chunks: tl.constexpr = band_chunks(BLOCK_M, BLOCK_N)
-    band_first = L - m_start - BLOCK_M  # key tile 0's first window row
-    W = K + L - 1
-    if SLIDE_BAND:
-        # The kept products, one [BLOCK_M, BLOCK_N] tile of registers each: two at most.
-        tl.static_assert(n_chunks <= 3)
-        # Key tile 0's chunks but its last, which the loop computes.
-        kept_older = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first, W, offs_d, d_ok, BLOCK_N,
-                                  ACC, UPCAST_DOTS, PRECISION)
-        kept_old = kept_older
-        if n_chunks == 3:
-            kept_old = _band_scores(q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + BLOCK_N, W, offs_d,
-                                    d_ok, BLOCK_N, ACC, UPCAST_DOTS, PRECISION)
+    kept_older, kept_old = _first_kept_band(
+        q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, L, K, offs_d, d_ok,
+        SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+    )  # fmt: skip
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
-        if SLIDE_BAND:
-            newest = _band_scores(
-                q, pe_head, pb_head, stride_pe_r, stride_pb_r, band_first + n_start + (n_chunks - 1) * BLOCK_N, W,
-                offs_d, d_ok, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
-            )  # fmt: skip
-            positional, kept_older, kept_old = _slid_positional(kept_older, kept_old, newest, BLOCK_M, BLOCK_N)
-        else:
-            positional = _tile_positional(
-                q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
-                BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
-            )  # fmt: skip
+        positional, kept_older, kept_old = _key_tile_positional(
+            kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+            SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+        )  # fmt: skip
         scores = _masked_scores(
             qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
             BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
@@ -456,6 +478,7 @@ def rel_attention_bwd_dq_kernel(
     UPCAST_DOTS: tl.constexpr,
     PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
+    SLIDE_BAND: tl.constexpr,  # keep band products for the next key tiles (_slid_positional)
     TABLE_GRAD: tl.constexpr,  # False: dS·K and delta; True: the positional-table slabs (delta read)
     DQ_BAND: tl.constexpr,  # this launch adds dT·band and stores the final dq
 ):
@@ -510,14 +533,18 @@ def rel_attention_bwd_dq_kernel(
     n_end = K
     if causal:
         n_end = tl.minimum(K, K - L + m_start + BLOCK_M)
+    kept_older, kept_old = _first_kept_band(
+        q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, L, K, offs_d, d_ok,
+        SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+    )  # fmt: skip
     for n_start in range(0, n_end, BLOCK_N):
         offs_j = n_start + tl.arange(0, BLOCK_N)
         kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
         k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
-        positional = _tile_positional(
-            q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
-            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+        positional, kept_older, kept_old = _key_tile_positional(
+            kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+            SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         scores = _masked_scores(
             qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
@@ -755,9 +782,10 @@ def _acc_dtype(dtype: torch.dtype):
 
 class Tile(NamedTuple):
     """One launch configuration of ``_TILES``: the tile, warps, pipeline
-    stages, and for the forward whether its key loop keeps band products
-    (``SLIDE_BAND``: one band product a key tile instead of
-    ``band_chunks(block_m, block_n)``, for a tile of registers per kept one)."""
+    stages, and for the kernels that loop over keys (all but dk/dv, which
+    loops over queries) whether the loop keeps band products (``SLIDE_BAND``:
+    one band product a key tile instead of ``band_chunks(block_m, block_n)``,
+    for a tile of registers per kept one)."""
 
     block_m: int
     block_n: int
@@ -793,26 +821,30 @@ def _entries(tile_classes, block_d: int, **tiles_by_kernel) -> dict:
 # spilled on sm_90), IEEE ones CUDA-core FMAs, which hold both operands in
 # registers: IEEE stops at d 64 (at d 128 the smallest tiles, 16x32, spilled
 # 250-600 B on 4 or 8 warps). TF32 at d 128: 16x32 tiles, 8 warps for the
-# table and dk/dv launches (2 stages for dk/dv: 1 spilled 8 B on sm_80). The
-# forwards keep band products (SLIDE_BAND) where that fits: not TF32 with
-# dropout or at d 128 (8-104 B spilled).
+# table and dk/dv launches (2 stages for dk/dv: 1 spilled 8 B on sm_80).
+#
+# The key loops keep their band products (Tile.slide_band) wherever that
+# compiled without spills on both archs, and not elsewhere (8-344 B spilled):
+# so not at d 128 but in sm_80's 16-bit forward and dq launches, nor the TF32
+# forward with dropout, the IEEE dq launch, sm_90's 16-bit table launch with
+# dropout and its 16-bit forwards with dropout but the 64x32 one at d 64.
 _FLOAT32_TILES = {
     **_entries(("tf32",), 64, fwd=((32, 32, 4, 1, True),)),
     **_entries(("tf32,dropout",), 64, fwd=((32, 32, 4, 1),)),
-    **_entries(("tf32", "tf32,dropout"), 64, dq=((16, 32, 4, 1),), table=((16, 32, 4, 1),), dkdv=((32, 32, 8, 1),)),
+    **_entries(("tf32", "tf32,dropout"), 64, dq=((16, 32, 4, 1, True),), table=((16, 32, 4, 1, True),),
+               dkdv=((32, 32, 8, 1),)),
     **_entries(("tf32", "tf32,dropout"), 128, fwd=((16, 32, 4, 1),), dq=((16, 32, 4, 1),), table=((16, 32, 8, 1),),
                dkdv=((16, 32, 8, 2),)),
     **_entries(("ieee", "ieee,dropout"), 64, fwd=((16, 32, 4, 1, True),), dq=((16, 32, 4, 1),),
-               table=((16, 32, 4, 1),), dkdv=((32, 32, 8, 1),)),
+               table=((16, 32, 4, 1, True),), dkdv=((32, 32, 8, 1),)),
 }
 _TILES_SM80 = {
-    # The 64x32 forward keeps its band products; the 128x32 one reads five
-    # chunks a tile, more than it has registers to keep.
-    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2, True), (128, 32, 8, 2)), dq=((32, 64, 8, 1),),
-               table=((32, 32, 8, 1),), dkdv=((32, 32, 8, 1),)),
+    # The 128x32 forward reads five band chunks a tile, more than it keeps.
+    **_entries(("16bit", "16bit,dropout"), 64, fwd=((64, 32, 8, 2, True), (128, 32, 8, 2)),
+               dq=((32, 64, 8, 1, True),), table=((32, 32, 8, 1, True),), dkdv=((32, 32, 8, 1),)),
     # d = 128: 32-row forward tiles on 8 warps (64 rows, or 4 warps, spilled),
     # 16-row dq and dk/dv tiles (32 rows spilled 8-80 B).
-    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1, True),), dq=((16, 32, 4, 1),),
+    **_entries(("16bit", "16bit,dropout"), 128, fwd=((32, 32, 8, 1, True),), dq=((16, 32, 4, 1, True),),
                table=((32, 32, 8, 1),), dkdv=((16, 32, 8, 1),)),
     **_FLOAT32_TILES,
 }
@@ -820,16 +852,13 @@ _TILES_SM90 = {
     # wgmma (HGMMA) takes 64 rows a warpgroup. d = 64: every product of the
     # forward, dq and table launches on 64- and 128-row tiles; dk/dv on 32x64,
     # whose 64-key products (dV, dK) run on wgmma and its 32-query ones (the
-    # recomputed scores) on mma.sync (64x64 spilled). A tile reads its band in
-    # band_chunks(BLOCK_M, BLOCK_N) products, each as large as its content
-    # product, unless its loop keeps them (SLIDE_BAND: one a tile): the
-    # forwards keep them but for the 64x64 one with dropout and d 128 with
-    # dropout (8 and 32 B spilled).
-    **_entries(("16bit",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2, True))),
-    **_entries(("16bit,dropout",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2))),
-    **_entries(("16bit", "16bit,dropout"), 64, table=((64, 32, 8, 1),), dkdv=((32, 64, 8, 1),)),
-    ("dq", "16bit", 64): (Tile(64, 64, 8, 1), Tile(128, 32, 8, 1)),
-    ("dq", "16bit,dropout", 64): (Tile(64, 32, 4, 1), Tile(128, 32, 8, 1)),
+    # recomputed scores) on mma.sync (64x64 spilled). The 128x32 dq tiles read
+    # five band chunks a tile, more than they keep.
+    **_entries(("16bit",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2, True)), table=((64, 32, 8, 1, True),)),
+    **_entries(("16bit,dropout",), 64, fwd=((64, 32, 8, 2, True), (64, 64, 8, 2)), table=((64, 32, 8, 1),)),
+    **_entries(("16bit", "16bit,dropout"), 64, dkdv=((32, 64, 8, 1),)),
+    ("dq", "16bit", 64): (Tile(64, 64, 8, 1, True), Tile(128, 32, 8, 1)),
+    ("dq", "16bit,dropout", 64): (Tile(64, 32, 4, 1, True), Tile(128, 32, 8, 1)),
     # d = 128: forward and dq on wgmma (128-row dq tiles: 64-row ones spilled
     # with dropout); the table launch on 32x64, whose qᵀ·dT products (BLOCK_D
     # rows) run on wgmma; dk/dv as at d 64, 16 queries a tile with dropout.
@@ -839,6 +868,8 @@ _TILES_SM90 = {
     ("dkdv", "16bit", 128): (Tile(32, 64, 8, 1),),
     ("dkdv", "16bit,dropout", 128): (Tile(16, 64, 8, 1),),
     **_FLOAT32_TILES,
+    # IEEE dk/dv with dropout: 32x32 spilled 72 B on sm_90, 16x32 on 8 warps 48 B.
+    ("dkdv", "ieee,dropout", 64): (Tile(16, 32, 4, 1),),
 }
 _TILES = {"sm80": _TILES_SM80, "sm90": _TILES_SM90}
 _ARCH_NUMBERS = {"sm80": 80, "sm90": 90}
@@ -967,9 +998,9 @@ def _gpu_block_d(arch: str, tile_class: str, head_dim: int) -> int:
 
 
 def _tile_constexprs(kernel_name: str, tile: Tile) -> dict:
-    """The constexprs a tile sets: its sides, and the forward's SLIDE_BAND."""
+    """The constexprs a tile sets: its sides, and for the key loops (all but dk/dv's) SLIDE_BAND."""
     sides = dict(BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
-    return {**sides, "SLIDE_BAND": tile.slide_band} if kernel_name == "fwd" else sides
+    return sides if kernel_name == "dkdv" else {**sides, "SLIDE_BAND": tile.slide_band}
 
 
 def _config(kernel_name: str, tile: Tile, block_d: int) -> dict:
