@@ -172,21 +172,25 @@ def tile_shapes(monkeypatch, request):
         monkeypatch.setitem(kernels.INTERPRETER_TILES, kernel_name, tile)
 
 
-@pytest.fixture(params=[True, False], ids=["kept_band", "band_per_tile"])
-def slides_band(monkeypatch, request):
-    """The key loops (forward, dq and table launches) keeping their band products across key tiles, or
-    computing every chunk of every tile."""
-    monkeypatch.setattr(_kernels(), "INTERPRETER_SLIDES_BAND", request.param)
-
-
 @pytest.fixture(params=[True, False], ids=["table_adds_band", "dq_adds_band"])
 def splits_dq(monkeypatch, request):
     """Either launch of the dq kernel adding dT·band to the query gradient (tensor-core and IEEE float32 GPUs)."""
     monkeypatch.setattr(_kernels(), "INTERPRETER_SPLITS_DQ", request.param)
 
 
+@pytest.fixture(params=[(True, True), (False, False)], ids=["kept_band-table_adds_band", "band_per_tile-dq_adds_band"])
+def loop_modes(monkeypatch, request):
+    """The key loops (forward, dq and table launches) keeping their band
+    products across key tiles or computing every chunk of every tile, with
+    either launch of the dq kernel adding dT·band (independent choices: each
+    is tested both ways)."""
+    slides_band, splits_dq = request.param
+    monkeypatch.setattr(_kernels(), "INTERPRETER_SLIDES_BAND", slides_band)
+    monkeypatch.setattr(_kernels(), "INTERPRETER_SPLITS_DQ", splits_dq)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tall_and_wide_tiles(tile_shapes, slides_band, splits_dq, causal):
+def test_tall_and_wide_tiles(tile_shapes, loop_modes, causal):
     shape, scale = (70, 6, 1, 2, 24), 24**-0.5
     assert_parity(
         lambda *inputs: TritonRelAttention.apply(*inputs, scale, causal),
