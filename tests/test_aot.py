@@ -37,11 +37,22 @@ def _run(args, *, interpret=False, cwd=None):
     )
 
 
+# The op families whose SASS the gates below read (issue #18: 16-bit products on
+# Hopper's wgmma, no atomics); only these are disassembled (half a second per
+# compilation, most of a warm run), every kernel still gets its resources.
+TENSOR_CORE_FAMILIES = ("fastformers.ops.xl.", "fastformers.ops.switch.")
+
+
+def _in_gated_family(record):
+    return record["module"].startswith(TENSOR_CORE_FAMILIES)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """The exit code, output and JSON records of one full report run."""
     json_path = tmp_path_factory.mktemp("aot") / "report.json"
-    process = _run(["-m", "fastformers.gpu_report", "--json", str(json_path), "--arch", *map(str, ARCHS)])
+    process = _run(["-m", "fastformers.gpu_report", "--json", str(json_path), "--arch", *map(str, ARCHS),
+                    "--sass", *TENSOR_CORE_FAMILIES])
     output = f"exit code {process.returncode}\nstdout:\n{process.stdout}\nstderr:\n{process.stderr}"
     assert json_path.exists(), f"gpu_report wrote no JSON report; {output}"
     return process, json.loads(json_path.read_text())["kernels"], output
@@ -136,7 +147,7 @@ def test_explains_missing_triton():
 
 def test_report_counts_sass_instructions_and_models_the_roofline(report):
     process, records, output = report
-    for record in records:
+    for record in filter(_in_gated_family, records):
         assert set(record["sass"]) == set(SASS_OPCODES), record["kernel"]
     # the bf16 dots of the attention kernels run on tensor cores
     assert any(record["sass"]["HMMA"] + record["sass"]["HGMMA"] > 0 for record in records
@@ -146,19 +157,39 @@ def test_report_counts_sass_instructions_and_models_the_roofline(report):
         assert op in process.stdout.split("ROOFLINE MODEL")[1], op
 
 
-# The op families whose 16-bit products must run on Hopper's wgmma (issue #18's gate).
-TENSOR_CORE_FAMILIES = ("fastformers.ops.xl.", "fastformers.ops.switch.")
+def _sass_cells(table: str, record) -> list:
+    """The HMMA, HGMMA, atomics and FFMA cells of ``record``'s row of a printed
+    table (by the header's column positions: kernel names hold spaces)."""
+    header, *rows = table.splitlines()
+    row = next(row for row in rows if row.startswith(record["kernel"] + " ") and f" sm_{record['arch']} " in row)
+    return row[header.index("HMMA"):header.index("status")].split()
+
+
+def test_report_leaves_the_other_modules_undisassembled_and_shows_a_dash(report):
+    process, records, output = report
+    others = [record for record in records if not _in_gated_family(record)]
+    assert others, "every kernel is in a disassembled family: nothing checks that --sass leaves the others out"
+    for record in others:
+        assert record["sass"] is None and record["atomics"] is None, record
+        assert record["registers"] is not None and record["spill_bytes"] is not None, record
+    assert _sass_cells(process.stdout, others[0]) == ["-"] * 4, output
+    assert _sass_cells(format_table(others), others[-1]) == ["-"] * 4
+    gated = next(filter(_in_gated_family, records))
+    assert all(cell.isdigit() for cell in _sass_cells(process.stdout, gated)), output
+
+
+def test_sass_refuses_a_module_name_no_kernel_module_has():
+    process = _run(["-m", "fastformers.gpu_report", "--sass", "no_such_module"])
+    assert process.returncode == 2 and "no_such_module" in process.stderr, process.stderr
+
+
 # rel_attention's backward keeps 16- and 32-row tiles where 64-row ones spill
 # (dropout at d 64, every d 128 launch, dk/dv), too small for wgmma's 64 rows.
 REL_ATTENTION_BACKWARD = ("rel_attention_bwd_dq_kernel", "rel_attention_bwd_dkdv_kernel")
 
 
-def _family_records(records):
-    return [record for record in records if record["module"].startswith(TENSOR_CORE_FAMILIES)]
-
-
 def _half_precision_products_without_wgmma(records):
-    half = [record for record in _family_records(records)
+    half = [record for record in filter(_in_gated_family, records)
             if record["arch"] == 90 and any(dtype in record["kernel"] for dtype in ("bf16", "fp16"))]
     assert half
     # a kernel with no product at all (a reduction) has nothing to put on tensor cores
@@ -184,5 +215,5 @@ def test_half_precision_attention_backward_products_use_wgmma_on_hopper(report):
 
 def test_attention_and_expert_kernels_use_no_atomics(report):
     _, records, _ = report
-    atomic = [record for record in _family_records(records) if record["atomics"]]
+    atomic = [record for record in filter(_in_gated_family, records) if record["atomics"]]
     assert not atomic, "kernels with atomics (run-to-run different sums):\n" + format_table(atomic)
