@@ -6,8 +6,8 @@
    memory, spills, and from its SASS the tensor-core instructions (HMMA =
    mma.sync, HGMMA = Hopper wgmma), atomics (RED/REDG/ATOM/ATOMG/ATOMS) and
    CUDA-core FMAs (FFMA, DFMA). ``--sass`` disassembles only the kernels of the
-   named modules (half a second each saved on the others, whose SASS columns
-   show "-").
+   named modules (a third of a second saved per other kernel, whose SASS
+   columns show "-").
 2. A roofline MODEL of every ``fastformers bench --device cuda`` shape: analytic
    FLOPs and bytes (``fastformers.benchmarks.gpu.work``) and the ideal H100 time at
    its peaks. Computed, not measured.
