@@ -15,7 +15,7 @@ import pytest
 import fastformers
 from fastformers.benchmarks import gpu
 from fastformers.gpu_report import format_table
-from fastformers.testing.aot import SASS_OPCODES, collect_specs
+from fastformers.testing.aot import SASS_OPCODES, collect_specs, run_aot_check
 
 ARCHS = (80, 90)
 FEEDBACK_KERNELS = {
@@ -178,9 +178,12 @@ def test_report_leaves_the_other_modules_undisassembled_and_shows_a_dash(report)
     assert all(cell.isdigit() for cell in _sass_cells(process.stdout, gated)), output
 
 
-def test_sass_refuses_a_module_name_no_kernel_module_has():
-    process = _run(["-m", "fastformers.gpu_report", "--sass", "no_such_module"])
-    assert process.returncode == 2 and "no_such_module" in process.stderr, process.stderr
+def test_sass_modules_refuses_a_name_no_kernel_module_has_and_a_bare_string():
+    # both raise before any compilation, so they run here, under the interpreter
+    with pytest.raises(ValueError, match="no_such_module"):
+        run_aot_check(ARCHS, sass_modules=("fastformers.ops.xl.", "no_such_module"))
+    with pytest.raises(TypeError, match="sass_modules"):
+        run_aot_check(ARCHS, sass_modules="fastformers.ops.xl.")
 
 
 # rel_attention's backward keeps 16- and 32-row tiles where 64-row ones spill
