@@ -5,10 +5,9 @@ spec is compiled for each requested NVIDIA arch (no GPU needed) and its cubin is
 inspected with the tools of the triton wheel: registers, shared memory and
 spills (``cuobjdump --dump-resource-usage``), and from the SASS (``nvdisasm``)
 the count of the instructions that say how the kernel computes: tensor-core
-products (``HMMA``,
-mma.sync; ``HGMMA``, Hopper's wgmma), atomics (``RED``/``REDG``/``ATOM``/
-``ATOMG``/``ATOMS``: non-deterministic summation order) and CUDA-core FMAs
-(``FFMA``, ``DFMA``). The disassembler costs a third of a second per cubin
+products (``HMMA``, mma.sync; ``HGMMA``, Hopper's wgmma), atomics (``RED``/
+``REDG``/``ATOM``/``ATOMG``/``ATOMS``: non-deterministic summation order) and
+CUDA-core FMAs (``FFMA``, ``DFMA``). The disassembler costs a third of a second per cubin
 whatever its size (most of a warm run), so a caller that reads the counts of
 only some modules asks for those (``sass_modules``); the others get ``sass=None``.
 
@@ -234,10 +233,10 @@ def run_aot_check(archs, jobs: int = 0, kernel_filter: str = "", sass_modules=No
     chosen = [index for index, (_, spec) in enumerate(specs) if kernel_filter in spec.name]
     if not chosen:
         raise ValueError(f"no kernel spec name contains {kernel_filter!r}")
-    module_names = {module_name for module_name, _ in specs}
     if isinstance(sass_modules, str):
         raise TypeError(f"sass_modules must be a sequence of module name parts, not the string {sass_modules!r}")
     if sass_modules is not None:
+        module_names = {module_name for module_name, _ in specs}
         unmatched = [part for part in sass_modules if not any(part in name for name in module_names)]
         if unmatched:
             raise ValueError(f"no kernel module name contains {unmatched}; choose from {sorted(module_names)}")
