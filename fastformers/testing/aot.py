@@ -7,9 +7,10 @@ spills (``cuobjdump --dump-resource-usage``), and from the SASS (``nvdisasm``)
 the count of the instructions that say how the kernel computes: tensor-core
 products (``HMMA``, mma.sync; ``HGMMA``, Hopper's wgmma), atomics (``RED``/
 ``REDG``/``ATOM``/``ATOMG``/``ATOMS``: non-deterministic summation order) and
-CUDA-core FMAs (``FFMA``, ``DFMA``). The disassembler costs a third of a second per cubin
-whatever its size (most of a warm run), so a caller that reads the counts of
-only some modules asks for those (``sass_modules``); the others get ``sass=None``.
+CUDA-core FMAs (``FFMA``, ``DFMA``). The disassembler costs a third of a
+second per cubin whatever its size (most of a warm run), so a caller that reads
+the counts of only some modules asks for those (``sass_modules``); the others
+get ``sass=None``.
 
 Must run in a process without ``TRITON_INTERPRET``: the interpreter replaces
 ``@triton.jit`` kernels at import time with functions Triton cannot compile.
