@@ -24,7 +24,7 @@ FEEDBACK_KERNELS = {
 
 
 # A cold compile of every spec (1047 compilations) took 11.5 minutes on 2 cores
-# at load ~3 (15 CPU minutes); Triton's cache makes reruns a few minutes.
+# at load ~3 (15 CPU minutes); on reruns Triton's cache skips the compilations.
 _REPORT_TIMEOUT_S = 1800
 
 
