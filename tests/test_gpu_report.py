@@ -8,19 +8,39 @@ from fastformers.gpu_report import format_roofline, roofline
 from fastformers.testing.aot import count_sass_opcodes
 
 LISTING = """
-	code for sm_90a
-		Function : other_kernel
+	.target	sm_90a
+
+//--------------------- .text.other_kernel --------------------------
+	.section	.text.other_kernel,"ax",@progbits
+.text.other_kernel:
         /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
-		Function : my_kernel
-        /*0000*/                   LDC R1, c[0x0][0x28] ;                                 /* 0x00000a00ff017b82 */
+
+
+//--------------------- .text.my_kernel  --------------------------
+	.section	.text.my_kernel,"ax",@progbits
+my_kernel:
+.text.my_kernel:
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
         /*0010*/                   HGMMA.64x64x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
         /*0020*/              @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         /*0030*/               @P1 REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R5 ;
         /*0040*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R7, desc[UR6][R2.64], R5 ;
         /*0050*/                   FFMA.FTZ R0, R1, R2, R3 ;
+.L_x_0:
         /*0060*/                   FFMA R0, R1, R2, R3 ;
         /*0070*/                   FMUL R0, R1, R2 ;
         /*0080*/                   REDUX.SUM UR4, R0 ;
+.L_x_1:
+
+
+//--------------------- .text.my_kernel_tail --------------------------
+	.section	.text.my_kernel_tail,"ax",@progbits
+.text.my_kernel_tail:
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
+
+
+//--------------------- SYMBOLS --------------------------
+	.type		my_kernel,@function
 """
 
 
