@@ -12,7 +12,10 @@ band column ``t = BLOCK_M - 1 - ii + jj``. The band is taken in chunks of
 ``BLOCK_N`` rows (``tl.dot`` wants power-of-2 sides, and ``BLOCK_M + BLOCK_N -
 1`` is not one): ``Q_tile · chunkᵀ`` plus the chunk's biases is a
 ``[BLOCK_M, BLOCK_N]`` product, skewed into score coordinates with
-``tl.gather`` along its rows (:func:`_skew`). The backward skews the score
+``tl.gather`` along its rows (:func:`_skew`). The band of key tile ``n + 1``
+is that of tile ``n`` moved by one chunk, so a key loop that keeps its last
+products (``SLIDE_BAND``, :func:`_slid_positional`) computes one new band
+product a tile, as many as content products. The backward skews the score
 gradient back into band coordinates the same way (:func:`_unskew`), which gives
 the query gradient through the band (``dT · chunk``) and the band's gradient
 (``dTᵀ · Q``) as products too.
