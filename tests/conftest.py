@@ -37,6 +37,27 @@ def pytest_configure(config):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """Start test_aot.py's report run in the background and run its tests last
+    (tests/aot_report.py): its compiling then overlaps the other tests."""
+    aot_items = [item for item in items if item.path.name == "test_aot.py"]
+    if not any("report" in item.fixturenames for item in aot_items):
+        return
+    items[:] = [item for item in items if item.path.name != "test_aot.py"] + aot_items
+    import aot_report
+
+    config.stash[aot_report.STASH_KEY] = aot_report.BackgroundReport()
+
+
+def pytest_unconfigure(config):
+    import aot_report
+
+    report = config.stash.get(aot_report.STASH_KEY, None)
+    if report is not None:
+        report.stop()
+
+
 def _shim_labml_tracker():
     """labml 0.5.3 lacks ``tracker.debug``, which labml_nn 0.5.1's attention calls."""
     try:

@@ -2,9 +2,10 @@
 
 Runs ``python -m fastformers.gpu_report`` in subprocesses: this process has
 TRITON_INTERPRET set (conftest.py), under which Triton cannot compile kernels.
+The full report run starts in the background when the tests are collected
+(tests/aot_report.py).
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,31 +17,16 @@ import fastformers
 from fastformers.benchmarks import gpu
 from fastformers.gpu_report import format_table
 from fastformers.testing.aot import SASS_OPCODES, collect_specs, run_aot_check
+from aot_report import ARCHS, STASH_KEY, TENSOR_CORE_FAMILIES, TIMEOUT_S, environment
 
-ARCHS = (80, 90)
 FEEDBACK_KERNELS = {
     f"feedback_memory_{direction}_kernel[{dtype}]" for direction in ("fwd", "bwd") for dtype in ("fp32", "bf16", "fp64")
 }
 
 
-# A cold compile of every spec (1047 compilations) took 11.5 minutes on 2 cores
-# at load ~3 (15 CPU minutes); on reruns Triton's cache skips the compilations.
-_REPORT_TIMEOUT_S = 1800
-
-
 def _run(args, *, interpret=False, cwd=None):
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.run(
-        [sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=_REPORT_TIMEOUT_S
-    )
-
-
-# The op families whose SASS the gates below read (issue #18: 16-bit products on
-# Hopper's wgmma, no atomics); only these are disassembled (half a second per
-# compilation, most of a warm run), every kernel still gets its resources.
-TENSOR_CORE_FAMILIES = ("fastformers.ops.xl.", "fastformers.ops.switch.")
+    return subprocess.run([sys.executable, *args], env=environment(interpret), cwd=cwd, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
 
 
 def _in_gated_family(record):
@@ -48,14 +34,14 @@ def _in_gated_family(record):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """The exit code, output and JSON records of one full report run."""
-    json_path = tmp_path_factory.mktemp("aot") / "report.json"
-    process = _run(["-m", "fastformers.gpu_report", "--json", str(json_path), "--arch", *map(str, ARCHS),
-                    "--sass", *TENSOR_CORE_FAMILIES])
+def report(request):
+    """The exit code, output and JSON records of one full report run (started
+    by conftest.py when the tests were collected)."""
+    background = request.config.stash[STASH_KEY]
+    process = background.result()
     output = f"exit code {process.returncode}\nstdout:\n{process.stdout}\nstderr:\n{process.stderr}"
-    assert json_path.exists(), f"gpu_report wrote no JSON report; {output}"
-    return process, json.loads(json_path.read_text())["kernels"], output
+    assert background.json_path.exists(), f"gpu_report wrote no JSON report; {output}"
+    return process, json.loads(background.json_path.read_text())["kernels"], output
 
 
 def test_every_kernel_compiles_without_spills(report):
