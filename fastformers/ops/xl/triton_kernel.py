@@ -277,6 +277,29 @@ def _masked_scores(
 
 
 @triton.jit
+def _key_tile(k_head, v_head, stride_k_l, stride_v_l, qu, q, kept_older, kept_old, pe_head, pb_head, mask_batch,
+              stride_pe_r, stride_pb_r, stride_mask_l, m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
+              SLIDE_BAND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+              UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of a key loop: the tile's key indices, keys and values, its
+    masked scores, and what the loop keeps for the next tile:
+    ``(offs_j, k, v, scores, kept_older, kept_old)``."""
+    offs_j = n_start + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
+    k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
+    positional, kept_older, kept_old = _key_tile_positional(
+        kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+        SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+    )  # fmt: skip
+    scores = _masked_scores(
+        qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
+        BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
+    )  # fmt: skip
+    return offs_j, k, v, scores, kept_older, kept_old
+
+
+@triton.jit
 def _kept(seed, offset, threshold, batch_head, L, K, offs_i, offs_j):
     """Keep bits of the ``[BLOCK_M, BLOCK_N]`` tile's (b, h, i, j) probabilities."""
     index = (batch_head.to(tl.int64) * L + offs_i.to(tl.int64))[:, None] * K + offs_j.to(tl.int64)[None, :]
@@ -386,17 +409,10 @@ def rel_attention_fwd_kernel(
         SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
     )  # fmt: skip
     for n_start in range(0, n_end, BLOCK_N):
-        offs_j = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
-        positional, kept_older, kept_old = _key_tile_positional(
-            kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+        offs_j, k, v, scores, kept_older, kept_old = _key_tile(
+            k_head, v_head, stride_k_l, stride_v_l, qu, q, kept_older, kept_old, pe_head, pb_head, mask_batch,
+            stride_pe_r, stride_pb_r, stride_mask_l, m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
             SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
-        )  # fmt: skip
-        scores = _masked_scores(
-            qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
-            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs, rescale, row_max, row_sum = _online_softmax_step(scores, row_max, row_sum)
         if DROPOUT:
@@ -541,17 +557,10 @@ def rel_attention_bwd_dq_kernel(
         SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
     )  # fmt: skip
     for n_start in range(0, n_end, BLOCK_N):
-        offs_j = n_start + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_j[:, None] < K) & d_ok[None, :]
-        k = tl.load(k_head + _tile_offsets(offs_j, stride_k_l, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(v_head + _tile_offsets(offs_j, stride_v_l, offs_d), mask=kv_mask, other=0.0)
-        positional, kept_older, kept_old = _key_tile_positional(
-            kept_older, kept_old, q, pe_head, pb_head, stride_pe_r, stride_pb_r, m_start, n_start, L, K, offs_d, d_ok,
+        offs_j, k, v, scores, kept_older, kept_old = _key_tile(
+            k_head, v_head, stride_k_l, stride_v_l, qu, q, kept_older, kept_old, pe_head, pb_head, mask_batch,
+            stride_pe_r, stride_pb_r, stride_mask_l, m_start, n_start, L, K, offs_d, d_ok, scale, causal, has_mask,
             SLIDE_BAND, BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
-        )  # fmt: skip
-        scores = _masked_scores(
-            qu, k, positional, mask_batch, stride_mask_l, m_start, n_start, L, K, scale, causal, has_mask,
-            BLOCK_M, BLOCK_N, ACC, UPCAST_DOTS, PRECISION,
         )  # fmt: skip
         probs = tl.exp(scores - lse[:, None])
         grad_probs = mma(do, tl.trans(v), ACC, UPCAST_DOTS, PRECISION)
