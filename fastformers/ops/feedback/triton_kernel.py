@@ -665,6 +665,18 @@ def _hidden_block(element_size: int) -> int:
 
 
 @triton.jit
+def _row_block(width, BLOCK: tl.constexpr):
+    """``(row, offsets, mask, element index)`` of this program's block of a
+    row-major ``[rows, width]`` tensor: the row is program 0's index, the
+    block program 1's (0 where a block spans the row). The index is int64:
+    rows of big batches pass 2^31 elements."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < width
+    return row, offs, mask, row * width + offs
+
+
+@triton.jit
 def residual_norm_kernel(
     x_ptr,  # [B, D] residual input, or the layer-norm input without RESIDUAL
     y_ptr,  # [B, D] branch output before bias (RESIDUAL only)
@@ -681,11 +693,7 @@ def residual_norm_kernel(
     DROPOUT: tl.constexpr,
     NORM: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    # One int64 offset per element: rows of big batches pass 2^31 elements.
-    index = row * D + offs
+    row, offs, mask, index = _row_block(D, BLOCK_D)
     x = tl.load(x_ptr + index, mask=mask, other=0.0).to(ACC)
     if RESIDUAL:
         branch = tl.load(y_ptr + index, mask=mask, other=0.0).to(ACC)
@@ -720,10 +728,7 @@ def ffn_hidden_kernel(
     GATED: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < F
-    index = row * F + offs
+    _, offs, mask, index = _row_block(F, BLOCK)
     h, _ = _activate(tl.load(h_ptr + index, mask=mask, other=0.0).to(ACC), ACTIVATION)
     if GATED:
         h *= tl.load(gate_ptr + index, mask=mask, other=0.0).to(ACC)
@@ -747,10 +752,7 @@ def ffn_hidden_backward_kernel(
     GATED: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < F
-    index = row * F + offs
+    _, offs, mask, index = _row_block(F, BLOCK)
     grad = tl.load(grad_ptr + index, mask=mask, other=0.0).to(ACC)
     if DROPOUT:
         grad *= tl.where(keep(seed, offset, index, threshold), keep_scale, 0.0).to(ACC)
@@ -780,10 +782,7 @@ def norm_backward_kernel(
     MASKED: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    index = row * D + offs
+    row, offs, mask, index = _row_block(D, BLOCK_D)
     x = tl.load(x_ptr + index, mask=mask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + row).to(ACC)
     rstd = tl.load(rstd_ptr + row).to(ACC)
